@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The CPU wheel of this exact release lies on the build machines; an open range pulls a CUDA build.
+TORCH  := torch==2.13.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/hessian-blocks js --model gpt2-nano --model vgg16 --out $(DEMO_OUT)
+
+test: install
+	$(BIN)/python -m pytest -n 2 -q tests
+
+bench: install
+	$(BIN)/python benchmarks/block_hvp.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
