@@ -1,0 +1,328 @@
+"""Blocks and partitions of a model's parameters.
+
+A *Block* is a named slice of one parameter tensor: the whole tensor, a contiguous group of
+indices along one axis (an attention head, an output neuron, a token row), or a single element.
+A *Rule* says how one parameter tensor is split into blocks; a *Partition* is an ordered list of
+rules, one per parameter, checked against a model and resolved into blocks.
+
+Partition files are JSON (see DESIGN.md)::
+
+    {"format": "hessian-blocks/partition", "version": 1,
+     "model": {"class": "GPT", "param_shapes": {"wte.weight": [512, 128], ...}},
+     "rules": [{"param": "wte.weight", "split": "groups", "axis": 0, "size": 1}, ...]}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+FORMAT = "hessian-blocks/partition"
+VERSION = 1
+SPLITS = ("whole", "elements", "groups")
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous slice of one parameter tensor.
+
+    ``axis`` is the tensor axis the slice runs along, with ``start:stop`` the index range on it;
+    ``axis=None`` means a range of the flattened tensor (a whole tensor or a single element).
+    """
+
+    name: str
+    param: str
+    param_shape: tuple[int, ...]
+    axis: int | None
+    start: int
+    stop: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the slice (1-D for flat ranges of a tensor with more than one element)."""
+        if self.axis is None:
+            if self.start == 0 and self.stop == _numel(self.param_shape):
+                return self.param_shape
+            return (self.stop - self.start,)
+        shape = list(self.param_shape)
+        shape[self.axis] = self.stop - self.start
+        return tuple(shape)
+
+    @property
+    def numel(self) -> int:
+        """Number of coordinates in the block."""
+        return _numel(self.shape)
+
+    def flat_indices(self) -> torch.Tensor:
+        """Indices of the block's entries in the flattened parameter, in row-major order."""
+        if self.axis is None:
+            return torch.arange(self.start, self.stop)
+        index = torch.arange(_numel(self.param_shape)).reshape(self.param_shape)
+        return index.narrow(self.axis, self.start, self.stop - self.start).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one parameter tensor splits into blocks.
+
+    split="whole": one block; "elements": one block per entry; "groups": contiguous groups along
+    ``axis``, either all of ``size`` indices or run-length ``runs`` of (group_size, count) pairs.
+    ``why`` records the evidence for the choice (free text, kept in partition files).
+    """
+
+    param: str
+    split: str
+    axis: int | None = None
+    size: int | None = None
+    runs: tuple[tuple[int, int], ...] | None = None
+    why: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"rule for '{self.param}': split must be one of {SPLITS}, got {self.split!r}")
+        if self.split == "groups":
+            if self.axis is None:
+                raise ValueError(f"rule for '{self.param}': split 'groups' needs an 'axis'")
+            if (self.size is None) == (self.runs is None):
+                raise ValueError(f"rule for '{self.param}': split 'groups' needs exactly one of 'size' or 'runs'")
+            if self.size is not None and self.size < 1:
+                raise ValueError(f"rule for '{self.param}': group size must be >= 1, got {self.size}")
+            if self.runs is not None:
+                object.__setattr__(self, "runs", tuple((int(s), int(c)) for s, c in self.runs))
+                if not self.runs or any(s < 1 or c < 1 for s, c in self.runs):
+                    raise ValueError(f"rule for '{self.param}': runs must be non-empty [group_size, count] pairs of positive integers")
+        elif self.axis is not None or self.size is not None or self.runs is not None:
+            raise ValueError(f"rule for '{self.param}': split '{self.split}' takes no axis, size or runs")
+
+    def group_sizes(self, shape: Sequence[int]) -> list[int]:
+        """Sizes of the groups along ``axis`` for a tensor of ``shape`` (split='groups' only)."""
+        axis = self._checked_axis(shape)
+        length = shape[axis]
+        if self.size is not None:
+            if length % self.size:
+                raise ValueError(
+                    f"rule for '{self.param}': group size {self.size} does not divide axis {axis} of length {length} "
+                    f"(shape {tuple(shape)}); use a divisor or run-length 'runs'"
+                )
+            return [self.size] * (length // self.size)
+        sizes = [s for s, c in self.runs for _ in range(c)]
+        if sum(sizes) != length:
+            raise ValueError(
+                f"rule for '{self.param}': runs {list(map(list, self.runs))} cover {sum(sizes)} indices "
+                f"but axis {axis} has length {length} (shape {tuple(shape)})"
+            )
+        return sizes
+
+    def resolve(self, shape: Sequence[int]) -> list[Block]:
+        """The blocks this rule makes of a parameter of ``shape``."""
+        shape = tuple(int(s) for s in shape)
+        numel = _numel(shape)
+        if numel == 0:
+            raise ValueError(f"parameter '{self.param}' has no entries (shape {shape}): an empty block has no spectrum")
+        if self.split == "whole":
+            return [Block(self.param, self.param, shape, None, 0, numel)]
+        if self.split == "elements":
+            return [Block(f"{self.param}[{i}]", self.param, shape, None, i, i + 1) for i in range(numel)]
+        axis = self._checked_axis(shape)
+        blocks, start = [], 0
+        for size in self.group_sizes(shape):
+            label = _axis_label(axis, len(shape))
+            blocks.append(Block(f"{self.param}[{label} {start}:{start + size}]", self.param, shape, axis, start, start + size))
+            start += size
+        return blocks
+
+    def to_dict(self) -> dict:
+        out: dict = {"param": self.param, "split": self.split}
+        if self.axis is not None:
+            out["axis"] = self.axis
+        if self.size is not None:
+            out["size"] = self.size
+        if self.runs is not None:
+            out["runs"] = [list(r) for r in self.runs]
+        if self.why is not None:
+            out["why"] = self.why
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Rule:
+        unknown = set(data) - {"param", "split", "axis", "size", "runs", "why"}
+        if unknown:
+            raise ValueError(f"rule {dict(data)!r}: unknown keys {sorted(unknown)}")
+        if "param" not in data or "split" not in data:
+            raise ValueError(f"rule {dict(data)!r}: 'param' and 'split' are required")
+        runs = data.get("runs")
+        return cls(
+            param=data["param"],
+            split=data["split"],
+            axis=data.get("axis"),
+            size=data.get("size"),
+            runs=tuple(tuple(r) for r in runs) if runs is not None else None,
+            why=data.get("why"),
+        )
+
+    def _checked_axis(self, shape: Sequence[int]) -> int:
+        if not -len(shape) <= self.axis < len(shape):
+            raise ValueError(f"rule for '{self.param}': axis {self.axis} is out of range for shape {tuple(shape)}")
+        return self.axis % len(shape)
+
+
+@dataclass
+class Partition:
+    """One rule per parameter tensor of a model, resolved into blocks.
+
+    Build it with :meth:`per_tensor` (the papers' default: one block per tensor),
+    :meth:`from_rules` or :meth:`load`; every constructor checks the rules against the model.
+    """
+
+    rules: list[Rule]
+    param_shapes: dict[str, tuple[int, ...]]
+    model_class: str | None = None
+    blocks: list[Block] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.param_shapes = {name: tuple(int(s) for s in shape) for name, shape in self.param_shapes.items()}
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.param in seen:
+                raise ValueError(f"partition has two rules for parameter '{rule.param}': keep exactly one")
+            if rule.param not in self.param_shapes:
+                raise ValueError(f"partition has a rule for '{rule.param}', which is not a trainable parameter of the model")
+            seen.add(rule.param)
+        missing = [name for name in self.param_shapes if name not in seen]
+        if missing:
+            raise ValueError(f"partition has no rule for parameter(s) {missing}: every parameter needs exactly one rule")
+        by_param = {rule.param: rule for rule in self.rules}
+        self.rules = [by_param[name] for name in self.param_shapes]
+        self.blocks = [block for rule in self.rules for block in rule.resolve(self.param_shapes[rule.param])]
+
+    @classmethod
+    def from_rules(cls, model: torch.nn.Module, rules: Iterable[Rule]) -> Partition:
+        """A partition of ``model``'s trainable parameters with the given rules (one per parameter)."""
+        return cls(list(rules), trainable_shapes(model), type(model).__name__)
+
+    @classmethod
+    def per_tensor(cls, model: torch.nn.Module) -> Partition:
+        """One block per trainable parameter tensor (the papers' blockwise spectra)."""
+        return cls.from_rules(model, [Rule(name, "whole") for name in trainable_shapes(model)])
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": {"class": self.model_class, "param_shapes": {k: list(v) for k, v in self.param_shapes.items()}},
+            "rules": [rule.to_dict() for rule in self.rules],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: torch.nn.Module | None = None) -> Partition:
+        """Read a partition file; with ``model``, check that it fits the model's parameters."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"partition file '{path}' does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"partition file '{path}' is not valid JSON: {err}") from None
+        return cls.from_dict(data, model, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Mapping, model: torch.nn.Module | None = None, *, source: str = "partition") -> Partition:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{source}: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
+        if data.get("version") != VERSION:
+            raise ValueError(f"{source}: unsupported version {data.get('version')!r} (this release reads version {VERSION})")
+        recorded = {k: tuple(v) for k, v in data.get("model", {}).get("param_shapes", {}).items()}
+        rules = [Rule.from_dict(r) for r in data.get("rules", [])]
+        if model is None:
+            if not recorded:
+                raise ValueError(f"{source}: 'model.param_shapes' is missing; pass the model to check the rules against")
+            return cls(rules, recorded, data.get("model", {}).get("class"))
+        actual = trainable_shapes(model)
+        for name, shape in recorded.items():
+            if name in actual and actual[name] != shape:
+                raise ValueError(
+                    f"{source}: parameter '{name}' has shape {list(shape)} in the file but {list(actual[name])} in the model; "
+                    "the partition was made for another model size: derive it again for this model"
+                )
+        try:
+            return cls(rules, actual, type(model).__name__)
+        except ValueError as err:
+            raise ValueError(f"{source} does not fit {type(model).__name__}: {err}") from None
+
+
+def trainable_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes of the parameters that require grad, in ``named_parameters`` order."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def select_blocks(blocks: Sequence[Block], patterns: Sequence[str]) -> list[Block]:
+    """Blocks whose block name or parameter name matches any of the glob ``patterns``, in order.
+
+    A pattern that matches nothing is an error (a typo would otherwise silently drop blocks).
+    """
+    chosen = []
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(b.name, pattern) or fnmatch.fnmatchcase(b.param, pattern) for b in blocks):
+            raise ValueError(f"block pattern {pattern!r} matches no block; parameter names look like {_examples(blocks)}")
+    for block in blocks:
+        if any(fnmatch.fnmatchcase(block.name, p) or fnmatch.fnmatchcase(block.param, p) for p in patterns):
+            chosen.append(block)
+    return chosen
+
+
+def sample_layers(blocks: Sequence[Block], n_layers: int = 3) -> list[Block]:
+    """The papers' "sample of layers": matrix blocks of ``n_layers`` evenly spaced layers plus the
+    matrix blocks outside the repeated layers (embeddings, output head).
+
+    A *layer* is an entry of the first repeated container in the module tree (the first integer
+    component of the parameter path, e.g. ``h.3`` or ``encoder.layer.3``); a *matrix block* belongs
+    to a parameter with two or more dimensions.
+    """
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    matrices = [b for b in blocks if len(b.param_shape) >= 2]
+    layer_of = {b.param: _layer_index(b.param) for b in matrices}
+    layers = sorted({i for i in layer_of.values() if i is not None})
+    if len(layers) <= n_layers:
+        kept = set(layers)
+    else:
+        positions = torch.linspace(0, len(layers) - 1, n_layers).round().long().tolist()
+        kept = {layers[i] for i in positions}
+    return [b for b in matrices if layer_of[b.param] is None or layer_of[b.param] in kept]
+
+
+def _layer_index(param: str) -> int | None:
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", param)
+    return int(match.group(1)) if match else None
+
+
+def _axis_label(axis: int, ndim: int) -> str:
+    if ndim >= 2 and axis == 0:
+        return "rows"
+    if ndim == 2 and axis == 1:
+        return "cols"
+    return f"axis{axis}"
+
+
+def _examples(blocks: Sequence[Block]) -> str:
+    names = list(dict.fromkeys(b.param for b in blocks))
+    return ", ".join(repr(n) for n in names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

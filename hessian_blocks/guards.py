@@ -1,0 +1,95 @@
+"""Checks that a model and a dataset define one fixed, twice-differentiable loss.
+
+Hessian spectra are only meaningful when every evaluation of the loss is the same function of the
+parameters. Each check raises :class:`HessianSetupError` naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+class HessianSetupError(ValueError):
+    """The model or data cannot give exact Hessian-vector products as they are."""
+
+
+# Module types whose output depends on the batch or on random numbers in train mode.
+_TRAIN_MODE_SENSITIVE = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Refuse BatchNorm / Dropout modules left in train mode.
+
+    BatchNorm in train mode normalises with the statistics of each batch (and updates its running
+    buffers on every pass); Dropout draws a new mask on every pass. Either way the HVP would not be
+    the Hessian of one loss.
+    """
+    offending = [
+        f"'{name}' ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if module.training and isinstance(module, _TRAIN_MODE_SENSITIVE) and getattr(module, "p", 1.0) != 0
+    ]
+    if offending:
+        listed = ", ".join(offending[:5]) + (f" and {len(offending) - 5} more" if len(offending) > 5 else "")
+        raise HessianSetupError(
+            f"{listed} in train mode: batch statistics / random masks change the loss between evaluations. "
+            "Call model.eval() before measuring the Hessian (the papers measure in eval mode)."
+        )
+
+
+@contextlib.contextmanager
+def twice_differentiable_attention() -> Iterator[None]:
+    """Run ``scaled_dot_product_attention`` on its math backend, the one with a double backward.
+
+    Fused attention kernels (flash, memory-efficient, cuDNN) implement only a first derivative.
+    """
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def explain_double_backward_failure(err: RuntimeError) -> HessianSetupError:
+    """Turn autograd's message about a missing second derivative into an actionable one."""
+    return HessianSetupError(
+        "the model uses an operation without a second derivative, so exact Hessian-vector products "
+        f"are impossible: {err}. Fused attention kernels are the usual cause; scaled_dot_product_attention "
+        "is already forced onto its math backend here, so replace any other fused kernel (e.g. xformers, "
+        "flash-attn, custom CUDA ops) with plain tensor operations (naive attention: softmax(q @ k^T) @ v)."
+    )
+
+
+def check_same_loss(first: torch.Tensor, second: torch.Tensor) -> None:
+    """Refuse a model whose loss differs between two evaluations on the same batch."""
+    tol = 1e-12 if first.dtype == torch.float64 else 1e-6
+    if not torch.isclose(first, second, rtol=tol, atol=0.0):
+        raise HessianSetupError(
+            f"two evaluations of the loss on the same batch differ ({first.item():.17g} vs {second.item():.17g}): "
+            "the model is not deterministic (dropout applied in forward, random augmentation, sampling). "
+            "Remove the randomness (model.eval(), F.dropout(..., training=False)) before measuring the Hessian."
+        )
+
+
+def check_gradients(names: list[str], grads: list[torch.Tensor | None]) -> None:
+    """Refuse parameters the loss does not depend on, and non-finite gradients."""
+    unused = [n for n, g in zip(names, grads) if g is None]
+    if unused:
+        raise HessianSetupError(
+            f"the loss does not depend on parameter(s) {unused[:5]}{' ...' if len(unused) > 5 else ''}: "
+            "their Hessian blocks are empty. Leave them out of the block selection or set requires_grad=False."
+        )
+    bad = [n for n, g in zip(names, grads) if not torch.isfinite(g).all()]
+    if bad:
+        raise HessianSetupError(
+            f"non-finite gradient for parameter(s) {bad[:5]}: check the data (NaN/inf inputs), the loss, "
+            "and the initialisation before measuring the Hessian."
+        )

@@ -1,0 +1,459 @@
+"""Exact Hessian-vector products of a dataset loss, restricted to parameter blocks.
+
+The loss is the sample-weighted mean over a fixed list of batches,
+
+    L(theta) = sum_i n_i * loss(model(x_i; theta), y_i) / sum_i n_i,
+
+with n_i the number of samples in batch i (the leading dimension of its targets) and ``loss``
+the batch mean. :class:`BlockHessian` lays the coordinates of the selected blocks out one after
+another (P coordinates) and offers two products on [K, P] tensors of K vectors:
+
+* :meth:`BlockHessian.block_matvec`: block-diagonal product, H_bb v_b for every block b;
+* :meth:`BlockHessian.matvec`: the Hessian restricted to all selected coordinates (the full-model
+  Hessian when every parameter is selected).
+
+Two strategies give the same numbers:
+
+* ``"loop"``: the papers' method. One forward and one backward with ``create_graph`` per batch,
+  then one extra backward per (block, vector) pair.
+* ``"vmap"``: forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) vectorised with
+  ``torch.func.vmap`` over block-masked tangents, in chunks sized to a memory budget. The forward
+  and gradient pass is shared by every tangent of a chunk.
+
+``"auto"`` chooses ``"vmap"`` on CUDA, where the vectorised tangents fill the device, and
+``"loop"`` on CPU, where the two cost about the same and the loop needs less memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
+
+from .blocks import Block, Partition
+from .guards import (
+    HessianSetupError,
+    check_eval_mode,
+    check_gradients,
+    check_same_loss,
+    explain_double_backward_failure,
+    twice_differentiable_attention,
+)
+
+STRATEGIES = ("auto", "loop", "vmap")
+# How autograd reports an operation without a second (or forward-mode) derivative.
+_MISSING_DERIVATIVE = re.compile(r"derivative for .* is not implemented|forward AD .* not been implemented|double backward|differentiate twice", re.S)
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+Batch = tuple[Any, torch.Tensor]
+
+
+@dataclass
+class Layout:
+    """Where each selected block's coordinates sit in the concatenated vector of length P."""
+
+    blocks: list[Block]
+    offsets: list[int]                    # start of block b in the concatenated vector
+    segments: torch.Tensor                # [P] block id of every coordinate
+    params: list[str]                     # parameters touched, in order of first appearance
+    positions: dict[str, torch.Tensor]    # param -> positions in the concatenated vector
+    flat: dict[str, torch.Tensor]         # param -> flat indices in the parameter, aligned with positions
+    block_of: dict[str, torch.Tensor]     # param -> [numel] id of the block holding each entry (-1: none)
+    block_flat: list[torch.Tensor]        # block -> flat indices in its parameter
+
+    @classmethod
+    def of(cls, blocks: Sequence[Block], device: torch.device) -> Layout:
+        if not blocks:
+            raise ValueError("no blocks selected: select at least one block")
+        offsets, segments, positions, flat, block_flat = [], [], {}, {}, []
+        block_of: dict[str, torch.Tensor] = {}
+        taken: dict[str, set] = {}
+        offset = 0
+        for b, block in enumerate(blocks):
+            indices = block.flat_indices()
+            span = (block.start, block.stop, block.axis)
+            if span in taken.setdefault(block.param, set()):
+                raise ValueError(f"block '{block.name}' is selected twice")
+            taken[block.param].add(span)
+            if block.param not in block_of:
+                block_of[block.param] = torch.full((int(np.prod(block.param_shape)),), -1, dtype=torch.long)
+            if (block_of[block.param][indices] >= 0).any():
+                raise ValueError(f"block '{block.name}' overlaps another selected block of '{block.param}'")
+            block_of[block.param][indices] = b
+            offsets.append(offset)
+            segments.append(torch.full((len(indices),), b, dtype=torch.long))
+            positions.setdefault(block.param, []).append(torch.arange(offset, offset + len(indices)))
+            flat.setdefault(block.param, []).append(indices)
+            block_flat.append(indices.to(device))
+            offset += len(indices)
+        return cls(
+            blocks=list(blocks),
+            offsets=offsets,
+            segments=torch.cat(segments).to(device),
+            params=list(positions),
+            positions={p: torch.cat(v).to(device) for p, v in positions.items()},
+            flat={p: torch.cat(v).to(device) for p, v in flat.items()},
+            block_of={p: v.to(device) for p, v in block_of.items()},
+            block_flat=block_flat,
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self.segments.numel())
+
+    def block_range(self, b: int) -> slice:
+        return slice(self.offsets[b], self.offsets[b] + self.blocks[b].numel)
+
+    def scatter(self, vectors: torch.Tensor, param: str) -> torch.Tensor:
+        """[K, P] -> [K, numel(param)]: the param's selected entries, zeros elsewhere."""
+        out = vectors.new_zeros(vectors.shape[0], self.block_of[param].numel())
+        return out.index_copy_(1, self.flat[param], vectors[:, self.positions[param]])
+
+    def add_gathered(self, result: torch.Tensor, param: str, values: torch.Tensor) -> None:
+        """result[:, positions(param)] += values[:, flat(param)] for values of shape [K, numel(param)]."""
+        result[:, self.positions[param]] += values[:, self.flat[param]]
+
+
+class BlockHessian:
+    """Exact Hessian of a dataset loss, restricted to blocks of a model's parameters.
+
+    Args:
+        model: any ``nn.Module``; it is not modified (its parameters are copied in ``dtype``).
+        loss_fn: ``loss_fn(model_output, targets) -> scalar`` mean over the batch.
+        batches: (inputs, targets) pairs; inputs are a tensor, a tuple of positional tensors or a
+            dict of keyword tensors. Read once into a list, so every pass sees the same batches
+            (a shuffling DataLoader is frozen to one order).
+        blocks: a :class:`Partition`, a list of its blocks, or None for one block per tensor.
+        dtype: precision of parameters, floating inputs and vectors (float64 by default).
+        device: where to compute (default: the model's device).
+        strategy: "auto", "loop" or "vmap" (see the module docstring).
+        chunk_size: (block, vector) pairs per vectorised call of the "vmap" strategy; default from
+            ``memory_budget``.
+        memory_budget: bytes the "vmap" strategy may use for one chunk (default: half the free CUDA
+            memory, or 2 GiB on CPU).
+        check: run the guards (eval mode, determinism, gradients present and finite, second
+            derivatives available) before the first product.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Iterable[Batch],
+        blocks: Partition | Sequence[Block] | None = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        strategy: str = "auto",
+        chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        check: bool = True,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point type, got {dtype}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.dtype = dtype
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise ValueError(f"{type(model).__name__} has no parameters")
+        self.device = torch.device(device) if device is not None else first.device
+        self.batches = [self._prepare_batch(batch, i) for i, batch in enumerate(batches)]
+        if not self.batches:
+            raise ValueError("no batches given: the loss needs at least one (inputs, targets) batch")
+        counts = [int(targets.shape[0]) for _, targets in self.batches]
+        self.n_samples = sum(counts)
+        self.weights = [c / self.n_samples for c in counts]
+
+        if blocks is None:
+            blocks = Partition.per_tensor(model)
+        block_list = list(blocks.blocks if isinstance(blocks, Partition) else blocks)
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        for block in block_list:
+            if shapes.get(block.param) != block.param_shape:
+                raise ValueError(
+                    f"block '{block.name}' refers to parameter '{block.param}' of shape {block.param_shape}, "
+                    f"but the model has {shapes.get(block.param, 'no such parameter')}"
+                )
+        self.layout = Layout.of(block_list, self.device)
+        self.params = {
+            name: p.detach().to(self.device, dtype) for name, p in model.named_parameters()
+        }
+        self.buffers = {
+            name: b.detach().to(self.device, dtype) if b.is_floating_point() else b.detach().to(self.device)
+            for name, b in model.named_buffers()
+        }
+        self.strategy = self._resolve_strategy(strategy)
+        self._chunk_size = chunk_size
+        self._memory_budget = memory_budget
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if check:
+            self.check()
+
+    # ----------------------------------------------------------------- public products
+    @property
+    def blocks(self) -> list[Block]:
+        return self.layout.blocks
+
+    @property
+    def size(self) -> int:
+        """Number of selected coordinates P."""
+        return self.layout.size
+
+    @property
+    def segments(self) -> torch.Tensor:
+        """[P] block id of every coordinate (what batched Lanczos needs)."""
+        return self.layout.segments
+
+    def block_matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        """H_bb v_b for every selected block b, for each row of ``vectors`` ([K, P] or [P])."""
+        return self._apply(vectors, block_diagonal=True)
+
+    def matvec(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The Hessian on all selected coordinates times each row of ``vectors`` ([K, P] or [P])."""
+        return self._apply(vectors, block_diagonal=False)
+
+    def loss(self) -> float:
+        """The dataset loss at the model's parameters."""
+        total = 0.0
+        with torch.no_grad(), twice_differentiable_attention():
+            for weight, (inputs, targets) in zip(self.weights, self.batches):
+                total += weight * self._loss(self.params, inputs, targets).item()
+        return total
+
+    def gradient(self) -> torch.Tensor:
+        """[P] gradient of the dataset loss on the selected coordinates."""
+        result = torch.zeros(1, self.size, dtype=self.dtype, device=self.device)
+        names = self.layout.params
+        with twice_differentiable_attention():
+            for weight, (inputs, targets) in zip(self.weights, self.batches):
+                leaves = self._leaves(names)
+                grads = torch.autograd.grad(self._loss(leaves, inputs, targets), [leaves[n] for n in names])
+                for name, grad in zip(names, grads):
+                    self.layout.add_gathered(result, name, weight * grad.reshape(1, -1))
+        return result[0]
+
+    def linear_operator(self, *, block_diagonal: bool = True) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) of the product."""
+        apply = self.block_matvec if block_diagonal else self.matvec
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            vectors = torch.as_tensor(np.asarray(x).T, dtype=self.dtype, device=self.device)
+            return apply(vectors.reshape(-1, self.size)).T.cpu().double().numpy()
+
+        return LinearOperator(
+            (self.size, self.size), matvec=lambda x: matmat(x.reshape(-1, 1))[:, 0], matmat=matmat,
+            rmatvec=lambda x: matmat(x.reshape(-1, 1))[:, 0], dtype=np.float64,
+        )
+
+    def check(self) -> None:
+        """Run the guards on the first batch (see :mod:`hessian_blocks.guards`)."""
+        check_eval_mode(self.model)
+        inputs, targets = self.batches[0]
+        names = self.layout.params
+        with twice_differentiable_attention():
+            first = self._loss(self.params, inputs, targets).detach()
+            leaves = self._leaves(names)
+            second = self._loss(leaves, inputs, targets)
+            check_same_loss(first, second.detach())
+            grads = torch.autograd.grad(second, [leaves[n] for n in names], allow_unused=True)
+        check_gradients(names, list(grads))
+        probe = torch.ones(1, self.size, dtype=self.dtype, device=self.device)
+        self._with_explained_errors(lambda: self._loop_block_diagonal(probe, self.batches[:1], [1.0], first_only=True))
+
+    # ----------------------------------------------------------------- internals
+    def _apply(self, vectors: torch.Tensor, *, block_diagonal: bool) -> torch.Tensor:
+        single = vectors.dim() == 1
+        vectors = vectors.reshape(-1, self.size) if single else vectors
+        if vectors.shape[-1] != self.size:
+            raise ValueError(f"vectors must have {self.size} columns (selected coordinates), got shape {tuple(vectors.shape)}")
+        vectors = vectors.to(self.device, self.dtype)
+        if block_diagonal:
+            run = self._loop_block_diagonal if self.strategy == "loop" else self._vmap_block_diagonal
+        else:
+            run = self._loop_full if self.strategy == "loop" else self._vmap_full
+        out = self._with_explained_errors(lambda: run(vectors, self.batches, self.weights))
+        return out[0] if single else out
+
+    def _with_explained_errors(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        try:
+            with twice_differentiable_attention():
+                return run()
+        except (RuntimeError, NotImplementedError) as err:
+            if _MISSING_DERIVATIVE.search(str(err)):
+                raise explain_double_backward_failure(err) from err
+            raise
+
+    def _loop_block_diagonal(
+        self, vectors: torch.Tensor, batches: list[Batch], weights: list[float], first_only: bool = False
+    ) -> torch.Tensor:
+        """Papers' method: a shared double-backward graph per batch, one backward per (block, vector)."""
+        layout, result = self.layout, torch.zeros_like(vectors)
+        names = layout.params
+        for weight, (inputs, targets) in zip(weights, batches):
+            leaves = self._leaves(names)
+            grads = dict(zip(names, torch.autograd.grad(
+                self._loss(leaves, inputs, targets), [leaves[n] for n in names], create_graph=True
+            )))
+            for b, block in enumerate(layout.blocks):
+                span, flat = layout.block_range(b), layout.block_flat[b]
+                grad_b = grads[block.param].reshape(-1)[flat]
+                for k in range(vectors.shape[0]):
+                    (hv,) = torch.autograd.grad(grad_b @ vectors[k, span], leaves[block.param], retain_graph=True)
+                    result[k, span] += weight * hv.reshape(-1)[flat]
+                if first_only:
+                    return result
+        return result
+
+    def _loop_full(self, vectors: torch.Tensor, batches: list[Batch], weights: list[float]) -> torch.Tensor:
+        layout, result = self.layout, torch.zeros_like(vectors)
+        names = layout.params
+        for weight, (inputs, targets) in zip(weights, batches):
+            leaves = self._leaves(names)
+            grads = torch.autograd.grad(self._loss(leaves, inputs, targets), [leaves[n] for n in names], create_graph=True)
+            for k in range(vectors.shape[0]):
+                dot = sum((g.reshape(-1) * layout.scatter(vectors[k : k + 1], n)[0]).sum() for n, g in zip(names, grads))
+                hvs = torch.autograd.grad(dot, [leaves[n] for n in names], retain_graph=True)
+                for name, hv in zip(names, hvs):
+                    layout.add_gathered(result[k : k + 1], name, weight * hv.reshape(1, -1))
+        return result
+
+    def _vmap_block_diagonal(self, vectors: torch.Tensor, batches: list[Batch], weights: list[float]) -> torch.Tensor:
+        """Forward-over-reverse, vmapped over block-masked tangents, chunked."""
+        layout, result = self.layout, torch.zeros_like(vectors)
+        n_vectors = vectors.shape[0]
+        pairs = [(b, k) for b in range(len(layout.blocks)) for k in range(n_vectors)]
+        for chunk in self._chunks(pairs):
+            block_ids = torch.tensor([b for b, _ in chunk], device=self.device)
+            vector_ids = torch.tensor([k for _, k in chunk], device=self.device)
+            names = list(dict.fromkeys(layout.blocks[b].param for b, _ in chunk))
+            masks = {n: layout.block_of[n].unsqueeze(0) == block_ids.unsqueeze(1) for n in names}
+            tangents = {
+                n: (layout.scatter(vectors, n)[vector_ids] * masks[n]).reshape(len(chunk), *self.params[n].shape)
+                for n in names
+            }
+            for weight, (inputs, targets) in zip(weights, batches):
+                products = self._vmapped_hvp(names, tangents, inputs, targets)
+                for name in names:
+                    masked = products[name].reshape(len(chunk), -1) * masks[name]
+                    per_vector = masked.new_zeros(n_vectors, masked.shape[1]).index_add_(0, vector_ids, masked)
+                    layout.add_gathered(result, name, weight * per_vector)
+        return result
+
+    def _vmap_full(self, vectors: torch.Tensor, batches: list[Batch], weights: list[float]) -> torch.Tensor:
+        layout, result = self.layout, torch.zeros_like(vectors)
+        names = layout.params
+        for chunk in self._chunks(list(range(vectors.shape[0])), all_params=True):
+            rows = vectors[chunk]
+            tangents = {n: layout.scatter(rows, n).reshape(len(chunk), *self.params[n].shape) for n in names}
+            for weight, (inputs, targets) in zip(weights, batches):
+                products = self._vmapped_hvp(names, tangents, inputs, targets)
+                part = torch.zeros_like(rows)
+                for name in names:
+                    layout.add_gathered(part, name, weight * products[name].reshape(len(chunk), -1))
+                result[chunk] += part
+        return result
+
+    def _vmapped_hvp(self, names: list[str], tangents: dict, inputs: Any, targets: torch.Tensor) -> dict:
+        primals = {n: self.params[n] for n in names}
+        fixed = {n: p for n, p in self.params.items() if n not in primals}
+
+        def loss_of(sub: dict) -> torch.Tensor:
+            return self._loss({**fixed, **sub}, inputs, targets)
+
+        grad_fn = torch.func.grad(loss_of)
+        return torch.func.vmap(lambda t: torch.func.jvp(grad_fn, (primals,), (t,))[1])(tangents)
+
+    def _chunks(self, items: list, all_params: bool = False) -> Iterable[list]:
+        size = self._chunk_size or self._auto_chunk_size(all_params)
+        for start in range(0, len(items), size):
+            yield items[start : start + size]
+
+    def _auto_chunk_size(self, all_params: bool) -> int:
+        """Pairs per vectorised call that fit ``memory_budget``.
+
+        Each tangent carries a copy of the parameters it touches through the forward and the
+        backward (about 4 parameter-sized tensors) and a tangent for every activation saved for
+        the backward (about 3 activation-sized tensors).
+        """
+        if self._memory_budget is not None:
+            budget = self._memory_budget
+        elif self.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(self.device)[0] // 2
+        else:
+            budget = 2 * 1024**3
+        itemsize = torch.finfo(self.dtype).bits // 8
+        names = self.layout.params if all_params else [max(self.layout.params, key=lambda n: self.params[n].numel())]
+        param_bytes = sum(self.params[n].numel() for n in names) * itemsize
+        per_pair = 4 * param_bytes + 3 * self._activation_bytes()
+        return max(1, int(budget // per_pair))
+
+    def _activation_bytes(self) -> int:
+        if not hasattr(self, "_saved_bytes"):
+            total = 0
+
+            def pack(tensor: torch.Tensor) -> torch.Tensor:
+                nonlocal total
+                total += tensor.numel() * tensor.element_size()
+                return tensor
+
+            largest = max(self.batches, key=lambda batch: batch[1].shape[0])
+            leaves = self._leaves(self.layout.params)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), twice_differentiable_attention():
+                self._loss(leaves, *largest)
+            self._saved_bytes = total
+        return self._saved_bytes
+
+    def _leaves(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        params = dict(self.params)
+        for name in names:
+            params[name] = self.params[name].detach().requires_grad_()
+        return params
+
+    def _loss(self, params: dict[str, torch.Tensor], inputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        state = {**self.buffers, **params}
+        if isinstance(inputs, dict):
+            output = torch.func.functional_call(self.model, state, args=(), kwargs=inputs)
+        elif isinstance(inputs, tuple):
+            output = torch.func.functional_call(self.model, state, inputs)
+        else:
+            output = torch.func.functional_call(self.model, state, (inputs,))
+        loss = self.loss_fn(output, targets)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar (the batch mean), got shape {tuple(loss.shape)}")
+        return loss
+
+    def _prepare_batch(self, batch: Any, index: int) -> Batch:
+        try:
+            inputs, targets = batch
+        except (TypeError, ValueError):
+            raise ValueError(f"batch {index} must be an (inputs, targets) pair, got {type(batch).__name__}") from None
+        if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
+            raise ValueError(f"batch {index}: targets must be a tensor with a leading sample dimension")
+        if targets.shape[0] == 0:
+            raise ValueError(f"batch {index} is empty")
+        return self._to_device(inputs), self._to_device(targets)
+
+    def _to_device(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
+        if isinstance(value, dict):
+            return {k: self._to_device(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return tuple(self._to_device(v) for v in value)
+        return value
+
+    def _resolve_strategy(self, strategy: str) -> str:
+        if strategy != "auto":
+            return strategy
+        return "vmap" if self.device.type == "cuda" else "loop"
+
+
+__all__ = ["BlockHessian", "Layout", "STRATEGIES", "HessianSetupError"]

@@ -1,0 +1,266 @@
+"""Result containers for blockwise spectra and densities, with exact .npz round trips."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .density import gaussian_density, kth_largest_scale, spectral_grid
+from .lanczos import LanczosResult
+
+__all__ = ["DensityResult", "SpectrumResult"]
+
+_FORMAT_VERSION = 1
+
+
+def _npz_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def _write_npz(path: str | Path, fmt: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
+    path = _npz_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"format": fmt, "version": _FORMAT_VERSION, **meta})
+    with open(path, "wb") as fh:
+        np.savez(fh, meta=np.array(header), **arrays)
+    return path
+
+
+def _read_npz(path: str | Path, fmt: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    with np.load(Path(path), allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: expected a {fmt!r} file, found format {meta.get('format')!r}")
+    if meta.get("version") != _FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported {fmt} version {meta.get('version')!r}")
+    return meta, arrays
+
+
+def _lanczos_arrays(prefix: str, result: LanczosResult) -> dict[str, np.ndarray]:
+    return {f"{prefix}_alpha": result.alpha, f"{prefix}_beta": result.beta, f"{prefix}_steps": result.steps}
+
+
+def _lanczos_from(prefix: str, arrays: dict[str, np.ndarray]) -> LanczosResult | None:
+    if f"{prefix}_alpha" not in arrays:
+        return None
+    return LanczosResult(
+        alpha=arrays[f"{prefix}_alpha"], beta=arrays[f"{prefix}_beta"], steps=arrays[f"{prefix}_steps"]
+    )
+
+
+def _optional_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return np.array_equal(a, b)
+
+
+@dataclass(eq=False)
+class DensityResult:
+    """Spectral densities of ``B`` blocks on one common grid (each integrates to 1)."""
+
+    grid: np.ndarray  # [G]
+    densities: np.ndarray  # [B, G]
+    names: list[str]
+    sigma2: float
+    scales: np.ndarray | None = None  # [B] per-block divisor of the eigenvalues when rescaled
+    full: np.ndarray | None = None  # [G] full-model density
+    full_scale: float | None = None  # divisor of the full model's eigenvalues when rescaled
+
+    def __post_init__(self) -> None:
+        self.grid = np.asarray(self.grid, dtype=np.float64)
+        self.densities = np.asarray(self.densities, dtype=np.float64)
+        self.names = list(self.names)
+        self.sigma2 = float(self.sigma2)
+        if self.densities.shape != (len(self.names), self.grid.size):
+            raise ValueError(
+                f"densities must be [B, G] = [{len(self.names)}, {self.grid.size}], "
+                f"got {self.densities.shape}"
+            )
+        if self.scales is not None:
+            self.scales = np.asarray(self.scales, dtype=np.float64)
+            if self.scales.shape != (len(self.names),):
+                raise ValueError(f"scales must be [B] = [{len(self.names)}], got {self.scales.shape}")
+        if self.full is not None:
+            self.full = np.asarray(self.full, dtype=np.float64)
+            if self.full.shape != self.grid.shape:
+                raise ValueError(f"full must be [G] = [{self.grid.size}], got {self.full.shape}")
+        if self.full_scale is not None:
+            self.full_scale = float(self.full_scale)
+
+    def save(self, path: str | Path) -> Path:
+        """Write one ``.npz`` (suffix added if missing); returns the path written."""
+        arrays = {"grid": self.grid, "densities": self.densities}
+        if self.scales is not None:
+            arrays["scales"] = self.scales
+        if self.full is not None:
+            arrays["full"] = self.full
+        meta = {"names": self.names, "sigma2": self.sigma2, "full_scale": self.full_scale}
+        return _write_npz(path, "hessian-blocks/density", meta, arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DensityResult:
+        meta, arrays = _read_npz(path, "hessian-blocks/density")
+        return cls(
+            grid=arrays["grid"],
+            densities=arrays["densities"],
+            names=meta["names"],
+            sigma2=meta["sigma2"],
+            scales=arrays.get("scales"),
+            full=arrays.get("full"),
+            full_scale=meta["full_scale"],
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DensityResult):
+            return NotImplemented
+        return (
+            np.array_equal(self.grid, other.grid)
+            and np.array_equal(self.densities, other.densities)
+            and self.names == other.names
+            and self.sigma2 == other.sigma2
+            and _optional_equal(self.scales, other.scales)
+            and _optional_equal(self.full, other.full)
+            and self.full_scale == other.full_scale
+        )
+
+
+@dataclass(eq=False)
+class SpectrumResult:
+    """SLQ spectra of ``B`` Hessian blocks (and optionally of the full model)."""
+
+    names: list[str]  # block names, e.g. "h.0.attn.q.weight[rows 0:32]"
+    params: list[str]  # parameter tensor each block belongs to
+    shapes: list[tuple[int, ...]]  # shape of each block's slice
+    sizes: np.ndarray  # [B] coordinates per block
+    lanczos: LanczosResult
+    settings: dict  # JSON-serialisable run settings (model, steps, probes, seed, dtype, ...)
+    full: LanczosResult | None = None  # full-model run: B = 1, one block spanning all coordinates
+    _ritz: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.names = list(self.names)
+        self.params = list(self.params)
+        self.shapes = [tuple(int(d) for d in s) for s in self.shapes]
+        self.sizes = np.asarray(self.sizes, dtype=np.int64)
+        # normalise through JSON: rejects what cannot be saved and makes load(save(x)) == x exact
+        self.settings = json.loads(json.dumps(self.settings))
+        n = self.lanczos.n_blocks
+        lengths = {"names": len(self.names), "params": len(self.params), "shapes": len(self.shapes)}
+        if any(v != n for v in lengths.values()) or self.sizes.shape != (n,):
+            raise ValueError(
+                f"lanczos has {n} blocks but got {lengths} and sizes of shape {self.sizes.shape}"
+            )
+        expected = np.array([int(np.prod(s)) for s in self.shapes], dtype=np.int64)
+        if not np.array_equal(self.sizes, expected):
+            raise ValueError(
+                f"sizes {self.sizes.tolist()} do not match the shapes' products {expected.tolist()}"
+            )
+        if self.full is not None and self.full.n_blocks != 1:
+            raise ValueError(f"full must hold one block, got {self.full.n_blocks}")
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(nodes, weights)`` of the blocks, ``[B, K, m]`` (computed once; read-only arrays)."""
+        if self._ritz is None:
+            nodes, weights = self.lanczos.ritz()
+            nodes.setflags(write=False)
+            weights.setflags(write=False)
+            self._ritz = (nodes, weights)
+        return self._ritz
+
+    def lambda_min(self) -> np.ndarray:
+        """``[B]`` smallest Ritz value of each block over all probes."""
+        return np.nanmin(self.ritz()[0], axis=(1, 2))
+
+    def lambda_max(self) -> np.ndarray:
+        """``[B]`` largest Ritz value of each block over all probes."""
+        return np.nanmax(self.ritz()[0], axis=(1, 2))
+
+    def trace_estimate(self) -> np.ndarray:
+        """``[B]`` Hutchinson trace estimate ``size_b * mean_k sum_i w_ki theta_ki``.
+
+        The quadrature's first moment is ``e1^T T e1 = alpha_0 = v^T H v / v^T v`` exactly, so this
+        reads ``alpha[:, :, 0]``; with Rademacher probes ``v^T v = size_b`` and it is the plain
+        Hutchinson estimator.
+        """
+        return self.sizes * self.lanczos.alpha[:, :, 0].mean(axis=1)
+
+    def density(
+        self,
+        *,
+        grid: np.ndarray | None = None,
+        sigma2: float = 1e-5,
+        n_points: int = 50_000,
+        rescale_rank: int | None = None,
+    ) -> DensityResult:
+        """Gaussian-broadened densities of all blocks on one common grid.
+
+        ``rescale_rank=k`` first divides each block's nodes by its own ``k``-th largest Ritz
+        value (pooled over probes; the papers plot with k = 10); the full model's nodes by
+        theirs. Without ``grid``, a ``spectral_grid`` of ``n_points`` is built over all
+        (rescaled) nodes, the full model's included.
+        """
+        nodes, weights = self.ritz()
+        scales = full_scale = None
+        full_nodes = full_weights = None
+        if self.full is not None:
+            full_nodes, full_weights = self.full.ritz()
+        if rescale_rank is not None:
+            scales = kth_largest_scale(nodes, rescale_rank)
+            nodes = nodes / scales[:, None, None]
+            if full_nodes is not None:
+                full_scale = float(kth_largest_scale(full_nodes, rescale_rank)[0])
+                full_nodes = full_nodes / full_scale
+        if grid is None:
+            pooled = [nodes.ravel()] + ([full_nodes.ravel()] if full_nodes is not None else [])
+            grid = spectral_grid(np.concatenate(pooled), n_points=n_points)
+        densities = gaussian_density(nodes, weights, grid, sigma2)
+        full = None if full_nodes is None else gaussian_density(full_nodes, full_weights, grid, sigma2)[0]
+        return DensityResult(
+            grid=grid, densities=densities, names=self.names, sigma2=sigma2,
+            scales=scales, full=full, full_scale=full_scale,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write one ``.npz`` (suffix added if missing) with all arrays and JSON metadata."""
+        arrays = {"sizes": self.sizes, **_lanczos_arrays("lanczos", self.lanczos)}
+        if self.full is not None:
+            arrays.update(_lanczos_arrays("full", self.full))
+        meta = {
+            "names": self.names,
+            "params": self.params,
+            "shapes": [list(s) for s in self.shapes],
+            "settings": self.settings,
+        }
+        return _write_npz(path, "hessian-blocks/spectrum", meta, arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpectrumResult:
+        meta, arrays = _read_npz(path, "hessian-blocks/spectrum")
+        return cls(
+            names=meta["names"],
+            params=meta["params"],
+            shapes=[tuple(s) for s in meta["shapes"]],
+            sizes=arrays["sizes"],
+            lanczos=_lanczos_from("lanczos", arrays),
+            settings=meta["settings"],
+            full=_lanczos_from("full", arrays),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SpectrumResult):
+            return NotImplemented
+        return (
+            self.names == other.names
+            and self.params == other.params
+            and self.shapes == other.shapes
+            and np.array_equal(self.sizes, other.sizes)
+            and self.lanczos == other.lanczos
+            and self.settings == other.settings
+            and self.full == other.full
+        )

@@ -1,0 +1,55 @@
+"""Independent references for the tests: dense Hessians.
+
+The dense Hessian comes from ``torch.autograd.functional.hessian`` (reverse-over-reverse, one
+backward per column). ``torch.func.hessian`` is not used: in torch 2.13 it returns a non-symmetric,
+wrong matrix for models with LayerNorm (the cross terms between the LayerNorm weight and the
+parameters feeding its input; see ``test_hvp.py::test_layer_norm_cross_terms``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass
+class DenseHessian:
+    matrix: torch.Tensor          # [N, N] float64 over every parameter, flattened in named_parameters order
+    offsets: dict[str, int]       # where each parameter starts
+
+    def restrict(self, blocks, block_diagonal: bool) -> torch.Tensor:
+        """The dense matrix on the blocks' coordinates, in BlockHessian layout order."""
+        index = torch.cat([self.offsets[b.param] + b.flat_indices() for b in blocks])
+        sub = self.matrix[index][:, index]
+        if not block_diagonal:
+            return sub
+        ids = torch.cat([torch.full((b.numel,), i) for i, b in enumerate(blocks)])
+        return sub * (ids[:, None] == ids[None, :])
+
+
+def dense_hessian(model, loss_fn, batches) -> DenseHessian:
+    """Dense float64 Hessian of the sample-weighted mean loss over ``batches``."""
+    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    buffers = {n: b.double() if b.is_floating_point() else b for n, b in model.named_buffers()}
+    names = list(params)
+    sizes = [params[n].numel() for n in names]
+    total = sum(int(y.shape[0]) for _, y in batches)
+
+    def loss_of(flat):
+        state = {**buffers, **params}
+        for name, piece in zip(names, flat.split(sizes)):
+            state[name] = piece.reshape(params[name].shape)
+        value = 0.0
+        for x, y in batches:
+            x = x.double() if x.is_floating_point() else x
+            y = y.double() if y.is_floating_point() else y
+            value = value + y.shape[0] * loss_fn(torch.func.functional_call(model, state, (x,)), y)
+        return value / total
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    with sdpa_kernel([SDPBackend.MATH]):
+        matrix = torch.autograd.functional.hessian(loss_of, flat)
+    starts = torch.tensor([0] + sizes).cumsum(0).tolist()
+    return DenseHessian(matrix, dict(zip(names, starts)))

@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hessian_blocks.blocks import Block, Partition, Rule, sample_layers, select_blocks
+
+
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 6), nn.Linear(6, 4)])
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(self.norm(x))
+
+
+def covered_entries(blocks, shape):
+    seen = torch.zeros(torch.Size(shape).numel(), dtype=torch.long)
+    for block in blocks:
+        seen[block.flat_indices()] += 1
+    return seen
+
+
+def test_per_tensor_partition_has_one_whole_block_per_parameter():
+    model = TwoLayer()
+    partition = Partition.per_tensor(model)
+    assert [b.param for b in partition.blocks] == [n for n, _ in model.named_parameters()]
+    assert all(b.shape == tuple(p.shape) for b, (_, p) in zip(partition.blocks, model.named_parameters()))
+    assert sum(b.numel for b in partition.blocks) == sum(p.numel() for p in model.parameters())
+
+
+def test_group_rules_cover_every_entry_once_and_slice_the_right_entries():
+    shape = (6, 4)
+    reference = torch.arange(24).reshape(shape)
+    rows = Rule("w", "groups", axis=0, size=2).resolve(shape)
+    cols = Rule("w", "groups", axis=1, size=1).resolve(shape)
+    runs = Rule("w", "groups", axis=0, runs=((1, 2), (4, 1))).resolve(shape)
+    elements = Rule("w", "elements").resolve(shape)
+    for blocks in (rows, cols, runs, elements):
+        assert torch.equal(covered_entries(blocks, shape), torch.ones(24, dtype=torch.long))
+    assert [b.numel for b in rows] == [8, 8, 8]
+    assert torch.equal(reference.reshape(-1)[rows[1].flat_indices()], reference[2:4].reshape(-1))
+    assert torch.equal(reference.reshape(-1)[cols[3].flat_indices()], reference[:, 3])
+    assert [(b.start, b.stop) for b in runs] == [(0, 1), (1, 2), (2, 6)]
+    assert runs[2].shape == (4, 4) and cols[0].shape == (6, 1)
+    assert len(elements) == 24 and elements[5].flat_indices().tolist() == [5]
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        (dict(param="w", split="groups", axis=0, size=4), "does not divide"),
+        (dict(param="w", split="groups", axis=0, runs=((2, 2),)), "cover 4 indices"),
+        (dict(param="w", split="groups", axis=3, size=1), "out of range"),
+    ],
+)
+def test_group_rules_that_do_not_fit_the_shape_raise(rule, message):
+    with pytest.raises(ValueError, match=message):
+        Rule(**rule).resolve((6, 4))
+
+
+def test_malformed_rules_raise():
+    with pytest.raises(ValueError, match="split must be one of"):
+        Rule("w", "rows")
+    with pytest.raises(ValueError, match="exactly one of 'size' or 'runs'"):
+        Rule("w", "groups", axis=0)
+    with pytest.raises(ValueError, match="takes no axis"):
+        Rule("w", "whole", axis=0)
+
+
+def test_partition_file_round_trip_and_checks(tmp_path):
+    model = TwoLayer()
+    rules = [Rule(n, "groups", axis=0, size=1, why="per neuron") if p.dim() == 2 else Rule(n, "whole")
+             for n, p in model.named_parameters()]
+    partition = Partition.from_rules(model, rules)
+    path = partition.save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == "hessian-blocks/partition" and data["version"] == 1
+    assert data["model"]["param_shapes"]["layers.0.weight"] == [6, 4]
+    loaded = Partition.load(path, model)
+    assert loaded.rules == partition.rules and loaded.blocks == partition.blocks
+    assert len(loaded.blocks) == 6 + 1 + 4 + 1 + 1 + 1 + 3
+
+    data["rules"] = data["rules"][1:]
+    (tmp_path / "missing.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"no rule for parameter\(s\) \['layers.0.weight'\]"):
+        Partition.load(tmp_path / "missing.json", model)
+
+    other = TwoLayer()
+    other.layers[0] = nn.Linear(4, 8)
+    with pytest.raises(ValueError, match="'layers.0.weight' has shape \\[6, 4\\] in the file but \\[8, 4\\]"):
+        Partition.load(path, other)
+
+    data = partition.to_dict()
+    data["rules"].append({"param": "nope.weight", "split": "whole"})
+    with pytest.raises(ValueError, match="'nope.weight', which is not a trainable parameter"):
+        Partition.from_dict(data, model)
+    with pytest.raises(ValueError, match="'format' must be"):
+        Partition.from_dict({"format": "x"}, model)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Partition.load(tmp_path / "absent.json", model)
+
+
+def test_frozen_parameters_are_not_partitioned():
+    model = TwoLayer()
+    model.head.weight.requires_grad_(False)
+    assert "head.weight" not in [b.param for b in Partition.per_tensor(model).blocks]
+
+
+def test_select_blocks_by_glob_and_sample_layers():
+    blocks = [Block(n, n, s, None, 0, torch.Size(s).numel()) for n, s in [
+        ("emb.weight", (10, 4)), *[(f"h.{i}.fc.weight", (4, 4)) for i in range(12)],
+        *[(f"h.{i}.fc.bias", (4,)) for i in range(12)], ("head.weight", (3, 4)),
+    ]]
+    assert [b.name for b in select_blocks(blocks, ["h.1.*", "head.*"])] == ["h.1.fc.weight", "h.1.fc.bias", "head.weight"]
+    with pytest.raises(ValueError, match="matches no block"):
+        select_blocks(blocks, ["encoder.*"])
+    sampled = [b.name for b in sample_layers(blocks, 3)]
+    assert sampled == ["emb.weight", "h.0.fc.weight", "h.6.fc.weight", "h.11.fc.weight", "head.weight"]

@@ -1,0 +1,203 @@
+"""Block and full Hessian-vector products against dense torch.func.hessian (float64)."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hessian_blocks.blocks import Partition, Rule, select_blocks
+from hessian_blocks.hvp import BlockHessian
+from hessian_blocks.models import build_model
+from tests.oracles import dense_hessian
+
+STRATEGIES = ["loop", "vmap"]
+
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batches = [(torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (7, 3, 5)]
+    return model, nn.functional.cross_entropy, batches
+
+
+def tiny_gpt():
+    spec = build_model("gpt2-nano", seed=1, n_layer=1, n_embd=4, n_head=2, vocab_size=7, context=5)
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for n in (3, 1):
+        tokens = torch.randint(0, 7, (n, 6), generator=gen)
+        batches.append((tokens[:, :-1], tokens[:, 1:]))
+    return spec.model, spec.loss_fn, batches
+
+
+def tiny_cnn():
+    spec = build_model("resnet18", seed=2, width=2, layers=(1,), channels=1, image_size=6, num_classes=3)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 1, 6, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (4, 2)]
+    return spec.model, spec.loss_fn, batches
+
+
+MODELS = {"mlp": tiny_mlp, "gpt": tiny_gpt, "cnn": tiny_cnn}
+
+
+@functools.cache
+def cached_dense_hessian(which):
+    return dense_hessian(*MODELS[which]())
+
+
+def mixed_partition(model):
+    """Rows, columns, run-length groups, elements and whole tensors in one partition."""
+    rules = []
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if p.dim() >= 2 and i % 3 == 0:
+            rules.append(Rule(name, "groups", axis=0, size=1))
+        elif p.dim() >= 2 and i % 3 == 1 and p.shape[1] >= 3:
+            rules.append(Rule(name, "groups", axis=1, runs=((1, 2), (p.shape[1] - 2, 1))))
+        elif p.dim() == 1 and i % 2 == 0 and p.numel() <= 8:
+            rules.append(Rule(name, "elements"))
+        else:
+            rules.append(Rule(name, "whole"))
+    return Partition.from_rules(model, rules)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("which", list(MODELS))
+def test_block_and_full_products_equal_the_dense_hessian(which, strategy):
+    model, loss_fn, batches = MODELS[which]()
+    dense = cached_dense_hessian(which)
+    gen = torch.Generator().manual_seed(3)
+    for partition in (Partition.per_tensor(model), mixed_partition(model)):
+        hessian = BlockHessian(model, loss_fn, batches, partition, strategy=strategy, chunk_size=5)
+        vectors = torch.randn(3, hessian.size, generator=gen, dtype=torch.float64)
+        block = dense.restrict(hessian.blocks, block_diagonal=True)
+        full = dense.restrict(hessian.blocks, block_diagonal=False)
+        torch.testing.assert_close(hessian.block_matvec(vectors), vectors @ block.T, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(hessian.matvec(vectors), vectors @ full.T, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_selection_of_blocks_gives_the_principal_submatrix(strategy):
+    model, loss_fn, batches = tiny_gpt()
+    dense = cached_dense_hessian("gpt")
+    blocks = select_blocks(Partition.per_tensor(model).blocks, ["*.q_proj.weight", "*.fc.*", "lm_head.weight"])
+    hessian = BlockHessian(model, loss_fn, batches, blocks, strategy=strategy)
+    vectors = torch.randn(2, hessian.size, dtype=torch.float64)
+    torch.testing.assert_close(hessian.block_matvec(vectors), vectors @ dense.restrict(blocks, True).T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hessian.matvec(vectors), vectors @ dense.restrict(blocks, False).T, rtol=1e-10, atol=1e-12)
+
+
+def test_unequal_batches_are_weighted_by_samples_not_by_batches():
+    model, loss_fn, batches = tiny_mlp()
+    merged = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
+    split = BlockHessian(model, loss_fn, batches)
+    whole = BlockHessian(model, loss_fn, merged)
+    vectors = torch.randn(2, split.size, dtype=torch.float64)
+    assert split.n_samples == whole.n_samples == 15
+    torch.testing.assert_close(split.matvec(vectors), whole.matvec(vectors), rtol=1e-12, atol=1e-14)
+    assert split.loss() == pytest.approx(whole.loss(), rel=1e-14)
+
+
+def test_gradient_and_loss_match_autograd_on_the_merged_batch():
+    model, loss_fn, batches = tiny_mlp()
+    x = torch.cat([x for x, _ in batches])
+    y = torch.cat([y for _, y in batches])
+    loss = loss_fn(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    hessian = BlockHessian(model, loss_fn, batches)
+    torch.testing.assert_close(hessian.gradient(), torch.cat([g.reshape(-1) for g in grads]), rtol=1e-12, atol=1e-14)
+    assert hessian.loss() == pytest.approx(loss.item(), rel=1e-13)
+
+
+def test_float32_products_are_close_to_float64():
+    model, loss_fn, batches = tiny_gpt()
+    exact = BlockHessian(model, loss_fn, batches)
+    single = BlockHessian(model, loss_fn, batches, dtype=torch.float32)
+    vectors = torch.randn(2, exact.size, dtype=torch.float64)
+    approx = single.block_matvec(vectors.float())
+    assert approx.dtype == torch.float32
+    torch.testing.assert_close(approx.double(), exact.block_matvec(vectors), rtol=1e-3, atol=1e-5)
+
+
+def test_model_is_left_untouched():
+    model, loss_fn, batches = tiny_gpt()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    hessian = BlockHessian(model, loss_fn, batches)
+    hessian.block_matvec(torch.ones(hessian.size, dtype=torch.float64))
+    assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_scipy_linear_operator_finds_the_dense_extreme_eigenvalues():
+    from scipy.sparse.linalg import eigsh
+
+    model, loss_fn, batches = tiny_mlp()
+    dense = cached_dense_hessian("mlp")
+    hessian = BlockHessian(model, loss_fn, batches)
+    operator = hessian.linear_operator(block_diagonal=False)
+    top = eigsh(operator, k=2, which="LA", return_eigenvectors=False)
+    expected = np.linalg.eigvalsh(dense.restrict(hessian.blocks, False).numpy())[-2:]
+    np.testing.assert_allclose(np.sort(top), expected, rtol=1e-8)
+
+
+def test_bad_vectors_and_arguments_raise():
+    model, loss_fn, batches = tiny_mlp()
+    hessian = BlockHessian(model, loss_fn, batches)
+    with pytest.raises(ValueError, match="must have 57 columns"):
+        hessian.block_matvec(torch.ones(2, 5))
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        BlockHessian(model, loss_fn, batches, strategy="fast")
+    with pytest.raises(ValueError, match="no batches"):
+        BlockHessian(model, loss_fn, [])
+    with pytest.raises(ValueError, match="must be an \\(inputs, targets\\) pair"):
+        BlockHessian(model, loss_fn, [torch.ones(3)])
+    with pytest.raises(ValueError, match="selected twice"):
+        blocks = Partition.per_tensor(model).blocks
+        BlockHessian(model, loss_fn, batches, [blocks[0], blocks[0]])
+
+
+class ScaledLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 1.5]))
+        self.norm = nn.LayerNorm(4, bias=False)
+
+    def forward(self, x):
+        return torch.tanh(self.norm(x * self.scale))
+
+
+def test_layer_norm_cross_terms_match_finite_differences():
+    """torch.func.hessian gets these cross terms wrong (non-symmetric) in torch 2.13; we must not."""
+    torch.manual_seed(0)
+    model = ScaledLayerNorm().double()
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.tensor([1.0, -0.3, 0.7, 2.0]))
+    batches = [(torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64))]
+
+    def loss_fn(out, y):
+        return ((out - y) ** 2).sum(-1).mean()
+
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def gradient(point):
+        state = dict(zip(names, point.split(4)))
+        point_loss = loss_fn(torch.func.functional_call(model, state, (batches[0][0],)), batches[0][1])
+        return torch.autograd.grad(point_loss, point)[0]
+
+    eps = 1e-6
+    columns = [(gradient((flat + eps * e).requires_grad_()) - gradient((flat - eps * e).requires_grad_())) / (2 * eps)
+               for e in torch.eye(8, dtype=torch.float64)]
+    finite_differences = torch.stack(columns, 1)
+    for strategy in STRATEGIES:
+        hessian = BlockHessian(model, loss_fn, batches, strategy=strategy)
+        ours = hessian.matvec(torch.eye(8, dtype=torch.float64))
+        torch.testing.assert_close(ours, finite_differences, rtol=1e-6, atol=1e-8)
+    func_hessian = torch.func.hessian(lambda p: gradient_free_loss(model, names, p, batches, loss_fn))(flat)
+    assert (func_hessian - finite_differences).abs().max() > 1e-3, "torch.func.hessian was fixed: the oracle may use it again"
+
+
+def gradient_free_loss(model, names, point, batches, loss_fn):
+    state = dict(zip(names, point.split(4)))
+    return loss_fn(torch.func.functional_call(model, state, (batches[0][0],)), batches[0][1])
