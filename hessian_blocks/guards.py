@@ -62,14 +62,20 @@ def explain_double_backward_failure(err: RuntimeError) -> HessianSetupError:
     """Turn autograd's message about a missing second derivative into an actionable one."""
     return HessianSetupError(
         "the model uses an operation without a second derivative, so exact Hessian-vector products "
-        f"are impossible: {err}. Fused attention kernels are the usual cause; scaled_dot_product_attention "
+        f"are impossible (autograd: {err}). Fused attention kernels and custom autograd Functions marked "
+        "once_differentiable are the usual causes; scaled_dot_product_attention "
         "is already forced onto its math backend here, so replace any other fused kernel (e.g. xformers, "
         "flash-attn, custom CUDA ops) with plain tensor operations (naive attention: softmax(q @ k^T) @ v)."
     )
 
 
 def check_same_loss(first: torch.Tensor, second: torch.Tensor) -> None:
-    """Refuse a model whose loss differs between two evaluations on the same batch."""
+    """Refuse a non-finite loss, and a loss that differs between two evaluations on the same batch."""
+    if not torch.isfinite(first):
+        raise HessianSetupError(
+            f"the loss on the first batch is {first.item()}: check the data (NaN/inf inputs), the targets "
+            "and the initialisation before measuring the Hessian."
+        )
     tol = 1e-12 if first.dtype == torch.float64 else 1e-6
     if not torch.isclose(first, second, rtol=tol, atol=0.0):
         raise HessianSetupError(

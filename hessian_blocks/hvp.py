@@ -47,7 +47,13 @@ from .guards import (
 
 STRATEGIES = ("auto", "loop", "vmap")
 # How autograd reports an operation without a second (or forward-mode) derivative.
-_MISSING_DERIVATIVE = re.compile(r"derivative for .* is not implemented|forward AD .* not been implemented|double backward|differentiate twice", re.S)
+# An operation that drops out of the graph under create_graph (once_differentiable) leaves the
+# gradient with no path back to the parameters: autograd reports the parameter as unused.
+_MISSING_DERIVATIVE = re.compile(
+    r"derivative for .* is not implemented|forward AD .* not been implemented|double backward|differentiate twice"
+    r"|appears to not have been used in the graph|does not require grad and does not have a grad_fn",
+    re.S,
+)
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 Batch = tuple[Any, torch.Tensor]
 

@@ -1,0 +1,160 @@
+"""Every guard fires on a model built to trigger it, and the automatic fixes give exact numbers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hessian_blocks.guards import HessianSetupError
+from hessian_blocks.hvp import BlockHessian
+from tests.oracles import dense_hessian
+
+STRATEGIES = ["loop", "vmap"]
+
+
+def batches(n_batches=2, size=4, features=6, classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, features, generator=gen), torch.randint(0, classes, (size,), generator=gen))
+            for _ in range(n_batches)]
+
+
+class FunctionalDropout(nn.Module):
+    """Eval mode does not help: dropout is forced on in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(F.dropout(x, p=0.5, training=True))
+
+
+class SdpaAttention(nn.Module):
+    """Attention through F.scaled_dot_product_attention: its fused CPU kernel has no double backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(6, 18)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).reshape(x.shape[0], 1, 3, 6).split(2, dim=-1)  # 1 head, 3 tokens, dim 2
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.reshape(x.shape[0], 6))
+
+
+class OnceDifferentiableRelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class CustomKernel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 5)
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(OnceDifferentiableRelu.apply(self.fc1(x)) ** 2)
+
+
+class Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.spare = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_batchnorm_in_train_mode_is_refused():
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    with pytest.raises(HessianSetupError, match=r"'1' \(BatchNorm1d\) in train mode.*model.eval\(\)"):
+        BlockHessian(model, F.cross_entropy, batches())
+    model.eval()
+    BlockHessian(model, F.cross_entropy, batches())
+
+
+def test_dropout_module_in_train_mode_is_refused_but_p_zero_is_fine():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.1), nn.Linear(4, 3))
+    with pytest.raises(HessianSetupError, match=r"'1' \(Dropout\) in train mode"):
+        BlockHessian(model, F.cross_entropy, batches())
+    BlockHessian(nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.0), nn.Linear(4, 3)), F.cross_entropy, batches())
+
+
+def test_randomness_in_forward_is_detected():
+    with pytest.raises(HessianSetupError, match="not deterministic"):
+        BlockHessian(FunctionalDropout().eval(), F.cross_entropy, batches())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fused_attention_runs_on_the_math_backend_with_exact_numbers(strategy):
+    torch.manual_seed(0)
+    model = SdpaAttention().double()
+    data = batches()
+    x, _ = data[0]
+    with pytest.raises(RuntimeError, match="not implemented"):  # the fused kernel alone cannot do it
+        loss = F.cross_entropy(model(x.double()), data[0][1])
+        (g,) = torch.autograd.grad(loss, model.qkv.weight, create_graph=True)
+        torch.autograd.grad(g.sum(), model.qkv.weight)
+    hessian = BlockHessian(model, F.cross_entropy, data, strategy=strategy)
+    dense = dense_hessian(model, F.cross_entropy, data)
+    vectors = torch.randn(2, hessian.size, dtype=torch.float64)
+    torch.testing.assert_close(hessian.block_matvec(vectors), vectors @ dense.restrict(hessian.blocks, True).T,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_an_operation_without_second_derivative_gets_a_clear_error():
+    with pytest.raises(HessianSetupError, match="without a second derivative.*naive attention"):
+        BlockHessian(CustomKernel(), F.cross_entropy, batches())
+
+
+def test_parameter_without_gradient_is_refused_unless_left_out():
+    from hessian_blocks.blocks import Partition, select_blocks
+
+    model = Unused()
+    with pytest.raises(HessianSetupError, match=r"does not depend on parameter\(s\) \['spare.weight', 'spare.bias'\]"):
+        BlockHessian(model, F.cross_entropy, batches())
+    blocks = select_blocks(Partition.per_tensor(model).blocks, ["fc.*"])
+    assert BlockHessian(model, F.cross_entropy, batches(), blocks).size == 21
+
+
+def test_non_finite_loss_and_gradients_are_refused():
+    data = batches()
+    data[0][0][0, 0] = float("nan")
+    with pytest.raises(HessianSetupError, match="the loss on the first batch is nan"):
+        BlockHessian(nn.Linear(6, 3), F.cross_entropy, data)
+
+    model = nn.Linear(6, 3)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+
+    def norm_loss(out, y):  # finite at 0, with an infinite slope there
+        return out.pow(2).sum(-1).sqrt().mean()
+
+    with pytest.raises(HessianSetupError, match=r"non-finite gradient for parameter\(s\) \['weight', 'bias'\]"):
+        BlockHessian(model, norm_loss, batches())
+
+
+def test_a_shuffling_loader_is_frozen_to_one_order():
+    x = torch.randn(12, 6)
+    y = torch.randint(0, 3, (12,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5, shuffle=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    hessian = BlockHessian(model, F.cross_entropy, loader)
+    vectors = torch.randn(2, hessian.size, dtype=torch.float64)
+    first, second = hessian.block_matvec(vectors), hessian.block_matvec(vectors)
+    assert torch.equal(first, second)
+    assert sorted(int(t.shape[0]) for _, t in hessian.batches) == [2, 5, 5]
+    dense = dense_hessian(model, F.cross_entropy, [(x, y)])
+    torch.testing.assert_close(first, vectors @ dense.restrict(hessian.blocks, True).T, rtol=1e-10, atol=1e-12)
