@@ -1,0 +1,288 @@
+"""Offline data for the model zoo: fixed, seeded lists of (inputs, targets) batches.
+
+Sources (nothing is downloaded):
+- "digits": scikit-learn's bundled 8x8 handwritten digits (1797 images), scaled to [0, 1] and
+  normalised, resized bilinearly to the model's image size and repeated over its channels; for
+  vector models the 64 pixels as features.
+- "text": byte-level tokens of the English documentation bundled with Python (`pydoc_data`), windows
+  at seeded random offsets; next-token targets, or a seeded 15% [MASK] for masked-LM models.
+- "synthetic": seeded Gaussian inputs and uniform random labels/tokens of the right shapes.
+- a path to a .pt file (dict with "x" and "y" tensors, or a list of (x, y) batches), an .npz file
+  (arrays "x" and "y") or a .txt file (UTF-8 text, byte-level tokens): samples taken in file order.
+"auto" picks digits for image models, text for (masked) language models, synthetic for vectors.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models import IGNORE_INDEX, ModelSpec
+
+__all__ = ["DATA_SOURCES", "make_batches"]
+
+DATA_SOURCES: tuple[str, ...] = ("digits", "text", "synthetic")
+MASK_FRACTION = 0.15
+TEXT_TASKS = ("text", "masked-text")
+_AUTO = {"image": "digits", "text": "text", "masked-text": "text", "vector": "synthetic"}
+
+
+def make_batches(
+    spec: ModelSpec,
+    source: str = "auto",
+    *,
+    batch_size: int = 8,
+    n_batches: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    last_batch_size: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n_batches` batches of `batch_size` samples (the last one `last_batch_size` if given) for `spec`.
+
+    The same arguments always give identical tensors. Float inputs and targets are cast to `dtype`;
+    token ids and class labels are torch.long.
+    """
+    sizes = _batch_sizes(batch_size, n_batches, last_batch_size)
+    n = sum(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    if source == "auto":
+        if spec.task not in _AUTO:
+            raise ValueError(
+                f"model {spec.name!r} has task {spec.task!r}, which has no default data: pass a data file "
+                f"(.pt, .npz, .txt), or have the factory return a ModelSpec with one of the tasks {', '.join(_AUTO)}"
+            )
+        source = _AUTO[spec.task]
+
+    if source == "digits":
+        x, y = _digits(spec, n, gen)
+    elif source == "text":
+        x, y = _text_windows(spec, _bundled_text(), n, gen, "the bundled text", random_offsets=True)
+    elif source == "synthetic":
+        x, y = _synthetic(spec, n, gen)
+    else:
+        x, y = _from_file(spec, Path(source), n, gen)
+
+    x, y = _cast(x, dtype), _cast(y, dtype)
+    return [(xb.clone(), yb.clone()) for xb, yb in zip(x.split(sizes), y.split(sizes))]
+
+
+def _batch_sizes(batch_size: int, n_batches: int, last_batch_size: int | None) -> list[int]:
+    last = batch_size if last_batch_size is None else last_batch_size
+    for what, value in (("batch_size", batch_size), ("n_batches", n_batches), ("last_batch_size", last)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return [batch_size] * (n_batches - 1) + [last]
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.is_floating_point():
+        return t.to(dtype)
+    if t.dtype == torch.bool:
+        return t
+    return t.long()
+
+
+def _need(spec: ModelSpec, *keys: str) -> list:
+    missing = [k for k in keys if k not in spec.data_shape]
+    if missing:
+        raise ValueError(f"model {spec.name!r} (task {spec.task!r}) has no {', '.join(missing)} in its data_shape")
+    return [spec.data_shape[k] for k in keys]
+
+
+# ---------------------------------------------------------------- digits
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as normalised float64 images [N, 8, 8] and labels [N]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float64) / 16.0  # pixel values 0..16 -> [0, 1]
+    images = (images - images.mean()) / images.std()
+    return images, torch.tensor(digits.target, dtype=torch.long)
+
+
+def _digits(spec: ModelSpec, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = _digits_dataset()
+    if n > len(images):
+        raise ValueError(f"the digits data set has {len(images)} images; {n} are needed")
+    idx = torch.randperm(len(images), generator=gen)[:n]
+    images, labels = images[idx], labels[idx]
+
+    if spec.task == "vector":
+        (in_features, num_classes) = _need(spec, "in_features", "num_classes")
+        if in_features != 64:
+            raise ValueError(f"digits gives 64 features (8x8 pixels); model {spec.name!r} takes in_features={in_features}")
+        _check_classes(spec, num_classes)
+        return images.reshape(n, 64), labels
+    if spec.task == "image":
+        channels, size, num_classes = _need(spec, "channels", "image_size", "num_classes")
+        _check_classes(spec, num_classes)
+        x = images.unsqueeze(1)  # [n, 1, 8, 8]
+        if size != 8:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return x.repeat(1, channels, 1, 1), labels
+    raise ValueError(f"digits is image data; model {spec.name!r} has task {spec.task!r}")
+
+
+def _check_classes(spec: ModelSpec, num_classes: int) -> None:
+    if num_classes < 10:
+        raise ValueError(f"digits has 10 classes; model {spec.name!r} has num_classes={num_classes}")
+
+
+# ---------------------------------------------------------------- text
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_text() -> torch.Tensor:
+    """Byte-level tokens of Python's bundled pydoc topics (about 465k bytes of English)."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[key] for key in sorted(topics))
+    return _bytes_to_tokens(text.encode("utf-8"))
+
+
+def _bytes_to_tokens(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def _text_windows(
+    spec: ModelSpec, tokens: torch.Tensor, n: int, gen: torch.Generator, what: str, random_offsets: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` windows of byte tokens: at seeded random offsets, or consecutive from the start."""
+    if spec.task not in TEXT_TASKS:
+        raise ValueError(f"{what} is text data; model {spec.name!r} has task {spec.task!r}")
+    vocab_size, context = _need(spec, "vocab_size", "context")
+    masked = spec.task == "masked-text"
+    smallest = 257 if masked else 256  # 256 byte values, plus the [MASK] id for masked-LM
+    if vocab_size < smallest:
+        raise ValueError(
+            f"byte-level text needs vocab_size >= {smallest}"
+            f"{' (256 bytes + [MASK])' if masked else ''}; model {spec.name!r} has {vocab_size}"
+        )
+
+    length = context if masked else context + 1  # next-token targets need one token more
+    needed = length if random_offsets else n * context + (length - context)
+    if len(tokens) < needed:
+        raise ValueError(f"{what} has {len(tokens)} bytes; {needed} are needed for {n} windows of {context}")
+    if random_offsets:
+        starts = torch.randint(0, len(tokens) - length + 1, (n,), generator=gen)
+    else:
+        starts = torch.arange(n) * context
+    windows = tokens[starts[:, None] + torch.arange(length)]
+    if masked:
+        return _mask_tokens(windows, vocab_size - 1, gen)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def _mask_tokens(tokens: torch.Tensor, mask_id: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-LM pairs: in each row the same number (15%, at least 1) of seeded random positions is
+    replaced by `mask_id` in the inputs; targets hold the original id there and IGNORE_INDEX elsewhere."""
+    n, T = tokens.shape
+    k = max(1, round(MASK_FRACTION * T))
+    chosen = torch.rand(n, T, generator=gen).argsort(dim=1)[:, :k]
+    masked = torch.zeros(n, T, dtype=torch.bool).scatter(1, chosen, True)
+    return tokens.masked_fill(masked, mask_id), tokens.masked_fill(~masked, IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def _synthetic(spec: ModelSpec, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec.task == "image":
+        channels, size, num_classes = _need(spec, "channels", "image_size", "num_classes")
+        x = torch.randn(n, channels, size, size, generator=gen, dtype=torch.float64)
+        return x, torch.randint(0, num_classes, (n,), generator=gen)
+    if spec.task == "vector":
+        in_features, num_classes = _need(spec, "in_features", "num_classes")
+        x = torch.randn(n, in_features, generator=gen, dtype=torch.float64)
+        return x, torch.randint(0, num_classes, (n,), generator=gen)
+    if spec.task == "text":
+        vocab_size, context = _need(spec, "vocab_size", "context")
+        seq = torch.randint(0, vocab_size, (n, context + 1), generator=gen)
+        return seq[:, :-1], seq[:, 1:]
+    if spec.task == "masked-text":
+        vocab_size, context = _need(spec, "vocab_size", "context")
+        if vocab_size < 2:
+            raise ValueError(f"masked-LM data needs vocab_size >= 2 (one id is [MASK]); model {spec.name!r} has {vocab_size}")
+        tokens = torch.randint(0, vocab_size - 1, (n, context), generator=gen)
+        return _mask_tokens(tokens, vocab_size - 1, gen)
+    raise ValueError(f"synthetic data does not know the shapes of task {spec.task!r} (model {spec.name!r}); pass a data file")
+
+
+# ---------------------------------------------------------------- files
+
+
+def _from_file(spec: ModelSpec, path: Path, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data source {str(path)!r} is neither one of auto, {', '.join(DATA_SOURCES)} nor an existing file"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _text_windows(spec, _bytes_to_tokens(path.read_bytes()), n, gen, f"file {path}", random_offsets=False)
+    if suffix == ".pt":
+        x, y = _load_pt(path)
+    elif suffix == ".npz":
+        x, y = _load_npz(path)
+    else:
+        raise ValueError(f"unsupported data file {path}: expected .pt, .npz or .txt")
+
+    if len(x) != len(y):
+        raise ValueError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    if len(x) < n:
+        raise ValueError(f"{path} holds {len(x)} samples; {n} are needed")
+    x, y = x[:n], y[:n]
+    _check_file_shapes(spec, x, y, path)
+    return x, y
+
+
+def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        missing = {"x", "y"} - set(obj)
+        if missing:
+            raise ValueError(f"{path}: the saved dict has no {', '.join(sorted(missing))} (keys: {', '.join(map(str, obj))})")
+        return torch.as_tensor(obj["x"]), torch.as_tensor(obj["y"])
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in obj):
+        xs, ys = [torch.as_tensor(p[0]) for p in obj], [torch.as_tensor(p[1]) for p in obj]
+        if any(t.dim() == 0 for t in xs + ys):
+            raise ValueError(f"{path}: each (x, y) pair must be a batch with a leading batch dimension")
+        return torch.cat(xs), torch.cat(ys)
+    raise ValueError(f"{path}: expected a dict with 'x' and 'y' tensors or a list of (x, y) batches")
+
+
+def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    with np.load(path) as arrays:
+        missing = {"x", "y"} - set(arrays.files)
+        if missing:
+            raise ValueError(f"{path}: no array {', '.join(sorted(missing))} (arrays: {', '.join(arrays.files)})")
+        return torch.from_numpy(arrays["x"].copy()), torch.from_numpy(arrays["y"].copy())
+
+
+def _check_file_shapes(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:
+    """Catch data that does not fit the model here, with a message, rather than deep in a forward."""
+    if spec.task == "image":
+        channels, size, _ = _need(spec, "channels", "image_size", "num_classes")
+        expected = (channels, size, size)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{path}: images of shape {tuple(x.shape[1:])}; model {spec.name!r} takes {expected}")
+    elif spec.task == "vector":
+        (in_features,) = _need(spec, "in_features")
+        if x[0].numel() != in_features:
+            raise ValueError(f"{path}: samples of {x[0].numel()} features; model {spec.name!r} takes {in_features}")
+    elif spec.task in TEXT_TASKS:
+        vocab_size, context = _need(spec, "vocab_size", "context")
+        if x.dim() != 2 or x.is_floating_point() or x.shape[1] > context or y.shape != x.shape:
+            raise ValueError(
+                f"{path}: text data must be integer token ids x and y of one shape [N, T] with T <= {context}; "
+                f"got x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)}"
+            )
+        if x.min() < 0 or x.max() >= vocab_size:
+            raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}); got [{x.min()}, {x.max()}]")

@@ -1,0 +1,133 @@
+"""The bundled model zoo and `build_model`, the one way to get a model for the engine.
+
+    spec = build_model("gpt2-nano", seed=0, dtype=torch.float64, n_layer=2)
+    loss = spec.loss_fn(spec.model(x), y)
+
+A name is either one of MODEL_NAMES (config fields can be overridden by keyword) or a user model
+"package.module:factory": the factory is called with the overrides and returns a ModelSpec or an
+nn.Module. Models come back in eval mode, initialised from `seed` without touching the global RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .bert import BERT, BERTConfig
+from .gpt import GPT, GPTConfig
+from .mixer import MixerConfig, MLPMixer
+from .mlp import MLP, MLPConfig
+from .resnet import ResNet, ResNetConfig
+from .vgg import VGG, VGGConfig
+from .vit import ViT, ViTConfig
+
+__all__ = ["MODEL_NAMES", "ModelSpec", "build_model", "cross_entropy_loss"]
+
+IGNORE_INDEX = -100  # targets equal to this (unmasked tokens of masked-LM data) carry no loss
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    model: nn.Module
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]  # (model output, targets) -> scalar mean loss
+    task: str  # "image" | "text" | "masked-text" | "vector" | "custom"
+    data_shape: dict  # what batches must look like, e.g. {"vocab_size": 512, "context": 64}
+    config: Any  # the config dataclass instance used (None for user factories)
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the last dimension of `logits` ([..., n_classes]) against `targets` ([...]).
+
+    Serves classifiers ([B, C] vs [B]) and language models ([B, T, V] vs [B, T]) alike; targets equal
+    to IGNORE_INDEX are left out of the mean.
+    """
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    config_cls: type
+    model_cls: type
+    task: str
+    data_keys: tuple[str, ...]  # config fields that make up ModelSpec.data_shape
+
+
+_IMAGE = ("channels", "image_size", "num_classes")
+_TEXT = ("vocab_size", "context")
+_REGISTRY: dict[str, _Entry] = {
+    "gpt2-nano": _Entry(GPTConfig, GPT, "text", _TEXT),
+    "bert-mini": _Entry(BERTConfig, BERT, "masked-text", _TEXT),
+    "vit-tiny": _Entry(ViTConfig, ViT, "image", _IMAGE),
+    "resnet18": _Entry(ResNetConfig, ResNet, "image", _IMAGE),
+    "vgg16": _Entry(VGGConfig, VGG, "image", _IMAGE),
+    "mlp": _Entry(MLPConfig, MLP, "vector", ("in_features", "num_classes")),
+    "mlp-mixer": _Entry(MixerConfig, MLPMixer, "image", _IMAGE),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def build_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> ModelSpec:
+    """Build a zoo model (or a user model "package.module:factory"), seeded, cast to `dtype`, in eval mode."""
+    if name in _REGISTRY:
+        spec = _build_registered(name, seed, overrides)
+    elif ":" in name:
+        spec = _build_user_model(name, seed, overrides)
+    else:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)} or 'package.module:factory'")
+    spec.model.to(dtype).eval()
+    return spec
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run the body with the CPU RNG seeded, restoring the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _build_registered(name: str, seed: int, overrides: dict) -> ModelSpec:
+    entry = _REGISTRY[name]
+    valid = [f.name for f in dataclasses.fields(entry.config_cls)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"{name}: unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}")
+    # lists (from JSON or a command line) stand for the tuple-valued fields
+    config = entry.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    with _seeded(seed):
+        model = entry.model_cls(config)
+    data_shape = {key: getattr(config, key) for key in entry.data_keys}
+    return ModelSpec(name, model, cross_entropy_loss, entry.task, data_shape, config)
+
+
+def _build_user_model(name: str, seed: int, overrides: dict) -> ModelSpec:
+    module_name, _, attr_path = name.partition(":")
+    if not module_name or not attr_path:
+        raise ValueError(f"user model {name!r} must look like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"user model {name!r}: cannot import module {module_name!r}: {e}") from e
+    factory = module
+    for attr in attr_path.split("."):
+        if not hasattr(factory, attr):
+            raise ValueError(f"user model {name!r}: module {module_name!r} has no attribute {attr_path!r}")
+        factory = getattr(factory, attr)
+    if not callable(factory):
+        raise TypeError(f"user model {name!r}: {attr_path!r} is not callable")
+
+    with _seeded(seed):
+        result = factory(**overrides)
+    if isinstance(result, ModelSpec):
+        return result
+    if isinstance(result, nn.Module):
+        return ModelSpec(name, result, cross_entropy_loss, "custom", {}, None)
+    raise TypeError(f"user model {name!r}: the factory returned {type(result).__name__}; expected a ModelSpec or an nn.Module")

@@ -1,0 +1,65 @@
+"""VGG16-style network without BatchNorm ("vgg16"; 32x32 images, 10 classes).
+
+Thirteen 3x3 convolutions + ReLU in five stages of (2, 2, 3, 3, 3), a 2x2 max-pool after each stage,
+then three fully connected layers (ReLU between them, no dropout). Widths are configurable: the
+small defaults, stages (8, 16, 32, 64, 64) and FC width 64, scale down VGG16's (64, ..., 512) and 4096.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+CONVS_PER_STAGE = (2, 2, 3, 3, 3)
+
+
+@dataclass
+class VGGConfig:
+    widths: tuple[int, ...] = (8, 16, 32, 64, 64)  # channels of the five stages
+    fc_width: int = 64
+    channels: int = 3
+    image_size: int = 32  # a multiple of 32: five 2x2 poolings
+    num_classes: int = 10
+
+    def __post_init__(self):
+        if len(self.widths) != len(CONVS_PER_STAGE) or min(self.widths) < 1:
+            raise ValueError(f"widths={self.widths} must be {len(CONVS_PER_STAGE)} positive channel counts")
+        if self.image_size < 32 or self.image_size % 32 != 0:
+            raise ValueError(f"image_size={self.image_size} must be a positive multiple of 32 (five 2x2 poolings)")
+
+
+class VGG(nn.Module):
+    """Images [B, channels, image_size, image_size] -> class logits [B, num_classes]."""
+
+    def __init__(self, config: VGGConfig | None = None):
+        super().__init__()
+        self.config = config = config or VGGConfig()
+        layers, in_ch = [], config.channels
+        for width, n_convs in zip(config.widths, CONVS_PER_STAGE):
+            for _ in range(n_convs):
+                layers += [nn.Conv2d(in_ch, width, kernel_size=3, padding=1), nn.ReLU()]
+                in_ch = width
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        self.features = nn.Sequential(*layers)
+        side = config.image_size // 32
+        self.classifier = nn.Sequential(
+            nn.Linear(in_ch * side * side, config.fc_width),
+            nn.ReLU(),
+            nn.Linear(config.fc_width, config.fc_width),
+            nn.ReLU(),
+            nn.Linear(config.fc_width, config.num_classes),
+        )
+
+        # torchvision's VGG initialisation
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images).flatten(1))

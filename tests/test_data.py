@@ -1,0 +1,221 @@
+"""Offline data: seeded batches from the bundled digits and text, synthetic data, and data files."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pydoc_data.topics import topics
+from sklearn.datasets import load_digits
+
+from hessian_blocks.data import DATA_SOURCES, make_batches
+from hessian_blocks.models import MODEL_NAMES, build_model
+
+BUNDLED_TEXT = "".join(topics[k] for k in sorted(topics)).encode("utf-8")
+
+
+def same_batches(a, b):
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def mini_mlp():
+    return build_model("mlp")
+
+
+@pytest.mark.parametrize(
+    "name, source", [("vit-tiny", "digits"), ("mlp", "digits"), ("gpt2-nano", "text"), ("bert-mini", "text")]
+    + [(name, "synthetic") for name in MODEL_NAMES],
+)
+def test_same_seed_same_batches(name, source):
+    spec = build_model(name)
+    first = make_batches(spec, source, batch_size=4, n_batches=3, seed=5)
+    assert same_batches(first, make_batches(spec, source, batch_size=4, n_batches=3, seed=5))
+    assert not same_batches(first, make_batches(spec, source, batch_size=4, n_batches=3, seed=6))
+    assert len(first) == 3 and all(len(x) == len(y) == 4 for x, y in first)
+
+
+def test_data_sources():
+    assert DATA_SOURCES == ("digits", "text", "synthetic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_digits_images(dtype):
+    spec = build_model("resnet18", channels=2, image_size=8)
+    batches = make_batches(spec, batch_size=5, n_batches=2, dtype=dtype)
+    digits = load_digits()
+    raw = torch.tensor(digits.images, dtype=torch.float64) / 16
+    normalised = (raw - raw.mean()) / raw.std()
+    for x, y in batches:
+        assert x.shape == (5, 2, 8, 8) and x.dtype == dtype and y.dtype == torch.long
+        assert torch.equal(x[:, 0], x[:, 1])  # the grey image repeated over channels
+        for image, label in zip(x[:, 0].double(), y):  # each sample is a digit of the data set, label included
+            match = (normalised - image).flatten(1).abs().amax(dim=1) < 1e-6
+            assert match.any() and (torch.tensor(digits.target)[match] == label).all()
+    all_x = torch.cat([x for x, _ in batches])
+    assert all_x.mean().abs() < 0.5 and 0.5 < all_x.std() < 2  # normalised
+
+
+def test_digits_resized_bilinearly():
+    spec32, spec8 = build_model("vgg16", channels=1, image_size=32), build_model("resnet18", channels=1, image_size=8)
+    (big, y32), = make_batches(spec32, batch_size=3, n_batches=1, dtype=torch.float64)
+    (small, y8), = make_batches(spec8, batch_size=3, n_batches=1, dtype=torch.float64)
+    assert torch.equal(y32, y8) and big.shape == (3, 1, 32, 32)
+    expected = F.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(big, expected, rtol=0, atol=1e-12)
+    assert make_batches(build_model("vit-tiny"))[0][0].shape == (8, 3, 32, 32)
+
+
+def test_digits_as_vectors():
+    (x, y), = make_batches(mini_mlp(), "digits", batch_size=6, n_batches=1)
+    assert x.shape == (6, 64) and x.dtype == torch.float32 and y.shape == (6,) and int(y.max()) < 10
+
+
+def test_text_next_tokens():
+    spec = build_model("gpt2-nano")
+    batches = make_batches(spec, batch_size=4, n_batches=2, seed=1)
+    for x, y in batches:
+        assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.long
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row_x, row_y in zip(x, y):  # a window of the bundled text, and its next byte
+            window = bytes(row_x.tolist()) + bytes(row_y[-1:].tolist())
+            assert window in BUNDLED_TEXT
+
+
+def test_masked_text():
+    spec = build_model("bert-mini")
+    mask_id = spec.data_shape["vocab_size"] - 1
+    for x, y in make_batches(spec, batch_size=4, n_batches=2, seed=2):
+        assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.long
+        masked = y != -100
+        assert (masked.sum(dim=1) == round(0.15 * 64)).all()
+        assert (x[masked] == mask_id).all() and (x[~masked] < 256).all() and (y[masked] < 256).all()
+        for row_x, row_y in zip(x, y):  # unmasking gives back a window of the bundled text
+            assert bytes(torch.where(row_y == -100, row_x, row_y).tolist()) in BUNDLED_TEXT
+    # short windows still mask at least one token per row
+    (x, y), = make_batches(build_model("bert-mini", context=3), batch_size=16, n_batches=1)
+    assert ((y != -100).sum(dim=1) == 1).all()
+
+
+def test_synthetic_shapes_for_every_task():
+    cases = {
+        "gpt2-nano": ((2, 64), torch.long, (2, 64)),
+        "bert-mini": ((2, 64), torch.long, (2, 64)),
+        "vit-tiny": ((2, 3, 32, 32), torch.float64, (2,)),
+        "mlp": ((2, 64), torch.float64, (2,)),
+    }
+    for name, (x_shape, x_dtype, y_shape) in cases.items():
+        spec = build_model(name)
+        (x, y), = make_batches(spec, "synthetic", batch_size=2, n_batches=1, dtype=torch.float64)
+        assert x.shape == x_shape and x.dtype == x_dtype and y.shape == y_shape and y.dtype == torch.long
+    (x, y), = make_batches(build_model("bert-mini", vocab_size=20, context=10), "synthetic", batch_size=3, n_batches=1)
+    assert ((y != -100).sum(dim=1) == 2).all() and (x[y != -100] == 19).all() and (x[y == -100] < 19).all()
+    assert make_batches(mini_mlp())[0][0].shape == (8, 64)  # auto = synthetic for vectors
+
+
+def test_last_batch_size():
+    batches = make_batches(build_model("vit-tiny"), batch_size=5, n_batches=3, last_batch_size=2)
+    assert [len(x) for x, _ in batches] == [5, 5, 2] and [len(y) for _, y in batches] == [5, 5, 2]
+    assert [len(x) for x, _ in make_batches(mini_mlp(), n_batches=1, last_batch_size=3)] == [3]
+    with pytest.raises(ValueError, match="last_batch_size"):
+        make_batches(mini_mlp(), last_batch_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_batches(mini_mlp(), batch_size=0)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="vocab_size >= 256"):
+        make_batches(build_model("gpt2-nano", vocab_size=200))
+    with pytest.raises(ValueError, match="vocab_size >= 257"):
+        make_batches(build_model("bert-mini", vocab_size=256))
+    with pytest.raises(ValueError, match="num_classes=5"):
+        make_batches(build_model("vit-tiny", num_classes=5))
+    with pytest.raises(ValueError, match="1797 images; 2000 are needed"):
+        make_batches(build_model("vit-tiny"), batch_size=1000, n_batches=2)
+    with pytest.raises(ValueError, match="in_features=10"):
+        make_batches(build_model("mlp", in_features=10), "digits")
+    with pytest.raises(ValueError, match="image data"):
+        make_batches(build_model("gpt2-nano"), "digits")
+    with pytest.raises(ValueError, match="text data"):
+        make_batches(build_model("vit-tiny"), "text")
+    with pytest.raises(FileNotFoundError, match="neither one of auto, digits, text, synthetic"):
+        make_batches(mini_mlp(), "no/such/file.pt")
+
+
+def test_custom_models_need_a_file():
+    spec = build_model("tests.test_models:tiny_factory")
+    with pytest.raises(ValueError, match="no default data"):
+        make_batches(spec)
+    with pytest.raises(ValueError, match="synthetic data does not know"):
+        make_batches(spec, "synthetic")
+
+
+# ---- data files
+
+
+def test_pt_dict_file(tmp_path):
+    x, y = torch.randn(10, 64, dtype=torch.float64), torch.arange(10) % 10
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    batches = make_batches(mini_mlp(), str(tmp_path / "data.pt"), batch_size=4, n_batches=2, last_batch_size=1)
+    assert [len(b[0]) for b in batches] == [4, 1]
+    assert torch.equal(torch.cat([b[0] for b in batches]), x[:5].float())  # in file order, cast to float32
+    assert torch.equal(torch.cat([b[1] for b in batches]), y[:5])
+    with pytest.raises(ValueError, match="holds 10 samples; 12 are needed"):
+        make_batches(mini_mlp(), str(tmp_path / "data.pt"), batch_size=4, n_batches=3)
+
+
+def test_pt_list_of_batches_round_trips(tmp_path):
+    spec = build_model("gpt2-nano", context=16)
+    batches = make_batches(spec, batch_size=3, n_batches=2)
+    torch.save(batches, tmp_path / "batches.pt")
+    assert same_batches(make_batches(spec, str(tmp_path / "batches.pt"), batch_size=3, n_batches=2), batches)
+    regrouped = make_batches(spec, str(tmp_path / "batches.pt"), batch_size=2, n_batches=3)
+    assert torch.equal(torch.cat([x for x, _ in regrouped]), torch.cat([x for x, _ in batches]))
+
+
+def test_npz_file(tmp_path):
+    x = np.random.default_rng(0).normal(size=(6, 3, 32, 32)).astype(np.float32)
+    y = np.arange(6, dtype=np.int32)
+    np.savez(tmp_path / "images.npz", x=x, y=y)
+    spec = build_model("vgg16")
+    batches = make_batches(spec, str(tmp_path / "images.npz"), batch_size=3, n_batches=2, dtype=torch.float64)
+    assert batches[0][0].dtype == torch.float64 and batches[0][1].dtype == torch.long
+    assert torch.equal(batches[1][0], torch.from_numpy(x[3:6]).double())
+    assert batches[1][1].tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match=r"images of shape \(3, 32, 32\); model 'vit-tiny' takes \(1, 32, 32\)"):
+        make_batches(build_model("vit-tiny", channels=1), str(tmp_path / "images.npz"), batch_size=2, n_batches=1)
+    np.savez(tmp_path / "bad.npz", inputs=x, y=y)
+    with pytest.raises(ValueError, match="no array x"):
+        make_batches(spec, str(tmp_path / "bad.npz"), batch_size=2, n_batches=1)
+
+
+def test_txt_file(tmp_path):
+    text = "The quick brown fox jumps over the lazy dog. Ünïcödé too. " * 3
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    data = text.encode("utf-8")
+    spec = build_model("gpt2-nano", context=8)
+    batches = make_batches(spec, str(path), batch_size=2, n_batches=2)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    for i in range(4):  # consecutive windows, in file order
+        assert bytes(x[i].tolist()) == data[8 * i : 8 * i + 8] and bytes(y[i].tolist()) == data[8 * i + 1 : 8 * i + 9]
+    masked = make_batches(build_model("bert-mini", context=8), str(path), batch_size=2, n_batches=1)[0]
+    assert bytes(torch.where(masked[1] == -100, masked[0], masked[1]).flatten().tolist()) == data[:16]
+    with pytest.raises(ValueError, match=f"has {len(data)} bytes; {100 * 8 + 1} are needed"):
+        make_batches(spec, str(path), batch_size=50, n_batches=2)
+    with pytest.raises(ValueError, match="text data"):
+        make_batches(mini_mlp(), str(path))
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "data.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match="expected .pt, .npz or .txt"):
+        make_batches(mini_mlp(), str(tmp_path / "data.csv"))
+    torch.save({"inputs": torch.zeros(3)}, tmp_path / "keys.pt")
+    with pytest.raises(ValueError, match="no x, y"):
+        make_batches(mini_mlp(), str(tmp_path / "keys.pt"))
+    torch.save({"x": torch.zeros(8, 64), "y": torch.zeros(7, dtype=torch.long)}, tmp_path / "lengths.pt")
+    with pytest.raises(ValueError, match="x has 8 samples but y has 7"):
+        make_batches(mini_mlp(), str(tmp_path / "lengths.pt"))
+    torch.save({"x": torch.full((8, 64), 600), "y": torch.zeros(8, 64, dtype=torch.long)}, tmp_path / "ids.pt")
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
+        make_batches(build_model("gpt2-nano"), str(tmp_path / "ids.pt"), batch_size=4, n_batches=2)
