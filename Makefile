@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/hessian-blocks js --model gpt2-nano --model vgg16 --out $(DEMO_OUT)
+	$(BIN)/hessian-blocks js --model gpt2-nano --model vgg16 --steps 25 --probes 2 --batch-size 4 --out $(DEMO_OUT)
 
 test: install
 	$(BIN)/python -m pytest -n 2 -q tests
