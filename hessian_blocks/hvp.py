@@ -77,18 +77,13 @@ class Layout:
             raise ValueError("no blocks selected: select at least one block")
         offsets, segments, positions, flat, block_flat = [], [], {}, {}, []
         block_of: dict[str, torch.Tensor] = {}
-        taken: dict[str, set] = {}
         offset = 0
         for b, block in enumerate(blocks):
             indices = block.flat_indices()
-            span = (block.start, block.stop, block.axis)
-            if span in taken.setdefault(block.param, set()):
-                raise ValueError(f"block '{block.name}' is selected twice")
-            taken[block.param].add(span)
             if block.param not in block_of:
                 block_of[block.param] = torch.full((int(np.prod(block.param_shape)),), -1, dtype=torch.long)
             if (block_of[block.param][indices] >= 0).any():
-                raise ValueError(f"block '{block.name}' overlaps another selected block of '{block.param}'")
+                raise ValueError(f"block '{block.name}' overlaps a block selected before it (or is selected twice)")
             block_of[block.param][indices] = b
             offsets.append(offset)
             segments.append(torch.full((len(indices),), b, dtype=torch.long))

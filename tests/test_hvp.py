@@ -152,7 +152,7 @@ def test_bad_vectors_and_arguments_raise():
         BlockHessian(model, loss_fn, [])
     with pytest.raises(ValueError, match="must be an \\(inputs, targets\\) pair"):
         BlockHessian(model, loss_fn, [torch.ones(3)])
-    with pytest.raises(ValueError, match="selected twice"):
+    with pytest.raises(ValueError, match="overlaps a block selected before it"):
         blocks = Partition.per_tensor(model).blocks
         BlockHessian(model, loss_fn, batches, [blocks[0], blocks[0]])
 
