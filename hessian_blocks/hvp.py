@@ -183,13 +183,8 @@ class BlockHessian:
                     f"but the model has {shapes.get(block.param, 'no such parameter')}"
                 )
         self.layout = Layout.of(block_list, self.device)
-        self.params = {
-            name: p.detach().to(self.device, dtype) for name, p in model.named_parameters()
-        }
-        self.buffers = {
-            name: b.detach().to(self.device, dtype) if b.is_floating_point() else b.detach().to(self.device)
-            for name, b in model.named_buffers()
-        }
+        self.params = {name: p.detach().to(self.device, dtype) for name, p in model.named_parameters()}
+        self.buffers = {name: self._to_device(b.detach()) for name, b in model.named_buffers()}
         self.strategy = self._resolve_strategy(strategy)
         self._chunk_size = chunk_size
         self._memory_budget = memory_budget
