@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench figures clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/block_hvp.py
+
+figures: install
+	$(BIN)/hessian-blocks figures --out figures
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
