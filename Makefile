@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/hessian-blocks js --model gpt2-nano --model vgg16 --steps 25 --probes 2 --batch-size 4 --out $(DEMO_OUT)
 
 test: install
-	$(BIN)/python -m pytest -n 2 -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q tests
 
 bench: install
 	$(BIN)/python benchmarks/block_hvp.py

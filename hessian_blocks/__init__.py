@@ -11,6 +11,7 @@ The engine in a few names::
 """
 
 from .blocks import Block, Partition, Rule, sample_layers, select_blocks
+from .partitioner import derive_partition
 from .data import DATA_SOURCES, make_batches
 from .guards import HessianSetupError
 from .hvp import STRATEGIES, BlockHessian
@@ -22,5 +23,5 @@ from .slq import block_spectra
 __all__ = [
     "Block", "BlockHessian", "DATA_SOURCES", "DensityResult", "HessianSetupError", "LanczosResult", "MODEL_NAMES",
     "ModelSpec", "Partition", "Rule", "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "lanczos",
-    "make_batches", "make_probes", "sample_layers", "select_blocks",
+    "make_batches", "make_probes", "sample_layers", "select_blocks", "derive_partition",
 ]

@@ -7,6 +7,7 @@ progress bar with an ETA on long work, and gives the same numbers for the same `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -16,6 +17,10 @@ from typing import Sequence
 import torch
 
 from .blocks import Partition, sample_layers, select_blocks
+from .distributed import (
+    DataParallelBlockHessian, device_for_rank, get_world_size, is_main_process, process_group_from_env, shard_batches,
+    split_block_spectra,
+)
 from .guards import HessianSetupError
 from .hvp import STRATEGIES, BlockHessian
 from .results import SpectrumResult
@@ -71,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     group.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="precision of the products (default: float64)")
     group.add_argument("--strategy", choices=STRATEGIES, default="auto", help="block Hessian-vector product strategy (default: auto)")
+    group.add_argument("--split-blocks", action="store_true",
+                       help="under torchrun: give each process a share of the blocks and all the data "
+                            "(default: a share of the batches and all the blocks)")
     group = measure.add_argument_group("output")
     group.add_argument("--out", type=Path, default=Path("runs/latest"), help="output folder (default: runs/latest)")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,9 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
     js.add_argument("--from-results", type=Path, action="append", default=[], metavar="NPZ",
                     help="reuse a saved spectrum.npz instead of measuring (repeatable)")
     js.set_defaults(run=run_js)
+
+    add_partition_command(commands)
+
+    from analysis.commands import add_commands  # compare, figures (the experiment layer)
+
+    add_commands(commands)
     return parser
 
 
+def _torchrun_aware(run):
+    """Under torchrun every process measures (its share of the work); only rank 0 reports and writes files."""
+
+    @functools.wraps(run)
+    def run_on_every_rank(args: argparse.Namespace) -> int:
+        with process_group_from_env(args.device):
+            if is_main_process():
+                return run(args)
+            for name in args.model or []:
+                measure_model(name, args)
+            return 0
+
+    return run_on_every_rank
+
+
+@_torchrun_aware
 def run_spectrum(args: argparse.Namespace) -> int:
     from analysis import block_table, format_table, plot_block_densities, save_figure
 
@@ -111,6 +141,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+@_torchrun_aware
 def run_js(args: argparse.Namespace) -> int:
     from analysis import (
         block_table, format_table, js0, js0_table, js_matrix, plot_block_densities, plot_js_heatmap, save_figure,
@@ -161,8 +192,12 @@ def _measured(args: argparse.Namespace):
         yield name, spectrum, folder
 
 
-def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult:
-    """Build the model and data named on the command line and run SLQ on the selected blocks."""
+def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
+    """Build the model and data named on the command line and run SLQ on the selected blocks.
+
+    Under torchrun each process takes its share of the batches (or, with ``--split-blocks``, of the
+    blocks); rank 0 gets the whole result, other ranks may get None.
+    """
     from tqdm.auto import tqdm
 
     from .data import make_batches
@@ -176,7 +211,9 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult:
         raise ValueError("use either --blocks or --sample-layers, not both")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    dtype = DTYPES[args.dtype]
+    if args.split_blocks and args.full_model:
+        raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the batches)")
+    dtype, device, world_size = DTYPES[args.dtype], device_for_rank(args.device), get_world_size()
     spec = build_model(name, seed=args.seed, **_overrides(args.set))
     batches = make_batches(spec, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
     partition = Partition.load(args.partition, spec.model) if args.partition else Partition.per_tensor(spec.model)
@@ -185,17 +222,24 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult:
         blocks = select_blocks(blocks, args.blocks)
     elif args.sample_layers:
         blocks = sample_layers(blocks, args.sample_layers)
-    hessian = BlockHessian(spec.model, spec.loss_fn, batches, blocks, dtype=dtype, device=args.device, strategy=args.strategy)
     settings = {"model": name, "overrides": args.set, "data": args.data, "batch_size": args.batch_size,
-                "partition": str(args.partition) if args.partition else "per-tensor"}
+                "partition": str(args.partition) if args.partition else "per-tensor", "processes": world_size}
+    slq = dict(steps=args.steps, probes=args.probes, probe_kind=args.probe_kind, seed=args.seed,
+               reorthogonalize=args.reorthogonalize, settings=settings)
+    hessian_options = dict(dtype=dtype, device=device, strategy=args.strategy)
     started = time.perf_counter()
     with tqdm(total=total_steps(args.steps, args.full_model), desc=f"{name}: SLQ on {len(blocks)} blocks",
-              unit="step", disable=args.no_progress, file=sys.stderr) as bar:
-        spectrum = block_spectra(
-            hessian, steps=args.steps, probes=args.probes, probe_kind=args.probe_kind, seed=args.seed,
-            reorthogonalize=args.reorthogonalize, full_model=args.full_model, progress=bar.update, settings=settings,
-        )
-    spectrum.settings["seconds"] = round(time.perf_counter() - started, 3)
+              unit="step", disable=args.no_progress or not is_main_process(), file=sys.stderr) as bar:
+        if args.split_blocks:
+            spectrum = split_block_spectra(spec.model, spec.loss_fn, batches, blocks, progress=bar.update, **slq, **hessian_options)
+        elif world_size > 1:
+            hessian = DataParallelBlockHessian(spec.model, spec.loss_fn, shard_batches(batches), blocks, **hessian_options)
+            spectrum = block_spectra(hessian, full_model=args.full_model, progress=bar.update, **slq)
+        else:
+            hessian = BlockHessian(spec.model, spec.loss_fn, batches, blocks, **hessian_options)
+            spectrum = block_spectra(hessian, full_model=args.full_model, progress=bar.update, **slq)
+    if spectrum is not None:
+        spectrum.settings["seconds"] = round(time.perf_counter() - started, 3)
     return spectrum
 
 
@@ -224,6 +268,97 @@ def _matrix_frame(matrix, names):
     import pandas as pd
 
     return pd.DataFrame(matrix, index=names, columns=names)
+
+
+def add_partition_command(commands) -> None:
+    """``hessian-blocks partition``: derive an Adam-mini partition file from the measured Hessian."""
+    from .data import DATA_SOURCES
+    from .partitioner import DEFAULT_CONTRAST, DEFAULT_MASS_THRESHOLD, DEFAULT_MAX_RUNS, DEFAULT_THRESHOLD
+
+    command = commands.add_parser(
+        "partition", help="derive Adam-mini's blocks from the measured Hessian structure",
+        description="Measure how the slices (rows, columns, heads, tokens) of every parameter tensor couple "
+        "through the Hessian and write the partition file that optim.AdamMini(partition=...) reads.",
+    )
+    command.add_argument("--model", required=True, metavar="NAME", help="bundled model or 'package.module:factory'")
+    command.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field")
+    command.add_argument("--small", action="append", default=[], metavar="FIELD=VALUE",
+                         help="measure a smaller instance built with these extra overrides (e.g. --small n_layer=2 "
+                              "--small n_embd=128, same head size) and map its rules to the full model")
+    command.add_argument("--data", default="auto", help=f"auto, {', '.join(DATA_SOURCES)}, or a .pt/.npz/.txt file")
+    command.add_argument("--batches", type=int, default=1, help="batches in the loss (default: 1)")
+    command.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
+    command.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                         help=f"largest mean relative coupling left between neighbouring blocks (default: {DEFAULT_THRESHOLD})")
+    command.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST,
+                         help=f"inside/neighbour coupling ratio a merged group needs (default: {DEFAULT_CONTRAST})")
+    command.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS, help=f"runs of equal groups allowed (default: {DEFAULT_MAX_RUNS})")
+    command.add_argument("--mass-threshold", type=float, default=DEFAULT_MASS_THRESHOLD,
+                         help=f"largest off-diagonal mass fraction for 'elements' (default: {DEFAULT_MASS_THRESHOLD})")
+    command.add_argument("--method", choices=("auto", "dense", "probes"), default="auto", help="how to measure (default: auto)")
+    command.add_argument("--probes", type=int, default=4, help="Rademacher probes per slice (default: 4)")
+    command.add_argument("--dense-max", type=int, default=1024, help="largest tensor measured densely (default: 1024)")
+    command.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the probes (default: 0)")
+    command.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    command.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="precision of the products (default: float64)")
+    command.add_argument("--strategy", choices=STRATEGIES, default="auto", help="Hessian-vector product strategy")
+    command.add_argument("--out", type=Path, default=Path("partition.json"), help="partition file to write (default: partition.json)")
+    command.add_argument("--heatmap", action="append", default=[], metavar="PARAM",
+                         help="also draw the measured Hessian of this tensor with its derived blocks (PNG next to --out; repeatable)")
+    command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command.set_defaults(run=run_partition)
+
+
+def run_partition(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .data import make_batches
+    from .models import build_model
+    from .partitioner import derive_decisions, map_rules
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    dtype = DTYPES[args.dtype]
+    overrides = _overrides(args.set)
+    spec = build_model(args.model, seed=args.seed, **overrides)
+    measured = build_model(args.model, seed=args.seed, **{**overrides, **_overrides(args.small)}) if args.small else spec
+    batches = make_batches(measured, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
+    shapes = [tuple(p.shape) for p in measured.model.parameters() if p.requires_grad]
+    with tqdm(total=len(shapes), desc=f"{args.model}: measuring {len(shapes)} tensors", unit="tensor",
+              disable=args.no_progress, file=sys.stderr) as bar:
+        decisions = derive_decisions(
+            measured.model, measured.loss_fn, batches, threshold=args.threshold, contrast=args.contrast,
+            max_runs=args.max_runs, mass_threshold=args.mass_threshold, method=args.method, probes=args.probes,
+            dense_max=args.dense_max, seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy,
+            progress=lambda _: bar.update(1),
+        )
+    rules = [d.rule for d in decisions]
+    if args.small:
+        rules = map_rules(measured.model, rules, spec.model)
+    partition = Partition.from_rules(spec.model, rules)
+    partition.save(args.out)
+    for param in args.heatmap:
+        from analysis import save_figure
+        from analysis.hessian_map import hessian_map, plot_hessian_blocks
+
+        measured_partition = Partition.from_rules(measured.model, [d.rule for d in decisions])
+        hmap = hessian_map(measured.model, measured.loss_fn, batches, measured_partition, params=[param],
+                           dtype=dtype, device=args.device, strategy=args.strategy)
+        path = args.out.with_name(f"{args.out.stem}_{_folder_name(param)}.png")
+        save_figure(plot_hessian_blocks(hmap.matrix, hmap.boundaries, title=f"{param}: Hessian and derived blocks"), path)
+        print(f"wrote {path}")
+    table = pd.DataFrame({
+        "parameter": [d.rule.param for d in decisions],
+        "shape": ["x".join(map(str, d.shape)) for d in decisions],
+        "split": [d.summary for d in decisions],
+        "evidence": [d.evidence for d in decisions],
+    })
+    measured_on = f" (measured on the smaller instance {' '.join(args.small)})" if args.small else ""
+    print(f"\n{args.model}: {len(partition.blocks)} blocks over {len(rules)} tensors{measured_on}")
+    print(table.to_string(index=False, max_colwidth=90))
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _folder_name(label: str) -> str:

@@ -199,6 +199,11 @@ class BlockHessian:
         return self.layout.blocks
 
     @property
+    def n_batches(self) -> int:
+        """Number of batches in the loss."""
+        return len(self.batches)
+
+    @property
     def size(self) -> int:
         """Number of selected coordinates P."""
         return self.layout.size

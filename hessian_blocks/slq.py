@@ -23,6 +23,7 @@ def block_spectra(
     full_model: bool = False,
     progress: Callable[[int], None] | None = None,
     settings: dict | None = None,
+    start: torch.Tensor | None = None,
 ) -> SpectrumResult:
     """Ritz nodes and weights of every (block, probe) Lanczos problem, run together.
 
@@ -39,11 +40,15 @@ def block_spectra(
         progress: called with the number of steps completed by each Lanczos step, e.g. a
             progress bar's ``update``.
         settings: extra metadata stored with the result (model name, data source, ...).
+        start: ``[probes, P]`` start vectors to use instead of drawing them from ``seed``.
     """
     if steps < 1 or probes < 1:
         raise ValueError(f"steps and probes must be >= 1, got steps={steps}, probes={probes}")
     on_step = (lambda _step: progress(1)) if progress is not None else None
-    start = make_probes(probes, hessian.size, kind=probe_kind, seed=seed, dtype=hessian.dtype, device=hessian.device)
+    if start is None:
+        start = make_probes(probes, hessian.size, kind=probe_kind, seed=seed, dtype=hessian.dtype, device=hessian.device)
+    elif tuple(start.shape) != (probes, hessian.size):
+        raise ValueError(f"start must be [probes, P] = [{probes}, {hessian.size}], got {tuple(start.shape)}")
     blocks = lanczos(
         hessian.block_matvec, start, hessian.segments, len(hessian.blocks), steps,
         reorthogonalize=reorthogonalize, callback=on_step,
@@ -62,7 +67,7 @@ def block_spectra(
         "strategy": hessian.strategy,
         "device": str(hessian.device),
         "n_samples": hessian.n_samples,
-        "n_batches": len(hessian.batches),
+        "n_batches": hessian.n_batches,
         **(settings or {}),
     }
     return SpectrumResult(

@@ -1,0 +1,142 @@
+"""The ``hessian-blocks compare`` and ``hessian-blocks figures`` subcommands (argparse + runners).
+
+``hessian_blocks.cli.build_parser`` calls :func:`add_commands`; the runners return an exit code.
+Both commands keep every finished work unit under ``--results`` and resume from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_commands", "run_compare", "run_figures"]
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register ``compare`` and ``figures`` on the CLI's subparsers."""
+    from hessian_blocks.models import MODEL_NAMES
+
+    from .experiments.groups import FIGURE_GROUPS
+    from .experiments.store import SIZES
+    from .experiments.training import OPTIMIZERS
+
+    compare = commands.add_parser(
+        "compare", help="train with SGD-momentum, AdamW, Adam-mini and GaLore-mini: loss curves, best lr, memory",
+        description="Train one model with each optimizer over a small learning-rate grid and seeds, on "
+        "offline data with the same budget; print the best-lr summary and write CSV + PNG files.",
+    )
+    compare.add_argument("--model", default="gpt2-nano",
+                         help=f"bundled model ({', '.join(MODEL_NAMES)}) or 'package.module:factory' (default: gpt2-nano)")
+    compare.add_argument("--size", choices=SIZES, default="small",
+                         help="preset for model size, budget and grids (default: small)")
+    compare.add_argument("--optimizer", action="append", choices=OPTIMIZERS, metavar="NAME",
+                         help=f"optimizer to run ({', '.join(OPTIMIZERS)}); repeatable (default: all)")
+    compare.add_argument("--lr", action="append", default=[], metavar="NAME=LR[,LR...]",
+                         help="learning-rate grid of one optimizer, e.g. --lr adamw=1e-3,3e-3")
+    compare.add_argument("--steps", type=int, help="training steps per run (default: the size's)")
+    compare.add_argument("--seeds", type=int, help="seeds 0..N-1 per (optimizer, lr) (default: the size's)")
+    compare.add_argument("--partition", default="default",
+                         help="Adam-mini partition: default, derived (from the Hessian), or a partition JSON file")
+    compare.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
+    compare.add_argument("--data", default="auto", help="data source as for `js` (default: auto)")
+    compare.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    compare.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                         help="override a model config field (on top of the size's)")
+    compare.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)")
+    compare.add_argument("--results", type=Path, help="work-unit folder for resuming (default: OUT/results)")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare.set_defaults(run=run_compare)
+
+    figures = commands.add_parser(
+        "figures", help="regenerate every figure (PNG) of the experiments",
+        description="Run the experiment groups at --size and write their figures as PNG into --out and "
+        "their tables as CSV into --results (where finished work is kept, so a stopped run resumes).",
+    )
+    figures.add_argument("--out", type=Path, default=Path("figures"), help="folder of the PNG files (default: figures)")
+    figures.add_argument("--size", choices=SIZES, default="medium",
+                         help="small (seconds), medium (the committed figures, CPU), paper (GPU / long) (default: medium)")
+    figures.add_argument("--only", action="append", choices=tuple(FIGURE_GROUPS), metavar="GROUP",
+                         help=f"run only this group ({', '.join(FIGURE_GROUPS)}); repeatable")
+    figures.add_argument("--results", type=Path, help="work-unit folder (default: runs/figures-SIZE)")
+    figures.add_argument("--no-progress", action="store_true", help="no progress bar")
+    figures.set_defaults(run=run_figures)
+
+
+def _lr_grids(pairs: list[str]) -> dict[str, tuple[float, ...]]:
+    grids = {}
+    for pair in pairs:
+        name, sep, values = pair.partition("=")
+        try:
+            grid = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            grid = ()
+        if not sep or not name or not grid or min(grid) <= 0:
+            raise ValueError(f"--lr expects NAME=LR[,LR...] with positive rates, got {pair!r}")
+        grids[name] = grid
+    return grids
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from analysis import format_table, save_figure
+    from hessian_blocks.cli import _overrides
+
+    from .experiments.comparison import (
+        ComparisonConfig, comparison_experiment, comparison_summary, plot_loss_curves, plot_lr_sweep,
+        plot_state_memory,
+    )
+
+    preset = ComparisonConfig.preset(args.size, model=args.model)
+    grids = _lr_grids(args.lr)
+    chosen = args.optimizer or list(preset.lrs)
+    extra = sorted(set(grids) - set(chosen))
+    if extra:
+        raise ValueError(f"--lr given for {extra}, which are not among the optimizers {chosen}")
+    changes = {"lrs": {opt: grids.get(opt, preset.lrs[opt]) for opt in chosen},
+               "overrides": {**preset.overrides, **_overrides(args.set)}, "data": args.data,
+               "partition": args.partition, "weight_decay": args.weight_decay, "device": args.device}
+    for flag, field, value in (("--steps", "steps", args.steps), ("--seeds", "seeds", args.seeds)):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+            changes[field] = value if field == "steps" else tuple(range(value))
+    if args.partition not in ("default", "derived") and not Path(args.partition).exists():
+        raise FileNotFoundError(f"--partition {args.partition}: no such file (or use 'default' / 'derived')")
+    config = ComparisonConfig.preset(args.size, model=args.model, **changes)
+
+    runs, curves = comparison_experiment(config, out=args.results or args.out / "results",
+                                         progress=not args.no_progress)
+    summary = comparison_summary(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(args.out / "runs.csv", index=False)
+    curves.to_csv(args.out / "curves.csv", index=False)
+    summary.to_csv(args.out / "summary.csv", index=False)
+    save_figure(plot_loss_curves(curves, summary, title=f"{args.model}: training loss"), args.out / "loss_curves.png")
+    save_figure(plot_lr_sweep(runs, title=f"{args.model}: learning-rate sweep"), args.out / "lr_sweep.png")
+    save_figure(plot_state_memory(summary, title=f"{args.model}: optimizer state"), args.out / "state_memory.png")
+    print(f"\n{args.model}: best learning rate per optimizer ({config.steps} steps, {len(config.seeds)} seed(s))")
+    print(format_table(summary))
+    print(f"wrote {args.out}/(runs.csv, curves.csv, summary.csv, loss_curves.png, lr_sweep.png, state_memory.png)")
+    return 0
+
+
+def run_figures(args: argparse.Namespace) -> int:
+    from analysis import format_table, save_figure
+
+    from .experiments.groups import FIGURE_GROUPS, run_group
+
+    results = args.results or Path(f"runs/figures-{args.size}")
+    results.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in args.only or list(FIGURE_GROUPS):
+        group = run_group(name, args.size, results, progress=not args.no_progress)
+        for stem, frame in group.tables.items():
+            frame.to_csv(results / f"{stem}.csv", index=False)
+            if not stem.endswith("_runs"):
+                print(f"\n{name}: {stem}\n{format_table(frame)}")
+        for stem, fig in group.figures.items():
+            written.append(save_figure(fig, args.out / f"{stem}.png"))
+    (results / "figures.json").write_text(json.dumps({"size": args.size, "figures": [str(p) for p in written]},
+                                                     indent=1) + "\n")
+    print(f"\nwrote {len(written)} figures to {args.out}/ and the tables to {results}/")
+    return 0

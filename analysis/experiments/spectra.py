@@ -1,0 +1,164 @@
+"""Block spectra at initialisation: per-block densities (VGG-style vs BERT-style) and JS heatmaps.
+
+The papers' blockwise-spectra figure: for a CNN and a Transformer at initialisation, the spectral
+densities of a few sampled blocks (one block per parameter tensor), each block's eigenvalues divided
+by its 10th-largest, on a log-frequency axis; and the matrix of Jensen-Shannon distances between all
+blocks' densities. :func:`measure_spectrum` is the one measurement every experiment shares (kept in
+a :class:`ResultStore`, so a spectrum is measured once per setting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from hessian_blocks import BlockHessian, Partition, SpectrumResult, block_spectra, build_model, make_batches
+
+from .store import ResultStore, check_size, params_key, progress_bar
+from .zoo import zoo_models
+
+__all__ = ["SpectraConfig", "measure_spectrum", "plot_sampled_densities", "sampled_blocks", "spectra_experiment",
+           "spectra_table", "subset"]
+
+
+def measure_spectrum(
+    model: str, overrides: dict | None = None, *, data: str = "auto", batch_size: int = 4, n_batches: int = 1,
+    steps: int = 25, probes: int = 2, seed: int = 0, store: ResultStore | None = None, progress: bool = False,
+) -> SpectrumResult:
+    """SLQ spectra of every parameter tensor (one block each) of a zoo model at initialisation.
+
+    float64 products, the papers' plain Lanczos recurrence, Rademacher probes; the model, the data
+    and the probes come from ``seed``. With a ``store`` the result is kept as ``.npz`` and reused.
+    """
+    overrides = dict(overrides or {})
+    params = {"model": model, "overrides": overrides, "data": data, "batch_size": batch_size,
+              "n_batches": n_batches, "steps": steps, "probes": probes, "seed": seed}
+
+    def compute() -> SpectrumResult:
+        import sys
+
+        import torch
+        from tqdm.auto import tqdm
+
+        spec = build_model(model, seed=seed, **overrides)
+        batches = make_batches(spec, data, batch_size=batch_size, n_batches=n_batches, seed=seed, dtype=torch.float64)
+        hessian = BlockHessian(spec.model, spec.loss_fn, batches, Partition.per_tensor(spec.model))
+        with tqdm(total=steps, desc=f"{model}: SLQ on {len(hessian.blocks)} blocks", unit="step",
+                  disable=not progress, file=sys.stderr, leave=False) as bar:
+            return block_spectra(hessian, steps=steps, probes=probes, seed=seed, progress=bar.update,
+                                 settings={"model": model, "overrides": overrides, "data": data})
+
+    return (store or ResultStore(None)).run_file(
+        params_key(f"spectrum-{model}", params), params, compute,
+        save=lambda result, path: result.save(path), load=SpectrumResult.load, suffix=".npz",
+    )
+
+
+@dataclass(frozen=True)
+class SpectraConfig:
+    """Which models and SLQ settings (``preset(size)`` for the shared sizes)."""
+
+    models: dict = field(default_factory=lambda: zoo_models("medium", ("vgg16", "bert-mini")))
+    batch_size: int = 4
+    steps: int = 25
+    probes: int = 2
+    panels: int = 4  # sampled blocks per model in the density figure
+    rescale_rank: int = 10  # eigenvalues divided by each block's k-th largest
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, size: str, models: tuple[str, ...] = ("vgg16", "bert-mini"), **changes) -> "SpectraConfig":
+        check_size(size)
+        # small: 15 Ritz values per block are too few for a positive 10th-largest: divide by the largest
+        slq = {"small": dict(steps=15, probes=1, rescale_rank=1), "medium": dict(),
+               "paper": dict(steps=100, probes=10, batch_size=8)}
+        return cls(**{"models": zoo_models(size, models), **slq[size], **changes})
+
+
+def spectra_experiment(
+    config: SpectraConfig, *, out: str | None = None, progress: bool = True
+) -> dict[str, SpectrumResult]:
+    """Spectrum of every configured model at initialisation, measured or resumed from ``out``."""
+    store = ResultStore(out)
+    return {
+        name: measure_spectrum(name, overrides, batch_size=config.batch_size, steps=config.steps,
+                               probes=config.probes, seed=config.seed, store=store, progress=progress)
+        for name, overrides in progress_bar(config.models.items(), total=len(config.models), desc="spectra",
+                                            enabled=progress)
+    }
+
+
+def sampled_blocks(spectrum: SpectrumResult, count: int = 4) -> list[int]:
+    """``count`` evenly spaced matrix blocks (parameters with >= 2 dimensions), in model order."""
+    matrices = [i for i, shape in enumerate(spectrum.shapes) if len(shape) >= 2]
+    pool = matrices if len(matrices) >= count else list(range(len(spectrum.names)))
+    if len(pool) <= count:
+        return pool
+    return [pool[round(k * (len(pool) - 1) / (count - 1))] for k in range(count)]
+
+
+def subset(spectrum: SpectrumResult, indices: list[int]) -> SpectrumResult:
+    """The spectra of some blocks only (e.g. to rescale just the sampled blocks by their 10th-largest)."""
+    from hessian_blocks import LanczosResult
+
+    runs = spectrum.lanczos
+    return SpectrumResult(
+        names=[spectrum.names[i] for i in indices], params=[spectrum.params[i] for i in indices],
+        shapes=[spectrum.shapes[i] for i in indices], sizes=spectrum.sizes[indices],
+        lanczos=LanczosResult(runs.alpha[indices], runs.beta[indices], runs.steps[indices]),
+        settings=spectrum.settings,
+    )
+
+
+def _grid_points(spectrum: SpectrumResult, rescale_rank: int, sigma2: float) -> int:
+    """Grid size for rescaled densities: the papers' 50,000 points, more where the range is so wide
+    that the spacing would exceed 2 sigma (the Gaussians would fall between grid points)."""
+    from hessian_blocks.density import kth_largest_scale
+
+    nodes, _ = spectrum.ritz()
+    rescaled = nodes / kth_largest_scale(nodes, rescale_rank)[:, None, None]
+    width = float(np.nanmax(rescaled) - np.nanmin(rescaled)) + 2.0  # the grid's margin is 1 on each side
+    return max(50_000, int(np.ceil(width / (2.0 * np.sqrt(sigma2)))) + 2)
+
+
+def plot_sampled_densities(spectra: dict[str, SpectrumResult], *, panels: int = 4, rescale_rank: int = 10,
+                           sigma2: float = 1e-5):
+    """One row per model, one panel per sampled block: density (log) vs eigenvalue / 10th-largest."""
+    from matplotlib.figure import Figure
+
+    from analysis.plots import DENSITY_FLOOR
+
+    fig = Figure(figsize=(3.3 * panels, 2.6 * len(spectra)), layout="constrained")
+    axes = fig.subplots(len(spectra), panels, squeeze=False)
+    for row, (model, spectrum) in zip(axes, spectra.items()):
+        chosen = sampled_blocks(spectrum, panels)
+        sampled = subset(spectrum, chosen)
+        density = sampled.density(sigma2=sigma2, n_points=_grid_points(sampled, rescale_rank, sigma2),
+                                  rescale_rank=rescale_rank)
+        for ax in row[len(chosen):]:
+            ax.remove()
+        for ax, i in zip(row, range(len(chosen))):
+            y = density.densities[i]
+            support = np.flatnonzero(y > DENSITY_FLOOR)
+            ax.plot(density.grid, np.clip(y, DENSITY_FLOOR, None), linewidth=0.8)
+            ax.set_yscale("log")
+            if support.size:
+                lo, hi = density.grid[support[0]], density.grid[support[-1]]
+                ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+            ax.set_title(f"{model}: {sampled.names[i]}", fontsize=8)
+            ax.set_xlabel(f"eigenvalue / {rescale_rank}-th largest ({density.scales[i]:.2g})", fontsize=7)
+            ax.set_ylabel("density (log)", fontsize=7)
+            ax.tick_params(labelsize=7)
+    fig.suptitle("Hessian block spectra at initialisation")
+    return fig
+
+
+def spectra_table(spectra: dict[str, SpectrumResult], sigma2: float = 1e-5) -> pd.DataFrame:
+    """Per model: number of blocks and JS0 (mean JS distance between the blocks' densities)."""
+    from analysis import js0, js_matrix
+
+    return pd.DataFrame([{"model": model, "blocks": len(spectrum.names),
+                          "JS0": js0(js_matrix(spectrum.density(sigma2=sigma2).densities))}
+                         for model, spectrum in spectra.items()])

@@ -1,0 +1,120 @@
+"""One training run of a zoo (or user) model with one optimizer: the loop every experiment shares.
+
+The model is trained on a fixed list of offline batches (cycled in order), and evaluated on the
+whole training list and on held-out batches drawn in the same call (for digits: disjoint images;
+for text: windows at other random offsets). Losses are measured in the mode the model trains in
+(``model.train()``: BatchNorm uses batch statistics; the bundled models have no dropout).
+A run records the loss at every step, the final train / validation loss, the optimizer-state bytes
+and the mean wall-clock seconds per step (after the first step, which includes warm-up).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hessian_blocks import build_model, make_batches
+
+__all__ = ["OPTIMIZERS", "PARTITIONED", "TrainSetup", "best_runs", "make_optimizer", "optimizer_state_bytes", "train_run"]
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "adam_mini", "galore_mini")
+PARTITIONED: tuple[str, ...] = ("adam_mini", "galore_mini")  # the optimizers that take a partition
+
+
+def make_optimizer(name: str, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0,
+                   partition="default") -> torch.optim.Optimizer:
+    """``sgd`` (momentum 0.9), ``adamw``, ``adam_mini`` or ``galore_mini`` (its defaults: rank 1/4 of
+    each matrix's smaller side, refresh every 200 steps, scale 0.25) through the project's ``optim.make``
+    (no weight decay on norms and biases); ``partition`` ("default", a Partition or a partition file)
+    applies to Adam-mini and GaLore-mini only."""
+    import optim
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    extra = {"partition": partition} if name in PARTITIONED else {}
+    return optim.make(name, model, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (``optim.state_memory``)."""
+    import optim
+
+    return optim.state_memory(optimizer).total_bytes
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What to train on: a model name (zoo or ``package.module:factory``), overrides and data."""
+
+    model: str
+    overrides: dict
+    data: str = "auto"
+    batch_size: int = 8
+    train_batches: int = 8
+    val_batches: int = 2
+
+    def build(self, seed: int):
+        """(ModelSpec, train batches, validation batches); the model is seeded, float32."""
+        spec = build_model(self.model, seed=seed, **self.overrides)
+        batches = make_batches(spec, self.data, batch_size=self.batch_size,
+                               n_batches=self.train_batches + self.val_batches, seed=seed)
+        return spec, batches[: self.train_batches], batches[self.train_batches:]
+
+
+def _mean_loss(spec, batches) -> float:
+    with torch.no_grad():
+        total = sum(float(spec.loss_fn(spec.model(x), y)) * len(x) for x, y in batches)
+    return total / sum(len(x) for x, _ in batches)
+
+
+def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed: int = 0,
+              weight_decay: float = 0.0, partition="default", device: str = "cpu") -> dict:
+    """Train ``steps`` steps on ``device``; return losses (per step), train_loss, val_loss,
+    state_bytes, seconds_per_step and diverged (a non-finite loss stops the run; later losses NaN).
+    On CUDA the step time is measured after synchronising the device."""
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine; use device 'cpu'")
+    synchronize = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
+    spec, train, val = setup.build(seed)
+    spec.model.to(target).train()
+    train = [(x.to(target), y.to(target)) for x, y in train]
+    val = [(x.to(target), y.to(target)) for x, y in val]
+    opt = make_optimizer(optimizer, spec.model, lr=lr, weight_decay=weight_decay, partition=partition)
+    losses = [math.nan] * steps
+    times = []
+    diverged = False
+    for step in range(steps):
+        x, y = train[step % len(train)]
+        started = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = spec.loss_fn(spec.model(x), y)
+        loss.backward()
+        opt.step()
+        synchronize()
+        times.append(time.perf_counter() - started)
+        losses[step] = float(loss.detach())
+        if not math.isfinite(losses[step]):
+            diverged = True
+            break
+    finals = (math.nan, math.nan) if diverged else (_mean_loss(spec, train), _mean_loss(spec, val))
+    return {"losses": losses, "train_loss": finals[0], "val_loss": finals[1],
+            "state_bytes": optimizer_state_bytes(opt),
+            "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1), "diverged": diverged}
+
+
+def best_runs(runs: pd.DataFrame, by: str = "train_loss") -> pd.DataFrame:
+    """Per (model, optimizer): the lr with the lowest mean ``by`` over seeds (diverged runs count
+    as +inf). Columns: model, optimizer, lr, and the seed-means of the numeric columns."""
+    means = (runs.assign(**{by: runs[by].where(~runs["diverged"], np.inf)})
+             .groupby(["model", "optimizer", "lr"], sort=False)
+             .agg({c: "mean" for c in ("train_loss", "val_loss", "state_bytes", "seconds_per_step")})
+             .reset_index())
+    means[by] = means[by].fillna(np.inf)
+    best = means.sort_values(by, kind="stable").groupby(["model", "optimizer"], sort=False).head(1)
+    return best.reset_index(drop=True)

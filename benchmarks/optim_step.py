@@ -1,0 +1,164 @@
+"""Optimizer step time and state memory: torch AdamW (foreach, fused), the official adam-mini 1.1.1
+and optim.AdamMini, side by side in one run on the same GPT-2-style parameters.
+
+    python benchmarks/optim_step.py --shape small            # GPT-2 small shape (~163M params), CUDA if present
+    python benchmarks/optim_step.py --shape medium           # GPT-2 medium shape (~406M params)
+    python benchmarks/optim_step.py --quick                  # CPU CI mode: a small shape, few steps
+
+Only ``optimizer.step()`` is timed, on fixed random gradients (no forward/backward); the optimizers
+take turns step by step (all of them hold their state at once). Prints median milliseconds per step,
+ratios of medians to AdamW, and optimizer-state bytes per parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hessian_blocks.models.gpt import GPT, GPTConfig
+import optim._fused
+from optim import AdamMini, param_groups_no_decay, state_memory
+
+# width, layers, heads; vocab 50304 and context 1024 unless given
+SHAPES = {
+    "small": dict(n_embd=768, n_layer=12, n_head=12),
+    "medium": dict(n_embd=1024, n_layer=24, n_head=16),
+    "quick": dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8192, context=256),
+}
+HYPER = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+WEIGHT_DECAY = 0.1
+
+
+@dataclass
+class Row:
+    name: str
+    median_ms: float
+    bytes_per_param: float
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype) -> GPT:
+    config = GPTConfig(**{"vocab_size": 50304, "context": 1024, **SHAPES[shape]})
+    with torch.device(device):
+        model = GPT(config).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator, device=device, dtype=dtype) * 1e-3
+    return model
+
+
+def candidates(model: GPT, device: torch.device) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+    groups = lambda: param_groups_no_decay(model, WEIGHT_DECAY)  # noqa: E731
+    out: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "torch AdamW foreach": lambda: torch.optim.AdamW(groups(), **HYPER, foreach=True),
+        "torch AdamW fused": lambda: torch.optim.AdamW(groups(), **HYPER, fused=True),
+    }
+    try:
+        from adam_mini import Adam_mini
+
+        config = model.config
+        out["official adam-mini 1.1.1"] = lambda: Adam_mini(
+            model.named_parameters(), **HYPER, weight_decay=WEIGHT_DECAY, dim=config.n_embd, n_heads=config.n_head, verbose=False
+        )
+    except ImportError:
+        print("adam-mini is not installed: the official package is left out")
+    out["ours foreach"] = lambda: AdamMini(groups(), model=model, **HYPER, foreach=True)
+    if device.type == "cuda":
+        out["ours fused (compiled)"] = lambda: AdamMini(groups(), model=model, **HYPER, fused=True)
+    return out
+
+
+def time_round_robin(
+    optimizers: dict[str, torch.optim.Optimizer], device: torch.device, warmup: int, steps: int
+) -> dict[str, list[float]]:
+    """Seconds per step of each optimizer, taking turns step by step so that load changes on the
+    machine hit every optimizer alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for optimizer in optimizers.values():
+        for _ in range(warmup):
+            optimizer.step()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(steps):
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run(shape: str, device: torch.device, dtype: torch.dtype, warmup: int, steps: int, only: list[str] | None) -> list[Row]:
+    model = build(shape, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"shape {shape}: {n_params / 1e6:.1f}M parameters, {dtype}, {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    optimizers = {}
+    for name, make in candidates(model, device).items():
+        if only and not any(key in name for key in only):
+            continue
+        try:
+            optimizers[name] = make()
+            optimizers[name].step()  # creates the state (and compiles the fused path)
+        except (RuntimeError, ValueError) as err:  # e.g. a fused kernel this build lacks
+            optimizers.pop(name, None)
+            print(f"  {name}: skipped ({str(err).splitlines()[0]})")
+    times = time_round_robin(optimizers, device, warmup, steps)
+    rows = []
+    for name, optimizer in optimizers.items():
+        median, fastest = statistics.median(times[name]) * 1e3, min(times[name]) * 1e3
+        rows.append(Row(name, median, state_memory(optimizer).bytes_per_param))
+        print(f"  {name:28s} {median:9.2f} ms/step (min {fastest:8.2f})   {rows[-1].bytes_per_param:5.2f} state bytes/param")
+    return rows
+
+
+def report(rows: list[Row]) -> None:
+    by_name = {row.name: row for row in rows}
+    ours = [row for row in rows if row.name.startswith("ours")]
+    if not ours:
+        return
+    best = min(ours, key=lambda row: row.median_ms)
+    print(f"fastest of ours: {best.name} ({best.median_ms:.2f} ms)")
+    for other in ("torch AdamW foreach", "torch AdamW fused", "official adam-mini 1.1.1"):
+        if other in by_name:
+            print(f"  ours / {other}: {best.median_ms / by_name[other].median_ms:.3f}x"
+                  f"   ({other} / ours: {by_name[other].median_ms / best.median_ms:.2f}x)")
+
+
+def _option_value(text: str) -> object:
+    """true/false, numbers and JSON as such; anything else as a string."""
+    try:
+        return json.loads(text.lower() if text.lower() in ("true", "false") else text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="model shape (default: small; quick with --quick)")
+    parser.add_argument("--quick", action="store_true", help="CPU CI mode: the quick shape, few steps")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, cpu with --quick)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 5 with --quick)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--only", nargs="*", help="run only optimizers whose name contains one of these words")
+    parser.add_argument("--compile-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an Inductor option for ours fused, e.g. combo_kernels=True (repeatable)")
+    args = parser.parse_args(argv)
+    for option in args.compile_option:
+        key, _, value = option.partition("=")
+        optim._fused.COMPILE_OPTIONS[key] = _option_value(value)
+    shape = args.shape or ("quick" if args.quick else "small")
+    device = torch.device(args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda"))
+    steps = args.steps or (5 if args.quick else 20)
+    rows = run(shape, device, getattr(torch, args.dtype), args.warmup, steps, args.only)
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""GaLore-mini: Adam-mini whose matrix states live in a low-rank subspace of the gradient.
+
+For a 2-D weight ``W`` of shape ``[m, n]`` with gradient ``G``, GaLore-mini keeps an orthonormal
+basis ``P`` of ``r`` directions of one side of ``G`` (the *projector*, recomputed from the current
+gradient every ``update_proj_gap`` steps: at steps 1, 1 + gap, 1 + 2 gap, ...) and runs Adam-mini on
+the projected gradient::
+
+    right projection:  R = G P   [m, r]   (P: [n, r])      update  W -= scale * U P^T
+    left projection:   R = P^T G [r, n]   (P: [m, r])      update  W -= scale * P U
+
+where ``U`` is Adam-mini's step on ``R`` (first moment ``[m, r]`` / ``[r, n]``, one second moment
+per block of ``R``; update rule: :mod:`optim.update`). Weight decay stays decoupled and acts on the
+full weight. Moments are carried over a refresh unchanged (GaLore's choice).
+
+How the partition's blocks map to ``R``: the side is chosen so that the partition's blocks survive.
+
+- a rule of groups along axis 0 (rows: output neurons, heads, tokens) keeps the rows: right
+  projection, and ``R`` gets the same row groups; groups along axis 1 keep the columns: left
+  projection, same column groups;
+- "whole": one block, the whole of ``R``; "elements": one block per entry of ``R`` (GaLore with Adam);
+  for these the side is GaLore's shape rule: the shorter side is projected (right when ``m >= n``).
+
+So no block is ever lost or invented. The state is ``(m + n) * r`` numbers either way (moment plus
+projector), and at a refresh both sides span the same best rank-``r`` approximation of ``G``.
+
+Which parameters are projected: 2-D ones whose projected side has at least ``rank`` entries
+(``rank`` an int), or every 2-D one (``rank`` a fraction in (0, 1]: ``r = round(fraction * min(m, n))``,
+at least 1). Parameter groups may set their own ``rank``; ``rank=None`` there means plain Adam-mini.
+With ``project_embeddings=False`` the weights of ``nn.Embedding`` / ``nn.EmbeddingBag`` modules (found
+by type, so the model is needed) are not projected. Everything else gets plain Adam-mini.
+
+Projectors: ``"svd"`` (``torch.linalg.svd``, in float32, float64 for float64 parameters;
+deterministic on CPU) or ``"randomized"`` (a randomized range finder with power iterations, faster on
+big matrices; its Gaussian test matrix comes from a generator seeded with ``(projector_seed,
+parameter name, step)``, so resuming needs nothing but the saved step and seed).
+
+Implementations: the plain parameters take AdamMini's paths (reference / foreach / fused); the
+projected ones are updated by the reference loop when the group has ``foreach=False``, else by the
+foreach path (never compiled: their low-rank buffers are new every step).
+
+State per projected parameter: ``step``, ``exp_avg`` (projected shape), ``block_exp_avg_sq`` (one per
+block of ``R``) and ``projector`` (``[n, r]`` or ``[m, r]``, in the first moment's dtype). The next
+refresh follows from ``step`` and the group's ``update_proj_gap``, so a checkpoint resumes
+bit-identically, projectors included.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hessian_blocks.blocks import Rule
+
+from .adam_mini import AdamMini, Params, PartitionArg, _block_dtype
+from .layout import BlockLayout
+from .update import Batch, foreach_update, reference_update
+
+PROJECTORS = ("svd", "randomized")
+PROJECTION_DEFAULTS = dict(rank=0.25, update_proj_gap=200, scale=0.25, projector="svd", projector_seed=0)
+RANDOMIZED_OVERSAMPLE = 8
+RANDOMIZED_POWER_ITERATIONS = 2
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Which side of an ``[m, n]`` weight is projected, and onto how many directions."""
+
+    side: str  # "right": R = G P, [m, r]; "left": R = P^T G, [r, n]
+    rank: int
+    shape: tuple[int, int]
+
+    @property
+    def projected_shape(self) -> tuple[int, int]:
+        m, n = self.shape
+        return (m, self.rank) if self.side == "right" else (self.rank, n)
+
+    @property
+    def projector_shape(self) -> tuple[int, int]:
+        m, n = self.shape
+        return (n if self.side == "right" else m, self.rank)
+
+    def oriented(self, grad: torch.Tensor) -> torch.Tensor:
+        """The matrix whose column space the projector spans (``G^T`` for right, ``G`` for left)."""
+        return grad.mT if self.side == "right" else grad
+
+    def project(self, grad: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
+        return grad @ projector if self.side == "right" else projector.mT @ grad
+
+    def project_back(self, low_rank: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
+        return low_rank @ projector.mT if self.side == "right" else projector @ low_rank
+
+    def key(self) -> list:
+        """As plain data, for state dicts."""
+        return [self.side, self.rank]
+
+
+def choose_projection(rule: Rule, shape: tuple[int, ...], rank: int | float | None) -> Projection | None:
+    """The projection of a parameter of ``shape`` under ``rule`` (see the module docstring), or None
+    for plain Adam-mini (not 2-D, ``rank`` None, or an int ``rank`` above the projected side)."""
+    if rank is None or len(shape) != 2:
+        return None
+    m, n = shape
+    if rule.split == "groups":
+        side = "right" if rule.axis % 2 == 0 else "left"  # keep the grouped axis
+    else:
+        side = "right" if m >= n else "left"
+    reduced = n if side == "right" else m
+    if isinstance(rank, float):
+        r = max(1, round(rank * min(m, n)))
+    else:
+        if rank > reduced:
+            return None
+        r = rank
+    return Projection(side, r, (m, n))
+
+
+def svd_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-``rank`` left singular vectors of ``matrix`` (``[rows, rank]``), by a full SVD."""
+    u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank]
+
+
+def randomized_basis(matrix: torch.Tensor, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """An approximation of :func:`svd_basis` by a randomized range finder (Halko, Martinsson and
+    Tropp 2011): a Gaussian sketch with a few extra columns, power iterations, then an exact SVD of
+    the small projected matrix."""
+    rows, cols = matrix.shape
+    width = min(rank + RANDOMIZED_OVERSAMPLE, rows, cols)
+    sketch = matrix @ torch.randn(cols, width, generator=generator, dtype=matrix.dtype, device=matrix.device)
+    for _ in range(RANDOMIZED_POWER_ITERATIONS):
+        sketch = matrix @ (matrix.mT @ torch.linalg.qr(sketch).Q)
+    basis = torch.linalg.qr(sketch).Q
+    small_u, _, _ = torch.linalg.svd(basis.mT @ matrix, full_matrices=False)
+    return basis @ small_u[:, :rank]
+
+
+class GaLoreMini(AdamMini):
+    """GaLore-mini over the blocks of a partition (see the module docstring).
+
+    Args: those of :class:`~optim.AdamMini`, and
+
+        rank: directions kept per projected weight: an int, or a fraction in (0, 1] of the
+            weight's smaller dimension (default 0.25). A group may set ``rank=None``: plain Adam-mini.
+        update_proj_gap: steps between projector refreshes (GaLore's T, default 200).
+        scale: factor on the projected-back update (GaLore's alpha, default 0.25).
+        projector: "svd" or "randomized".
+        projector_seed: seed of the randomized range finder.
+        project_embeddings: whether weights of embedding modules are projected (False needs the model).
+
+    ``rank``, ``update_proj_gap``, ``scale``, ``projector`` and ``projector_seed`` are param-group
+    options; each group records its parameters' projections (``[side, rank]`` or None) under
+    ``"projections"``.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        partition: PartitionArg = "default",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int | float | None = PROJECTION_DEFAULTS["rank"],
+        update_proj_gap: int = PROJECTION_DEFAULTS["update_proj_gap"],
+        scale: float = PROJECTION_DEFAULTS["scale"],
+        projector: str = PROJECTION_DEFAULTS["projector"],
+        projector_seed: int = PROJECTION_DEFAULTS["projector_seed"],
+        project_embeddings: bool = True,
+        model: nn.Module | None = None,
+        **adam_mini_options: Any,
+    ):
+        types_from = params if isinstance(params, nn.Module) else model
+        if not project_embeddings and types_from is None:
+            raise ValueError(
+                "project_embeddings=False finds embeddings by module type and needs the model: pass it as params or model="
+            )
+        self._unprojected = set() if project_embeddings else {
+            id(p)
+            for module in types_from.modules()
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+            for p in module.parameters(recurse=False)
+        }
+        self._projection_defaults = dict(
+            rank=rank, update_proj_gap=update_proj_gap, scale=scale, projector=projector, projector_seed=projector_seed
+        )
+        self._projections: dict[torch.Tensor, Projection] = {}
+        self._pending: list[tuple[Batch, bool, list[_BackProjection]]] = []  # (batch, plain loop?, back) per group
+        super().__init__(params, partition, lr, betas, eps, weight_decay, model=model, **adam_mini_options)
+        self.defaults.update(self._projection_defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`AdamMini.add_param_group`; the group's 2-D parameters are projected per its ``rank``."""
+        group = {**self._projection_defaults, **param_group}
+        _check_projection_options(group)
+        super().add_param_group(group)
+        added = self.param_groups[-1]
+        projections = []
+        for name, param in zip(added["param_names"], added["params"]):
+            rank = None if id(param) in self._unprojected else added["rank"]
+            projection = choose_projection(self._rules[name], tuple(param.shape), rank)
+            if projection is not None:
+                self._projections[param] = projection
+                self._layouts[param] = BlockLayout.from_rule(self._rules[name], projection.projected_shape)
+            projections.append(None if projection is None else projection.key())
+        added["projections"] = projections
+
+    def projection(self, param: torch.Tensor) -> Projection | None:
+        """How ``param`` is projected (None: plain Adam-mini)."""
+        return self._projections.get(param)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One GaLore-mini step over every parameter that has a gradient; returns the closure's loss."""
+        self._pending = []
+        try:
+            loss = super().step(closure)  # plain parameters; _gather sets projected ones aside
+            for batch, plain_loop, back in self._pending:
+                (reference_update if plain_loop else foreach_update)(batch)
+                for item in back:
+                    item.apply(self.state[item.param]["projector"])
+        finally:
+            self._pending = []
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`AdamMini.load_state_dict`; the checkpoint must have the same projections."""
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            theirs = saved.get("projections", [None] * len(group["params"]))
+            for name, ours, other in zip(group["param_names"], group["projections"], theirs):
+                if ours != (None if other is None else list(other)):
+                    raise ValueError(
+                        f"the checkpoint projects parameter '{name}' as {other} but this optimizer as {ours} "
+                        "([side, rank] or None): build the optimizer with the checkpoint's rank and partition"
+                    )
+        super().load_state_dict(state_dict)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _gather(self, group: dict[str, Any]) -> Batch:
+        """AdamMini's batch of the group, less the projected parameters, which go to ``_pending``
+        as a batch on their projected gradients (projectors refreshed when due)."""
+        batch = super()._gather(group)
+        plain, projected, back = Batch(), Batch(), []
+        names = dict(zip(map(id, group["params"]), group["param_names"]))
+        for param, grad, layout, scalars in zip(batch.params, batch.grads, batch.layouts, batch.scalars):
+            state = self.state[param]
+            projection = self._projections.get(param)
+            target = plain
+            if projection is not None:
+                step = int(state["step"].item())
+                if (step - 1) % group["update_proj_gap"] == 0:
+                    state["projector"].copy_(self._basis(group, names[id(param)], projection, grad, step))
+                low_rank = projection.project(grad, state["projector"])
+                direction = torch.zeros_like(low_rank)
+                back.append(_BackProjection(param, direction, projection, scalars.decay, group["scale"]))
+                param, grad, scalars, target = direction, low_rank, replace(scalars, decay=1.0), projected
+            target.add(param, grad, state, layout)
+            target.scalars.append(scalars)
+        if projected.params:
+            self._pending.append((projected, group["foreach"] is False and not group["fused"], back))
+        return plain
+
+    def _basis(self, group: dict[str, Any], name: str, projection: Projection, grad: torch.Tensor, step: int) -> torch.Tensor:
+        matrix = projection.oriented(grad).to(torch.promote_types(grad.dtype, torch.float32))
+        if group["projector"] == "svd":
+            return svd_basis(matrix, projection.rank)
+        generator = torch.Generator(device=grad.device)
+        generator.manual_seed(_refresh_seed(group["projector_seed"], name, step))
+        return randomized_basis(matrix, projection.rank, generator)
+
+    def _initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        projection = self._projections.get(param)
+        if projection is None:
+            return super()._initial_state(param)
+        dtype = self._exp_avg_dtype(param)
+        return {
+            "step": torch.tensor(0.0, dtype=torch.float32),
+            "exp_avg": torch.zeros(projection.projected_shape, dtype=dtype, device=param.device),
+            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param), device=param.device),
+            "projector": torch.zeros(projection.projector_shape, dtype=dtype, device=param.device),
+        }
+
+    def _restored_state(self, name: str, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        restored = super()._restored_state(name, param, saved)
+        projection = self._projections.get(param)
+        if projection is None:
+            return restored
+        expected = {"exp_avg": projection.projected_shape, "projector": projection.projector_shape}
+        for key, shape in expected.items():
+            if key not in saved or tuple(saved[key].shape) != shape:
+                found = list(saved[key].shape) if key in saved else "nothing"
+                raise ValueError(
+                    f"saved state of parameter '{name}' has {key} {found}, expected {list(shape)}: "
+                    "load with the rank and partition the checkpoint was made with"
+                )
+        restored["projector"] = saved["projector"].to(dtype=self._exp_avg_dtype(param), device=param.device, copy=True)
+        return restored
+
+
+@dataclass(frozen=True)
+class _BackProjection:
+    """What is left of one projected parameter's step once Adam-mini has written its low-rank step
+    into ``direction``: decay the weight, add ``scale`` times the step projected back."""
+
+    param: torch.Tensor
+    direction: torch.Tensor
+    projection: Projection
+    decay: float
+    scale: float
+
+    def apply(self, projector: torch.Tensor) -> None:
+        if self.decay != 1.0:
+            self.param.mul_(self.decay)
+        self.param.add_(self.projection.project_back(self.direction, projector), alpha=self.scale)
+
+
+def _refresh_seed(seed: int, name: str, step: int) -> int:
+    """A seed for the randomized range finder at ``step`` of parameter ``name`` (stable across runs)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 65_537 + step) % (2**63)
+
+
+def _check_projection_options(group: dict[str, Any]) -> None:
+    rank, gap = group["rank"], group["update_proj_gap"]
+    checks = {
+        "rank": rank is None
+        or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1)
+        or (isinstance(rank, float) and 0.0 < rank <= 1.0 and math.isfinite(rank)),
+        "update_proj_gap": isinstance(gap, int) and not isinstance(gap, bool) and gap >= 1,
+        "scale": isinstance(group["scale"], (int, float)) and group["scale"] > 0,
+        "projector": group["projector"] in PROJECTORS,
+        "projector_seed": isinstance(group["projector_seed"], int),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(
+            f"invalid GaLoreMini option(s) {bad}: need rank an int >= 1, a fraction in (0, 1] or None, "
+            f"update_proj_gap an int >= 1, scale > 0, projector one of {PROJECTORS}, projector_seed an int; "
+            f"got rank={rank!r}, update_proj_gap={gap!r}, scale={group['scale']!r}, projector={group['projector']!r}, "
+            f"projector_seed={group['projector_seed']!r}"
+        )

@@ -1,0 +1,24 @@
+"""Block-spectra helpers: the sampled blocks, subsets of a spectrum, the density figure, the store."""
+
+import numpy as np
+
+from analysis.experiments.spectra import measure_spectrum, plot_sampled_densities, sampled_blocks, subset
+from analysis.experiments.store import ResultStore
+from analysis.experiments.zoo import zoo_models
+
+
+def test_sampled_blocks_subset_and_figure(tmp_path):
+    overrides = zoo_models("small", ("vgg16",))["vgg16"]
+    store = ResultStore(tmp_path)
+    spectrum = measure_spectrum("vgg16", overrides, steps=12, probes=2, store=store)
+    again = measure_spectrum("vgg16", overrides, steps=12, probes=2, store=store)  # read back from the .npz
+    assert again == spectrum and len(list(tmp_path.glob("*.npz"))) == 1
+    chosen = sampled_blocks(spectrum, 4)
+    assert len(chosen) == 4 and chosen[0] == 0 and all(len(spectrum.shapes[i]) >= 2 for i in chosen)
+    assert chosen == sorted(chosen) and chosen[-1] == max(i for i, s in enumerate(spectrum.shapes) if len(s) >= 2)
+    part = subset(spectrum, chosen)
+    np.testing.assert_array_equal(part.ritz()[0], spectrum.ritz()[0][chosen])
+    assert part.names == [spectrum.names[i] for i in chosen]
+    fig = plot_sampled_densities({"vgg16": spectrum}, panels=4, rescale_rank=3)
+    assert len(fig.axes) == 4 and fig.axes[0].get_yscale() == "log"
+    assert "3-th largest" in fig.axes[0].get_xlabel()

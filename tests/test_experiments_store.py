@@ -1,0 +1,85 @@
+"""ResultStore: atomic files, resume with the same parameters, recompute when they change."""
+
+import json
+
+import numpy as np
+import pytest
+
+from analysis.experiments.store import ResultStore, atomic_write_text, check_size, params_key
+
+
+def test_run_resumes_and_recomputes_on_changed_params(tmp_path):
+    store = ResultStore(tmp_path)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"curve": np.arange(3.0), "value": np.float64(2.5), "missing": float("nan")}
+
+    first = store.run("unit-a", {"lr": 0.1}, compute)
+    again = ResultStore(tmp_path).run("unit-a", {"lr": 0.1}, compute)  # a new process resuming
+    assert len(calls) == 1
+    assert first["curve"] == again["curve"] == [0.0, 1.0, 2.0] and again["value"] == 2.5
+    assert np.isnan(again["missing"])
+    store.run("unit-a", {"lr": 0.2}, compute)  # same key, other parameters: stale, recomputed
+    assert len(calls) == 2
+    assert json.loads((tmp_path / "unit-a.json").read_text())["params"] == {"lr": 0.2}
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_interrupted_compute_leaves_nothing(tmp_path):
+    store = ResultStore(tmp_path)
+
+    def fails():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.run("unit-b", {}, fails)
+    assert store.load("unit-b", {}) is None and not list(tmp_path.iterdir())
+
+
+def test_run_file_writes_marker_after_file(tmp_path):
+    store = ResultStore(tmp_path)
+    saved = []
+
+    def save(value, path):
+        saved.append(path.name)
+        path.write_text(str(value))
+
+    out = store.run_file("spec-1", {"a": 1}, lambda: 7, save=save, load=lambda p: int(p.read_text()), suffix=".txt")
+    assert out == 7 and saved[0].startswith(".")  # written under a temporary name first
+    assert store.run_file("spec-1", {"a": 1}, lambda: 8, save=save, load=lambda p: int(p.read_text()),
+                          suffix=".txt") == 7
+    (tmp_path / "spec-1.txt").unlink()  # marker without its file: recomputed
+    assert store.run_file("spec-1", {"a": 1}, lambda: 9, save=save, load=lambda p: int(p.read_text()),
+                          suffix=".txt") == 9
+
+
+def test_keys_sizes_and_atomic_write(tmp_path):
+    assert params_key("spectrum-gpt2", {"a": 1}) != params_key("spectrum-gpt2", {"a": 2})
+    assert params_key("x y", {"a": (1, 2)}) == params_key("x y", {"a": [1, 2]})
+    with pytest.raises(ValueError, match="may only hold"):
+        ResultStore(tmp_path).run("bad/key", {}, dict)
+    with pytest.raises(ValueError, match="small, medium, paper"):
+        check_size("huge")
+    path = atomic_write_text(tmp_path / "sub" / "f.txt", "hello")
+    assert path.read_text() == "hello" and [p.name for p in path.parent.iterdir()] == ["f.txt"]
+    assert ResultStore(None).run("k", {}, lambda: {"v": 1}) == {"v": 1}  # no folder: nothing kept
+
+
+def test_every_experiment_has_every_size():
+    from analysis.experiments.comparison import ComparisonConfig
+    from analysis.experiments.hessian_structure import StructureConfig
+    from analysis.experiments.heterogeneity import HeterogeneityConfig
+    from analysis.experiments.manmade_mlp import ManmadeConfig
+    from analysis.experiments.quadratics import QuadraticConfig
+    from analysis.experiments.spectra import SpectraConfig
+
+    configs = (ComparisonConfig, StructureConfig, HeterogeneityConfig, ManmadeConfig, QuadraticConfig, SpectraConfig)
+    for config in configs:
+        small, medium, paper = (config.preset(size) for size in ("small", "medium", "paper"))
+        assert small != medium != paper, config.__name__
+        with pytest.raises(ValueError, match="unknown size"):
+            config.preset("tiny")
+    assert HeterogeneityConfig.preset("paper").models["gpt2-nano"] == {}  # the bundled defaults
+    assert ComparisonConfig.preset("small", model="mypkg.models:net").overrides == {}

@@ -1,0 +1,94 @@
+"""optim.make, param_groups_no_decay and state_memory."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hessian_blocks import build_model
+from hessian_blocks.blocks import Partition
+import optim._fused
+from optim import OPTIMIZERS, AdamMini, make, param_groups_no_decay, state_memory
+
+
+def tiny_gpt():
+    return build_model("gpt2-nano", n_layer=1, n_embd=32, n_head=4, vocab_size=64, context=8, seed=0)
+
+
+def one_step(spec, optimizer):
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    optimizer.zero_grad()
+    spec.loss_fn(spec.model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    optimizer.step()
+
+
+def test_no_decay_groups_by_type_and_ndim():
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm((2, 3)), nn.Embedding(5, 6), nn.Conv1d(6, 2, 1))
+    decay, no_decay = param_groups_no_decay(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [n for n, _ in decay["params"]] == ["0.weight", "2.weight", "3.weight"]
+    assert [n for n, _ in no_decay["params"]] == ["0.bias", "1.weight", "1.bias", "3.bias"]  # 1.weight is 2-D: a norm
+    model[0].weight.requires_grad_(False)
+    assert "0.weight" not in [n for g in param_groups_no_decay(model, 0.1) for n, _ in g["params"]]
+
+
+def test_make_builds_each_optimizer():
+    spec = tiny_gpt()
+    adam_mini = make("adam_mini", spec.model, lr=1e-3, weight_decay=0.1)
+    adamw = make("adamw", spec.model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    sgd = make("sgd", spec.model, lr=1e-2)
+    assert isinstance(adam_mini, AdamMini) and type(adamw) is torch.optim.AdamW and type(sgd) is torch.optim.SGD
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0] and adamw.param_groups[0]["betas"] == (0.9, 0.95)
+    assert sgd.param_groups[0]["momentum"] == 0.9 and make("sgd", spec.model, lr=1e-2, momentum=0.5).param_groups[0]["momentum"] == 0.5
+    assert set(OPTIMIZERS) == {"adam_mini", "galore_mini", "adamw", "sgd"}
+
+
+def test_make_adamw_is_torch_adamw_with_no_decay_groups():
+    spec_a, spec_b = tiny_gpt(), tiny_gpt()
+    ours = make("adamw", spec_a.model, lr=1e-2, weight_decay=0.1)
+    decay = [p for p in spec_b.model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in spec_b.model.parameters() if p.ndim < 2]
+    torch_adamw = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
+    for _ in range(3):
+        one_step(spec_a, ours)
+        one_step(spec_b, torch_adamw)
+    assert all(torch.equal(a, b) for a, b in zip(spec_a.model.parameters(), spec_b.model.parameters()))
+
+
+def test_make_adam_mini_takes_a_partition():
+    spec = tiny_gpt()
+    per_tensor = make("adam_mini", spec.model, lr=1e-3, partition=Partition.per_tensor(spec.model))
+    one_step(spec, per_tensor)
+    assert all(s["block_exp_avg_sq"].numel() == 1 for s in per_tensor.state.values())
+    memory = state_memory(per_tensor)
+    assert memory.by_key["block_exp_avg_sq"] == 4 * len(per_tensor.state) and memory.n_params == sum(p.numel() for p in spec.model.parameters())
+
+
+def test_make_refuses_bad_requests():
+    spec = tiny_gpt()
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        make("adam", spec.model, lr=1e-3)
+    with pytest.raises(ValueError, match="a partition applies to adam_mini and galore_mini only"):
+        make("adamw", spec.model, lr=1e-3, partition=Partition.per_tensor(spec.model))
+
+
+def test_state_memory_before_the_first_step_is_zero():
+    memory = state_memory(make("adam_mini", tiny_gpt().model, lr=1e-3))
+    assert memory.total_bytes == 0 and memory.bytes_per_param == 0.0 and memory.n_params > 0
+
+
+def test_benchmark_quick_mode_runs(capsys, monkeypatch):
+    """benchmarks/optim_step.py --quick, as CI runs it (the timings themselves are not asserted)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "optim_step.py"
+    spec = importlib.util.spec_from_file_location("optim_step_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up there
+    spec.loader.exec_module(benchmark)
+    monkeypatch.setattr(optim._fused, "COMPILE_OPTIONS", {})
+    benchmark.main(["--quick", "--steps", "1", "--warmup", "0", "--compile-option", "combo_kernels=True"])
+    assert optim._fused.COMPILE_OPTIONS == {"combo_kernels": True}  # read by the fused path (CUDA only)
+    out = capsys.readouterr().out
+    assert "ours foreach" in out and "ours / torch AdamW foreach" in out and "state bytes/param" in out
