@@ -9,18 +9,15 @@ blocks, per-element biases with uneven shards, and a one-row tensor whose second
 
 from __future__ import annotations
 
-import datetime
-import pickle
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from hessian_blocks.blocks import Partition, Rule
 from optim import AdamMini
 from optim.distributed import ShardedBlockLayout, load_checkpoint, save_checkpoint
+
+from .spawn import spawn_ranks
 
 WORLD = 2
 STEPS = 10
@@ -88,70 +85,62 @@ def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters()}
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _compute(rank: int, out_dir: str) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
     got = {}
-    try:
+    model, partition = make_model()
+    ddp = DistributedDataParallel(model)
+    train(ddp, AdamMini(model, partition, **HYPER), batch(rank), STEPS)
+    got["ddp"] = full_parameters(model)
+
+    for resumed in (False, True):  # DDP: 5 steps, save; fresh model and optimizer, load, 5 steps
         model, partition = make_model()
-        ddp = DistributedDataParallel(model)
-        train(ddp, AdamMini(model, partition, **HYPER), batch(rank), STEPS)
-        got["ddp"] = full_parameters(model)
+        ddp, optimizer = DistributedDataParallel(model), AdamMini(model, partition, **HYPER)
+        if resumed:
+            load_checkpoint(f"{out_dir}/ddp_checkpoint", ddp, optimizer)
+        train(ddp, optimizer, batch(rank), STEPS // 2)
+        if not resumed:
+            save_checkpoint(f"{out_dir}/ddp_checkpoint", ddp, optimizer)
+    got["ddp_resumed"] = full_parameters(model)
 
-        for resumed in (False, True):  # DDP: 5 steps, save; fresh model and optimizer, load, 5 steps
-            model, partition = make_model()
-            ddp, optimizer = DistributedDataParallel(model), AdamMini(model, partition, **HYPER)
-            if resumed:
-                load_checkpoint(f"{out_dir}/ddp_checkpoint", ddp, optimizer)
-            train(ddp, optimizer, batch(rank), STEPS // 2)
-            if not resumed:
-                save_checkpoint(f"{out_dir}/ddp_checkpoint", ddp, optimizer)
-        got["ddp_resumed"] = full_parameters(model)
-
-        for foreach in (True, False):
-            model, partition = make_model()
-            fully_shard(model)
-            optimizer = AdamMini(model, partition, **HYPER, foreach=foreach)
-            train(model, optimizer, batch(rank), STEPS)
-            got[f"fsdp_foreach={foreach}"] = full_parameters(model)
-        q_weight = optimizer._layouts[model.q.weight]
-
-        model, _ = make_model()
-        fully_shard(model)
-        train(model, AdamMini(model, "default", **HYPER), batch(rank), STEPS)
-        got["fsdp_default_partition"] = full_parameters(model)
-
-        got["q_pieces"] = [(s.first_block, s.groups, None if s.piece is None else s.piece.size) for s in q_weight.segments]
-        got["sharded"] = all(isinstance(layout, ShardedBlockLayout) for layout in optimizer._layouts.values())
-
-        # save after 5 steps, resume in a fresh sharded model and optimizer, 5 more steps
+    for foreach in (True, False):
         model, partition = make_model()
         fully_shard(model)
-        optimizer = AdamMini(model, partition, **HYPER)
-        train(model, optimizer, batch(rank), STEPS // 2)
-        save_checkpoint(f"{out_dir}/checkpoint", model, optimizer)
-        model, partition = make_model()
-        fully_shard(model)
-        optimizer = AdamMini(model, partition, **HYPER)
-        load_checkpoint(f"{out_dir}/checkpoint", model, optimizer)
-        train(model, optimizer, batch(rank), STEPS - STEPS // 2)
-        got["fsdp_resumed"] = full_parameters(model)
-        with open(f"{out_dir}/rank{rank}.pkl", "wb") as fh:
-            pickle.dump(got, fh)
-    finally:
-        dist.destroy_process_group()
+        optimizer = AdamMini(model, partition, **HYPER, foreach=foreach)
+        train(model, optimizer, batch(rank), STEPS)
+        got[f"fsdp_foreach={foreach}"] = full_parameters(model)
+    q_weight = optimizer._layouts[model.q.weight]
+
+    model, _ = make_model()
+    fully_shard(model)
+    train(model, AdamMini(model, "default", **HYPER), batch(rank), STEPS)
+    got["fsdp_default_partition"] = full_parameters(model)
+
+    got["q_pieces"] = [(s.first_block, s.groups, None if s.piece is None else s.piece.size) for s in q_weight.segments]
+    got["sharded"] = all(isinstance(layout, ShardedBlockLayout) for layout in optimizer._layouts.values())
+
+    # save after 5 steps, resume in a fresh sharded model and optimizer, 5 more steps
+    model, partition = make_model()
+    fully_shard(model)
+    optimizer = AdamMini(model, partition, **HYPER)
+    train(model, optimizer, batch(rank), STEPS // 2)
+    save_checkpoint(f"{out_dir}/checkpoint", model, optimizer)
+    model, partition = make_model()
+    fully_shard(model)
+    optimizer = AdamMini(model, partition, **HYPER)
+    load_checkpoint(f"{out_dir}/checkpoint", model, optimizer)
+    train(model, optimizer, batch(rank), STEPS - STEPS // 2)
+    got["fsdp_resumed"] = full_parameters(model)
+    return got
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     """(what each rank ended with, the checkpoint folder)."""
     folder = tmp_path_factory.mktemp("distributed_optim")
-    mp.spawn(_worker, args=(str(folder / "rendezvous"), str(folder)), nprocs=WORLD, join=True)
-    return [pickle.loads((folder / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)], folder / "checkpoint"
+    return spawn_ranks(_compute, folder, WORLD), folder / "checkpoint"
 
 
 @pytest.fixture(scope="module")

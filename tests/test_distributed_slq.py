@@ -7,10 +7,8 @@ against dense Hessians in test_hvp.py).
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from hessian_blocks import BlockHessian, Partition, block_spectra
 from hessian_blocks.distributed import (
     DataParallelBlockHessian, get_rank, get_world_size, shard_batches, split_block_spectra, split_blocks,
 )
+
+from .spawn import spawn_ranks
 
 WORLD = 2
 SLQ = dict(steps=6, probes=3, seed=7)
@@ -44,49 +42,41 @@ def tiny_problem(sizes: list[int], model_seed: int = 0):
     return model, nn.functional.cross_entropy, batches
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        got = {"rank": get_rank(), "world_size": get_world_size()}
-        for name, sizes in DATASETS.items():
-            model, loss_fn, batches = tiny_problem(sizes)
-            hessian = DataParallelBlockHessian(model, loss_fn, shard_batches(batches), strategy="loop")
-            spectrum = block_spectra(hessian, **SLQ, full_model=True)
-            got[name] = {
-                "lanczos": spectrum.lanczos, "full": spectrum.full, "settings": spectrum.settings,
-                "loss": hessian.loss(), "gradient": hessian.gradient().numpy(),
-                "local_samples": hessian.local_samples,
-            }
-        model, loss_fn, batches = tiny_problem(DATASETS["unequal"])
-        split = split_block_spectra(model, loss_fn, batches, Partition.per_tensor(model), **SLQ)
-        got["split"] = None if split is None else split.lanczos
-        got["split_names"] = None if split is None else split.names
+def _compute(rank: int, out_dir: str) -> dict:
+    got = {"rank": get_rank(), "world_size": get_world_size()}
+    for name, sizes in DATASETS.items():
+        model, loss_fn, batches = tiny_problem(sizes)
+        hessian = DataParallelBlockHessian(model, loss_fn, shard_batches(batches), strategy="loop")
+        spectrum = block_spectra(hessian, **SLQ, full_model=True)
+        got[name] = {
+            "lanczos": spectrum.lanczos, "full": spectrum.full, "settings": spectrum.settings,
+            "loss": hessian.loss(), "gradient": hessian.gradient().numpy(),
+            "local_samples": hessian.local_samples,
+        }
+    model, loss_fn, batches = tiny_problem(DATASETS["unequal"])
+    split = split_block_spectra(model, loss_fn, batches, Partition.per_tensor(model), **SLQ)
+    got["split"] = None if split is None else split.lanczos
+    got["split_names"] = None if split is None else split.names
 
-        model, loss_fn, batches = tiny_problem(DATASETS["equal"], model_seed=rank)  # a different model per rank
-        try:
-            DataParallelBlockHessian(model, loss_fn, shard_batches(batches))
-        except ValueError as err:
-            got["mismatch_error"] = str(err)
-        model, loss_fn, batches = tiny_problem(DATASETS["equal"])
-        hessian = DataParallelBlockHessian(model, loss_fn, shard_batches(batches))
-        try:
-            block_spectra(hessian, steps=2, probes=1, seed=rank)  # different probes per rank
-        except ValueError as err:
-            got["different_probes_error"] = str(err)
-        with open(f"{out_dir}/rank{rank}.pkl", "wb") as fh:
-            pickle.dump(got, fh)
-    finally:
-        dist.destroy_process_group()
+    model, loss_fn, batches = tiny_problem(DATASETS["equal"], model_seed=rank)  # a different model per rank
+    try:
+        DataParallelBlockHessian(model, loss_fn, shard_batches(batches))
+    except ValueError as err:
+        got["mismatch_error"] = str(err)
+    model, loss_fn, batches = tiny_problem(DATASETS["equal"])
+    hessian = DataParallelBlockHessian(model, loss_fn, shard_batches(batches))
+    try:
+        block_spectra(hessian, steps=2, probes=1, seed=rank)  # different probes per rank
+    except ValueError as err:
+        got["different_probes_error"] = str(err)
+    return got
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of the two ranks computed, [rank 0, rank 1]."""
     folder = tmp_path_factory.mktemp("distributed_slq")
-    mp.spawn(_worker, args=(str(folder / "rendezvous"), str(folder)), nprocs=WORLD, join=True)
-    return [pickle.loads((folder / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+    return spawn_ranks(_compute, folder, WORLD)
 
 
 def single_process(name: str):
