@@ -273,7 +273,7 @@ def _matrix_frame(matrix, names):
 def add_partition_command(commands) -> None:
     """``hessian-blocks partition``: derive an Adam-mini partition file from the measured Hessian."""
     from .data import DATA_SOURCES
-    from .partitioner import DEFAULT_CONTRAST, DEFAULT_MASS_THRESHOLD, DEFAULT_MAX_RUNS, DEFAULT_THRESHOLD
+    from .partitioner import DEFAULT_CONTRAST, DEFAULT_MASS_THRESHOLD, DEFAULT_MAX_RUNS, DEFAULT_MAX_SPREAD, DEFAULT_THRESHOLD
 
     command = commands.add_parser(
         "partition", help="derive Adam-mini's blocks from the measured Hessian structure",
@@ -289,10 +289,15 @@ def add_partition_command(commands) -> None:
     command.add_argument("--batches", type=int, default=1, help="batches in the loss (default: 1)")
     command.add_argument("--batch-size", type=int, default=8, help="samples per batch (default: 8)")
     command.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                         help=f"largest mean relative coupling left between neighbouring blocks (default: {DEFAULT_THRESHOLD})")
+                         help=f"coupling between blocks above which an axis stays one block (default: {DEFAULT_THRESHOLD})")
     command.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST,
-                         help=f"inside/neighbour coupling ratio a merged group needs (default: {DEFAULT_CONTRAST})")
-    command.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS, help=f"runs of equal groups allowed (default: {DEFAULT_MAX_RUNS})")
+                         help=f"groupings within this factor of the weakest coupling are equally good, the finest wins "
+                              f"(default: {DEFAULT_CONTRAST})")
+    command.add_argument("--max-runs", type=int, choices=(1, 2), default=DEFAULT_MAX_RUNS,
+                         help=f"1: equal groups only; 2: also single slices before or after them (default: {DEFAULT_MAX_RUNS})")
+    command.add_argument("--max-spread", type=float, default=DEFAULT_MAX_SPREAD,
+                         help=f"near-diagonal Hessians with an even diagonal (90th/10th percentile at most this) are one "
+                              f"block (default: {DEFAULT_MAX_SPREAD})")
     command.add_argument("--mass-threshold", type=float, default=DEFAULT_MASS_THRESHOLD,
                          help=f"largest off-diagonal mass fraction for 'elements' (default: {DEFAULT_MASS_THRESHOLD})")
     command.add_argument("--method", choices=("auto", "dense", "probes"), default="auto", help="how to measure (default: auto)")
@@ -329,7 +334,7 @@ def run_partition(args: argparse.Namespace) -> int:
               disable=args.no_progress, file=sys.stderr) as bar:
         decisions = derive_decisions(
             measured.model, measured.loss_fn, batches, threshold=args.threshold, contrast=args.contrast,
-            max_runs=args.max_runs, mass_threshold=args.mass_threshold, method=args.method, probes=args.probes,
+            max_runs=args.max_runs, mass_threshold=args.mass_threshold, max_spread=args.max_spread, method=args.method, probes=args.probes,
             dense_max=args.dense_max, seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy,
             progress=lambda _: bar.update(1),
         )

@@ -6,30 +6,32 @@ columns, tokens, ...). The decision looks only at these numbers and the tensor's
 with the *relative coupling* K_ij = C_ij / sqrt(C_ii C_jj), the mass between two slices against
 the mass of their own diagonal blocks (0 where a slice has no mass: no evidence of coupling).
 
-Along each axis (:func:`group_axis`):
+Along each axis (:func:`group_axis`), couplings between groups of slices are mass-weighted
+means of K (sum of C_ij over sum of sqrt(C_ii C_jj)): slices with little mass have small diagonal
+entries and noisy, heavy-tailed K, and weighting keeps them from deciding for the others. A link
+(two neighbouring groups) couples at most 1 (full coupling; K > 1 happens where the Hessian is
+indefinite with a weak diagonal). The *cross coupling* of a grouping is the mean over its links.
 
-1. *Merge*: neighbouring groups are merged, strongest first, while their mean relative coupling
-   exceeds ``threshold / 4`` (generous: step 2 removes groups that are not blocks). Groups stay
-   contiguous, so only couplings between neighbouring slices shape them.
-2. *Keep distinct groups only*: a merged group is kept when its inside coupling is at least
-   ``contrast`` times its coupling to each neighbouring group (an attention head against the next
-   head); otherwise it is a chain of strongly coupled pairs in a uniformly coupled background and
-   goes back to single slices. A group spanning the whole axis is kept when its inside coupling
-   exceeds ``threshold``.
-3. *Accept*: the grouping stands when the mean relative coupling between neighbouring groups is
-   at most ``threshold`` (the off-block-diagonal mass is small against the diagonal blocks) and
-   it is regular: at most ``max_runs`` runs of equal groups (a fused q|k|v weight is two runs:
-   heads of q and k, then single neurons of v), each run of multi-slice groups repeating (heads
-   come in numbers; a lone cluster among single slices is not a block pattern). Otherwise the axis is split into single slices
-   when no two neighbouring slices couple by more than ``threshold`` (the groups were scattered
-   weak pairs), and is one group when some do.
+1. *Candidates*: every regular contiguous grouping: single slices; two or more groups of equal
+   size tiling the axis (heads); with ``max_runs`` = 2 also such groups followed or preceded by
+   single slices (a fused q|k|v weight: heads of q and k, then the neurons of v). Groups among
+   single slices must be *distinct*: coupled inside at least ``contrast`` times more than across
+   the links that separate them (a group that cuts through a head is not).
+2. *Choice*: when even the weakest candidate leaves more than ``threshold`` between its groups,
+   the slices are one group. Otherwise the candidates leaving at most ``contrast`` times the
+   weakest cross coupling are equally good, and the finest of them (most groups) wins.
 
 Per tensor (:func:`decide_rule`): the axis whose grouping leaves the weakest coupling between
-groups wins (ties: more groups, then the lower axis). No axis split: ``"whole"``. Single slices
-along every axis (for a tensor of two or more axes, with at most ``mass_threshold`` of the
-Frobenius mass off the diagonal on each axis): ``"elements"`` (a one-coordinate block cannot hide any coupling, so most of the mass must
-be diagonal). Every rule's ``why`` records each axis' grouping, its off-block mass fraction, the
-coupling left between groups, slices without mass, and how the Hessian was measured.
+groups wins (ties: more groups, then the lower axis); no axis split: ``"whole"``. When every
+axis splits into single slices, each block would be one coordinate, which cannot hide any
+coupling, so the Hessian mass decides: with at most ``mass_threshold`` of it off the diagonal on
+every axis the Hessian is near diagonal, and is ``"whole"`` when its diagonal is even (90th/10th
+percentile of the slices' diagonal norms at most ``max_spread``: one learning rate fits all,
+like a norm scale) and ``"elements"`` when it is uneven. A 1-D tensor with most of its mass off
+the diagonal, spread over many weak pairs (diffuse coupling), is ``"whole"``; a tensor of two or
+more axes then keeps the split of its best axis. Every rule's ``why`` records each axis'
+grouping, its off-block mass fraction, the coupling left between groups, slices without mass, the
+diagonal spread where it decided, and how the Hessian was measured.
 
 Slices with no Hessian mass (embedding rows of tokens absent from the data) carry no evidence:
 they couple with nothing, stay single, and are counted in ``why``.
@@ -54,8 +56,9 @@ from .coupling import TensorCoupling, measure_coupling
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MASS_THRESHOLD = 0.5
-DEFAULT_CONTRAST = 10.0
+DEFAULT_CONTRAST = 4.0
 DEFAULT_MAX_RUNS = 2
+DEFAULT_MAX_SPREAD = 10.0
 Batch = tuple[Any, torch.Tensor]
 
 
@@ -65,9 +68,10 @@ class AxisGrouping:
 
     axis: int
     sizes: list[int]            # group sizes along the axis, in order
-    cross_coupling: float       # mean relative coupling between neighbouring groups (one group: slices)
+    cross_coupling: float       # mean coupling between neighbouring groups (one group: between its slices)
     off_block_mass: float       # fraction of ||H_WW||_F^2 outside the groups' diagonal blocks
     zero_slices: int            # slices with no Hessian mass
+    spread: float = 1.0         # 90th / 10th percentile of the slices' diagonal norms ||H_ii||_F
 
     @property
     def runs(self) -> list[tuple[int, int]]:
@@ -103,32 +107,55 @@ class Decision:
         return f"axis {rule.axis}: " + ", ".join(f"{count} x {size}" for size, count in runs)
 
 
-def check_settings(threshold: float, contrast: float, max_runs: int, mass_threshold: float) -> None:
+def check_settings(threshold: float, contrast: float, max_runs: int, mass_threshold: float,
+                   max_spread: float = DEFAULT_MAX_SPREAD) -> None:
     """Refuse decision settings that make no sense, before anything is measured."""
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0 (a relative coupling), got {threshold}")
     if not contrast >= 1:
-        raise ValueError(f"contrast must be >= 1 (inside vs neighbour coupling), got {contrast}")
-    if max_runs < 1:
-        raise ValueError(f"max_runs must be >= 1, got {max_runs}")
+        raise ValueError(f"contrast must be >= 1 (a ratio of couplings), got {contrast}")
+    if max_runs not in (1, 2):
+        raise ValueError(f"max_runs must be 1 (equal groups only) or 2 (also a run of single slices), got {max_runs}")
+    if not max_spread >= 1:
+        raise ValueError(f"max_spread must be >= 1 (a ratio of diagonal norms), got {max_spread}")
     if not 0 <= mass_threshold <= 1:
         raise ValueError(f"mass_threshold must be a fraction in [0, 1], got {mass_threshold}")
 
 
-def relative_coupling(coupling: np.ndarray) -> np.ndarray:
-    """K_ij = C_ij / sqrt(C_ii C_jj): slice coupling relative to the slices' own blocks.
+class SliceCoupling:
+    """Mass-weighted relative coupling between groups of slices, from 2-D prefix sums.
 
-    Independent of the slices' scale. Pairs involving a slice without mass (C_ii = 0) get 0: no
-    evidence of coupling. K can exceed 1 where the Hessian is indefinite with a weak diagonal.
+    For groups A and B the coupling is sum_{i in A, j in B} C_ij / sum sqrt(C_ii C_jj): the mean of
+    K_ij weighted by the slices' own mass. Slices with little mass have small diagonal entries, so
+    their K_ij are large and noisy (an indefinite Hessian, rounding); weighting keeps them from
+    deciding for the well-measured slices. Slices without mass weigh nothing.
     """
-    matrix = np.asarray(coupling, dtype=np.float64)
-    diagonal = np.clip(np.diag(matrix), 0.0, None)
-    scale = diagonal.max(initial=0.0)
-    massless = diagonal <= 1e-12 * scale if scale > 0 else np.ones_like(diagonal, dtype=bool)
-    norm = np.sqrt(np.outer(diagonal, diagonal))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(massless[:, None] | massless[None, :], 0.0, matrix / norm)
-    return relative
+
+    def __init__(self, coupling: np.ndarray):
+        matrix = np.asarray(coupling, dtype=np.float64)
+        diagonal = np.clip(np.diag(matrix), 0.0, None)
+        scale = diagonal.max(initial=0.0)
+        self.size = matrix.shape[0]
+        self.massless = diagonal <= 1e-12 * scale if scale > 0 else np.ones_like(diagonal, dtype=bool)
+        keep = ~(self.massless[:, None] | self.massless[None, :])
+        mass = np.where(keep, matrix, 0.0)
+        weight = np.where(keep, np.sqrt(np.outer(diagonal, diagonal)), 0.0)
+        self._sums = np.zeros((2, self.size + 1, self.size + 1))
+        self._sums[0, 1:, 1:], self._sums[1, 1:, 1:] = mass.cumsum(0).cumsum(1), weight.cumsum(0).cumsum(1)
+        self._diagonal_sums = np.zeros((2, self.size + 1))
+        self._diagonal_sums[0, 1:], self._diagonal_sums[1, 1:] = np.diag(mass).cumsum(), np.diag(weight).cumsum()
+
+    def links(self, start: np.ndarray, size_a: int, size_b: int) -> np.ndarray:
+        """[2, k]: (mass, weight) between slices start:start+size_a and the next size_b slices."""
+        a, b, c = start, start + size_a, start + size_a + size_b
+        sums = self._sums
+        return sums[:, b, c] - sums[:, a, c] - sums[:, b, b] + sums[:, a, b]
+
+    def inside(self, start: np.ndarray, size: int) -> np.ndarray:
+        """[2, k]: (mass, weight) between distinct slices of each group start:start+size."""
+        a, b = start, start + size
+        sums, diagonal = self._sums, self._diagonal_sums
+        return sums[:, b, b] - sums[:, a, b] - sums[:, b, a] + sums[:, a, a] - (diagonal[:, b] - diagonal[:, a])
 
 
 def group_axis(
@@ -147,84 +174,70 @@ def group_axis(
     n = matrix.shape[0]
     if matrix.ndim != 2 or matrix.shape != (n, n):
         raise ValueError(f"coupling must be a square matrix, got shape {matrix.shape}")
-    relative = relative_coupling(matrix)
-    segments = _keep_distinct(relative, _merge_adjacent(relative, threshold / 4), threshold, contrast)
-    cross = _neighbour_coupling(relative, segments)
-    if cross > threshold or not _regular(segments, max_runs):
-        singles = [(i, i + 1) for i in range(n)]
-        neighbours = np.diagonal(relative, offset=1)
-        if neighbours.size and neighbours.max() <= threshold:  # scattered pairs below threshold: single slices
-            segments, cross = singles, _neighbour_coupling(relative, singles)
-        else:
-            segments = [(0, n)]
-    if len(segments) == 1:  # report how strongly the slices couple
-        cross = _neighbour_coupling(relative, [(i, i + 1) for i in range(n)])
+    slices = SliceCoupling(matrix)
+    candidates = _candidate_crosses(slices, max_runs, contrast)  # (groups, cross, layout) of every regular grouping
+    weakest = min(cross for _, cross, _ in candidates)
+    if weakest > threshold:  # every grouping leaves strong coupling: one group; report how its slices couple
+        sizes, cross = [n], candidates[0][1]
+    else:                    # the finest grouping that leaves about as little coupling as the best one
+        allowed = max(contrast * weakest, threshold / contrast**2)
+        _, cross, layout = max((c for c in candidates if c[1] <= allowed), key=lambda c: (c[0], -c[1]))
+        sizes = _layout_sizes(layout)
+    edges = np.cumsum([0, *sizes])
     total = matrix.sum()
-    inside = sum(matrix[a:b, a:b].sum() for a, b in segments)
-    off = float((total - inside) / total) if total > 0 else 0.0
-    scale = np.abs(matrix).max(initial=0.0)
-    zero = int(np.sum(np.diag(matrix) <= 1e-12 * scale)) if scale > 0 else n
-    return AxisGrouping(axis, [b - a for a, b in segments], cross, off, zero)
+    inside = sum(matrix[a:b, a:b].sum() for a, b in zip(edges, edges[1:]))
+    off = max(float((total - inside) / total), 0.0) if total > 0 else 0.0  # no negative rounding residue
+    norms = np.sqrt(np.diag(matrix)[~slices.massless])
+    spread = float(np.divide(*np.quantile(norms, [0.9, 0.1]))) if norms.size > 1 else 1.0
+    return AxisGrouping(axis, list(sizes), cross, off, int(slices.massless.sum()), spread)
 
 
-def _merge_adjacent(relative: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    """Merge neighbouring groups, strongest first, while their mean relative coupling exceeds ``threshold``."""
-    n = relative.shape[0]
-    block_mean = _block_means(relative)
-    segments = [(i, i + 1) for i in range(n)]
-    between = [block_mean(segments[k], segments[k + 1]) for k in range(n - 1)]
-    while between:
-        k = int(np.argmax(between))
-        if between[k] <= threshold:
-            break
-        segments[k : k + 2] = [(segments[k][0], segments[k + 1][1])]
-        del between[k]
-        if k > 0:
-            between[k - 1] = block_mean(segments[k - 1], segments[k])
-        if k < len(between):
-            between[k] = block_mean(segments[k], segments[k + 1])
-    return segments
+def _candidate_crosses(
+    slices: SliceCoupling, max_runs: int, contrast: float
+) -> list[tuple[int, float, tuple[int, int, int, int]]]:
+    """(number of groups, coupling left between neighbouring groups, layout) of the regular groupings.
 
-
-def _block_means(relative: np.ndarray) -> Callable[[tuple[int, int], tuple[int, int]], float]:
-    """Mean of ``relative`` over a block of slices, in O(1) from 2-D prefix sums."""
-    prefix = np.zeros((relative.shape[0] + 1, relative.shape[1] + 1))
-    prefix[1:, 1:] = relative.cumsum(0).cumsum(1)
-
-    def mean(rows: tuple[int, int], cols: tuple[int, int]) -> float:
-        (a, b), (c, d) = rows, cols
-        return float(prefix[b, d] - prefix[a, d] - prefix[b, c] + prefix[a, c]) / ((b - a) * (d - c))
-
-    return mean
-
-
-def _keep_distinct(
-    relative: np.ndarray, segments: list[tuple[int, int]], threshold: float, contrast: float
-) -> list[tuple[int, int]]:
-    """Dissolve merged groups that are not distinct from their neighbours.
-
-    A group is kept when the mean coupling inside it is at least ``contrast`` times its mean
-    coupling to each neighbouring group (a group spanning the whole axis: when its inside coupling
-    exceeds ``threshold``). Otherwise it is a chain of pairs in a uniformly coupled background, not
-    a block, and goes back to single slices.
+    Regular: single slices; ``count >= 2`` groups of ``size`` slices tiling the axis (heads); with
+    ``max_runs`` = 2 also such groups followed or preceded by ``rest`` single slices (a fused q|k|v
+    weight: heads of q and k, then the neurons of v). ``layout`` = (lead, size, count, rest): ``lead``
+    singles, the groups, then the other ``rest - lead`` singles (see :func:`_layout_sizes`).
+    Groups must be distinct: their inside coupling at least ``contrast`` times the coupling of the
+    links that separate them from their neighbours (a group cutting through a head is not).
     """
-    kept = []
-    for k, (a, b) in enumerate(segments):
-        if b - a == 1:
-            kept.append((a, b))
-            continue
-        inside = relative[a:b, a:b]
-        within = (inside.sum() - np.trace(inside)) / ((b - a) * (b - a - 1))
-        neighbours = [relative[a:b, c:d].mean() for c, d in segments[max(k - 1, 0) : k + 2] if (c, d) != (a, b)]
-        distinct = within >= contrast * max(neighbours) if neighbours else within > threshold
-        kept.extend([(a, b)] if distinct else [(i, i + 1) for i in range(a, b)])
-    return kept
+    n = slices.size
+    single = _ratios(slices.links(np.arange(n - 1), 1, 1))               # link i: slice i -> slice i + 1
+    single_sums = np.concatenate([[0.0], single.cumsum()])
+    out = [(n, float(single.mean()) if n > 1 else 0.0, (0, 1, n, 0))]
+    for size in range(2, n // 2 + 1):
+        for count in range(2, n // size + 1):
+            rest = n - size * count
+            if rest and max_runs < 2:
+                continue
+            for lead in ((0, rest) if rest else (0,)):                 # singles after (lead 0) or before the groups
+                starts = lead + size * np.arange(count)
+                inside = _ratios(slices.inside(starts, size)).mean()
+                links = list(_ratios(slices.links(starts[:-1], size, size)))
+                if rest and lead == 0:    # last group -> first single
+                    links.append(_ratios(slices.links(starts[-1:], size, 1))[0])
+                elif rest:                # last single -> first group
+                    links.append(_ratios(slices.links(np.array([rest - 1]), 1, size))[0])
+                if rest and inside < contrast * np.mean(links):  # a run of groups among singles must be distinct
+                    continue
+                singles = 0.0 if not rest else single_sums[n - 1] - single_sums[size * count] if lead == 0 \
+                    else single_sums[rest - 1]
+                out.append((count + rest, float((sum(links) + singles) / (count + rest - 1)), (lead, size, count, rest)))
+    return out
 
 
-def _neighbour_coupling(relative: np.ndarray, segments: list[tuple[int, int]]) -> float:
-    """Mean relative coupling between neighbouring groups (0 for one group)."""
-    pairs = [relative[a:b, c:d].mean() for (a, b), (c, d) in zip(segments, segments[1:])]
-    return float(np.mean(pairs)) if pairs else 0.0
+def _layout_sizes(layout: tuple[int, int, int, int]) -> list[int]:
+    lead, size, count, rest = layout
+    return [1] * lead + [size] * count + [1] * (rest - lead)
+
+
+def _ratios(mass_weight: np.ndarray) -> np.ndarray:
+    """Coupling of each link: its mass over its weight, at most 1 (full coupling); 0 without weight."""
+    mass, weight = mass_weight
+    return np.minimum(np.divide(mass, weight, out=np.zeros_like(mass), where=weight > 0), 1.0)
 
 
 def decide_rule(
@@ -233,8 +246,10 @@ def decide_rule(
     contrast: float = DEFAULT_CONTRAST,
     max_runs: int = DEFAULT_MAX_RUNS,
     mass_threshold: float = DEFAULT_MASS_THRESHOLD,
+    max_spread: float = DEFAULT_MAX_SPREAD,
 ) -> Decision:
     """The split of one tensor from its measured slice couplings (shapes and numbers only)."""
+    check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
     shape = coupling.shape
     groupings = [group_axis(matrix, threshold, contrast, max_runs, axis) for axis, matrix in sorted(coupling.axes.items())]
     method = f"{coupling.method}, {coupling.products} HVPs"
@@ -243,11 +258,20 @@ def decide_rule(
         return Decision(rule, shape, coupling.method, coupling.products, [], coupling)
     evidence = "; ".join(_evidence(g) for g in groupings)
     split = [g for g in groupings if len(g.sizes) > 1]
+    single_slices = all(len(g.sizes) == shape[g.axis] for g in groupings)  # every block would be one coordinate
+    near_diagonal = max(g.off_block_mass for g in groupings) <= mass_threshold
+    spread = max(g.spread for g in groupings)
     if not split:
         rule = Rule(coupling.param, "whole", why=f"slices couple along every axis: {evidence} ({method})")
-    elif len(split) == len(groupings) and all(len(g.sizes) == shape[g.axis] for g in groupings) \
-            and (len(groupings) == 1 or max(g.off_block_mass for g in groupings) <= mass_threshold):
-        rule = Rule(coupling.param, "elements", why=f"Hessian near diagonal: {evidence} ({method})")
+    elif single_slices and near_diagonal and spread <= max_spread:
+        rule = Rule(coupling.param, "whole", why=f"Hessian near diagonal with an even diagonal (spread {spread:.3g}, "
+                                                 f"one learning rate fits): {evidence} ({method})")
+    elif single_slices and near_diagonal:
+        rule = Rule(coupling.param, "elements", why=f"Hessian near diagonal, uneven diagonal (spread {spread:.3g}): "
+                                                    f"{evidence} ({method})")
+    elif single_slices and len(groupings) == 1:
+        rule = Rule(coupling.param, "whole", why=f"no two entries couple strongly, but most of the mass is off the "
+                                                 f"diagonal (diffuse coupling): {evidence} ({method})")
     else:
         best = min(split, key=lambda g: (g.cross_coupling, -len(g.sizes), g.axis))
         runs = best.runs
@@ -266,6 +290,7 @@ def derive_decisions(
     contrast: float = DEFAULT_CONTRAST,
     max_runs: int = DEFAULT_MAX_RUNS,
     mass_threshold: float = DEFAULT_MASS_THRESHOLD,
+    max_spread: float = DEFAULT_MAX_SPREAD,
     **measure: Any,
 ) -> list[Decision]:
     """Measure every trainable tensor (or ``params=[...]``) and decide its split, with the evidence.
@@ -273,9 +298,9 @@ def derive_decisions(
     ``measure`` goes to :func:`~hessian_blocks.coupling.measure_coupling` (``params``, ``method``,
     ``probes``, ``dense_max``, ``seed``, ``dtype``, ``device``, ``strategy``, ``progress``).
     """
-    check_settings(threshold, contrast, max_runs, mass_threshold)
+    check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
     couplings = measure_coupling(model, loss_fn, data, **measure)
-    return [decide_rule(c, threshold, contrast, max_runs, mass_threshold) for c in couplings.values()]
+    return [decide_rule(c, threshold, contrast, max_runs, mass_threshold, max_spread) for c in couplings.values()]
 
 
 def derive_partition(
@@ -296,10 +321,14 @@ def derive_partition(
         small: a smaller instance of the same architecture (fewer layers, narrower, same head
             size) measured instead of ``model``; its rules are mapped back by :func:`map_rules`.
         small_data: batches for ``small`` (default: ``data``).
-        **settings: decision thresholds ``threshold`` (0.5: largest mean relative coupling left
-            between neighbouring blocks), ``contrast`` (10: how much stronger a merged group's
-            inside coupling must be than its coupling to its neighbours), ``max_runs`` (2),
-            ``mass_threshold`` (0.5: largest off-diagonal mass fraction for "elements"), and the
+        **settings: decision settings ``threshold`` (0.5: above it, every grouping leaves too much
+            coupling and the axis is one block), ``contrast`` (4: groupings within this factor of the
+            weakest coupling count as equally good, the finest wins; groups among single slices must
+            couple inside this many times more than to their neighbours), ``max_runs`` (2: groups
+            may be followed or preceded by single slices; 1: equal groups only), ``mass_threshold``
+            (0.5: largest off-diagonal mass fraction for a per-coordinate split), ``max_spread``
+            (10: largest 90th/10th percentile ratio of the diagonal for which a near-diagonal
+            Hessian is one block), and the
             measurement options of :func:`~hessian_blocks.coupling.measure_coupling` (``method``,
             ``probes`` = 4, ``dense_max`` = 1024, ``seed``, ``dtype``, ``device``, ``strategy``,
             ``progress``).
@@ -381,12 +410,6 @@ def _scaled_rule(rule: Rule, small_shape: tuple[int, ...], name: str, shape: tup
     return Rule(name, "groups", axis=axis, runs=tuple(runs), why=why)
 
 
-def _regular(segments: list[tuple[int, int]], max_runs: int) -> bool:
-    """At most ``max_runs`` runs, and every run of groups larger than one slice repeats (heads, not a lone cluster)."""
-    runs = _runs([b - a for a, b in segments])
-    return len(runs) <= max_runs and all(count >= 2 or size == 1 or len(runs) == 1 for size, count in runs)
-
-
 def _runs(sizes: Sequence[int]) -> list[tuple[int, int]]:
     runs: list[list[int]] = []
     for size in sizes:
@@ -435,11 +458,6 @@ def _owner_types(model: nn.Module) -> dict[str, str]:
         for param_name, _ in module.named_parameters(recurse=False):
             types[f"{module_name}.{param_name}" if module_name else param_name] = type(module).__name__
     return types
-
-
-def _mean_block(relative: np.ndarray, a: int, b: int, c: int, d: int) -> float:
-    """Mean relative coupling between the slices a:b and c:d."""
-    return float(relative[a:b, c:d].mean())
 
 
 def _evidence(grouping: AxisGrouping) -> str:
