@@ -158,17 +158,8 @@ def test_failed_compilation_falls_back_to_foreach(monkeypatch):
 
     monkeypatch.setattr(optim._fused, "available", lambda params: True)
     monkeypatch.setattr(optim._fused.FusedStep, "__call__", broken)
-    results = []
-    for flags in (dict(fused=True), dict(foreach=True)):
-        model = Tensors(dtype=torch.float32)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            run_adam_mini(model, random_grads(model, steps=3), **flags)
-        failures = [w for w in caught if "compiling the update failed (CompileError" in str(w.message)]
-        assert len(failures) == (1 if "fused" in flags else 0)
-        results.append([p.detach().clone() for p in model.parameters()])
+    assert_fused_falls_back_to_foreach("compiling the update failed (CompileError")
     assert len(calls) == 1  # tried once, then foreach for good
-    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_lr_scheduler_drives_the_update():
@@ -295,13 +286,18 @@ def test_state_memory_of_gpt2_width_model_is_half_of_adamw():
 
 
 def test_fused_on_cpu_warns_once_and_equals_foreach():
+    assert_fused_falls_back_to_foreach("using the foreach path")
+
+
+def assert_fused_falls_back_to_foreach(warning: str) -> None:
+    """fused=True warns once (a message containing ``warning``) and gives foreach's parameters exactly."""
     results = []
     for flags in (dict(fused=True), dict(foreach=True)):
         model = Tensors(dtype=torch.float32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             run_adam_mini(model, random_grads(model, steps=3), **flags)
-        fallbacks = [w for w in caught if "using the foreach path" in str(w.message)]
+        fallbacks = [w for w in caught if warning in str(w.message)]
         assert len(fallbacks) == (1 if "fused" in flags else 0)
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
