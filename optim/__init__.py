@@ -11,13 +11,13 @@ on a low-rank projection of matrix gradients) and a small factory.
 
 from .adam_mini import AdamMini
 from .default_partition import default_partition, default_rules, register_attention
-from .factory import OPTIMIZERS, make
+from .factory import OPTIMIZERS, PARTITIONED, make
 from .galore_mini import GaLoreMini, Projection
 from .layout import BlockLayout
 from .memory import StateMemory, state_memory
 from .param_groups import param_groups_no_decay
 
 __all__ = [
-    "AdamMini", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "Projection", "StateMemory", "default_partition", "default_rules", "make",
+    "AdamMini", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory", "default_partition", "default_rules", "make",
     "param_groups_no_decay", "register_attention", "state_memory",
 ]

@@ -15,6 +15,7 @@ from .galore_mini import GaLoreMini
 from .param_groups import param_groups_no_decay
 
 OPTIMIZERS = ("adam_mini", "galore_mini", "adamw", "sgd")
+PARTITIONED = ("adam_mini", "galore_mini")  # the optimizers that take a partition (one v per block)
 
 
 def make(
@@ -42,7 +43,7 @@ def make(
     if name == "galore_mini":
         return GaLoreMini(groups, partition, lr=lr, model=model, **kwargs)
     if not (isinstance(partition, str) and partition == "default"):
-        raise ValueError(f"a partition applies to adam_mini and galore_mini only; {name} has no blocks")
+        raise ValueError(f"a partition applies to {' and '.join(PARTITIONED)} only; {name} has no blocks")
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **kwargs)
     return torch.optim.SGD(groups, lr=lr, **{"momentum": 0.9, **kwargs})

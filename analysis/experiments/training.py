@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+import optim
 from hessian_blocks import build_model, make_batches
 
 __all__ = ["OPTIMIZERS", "PARTITIONED", "TrainSetup", "best_runs", "make_optimizer", "optimizer_state_bytes", "train_run"]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "adam_mini", "galore_mini")
-PARTITIONED: tuple[str, ...] = ("adam_mini", "galore_mini")  # the optimizers that take a partition
+PARTITIONED: tuple[str, ...] = optim.PARTITIONED  # the optimizers that take a partition
 
 
 def make_optimizer(name: str, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0,
@@ -32,8 +33,6 @@ def make_optimizer(name: str, model: torch.nn.Module, *, lr: float, weight_decay
     each matrix's smaller side, refresh every 200 steps, scale 0.25) through the project's ``optim.make``
     (no weight decay on norms and biases); ``partition`` ("default", a Partition or a partition file)
     applies to Adam-mini and GaLore-mini only."""
-    import optim
-
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     extra = {"partition": partition} if name in PARTITIONED else {}
@@ -42,8 +41,6 @@ def make_optimizer(name: str, model: torch.nn.Module, *, lr: float, weight_decay
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's state (``optim.state_memory``)."""
-    import optim
-
     return optim.state_memory(optimizer).total_bytes
 
 
