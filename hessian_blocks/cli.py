@@ -291,15 +291,16 @@ def add_partition_command(commands) -> None:
     command.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                          help=f"coupling between blocks above which an axis stays one block (default: {DEFAULT_THRESHOLD})")
     command.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST,
-                         help=f"groupings within this factor of the weakest coupling are equally good, the finest wins "
-                              f"(default: {DEFAULT_CONTRAST})")
+                         help=f"distinct groups couple inside this many times more than to their neighbours; the finest grouping "
+                              f"wins that cuts no distinct group at links above threshold/contrast (default: {DEFAULT_CONTRAST})")
     command.add_argument("--max-runs", type=int, choices=(1, 2), default=DEFAULT_MAX_RUNS,
                          help=f"1: equal groups only; 2: also single slices before or after them (default: {DEFAULT_MAX_RUNS})")
     command.add_argument("--max-spread", type=float, default=DEFAULT_MAX_SPREAD,
                          help=f"near-diagonal Hessians with an even diagonal (90th/10th percentile at most this) are one "
                               f"block (default: {DEFAULT_MAX_SPREAD})")
     command.add_argument("--mass-threshold", type=float, default=DEFAULT_MASS_THRESHOLD,
-                         help=f"largest off-diagonal mass fraction for 'elements' (default: {DEFAULT_MASS_THRESHOLD})")
+                         help=f"largest off-diagonal mass fraction of a near-diagonal Hessian ('whole' or 'elements' "
+                              f"instead of slices; default: {DEFAULT_MASS_THRESHOLD})")
     command.add_argument("--method", choices=("auto", "dense", "probes"), default="auto", help="how to measure (default: auto)")
     command.add_argument("--probes", type=int, default=4, help="Rademacher probes per slice (default: 4)")
     command.add_argument("--dense-max", type=int, default=1024, help="largest tensor measured densely (default: 1024)")

@@ -22,7 +22,9 @@ block per tensor, so every product is H_WW v):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -118,6 +120,31 @@ def slice_coupling(tensor_hessian: np.ndarray, shape: Sequence[int], axis: int) 
     return full.reshape(shape[axis], shape[axis], -1).sum(axis=2)
 
 
+def save_couplings(couplings: dict[str, TensorCoupling], path: str | Path) -> None:
+    """Write measured couplings to an ``.npz`` file (the slow part of deriving a partition).
+
+    The slice-coupling matrices are kept; dense within-tensor Hessians are not (they can be large).
+    :func:`load_couplings` reads them back, so decisions can be re-made with other settings.
+    """
+    header = [{"param": c.param, "shape": list(c.shape), "method": c.method, "products": c.products,
+               "axes": sorted(c.axes)} for c in couplings.values()]
+    arrays = {f"t{i}_axis{axis}": c.axes[axis] for i, c in enumerate(couplings.values()) for axis in c.axes}
+    np.savez_compressed(path, header=np.array(json.dumps(header)), **arrays)
+
+
+def load_couplings(path: str | Path) -> dict[str, TensorCoupling]:
+    """Couplings written by :func:`save_couplings`, keyed by parameter name."""
+    with np.load(path, allow_pickle=False) as data:
+        if "header" not in data:
+            raise ValueError(f"{path} is not a couplings file written by save_couplings (no header)")
+        header = json.loads(str(data["header"]))
+        return {
+            entry["param"]: TensorCoupling(entry["param"], tuple(entry["shape"]), entry["method"],
+                                           {axis: data[f"t{i}_axis{axis}"] for axis in entry["axes"]}, entry["products"])
+            for i, entry in enumerate(header)
+        }
+
+
 def _choose_method(shape: tuple[int, ...], method: str, probes: int, dense_max: int) -> str:
     if method != "auto":
         return method
@@ -168,4 +195,4 @@ def _probed(hessian: BlockHessian, name: str, shape: tuple[int, ...], probes: in
     return TensorCoupling(name, shape, "probes", axes, products)
 
 
-__all__ = ["METHODS", "TensorCoupling", "measure_coupling", "slice_coupling"]
+__all__ = ["METHODS", "TensorCoupling", "load_couplings", "measure_coupling", "save_couplings", "slice_coupling"]

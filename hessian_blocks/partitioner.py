@@ -14,24 +14,33 @@ indefinite with a weak diagonal). The *cross coupling* of a grouping is the mean
 
 1. *Candidates*: every regular contiguous grouping: single slices; two or more groups of equal
    size tiling the axis (heads); with ``max_runs`` = 2 also such groups followed or preceded by
-   single slices (a fused q|k|v weight: heads of q and k, then the neurons of v). Groups among
-   single slices must be *distinct*: coupled inside at least ``contrast`` times more than across
-   the links that separate them (a group that cuts through a head is not).
-2. *Choice*: when even the weakest candidate leaves more than ``threshold`` between its groups,
-   the slices are one group. Otherwise the candidates leaving at most ``contrast`` times the
-   weakest cross coupling are equally good, and the finest of them (most groups) wins.
+   single slices (a fused q|k|v weight: heads of q and k, then the neurons of v). A group is
+   *distinct* when it couples inside at least ``contrast`` times more than across the stronger of
+   the links to its neighbours (a group that cuts through a head is not, nor is a group laid over
+   evenly coupled slices). Groups among single slices must all be distinct.
+2. *Split or not*: when even the weakest candidate leaves more than ``threshold`` between its
+   groups, the slices are one group.
+3. *Which split*: among single slices and the candidates whose groups are all distinct, the
+   finest wins that cuts through no group of another of them at links coupling, on average, more
+   than ``threshold / contrast`` and more than that candidate leaves between its own groups: the
+   rows of a head stay together, two heads merged into one group may be split, and evenly, weakly
+   coupled slices (value neurons) are split into single slices. Judging a cut by the links it cuts,
+   not by a mean over all links, keeps many weak links from hiding a few strong ones.
 
 Per tensor (:func:`decide_rule`): the axis whose grouping leaves the weakest coupling between
 groups wins (ties: more groups, then the lower axis); no axis split: ``"whole"``. When every
-axis splits into single slices, each block would be one coordinate, which cannot hide any
-coupling, so the Hessian mass decides: with at most ``mass_threshold`` of it off the diagonal on
-every axis the Hessian is near diagonal, and is ``"whole"`` when its diagonal is even (90th/10th
-percentile of the slices' diagonal norms at most ``max_spread``: one learning rate fits all,
-like a norm scale) and ``"elements"`` when it is uneven. A 1-D tensor with most of its mass off
-the diagonal, spread over many weak pairs (diffuse coupling), is ``"whole"``; a tensor of two or
-more axes then keeps the split of its best axis. Every rule's ``why`` records each axis'
-grouping, its off-block mass fraction, the coupling left between groups, slices without mass, the
-diagonal spread where it decided, and how the Hessian was measured.
+axis splits into single slices, the slices of one axis (rows, tokens) are still blocks of many
+coordinates, but the coordinates themselves may be decoupled, so the Hessian mass decides. An
+entry is off the diagonal when it is off the slice-diagonal blocks of some axis, so the sum of
+the axes' off-block mass fractions bounds the off-diagonal mass from above. At most
+``mass_threshold`` of it off the diagonal: the Hessian is near diagonal, and is ``"whole"`` when
+its diagonal is even (90th/10th percentile of the slices' diagonal norms at most ``max_spread``:
+one learning rate fits all, like a norm scale) and ``"elements"`` when it is uneven. A 1-D tensor
+with more of its mass off the diagonal, spread over many weak pairs (diffuse coupling), is
+``"whole"``; a tensor of two or more axes then keeps the split of its best axis. Every rule's
+``why`` records each axis' grouping, its off-block mass fraction, the coupling left between
+groups, slices without mass, the diagonal spread where it decided, and how the Hessian was
+measured.
 
 Slices with no Hessian mass (embedding rows of tokens absent from the data) carry no evidence:
 they couple with nothing, stay single, and are counted in ``why``.
@@ -45,7 +54,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +64,7 @@ from .blocks import Partition, Rule, trainable_shapes
 from .coupling import TensorCoupling, measure_coupling
 
 DEFAULT_THRESHOLD = 0.5
-DEFAULT_MASS_THRESHOLD = 0.5
+DEFAULT_MASS_THRESHOLD = 0.2
 DEFAULT_CONTRAST = 4.0
 DEFAULT_MAX_RUNS = 2
 DEFAULT_MAX_SPREAD = 10.0
@@ -175,14 +184,12 @@ def group_axis(
     if matrix.ndim != 2 or matrix.shape != (n, n):
         raise ValueError(f"coupling must be a square matrix, got shape {matrix.shape}")
     slices = SliceCoupling(matrix)
-    candidates = _candidate_crosses(slices, max_runs, contrast)  # (groups, cross, layout) of every regular grouping
-    weakest = min(cross for _, cross, _ in candidates)
-    if weakest > threshold:  # every grouping leaves strong coupling: one group; report how its slices couple
-        sizes, cross = [n], candidates[0][1]
-    else:                    # the finest grouping that leaves about as little coupling as the best one
-        allowed = max(contrast * weakest, threshold / contrast**2)
-        _, cross, layout = max((c for c in candidates if c[1] <= allowed), key=lambda c: (c[0], -c[1]))
-        sizes = _layout_sizes(layout)
+    candidates = _candidates(slices, max_runs, contrast)
+    if min(c.cross for c in candidates) > threshold:  # every grouping leaves strong coupling: one group
+        sizes, cross = [n], candidates[0].cross      # report how the single slices couple
+    else:
+        chosen = _choose(slices, [c for c in candidates if c.distinct], threshold, contrast)
+        sizes, cross = chosen.sizes, chosen.cross
     edges = np.cumsum([0, *sizes])
     total = matrix.sum()
     inside = sum(matrix[a:b, a:b].sum() for a, b in zip(edges, edges[1:]))
@@ -192,22 +199,40 @@ def group_axis(
     return AxisGrouping(axis, list(sizes), cross, off, int(slices.massless.sum()), spread)
 
 
-def _candidate_crosses(
-    slices: SliceCoupling, max_runs: int, contrast: float
-) -> list[tuple[int, float, tuple[int, int, int, int]]]:
-    """(number of groups, coupling left between neighbouring groups, layout) of the regular groupings.
+class Candidate(NamedTuple):
+    """A regular grouping of an axis: ``lead`` single slices, ``count`` groups of ``size``, then the
+    other ``rest - lead`` single slices; the mean coupling of its links; whether every group in it is
+    distinct from its neighbours (single slices always are)."""
+
+    layout: tuple[int, int, int, int]   # (lead, size, count, rest)
+    cross: float
+    distinct: bool
+
+    @property
+    def groups(self) -> int:
+        _, _, count, rest = self.layout
+        return count + rest
+
+    @property
+    def sizes(self) -> list[int]:
+        lead, size, count, rest = self.layout
+        return [1] * lead + [size] * count + [1] * (rest - lead)
+
+
+def _candidates(slices: SliceCoupling, max_runs: int, contrast: float) -> list[Candidate]:
+    """The regular groupings of the axis, single slices first.
 
     Regular: single slices; ``count >= 2`` groups of ``size`` slices tiling the axis (heads); with
-    ``max_runs`` = 2 also such groups followed or preceded by ``rest`` single slices (a fused q|k|v
-    weight: heads of q and k, then the neurons of v). ``layout`` = (lead, size, count, rest): ``lead``
-    singles, the groups, then the other ``rest - lead`` singles (see :func:`_layout_sizes`).
-    Groups must be distinct: their inside coupling at least ``contrast`` times the coupling of the
-    links that separate them from their neighbours (a group cutting through a head is not).
+    ``max_runs`` = 2 also such groups followed or preceded by single slices (a fused q|k|v weight:
+    heads of q and k, then the neurons of v). A group is distinct when it couples inside at least
+    ``contrast`` times more than across the stronger of the links to its neighbours (a group that
+    cuts through a head is not, nor is a group laid over evenly coupled slices). Groups followed or
+    preceded by single slices are kept only when every group is distinct.
     """
     n = slices.size
     single = _ratios(slices.links(np.arange(n - 1), 1, 1))               # link i: slice i -> slice i + 1
     single_sums = np.concatenate([[0.0], single.cumsum()])
-    out = [(n, float(single.mean()) if n > 1 else 0.0, (0, 1, n, 0))]
+    out = [Candidate((0, 1, n, 0), float(single.mean()) if n > 1 else 0.0, True)]
     for size in range(2, n // 2 + 1):
         for count in range(2, n // size + 1):
             rest = n - size * count
@@ -215,23 +240,42 @@ def _candidate_crosses(
                 continue
             for lead in ((0, rest) if rest else (0,)):                 # singles after (lead 0) or before the groups
                 starts = lead + size * np.arange(count)
-                inside = _ratios(slices.inside(starts, size)).mean()
                 links = list(_ratios(slices.links(starts[:-1], size, size)))
                 if rest and lead == 0:    # last group -> first single
                     links.append(_ratios(slices.links(starts[-1:], size, 1))[0])
                 elif rest:                # last single -> first group
-                    links.append(_ratios(slices.links(np.array([rest - 1]), 1, size))[0])
-                if rest and inside < contrast * np.mean(links):  # a run of groups among singles must be distinct
+                    links.insert(0, _ratios(slices.links(np.array([rest - 1]), 1, size))[0])
+                around = np.array([0.0] * (not rest or lead == 0) + links + [0.0] * (not rest or lead > 0))
+                inside = _ratios(slices.inside(starts, size))
+                distinct = bool(np.all(inside >= contrast * np.maximum(around[:-1], around[1:])))
+                if rest and not distinct:
                     continue
                 singles = 0.0 if not rest else single_sums[n - 1] - single_sums[size * count] if lead == 0 \
                     else single_sums[rest - 1]
-                out.append((count + rest, float((sum(links) + singles) / (count + rest - 1)), (lead, size, count, rest)))
+                cross = float((sum(links) + singles) / (count + rest - 1))
+                out.append(Candidate((lead, size, count, rest), cross, distinct))
     return out
 
 
-def _layout_sizes(layout: tuple[int, int, int, int]) -> list[int]:
-    lead, size, count, rest = layout
-    return [1] * lead + [size] * count + [1] * (rest - lead)
+def _choose(slices: SliceCoupling, eligible: list[Candidate], threshold: float, contrast: float) -> Candidate:
+    """The finest eligible grouping that cuts no group of another one at strong links (see the
+    module docstring); single slices are eligible, so there always is one."""
+    protecting = [c for c in eligible if c.groups < slices.size]
+    for candidate in sorted(eligible, key=lambda c: (-c.groups, c.cross)):
+        if not any(_cuts(slices, candidate, other, threshold / contrast) for other in protecting):
+            return candidate
+    return min(eligible, key=lambda c: c.cross)
+
+
+def _cuts(slices: SliceCoupling, candidate: Candidate, grouping: Candidate, weak: float) -> bool:
+    """Whether ``candidate`` cuts through groups of ``grouping`` at links coupling more than ``weak``
+    and more than ``grouping`` leaves between its own groups, on average."""
+    edges = np.cumsum([0, *candidate.sizes])
+    inner = np.flatnonzero(~np.isin(edges[1:-1], np.cumsum(grouping.sizes))) + 1   # its edges inside groups
+    if not inner.size:
+        return False
+    cut = _ratios(slices.links(edges[inner - 1], edges[inner] - edges[inner - 1], edges[inner + 1] - edges[inner]))
+    return bool(cut.mean() > max(weak, grouping.cross))
 
 
 def _ratios(mass_weight: np.ndarray) -> np.ndarray:
@@ -259,19 +303,21 @@ def decide_rule(
     evidence = "; ".join(_evidence(g) for g in groupings)
     split = [g for g in groupings if len(g.sizes) > 1]
     single_slices = all(len(g.sizes) == shape[g.axis] for g in groupings)  # every block would be one coordinate
-    near_diagonal = max(g.off_block_mass for g in groupings) <= mass_threshold
+    # an entry is off the diagonal when it is off the slice-diagonal of some axis: the union bound
+    off_diagonal = min(sum(g.off_block_mass for g in groupings), 1.0)
+    near_diagonal = off_diagonal <= mass_threshold
     spread = max(g.spread for g in groupings)
     if not split:
         rule = Rule(coupling.param, "whole", why=f"slices couple along every axis: {evidence} ({method})")
     elif single_slices and near_diagonal and spread <= max_spread:
-        rule = Rule(coupling.param, "whole", why=f"Hessian near diagonal with an even diagonal (spread {spread:.3g}, "
-                                                 f"one learning rate fits): {evidence} ({method})")
+        rule = Rule(coupling.param, "whole", why=f"Hessian near diagonal ({off_diagonal:.0%} off) with an even diagonal "
+                                                 f"(spread {spread:.3g}, one learning rate fits): {evidence} ({method})")
     elif single_slices and near_diagonal:
-        rule = Rule(coupling.param, "elements", why=f"Hessian near diagonal, uneven diagonal (spread {spread:.3g}): "
-                                                    f"{evidence} ({method})")
+        rule = Rule(coupling.param, "elements", why=f"Hessian near diagonal ({off_diagonal:.0%} off), uneven diagonal "
+                                                    f"(spread {spread:.3g}): {evidence} ({method})")
     elif single_slices and len(groupings) == 1:
-        rule = Rule(coupling.param, "whole", why=f"no two entries couple strongly, but most of the mass is off the "
-                                                 f"diagonal (diffuse coupling): {evidence} ({method})")
+        rule = Rule(coupling.param, "whole", why=f"no two entries couple strongly, but {off_diagonal:.0%} of the mass "
+                                                 f"is off the diagonal (diffuse coupling): {evidence} ({method})")
     else:
         best = min(split, key=lambda g: (g.cross_coupling, -len(g.sizes), g.axis))
         runs = best.runs
@@ -322,11 +368,11 @@ def derive_partition(
             size) measured instead of ``model``; its rules are mapped back by :func:`map_rules`.
         small_data: batches for ``small`` (default: ``data``).
         **settings: decision settings ``threshold`` (0.5: above it, every grouping leaves too much
-            coupling and the axis is one block), ``contrast`` (4: groupings within this factor of the
-            weakest coupling count as equally good, the finest wins; groups among single slices must
-            couple inside this many times more than to their neighbours), ``max_runs`` (2: groups
+            coupling and the axis is one block), ``contrast`` (4: a distinct group couples inside this many
+            times more than to its neighbours; the finest grouping wins that cuts no distinct group
+            at links above ``threshold / contrast``), ``max_runs`` (2: groups
             may be followed or preceded by single slices; 1: equal groups only), ``mass_threshold``
-            (0.5: largest off-diagonal mass fraction for a per-coordinate split), ``max_spread``
+            (0.2: largest off-diagonal mass fraction of a near-diagonal Hessian), ``max_spread``
             (10: largest 90th/10th percentile ratio of the diagonal for which a near-diagonal
             Hessian is one block), and the
             measurement options of :func:`~hessian_blocks.coupling.measure_coupling` (``method``,

@@ -18,8 +18,8 @@ from torch import nn
 
 from hessian_blocks import Partition, Rule, build_model, make_batches
 from hessian_blocks.cli import main
-from hessian_blocks.coupling import measure_coupling, slice_coupling
-from hessian_blocks.partitioner import derive_decisions, derive_partition, group_axis, map_rules
+from hessian_blocks.coupling import load_couplings, measure_coupling, save_couplings, slice_coupling
+from hessian_blocks.partitioner import decide_rule, derive_decisions, derive_partition, group_axis, map_rules
 
 FAST = dict(dtype=torch.float32, strategy="vmap", probes=2, dense_max=256)
 
@@ -36,6 +36,8 @@ class Planted(nn.Module):
     ``diagonal`` [10]: A diagonal, entries spread over three decades (one learning rate each).
     ``even`` [8]: A diagonal with entries within 10% of each other (one learning rate fits all).
     ``dense`` [6]: A dense.
+    ``output`` [6, 8]: rows decoupled, each row's block a scaled copy of one 8 x 8 matrix with 40 %
+    of its mass off the diagonal (an output layer: per token, not per coordinate).
     """
 
     def __init__(self):
@@ -46,6 +48,7 @@ class Planted(nn.Module):
         self.diagonal = nn.Parameter(torch.randn(10, generator=gen, dtype=torch.float64))
         self.even = nn.Parameter(torch.randn(8, generator=gen, dtype=torch.float64))
         self.dense = nn.Parameter(torch.randn(6, generator=gen, dtype=torch.float64))
+        self.output = nn.Parameter(torch.randn(6, 8, generator=gen, dtype=torch.float64))
         index = torch.arange(12 * 5).reshape(12, 5)
         heads_groups = [index[4 * g : 4 * g + 4].reshape(-1) for g in range(3)]
         index = torch.arange(3 * 14).reshape(3, 14)
@@ -56,6 +59,8 @@ class Planted(nn.Module):
             "diagonal": torch.diag(10.0 ** torch.linspace(-1.5, 1.5, 10, dtype=torch.float64)[torch.randperm(10, generator=gen)]),
             "even": torch.diag(1.0 + 0.1 * torch.rand(8, generator=gen, dtype=torch.float64)),
             "dense": _block_diagonal(6, [torch.arange(6)], gen),
+            "output": torch.block_diag(*(scale * (torch.eye(8, dtype=torch.float64) + 0.45) for scale in
+                                         torch.linspace(0.5, 2.0, 6, dtype=torch.float64))),
         }
 
     def forward(self, x):
@@ -83,6 +88,7 @@ PLANTED_RULES = {
     "diagonal": Rule("diagonal", "elements"),
     "even": Rule("even", "whole"),
     "dense": Rule("dense", "whole"),
+    "output": Rule("output", "groups", axis=0, size=1),
 }
 
 
@@ -118,6 +124,25 @@ def test_measurement_in_chunks_gives_the_same_coupling(method, monkeypatch):
             np.testing.assert_allclose(chunked[name].axes[axis], whole[name].axes[axis], rtol=1e-12, atol=1e-14)
 
 
+def test_saved_couplings_give_the_same_decisions(tmp_path):
+    model = Planted()
+    batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
+    measured = measure_coupling(model, planted_loss(model.matrices), batches, method="probes", probes=2)
+    save_couplings(measured, tmp_path / "couplings.npz")
+    loaded = load_couplings(tmp_path / "couplings.npz")
+    assert list(loaded) == list(measured)
+    for name, coupling in measured.items():
+        again = loaded[name]
+        assert (again.shape, again.method, again.products, sorted(again.axes)) == \
+            (coupling.shape, coupling.method, coupling.products, sorted(coupling.axes))
+        for axis, matrix in coupling.axes.items():
+            np.testing.assert_array_equal(again.axes[axis], matrix)
+        assert decide_rule(again).rule == decide_rule(coupling).rule
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match="not a couplings file"):
+        load_couplings(tmp_path / "other.npz")
+
+
 def test_slice_coupling_matches_the_definition():
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(6, 6, generator=gen, dtype=torch.float64)
@@ -148,6 +173,23 @@ def test_group_axis_runs_zero_mass_and_background():
         group_axis(coupling, threshold=0)
     with pytest.raises(ValueError, match="max_runs must be 1"):
         group_axis(coupling, max_runs=3)
+
+
+def test_fused_heads_then_evenly_coupled_singles():
+    """A fused q|k|v axis: 8 heads of 8 (inside 0.3-0.5, nothing between heads), then 32 value
+    columns all coupled evenly at about 0.12. A mean over all links would favour groups laid over
+    the value columns (or single slices everywhere); the heads must stay whole and the value
+    columns single."""
+    rng = np.random.default_rng(0)
+    coupling = np.zeros((96, 96))
+    for head in range(8):
+        coupling[8 * head : 8 * head + 8, 8 * head : 8 * head + 8] = rng.uniform(0.3, 0.5)
+    coupling[64:, 64:] = 0.12 * rng.uniform(0.7, 1.3, (32, 32))
+    coupling = (coupling + coupling.T) / 2
+    np.fill_diagonal(coupling, 1.0)
+    assert group_axis(coupling).runs == [(8, 8), (1, 32)]
+    value_first = coupling[np.r_[64:96, 0:64]][:, np.r_[64:96, 0:64]]   # singles before the heads
+    assert group_axis(value_first).runs == [(1, 32), (8, 8)]
 
 
 def test_low_mass_slices_do_not_decide_the_grouping():

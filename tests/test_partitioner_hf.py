@@ -42,27 +42,48 @@ def rules_of(model, batches, params):
     return {d.rule.param: (d.rule.split, d.rule.axis, d.rule.size, d.rule.runs) for d in decisions}
 
 
-def test_hf_gpt2_conv1d_and_fused_qkv():
+def gpt2(tie_word_embeddings: bool = True):
     config = transformers.GPT2Config(
         n_layer=2, n_embd=WIDTH, n_head=HEADS, vocab_size=VOCAB, n_positions=CONTEXT, attn_implementation="eager",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).double().eval()
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def test_hf_gpt2_conv1d_and_fused_qkv():
     layer = "transformer.h.0"
     expected = {
         f"{layer}.attn.c_attn.weight": ("groups", 1, None, ((HEAD, 2 * HEADS), (1, WIDTH))),  # q|k heads, v neurons
         f"{layer}.attn.c_proj.weight": ("groups", 1, 1, None),   # [in, out]: one block per output neuron
         f"{layer}.mlp.c_fc.weight": ("groups", 1, 1, None),
         f"{layer}.mlp.c_proj.weight": ("groups", 1, 1, None),
-        # tied input/output embedding: the paper's rule is one block per token (axis 0). Measured at
-        # init, its token rows couple weakly (0.05) and its feature columns even less (0.009), so
-        # the weakest split is one block per feature column. Asserted as measured (README).
+        # tied input/output embedding: the paper's rule is one block per token (axis 0), but the
+        # measured Hessian is not block-diagonal per token (see the next test): one block per
+        # feature column (axis 1) leaves the least coupling. Asserted as measured (README).
         "transformer.wte.weight": ("groups", 1, 1, None),
         "transformer.wpe.weight": ("groups", 0, 1, None),
         f"{layer}.ln_1.weight": ("whole", None, None, None),
     }
-    assert rules_of(model, token_batches(masked=False), list(expected)) == expected
+    assert rules_of(gpt2(), token_batches(masked=False), list(expected)) == expected
+
+
+def test_hf_gpt2_embedding_is_per_token_unless_tied():
+    """Untied, the input embedding and the output layer are per token with < 5 % of the Hessian mass
+    between tokens. Tied, one matrix is both: the output-layer gradient of the target token's row
+    depends on the input token's row (through the network), and most of the mass (> 80 %) lies
+    between different tokens' rows."""
+    batches = token_batches(masked=False)
+    untied = derive_decisions(gpt2(tie_word_embeddings=False), lm_loss, batches,
+                              params=["transformer.wte.weight", "lm_head.weight"], **FAST)
+    for decision in untied:
+        assert (decision.rule.split, decision.rule.axis, decision.rule.size) == ("groups", 0, 1), decision.rule.why
+        assert decision.groupings[0].off_block_mass < 0.05
+    (tied,) = derive_decisions(gpt2(), lm_loss, batches, params=["transformer.wte.weight"], **FAST)
+    tokens, features = tied.groupings
+    assert tokens.off_block_mass > 0.8 and features.off_block_mass < 0.3
+    assert (tied.rule.split, tied.rule.axis, tied.rule.size) == ("groups", 1, 1)
 
 
 def test_hf_bert_linear_layout():
