@@ -1,4 +1,4 @@
-"""Adam-mini with three partitions of the bundled GPT-2-style model, at two learning rates.
+"""Adam-mini with three partitions of a GPT-2 model, at two learning rates.
 
 * ``derived``: measured by the partitioner (hessian_blocks.partitioner) on the model at init;
 * ``paper``: the papers' rules written by hand (q/k per head, v/o/MLP per neuron, embeddings and
@@ -6,12 +6,18 @@
 * ``per-tensor``: one block per parameter tensor (the "PyTorch default" partition the Adam-mini
   paper reports as unstable on large Transformers).
 
-Same initialisation, same batches (byte-level text bundled with Python), side by side in one run.
-Prints the final training loss of every run and writes ``loss_curves.png``, ``losses.json`` and
-``derived_partition.json`` (the rules with their evidence).
+The model is the bundled GPT-2-style model (``--model gpt2-nano``, untied output layer) or a
+Hugging Face ``GPT2LMHeadModel`` built from a config (``--model hf-gpt2``: tied input/output
+embedding, fused Conv1D ``c_attn``; needs ``transformers``). Same initialisation, same batches
+(byte-level text bundled with Python), side by side in one run.
+Prints the final training loss of every run and writes ``loss_curves.png``, ``losses.json``,
+``derived_partition.json`` (the rules with their evidence) and ``couplings-seed<N>.npz`` (the measured slice
+couplings: a second run with the same ``--out`` and model re-uses them and only re-decides, so
+decision settings can be changed without the slow measurement; ``--remeasure`` forces it).
 
     PYTHONPATH=. python benchmarks/partition_training.py --out runs/partition_training   # ~45 min on 1 CPU core
     PYTHONPATH=. python benchmarks/partition_training.py --quick --out /tmp/pt          # ~3 min
+    PYTHONPATH=. python benchmarks/partition_training.py --model hf-gpt2 --out /tmp/hf  # ~10 min
 """
 
 from __future__ import annotations
@@ -26,27 +32,65 @@ import torch
 from matplotlib.figure import Figure
 
 from hessian_blocks import Partition, Rule, build_model, make_batches
-from hessian_blocks.partitioner import derive_decisions
+from hessian_blocks.models import ModelSpec, cross_entropy_loss
+from hessian_blocks.coupling import load_couplings, measure_coupling, save_couplings
+from hessian_blocks.partitioner import decide_rule
 from optim import AdamMini
 
 
-def paper_rules(model: torch.nn.Module, head_dim: int) -> list[Rule]:
-    """The papers' partition of the bundled GPT, written from its module names (the hand-made reference)."""
+SIZES = {  # (model config, steps, training batches) of the default and the --quick runs
+    "gpt2-nano": ((dict(n_layer=4, n_embd=128, n_head=4, vocab_size=256, context=64), 600, 200),
+                  (dict(n_layer=2, n_embd=32, n_head=4, vocab_size=256, context=32), 150, 40)),
+    "hf-gpt2": ((dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, context=64), 400, 100),
+                (dict(n_layer=2, n_embd=32, n_head=4, vocab_size=256, context=32), 150, 40)),
+}
+
+
+def build(kind: str, config: dict, seed: int, dtype: torch.dtype = torch.float32) -> ModelSpec:
+    """The bundled GPT-2-style model, or Hugging Face GPT-2 (tied embedding) from the same config fields."""
+    if kind == "gpt2-nano":
+        return build_model("gpt2-nano", seed=seed, dtype=dtype, **config)
+    import transformers
+
+    hf_config = transformers.GPT2Config(
+        n_layer=config["n_layer"], n_embd=config["n_embd"], n_head=config["n_head"], vocab_size=config["vocab_size"],
+        n_positions=config["context"], attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.GPT2LMHeadModel(hf_config).to(dtype).eval()
+    data_shape = {"vocab_size": config["vocab_size"], "context": config["context"]}
+    return ModelSpec(kind, model, lambda output, y: cross_entropy_loss(output.logits, y), "text", data_shape, hf_config)
+
+
+def paper_rules(kind: str, model: torch.nn.Module, head_dim: int) -> list[Rule]:
+    """The papers' partition written from the module names of the model (the hand-made reference).
+
+    The bundled model stores weights [out, in] (neurons and tokens along axis 0); Hugging Face
+    GPT-2's Conv1D stores them [in, out] (neurons along axis 1) and fuses q|k|v into ``c_attn``.
+    """
     rules = []
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             rules.append(Rule(name, "elements", why="paper: biases per coordinate"))
-        elif "q_proj" in name or "k_proj" in name:
-            rules.append(Rule(name, "groups", axis=0, size=head_dim, why="paper: per head"))
         elif p.dim() == 1:
             rules.append(Rule(name, "whole", why="paper: norm scale"))
+        elif "q_proj" in name or "k_proj" in name:
+            rules.append(Rule(name, "groups", axis=0, size=head_dim, why="paper: per head"))
+        elif "c_attn" in name:
+            width = p.shape[0]
+            rules.append(Rule(name, "groups", axis=1, runs=((head_dim, 2 * width // head_dim), (1, width)),
+                              why="paper: q and k per head, v per neuron"))
+        elif kind == "hf-gpt2" and name.startswith("transformer.h."):
+            rules.append(Rule(name, "groups", axis=1, size=1, why="paper: per neuron (Conv1D [in, out])"))
         else:
             rules.append(Rule(name, "groups", axis=0, size=1, why="paper: per neuron / token"))
     return rules
 
 
-def train(config: dict, partition: Partition, batches, lr: float, steps: int, seed: int) -> list[float]:
-    spec = build_model("gpt2-nano", seed=seed, **config)
+def train(kind: str, config: dict, partition: Partition, batches, lr: float, steps: int, seed: int) -> list[float]:
+    spec = build(kind, config, seed)
     model = spec.model.train()
     optimizer = AdamMini(model, partition=partition, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []
@@ -63,40 +107,49 @@ def train(config: dict, partition: Partition, batches, lr: float, steps: int, se
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/partition_training"))
+    parser.add_argument("--model", choices=tuple(SIZES), default="gpt2-nano", help="which GPT-2 (default: gpt2-nano)")
     parser.add_argument("--quick", action="store_true", help="small model, short runs")
     parser.add_argument("--lrs", type=float, nargs=2, default=[1e-3, 1e-2], help="two learning rates")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--remeasure", action="store_true", help="measure the couplings even if OUT/couplings-seed<N>.npz exists")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    if args.quick:
-        config, steps, n_batches = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=256, context=32), 150, 40
-    else:
-        config, steps, n_batches = dict(n_layer=4, n_embd=128, n_head=4, vocab_size=256, context=64), 600, 200
-    spec = build_model("gpt2-nano", seed=args.seed, **config)
+    config, steps, n_batches = SIZES[args.model][1 if args.quick else 0]
+    spec = build(args.model, config, args.seed)
     head_dim = config["n_embd"] // config["n_head"]
 
     started = time.perf_counter()
-    measure_spec = build_model("gpt2-nano", seed=args.seed, dtype=torch.float64, **config)
-    measure_batches = make_batches(measure_spec, "text", batch_size=8, n_batches=1, seed=args.seed + 1, dtype=torch.float64)
-    decisions = derive_decisions(measure_spec.model, measure_spec.loss_fn, measure_batches, dtype=torch.float32,
-                                 probes=2, strategy="vmap", seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / f"couplings-seed{args.seed}.npz"
+    shapes = {name: tuple(p.shape) for name, p in spec.model.named_parameters()}
+    couplings = load_couplings(cache) if cache.exists() and not args.remeasure else None
+    if couplings is None or {name: c.shape for name, c in couplings.items()} != shapes:
+        measure_spec = build(args.model, config, args.seed, dtype=torch.float64)
+        measure_batches = make_batches(measure_spec, "text", batch_size=8, n_batches=1, seed=args.seed + 1, dtype=torch.float64)
+        couplings = measure_coupling(measure_spec.model, measure_spec.loss_fn, measure_batches, dtype=torch.float32,
+                                     probes=2, strategy="vmap", seed=args.seed)
+        save_couplings(couplings, cache)
+        source = "measured"
+    else:
+        source = f"re-used from {cache}"
+    decisions = [decide_rule(c) for c in couplings.values()]
     derive_seconds = time.perf_counter() - started
     partitions = {
         "derived": Partition.from_rules(spec.model, [d.rule for d in decisions]),
-        "paper": Partition.from_rules(spec.model, paper_rules(spec.model, head_dim)),
+        "paper": Partition.from_rules(spec.model, paper_rules(args.model, spec.model, head_dim)),
         "per-tensor": Partition.per_tensor(spec.model),
     }
     differing = [d.rule.param for d, p in zip(decisions, partitions["paper"].rules)
                  if (d.rule.split, d.rule.axis, d.rule.size, d.rule.runs) != (p.split, p.axis, p.size, p.runs)]
 
     batches = make_batches(spec, "text", batch_size=16, n_batches=n_batches, seed=args.seed + 2)
-    curves = {lr: {label: train(config, part, batches, lr, steps, args.seed) for label, part in partitions.items()}
+    curves = {lr: {label: train(args.model, config, part, batches, lr, steps, args.seed) for label, part in partitions.items()}
               for lr in args.lrs}
 
-    args.out.mkdir(parents=True, exist_ok=True)
     partitions["derived"].save(args.out / "derived_partition.json")
     window = max(1, steps // 20)
-    print(f"GPT-2-style {config}, {steps} steps, batch 16; partition derived in {derive_seconds:.1f} s")
+    print(f"{args.model} {config}, {steps} steps, batch 16; partition derived in {derive_seconds:.1f} s "
+          f"(couplings {source})")
     print(f"derived partition differs from the paper's on {len(differing)} tensors: {differing}")
     print(f"blocks: " + ", ".join(f"{k} {len(p.blocks)}" for k, p in partitions.items()))
     print(f"{'lr':>8} {'partition':>12} {'final loss (mean of last ' + str(window) + ')':>30} {'vs paper':>9}")
@@ -108,7 +161,7 @@ def main() -> None:
             summary[f"{lr:g}/{label}"] = final
             print(f"{lr:>8g} {label:>12} {final:>30.4f} {final / paper_final:>9.4f}")
     (args.out / "losses.json").write_text(json.dumps(
-        {"config": config, "steps": steps, "differing_from_paper": differing, "final": summary,
+        {"model": args.model, "config": config, "steps": steps, "differing_from_paper": differing, "final": summary,
          "curves": {f"{lr:g}": runs for lr, runs in curves.items()}}, indent=1) + "\n")
 
     fig = Figure(figsize=(10, 4), layout="constrained")
