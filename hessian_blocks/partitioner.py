@@ -27,8 +27,9 @@ indefinite with a weak diagonal). The *cross coupling* of a grouping is the mean
    coupled slices (value neurons) are split into single slices. Judging a cut by the links it cuts,
    not by a mean over all links, keeps many weak links from hiding a few strong ones.
 
-Per tensor (:func:`decide_rule`): the axis whose grouping leaves the weakest coupling between
-groups wins (ties: more groups, then the lower axis); no axis split: ``"whole"``. When every
+Per tensor (:func:`decide_rule`): the axis whose grouping leaves the least Hessian mass off its
+blocks wins: the block-diagonal approximation that drops the least (ties: the weaker coupling
+between groups, more groups, the lower axis); no axis split: ``"whole"``. When every
 axis splits into single slices, the slices of one axis (rows, tokens) are still blocks of many
 coordinates, but the coordinates themselves may be decoupled, so the Hessian mass decides. An
 entry is off the diagonal when it is off the slice-diagonal blocks of some axis, so the sum of
@@ -319,7 +320,7 @@ def decide_rule(
         rule = Rule(coupling.param, "whole", why=f"no two entries couple strongly, but {off_diagonal:.0%} of the mass "
                                                  f"is off the diagonal (diffuse coupling): {evidence} ({method})")
     else:
-        best = min(split, key=lambda g: (g.cross_coupling, -len(g.sizes), g.axis))
+        best = min(split, key=lambda g: (g.off_block_mass, g.cross_coupling, -len(g.sizes), g.axis))
         runs = best.runs
         size, runs_field = (runs[0][0], None) if len(runs) == 1 else (None, tuple(runs))
         rule = Rule(coupling.param, "groups", axis=best.axis, size=size, runs=runs_field,
