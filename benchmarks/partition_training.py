@@ -10,6 +10,11 @@ The model is the bundled GPT-2-style model (``--model gpt2-nano``, untied output
 Hugging Face ``GPT2LMHeadModel`` built from a config (``--model hf-gpt2``: tied input/output
 embedding, fused Conv1D ``c_attn``; needs ``transformers``). Same initialisation, same batches
 (byte-level text bundled with Python), side by side in one run.
+With ``--seeds N`` every run is repeated from N initialisations and batch orders (the partition
+is derived once, on the first); ``--ablate`` adds two mixtures that tell which of the derived
+partition's differences from the paper's move the loss: the derived rules with the paper's on every
+1-D tensor (biases, norm scales: ``derived+paper-1D``), and with the paper's on every tensor of two
+or more axes (``derived+paper-nD``).
 Prints the final training loss of every run and writes ``loss_curves.png``, ``losses.json``,
 ``derived_partition.json`` (the rules with their evidence) and ``couplings-seed<N>.npz`` (the measured slice
 couplings: a second run with the same ``--out`` and model re-uses them and only re-decides, so
@@ -110,9 +115,14 @@ def main() -> None:
     parser.add_argument("--model", choices=tuple(SIZES), default="gpt2-nano", help="which GPT-2 (default: gpt2-nano)")
     parser.add_argument("--quick", action="store_true", help="small model, short runs")
     parser.add_argument("--lrs", type=float, nargs=2, default=[1e-3, 1e-2], help="two learning rates")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the measured model and of the first run")
+    parser.add_argument("--seeds", type=int, default=1, help="training runs per partition and lr, seeds SEED, SEED+1, ...")
+    parser.add_argument("--ablate", action="store_true", help="also train the derived partition with the paper's rules "
+                                                                "on 1-D tensors, and on the others")
     parser.add_argument("--remeasure", action="store_true", help="measure the couplings even if OUT/couplings-seed<N>.npz exists")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     torch.manual_seed(args.seed)
     config, steps, n_batches = SIZES[args.model][1 if args.quick else 0]
     spec = build(args.model, config, args.seed)
@@ -134,41 +144,57 @@ def main() -> None:
         source = f"re-used from {cache}"
     decisions = [decide_rule(c) for c in couplings.values()]
     derive_seconds = time.perf_counter() - started
+    derived = [d.rule for d in decisions]
+    paper = paper_rules(args.model, spec.model, head_dim)
     partitions = {
-        "derived": Partition.from_rules(spec.model, [d.rule for d in decisions]),
-        "paper": Partition.from_rules(spec.model, paper_rules(args.model, spec.model, head_dim)),
+        "derived": Partition.from_rules(spec.model, derived),
+        "paper": Partition.from_rules(spec.model, paper),
         "per-tensor": Partition.per_tensor(spec.model),
     }
-    differing = [d.rule.param for d, p in zip(decisions, partitions["paper"].rules)
-                 if (d.rule.split, d.rule.axis, d.rule.size, d.rule.runs) != (p.split, p.axis, p.size, p.runs)]
+    if args.ablate:
+        dims = {name: p.dim() for name, p in spec.model.named_parameters()}
+        for label, paper_on in (("derived+paper-1D", lambda n: n == 1), ("derived+paper-nD", lambda n: n >= 2)):
+            mixed = [p if paper_on(dims[p.param]) else d for d, p in zip(derived, paper)]
+            partitions[label] = Partition.from_rules(spec.model, mixed)
+    differing = [d.param for d, p in zip(derived, paper)
+                 if (d.split, d.axis, d.size, d.runs) != (p.split, p.axis, p.size, p.runs)]
 
-    batches = make_batches(spec, "text", batch_size=16, n_batches=n_batches, seed=args.seed + 2)
-    curves = {lr: {label: train(args.model, config, part, batches, lr, steps, args.seed) for label, part in partitions.items()}
-              for lr in args.lrs}
+    seeds = range(args.seed, args.seed + args.seeds)
+    curves = {lr: {label: [] for label in partitions} for lr in args.lrs}  # lr -> partition -> one curve per seed
+    for seed in seeds:
+        batches = make_batches(spec, "text", batch_size=16, n_batches=n_batches, seed=seed + 2)
+        for lr in args.lrs:
+            for label, part in partitions.items():
+                curves[lr][label].append(train(args.model, config, part, batches, lr, steps, seed))
 
     partitions["derived"].save(args.out / "derived_partition.json")
     window = max(1, steps // 20)
     print(f"{args.model} {config}, {steps} steps, batch 16; partition derived in {derive_seconds:.1f} s "
           f"(couplings {source})")
     print(f"derived partition differs from the paper's on {len(differing)} tensors: {differing}")
-    print(f"blocks: " + ", ".join(f"{k} {len(p.blocks)}" for k, p in partitions.items()))
-    print(f"{'lr':>8} {'partition':>12} {'final loss (mean of last ' + str(window) + ')':>30} {'vs paper':>9}")
+    print("blocks: " + "; ".join(f"{k} {len(p.blocks)}" for k, p in partitions.items()))
+    print(f"final training loss: mean of the last {window} steps, averaged over seeds {list(seeds)}")
+    print(f"{'lr':>8} {'partition':>22} {'final loss':>11} {'vs paper':>9}  per seed")
     summary = {}
     for lr, runs in curves.items():
-        paper_final = float(np.mean(runs["paper"][-window:]))
-        for label, losses in runs.items():
-            final = float(np.mean(losses[-window:]))
-            summary[f"{lr:g}/{label}"] = final
-            print(f"{lr:>8g} {label:>12} {final:>30.4f} {final / paper_final:>9.4f}")
+        finals = {label: [float(np.mean(c[-window:])) for c in per_seed] for label, per_seed in runs.items()}
+        paper_final = float(np.mean(finals["paper"]))
+        for label, values in finals.items():
+            summary[f"{lr:g}/{label}"] = {"mean": float(np.mean(values)), "per_seed": values}
+            print(f"{lr:>8g} {label:>22} {np.mean(values):>11.4f} {np.mean(values) / paper_final:>9.4f}  "
+                  + " ".join(f"{v:.4f}" for v in values))
     (args.out / "losses.json").write_text(json.dumps(
-        {"model": args.model, "config": config, "steps": steps, "differing_from_paper": differing, "final": summary,
+        {"model": args.model, "config": config, "steps": steps, "seeds": list(seeds), "differing_from_paper": differing,
+         "final": summary,
          "curves": {f"{lr:g}": runs for lr, runs in curves.items()}}, indent=1) + "\n")
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     for k, (lr, runs) in enumerate(curves.items()):
         ax = fig.add_subplot(1, len(curves), k + 1)
-        for label, losses in runs.items():
-            ax.plot(np.arange(1, steps + 1), losses, label=label, linewidth=1)
+        for k_label, (label, per_seed) in enumerate(runs.items()):
+            for k_seed, losses in enumerate(per_seed):   # one colour per partition, a line per seed
+                ax.plot(np.arange(1, steps + 1), losses, color=f"C{k_label}", linewidth=1, alpha=1 if k_seed == 0 else 0.4,
+                        label=label if k_seed == 0 else None)
         ax.set_title(f"Adam-mini, lr = {lr:g}")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
