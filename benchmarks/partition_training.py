@@ -109,6 +109,27 @@ def train(kind: str, config: dict, partition: Partition, batches, lr: float, ste
     return losses
 
 
+def plot_curves(curves: dict[str, dict[str, list[list[float]]]], window: int) -> Figure:
+    """Training loss per step for each lr (a panel) and partition: the mean over seeds, faint, and
+    its moving average over ``window`` steps, solid (dashed for the ablation mixtures)."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    for k, (lr, runs) in enumerate(curves.items()):
+        ax = fig.add_subplot(1, len(curves), k + 1)
+        for k_label, (label, per_seed) in enumerate(runs.items()):
+            mean = np.mean(np.asarray(per_seed, dtype=float), axis=0)
+            steps = np.arange(1, len(mean) + 1)
+            smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+            style = "--" if label.startswith("derived+") else "-"
+            ax.plot(steps, mean, color=f"C{k_label}", linewidth=0.6, alpha=0.25)
+            ax.plot(steps[window - 1:], smooth, style, color=f"C{k_label}", linewidth=1.5, label=label)
+        seeds = len(next(iter(runs.values())))
+        ax.set_title(f"Adam-mini, lr = {lr} (mean of {seeds} seed{'s' if seeds > 1 else ''})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend()
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/partition_training"))
@@ -188,17 +209,7 @@ def main() -> None:
          "final": summary,
          "curves": {f"{lr:g}": runs for lr, runs in curves.items()}}, indent=1) + "\n")
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    for k, (lr, runs) in enumerate(curves.items()):
-        ax = fig.add_subplot(1, len(curves), k + 1)
-        for k_label, (label, per_seed) in enumerate(runs.items()):
-            for k_seed, losses in enumerate(per_seed):   # one colour per partition, a line per seed
-                ax.plot(np.arange(1, steps + 1), losses, color=f"C{k_label}", linewidth=1, alpha=1 if k_seed == 0 else 0.4,
-                        label=label if k_seed == 0 else None)
-        ax.set_title(f"Adam-mini, lr = {lr:g}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.legend()
+    fig = plot_curves({f"{lr:g}": runs for lr, runs in curves.items()}, window)
     fig.savefig(args.out / "loss_curves.png", dpi=120)
     print(f"wrote {args.out}/(loss_curves.png, losses.json, derived_partition.json)")
 
