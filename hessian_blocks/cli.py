@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     density = argparse.ArgumentParser(add_help=False)
     group = density.add_argument_group("density")
     group.add_argument("--sigma2", type=float, default=1e-5, help="Gaussian broadening variance on the eigenvalue axis (default: 1e-5)")
-    group.add_argument("--grid-points", type=int, default=50_000, help="points of the common density grid (default: 50000)")
+    group.add_argument("--grid-points", type=int, default=None,
+                       help="points of the common density grid (default: 50000, more where the eigenvalues span a range "
+                            "so wide that the Gaussians would fall between grid points)")
 
     spectrum = commands.add_parser(
         "spectrum", parents=[measure, density], help="per-block spectral densities (SLQ)",
@@ -205,7 +207,7 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--steps", args.steps),
                         ("--probes", args.probes), ("--grid-points", args.grid_points)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.blocks and args.sample_layers:
         raise ValueError("use either --blocks or --sample-layers, not both")

@@ -12,7 +12,10 @@ import math
 import numpy as np
 from scipy.integrate import trapezoid
 
-__all__ = ["gaussian_density", "kth_largest_scale", "spectral_grid"]
+__all__ = ["DEFAULT_GRID_POINTS", "MAX_GRID_POINTS", "gaussian_density", "grid_points", "kth_largest_scale", "spectral_grid"]
+
+DEFAULT_GRID_POINTS = 50_000    # the papers' grid
+MAX_GRID_POINTS = 2_000_000     # the most grid_points() chooses: ~16 MB per density
 
 # Each Gaussian is evaluated on the grid points within this many standard deviations of its
 # centre (the rest is below exp(-32) ~ 1e-14 of its peak).
@@ -24,6 +27,32 @@ _CHUNK_ELEMENTS = 1 << 20
 def _lead_index(flat: int, lead: tuple[int, ...]) -> tuple[int, ...]:
     """Leading index (a tuple of ints) of row ``flat`` of a ``[prod(lead), ...]`` reshape."""
     return tuple(int(i) for i in np.unravel_index(flat, lead)) if lead else ()
+
+
+def grid_points(nodes: np.ndarray, sigma2: float = 1e-5, margin: float = 1.0) -> int:
+    """How many points a :func:`spectral_grid` over ``nodes`` needs for Gaussians of variance
+    ``sigma2``: the papers' 50,000, more where the range is so wide that the spacing would exceed
+    2 sigma (the Gaussians would fall between grid points).
+
+    Raises ``ValueError`` when that is more than ``MAX_GRID_POINTS`` (the eigenvalues span too wide
+    a range for this ``sigma2``: rescale them, or broaden more).
+    """
+    nodes = np.asarray(nodes, dtype=np.float64)
+    finite = nodes[np.isfinite(nodes)]
+    if finite.size == 0:
+        raise ValueError("no finite nodes to build a grid from")
+    if not (np.isfinite(sigma2) and sigma2 > 0):
+        raise ValueError(f"sigma2 must be a positive number, got {sigma2}")
+    width = float(finite.max() - finite.min()) + 2.0 * margin
+    needed = max(DEFAULT_GRID_POINTS, math.ceil(width / (2.0 * math.sqrt(sigma2))) + 2)
+    if needed > MAX_GRID_POINTS:
+        enough = 1.01 * (width / (2.0 * (MAX_GRID_POINTS - 3))) ** 2   # a sigma2 that fits, rounded up
+        raise ValueError(
+            f"the eigenvalues span {width:.3g}: Gaussians with sigma2 = {sigma2:g} need {needed} grid points, "
+            f"more than {MAX_GRID_POINTS}. Rescale each block's eigenvalues first (rescale_rank=10, as the "
+            f"papers' figures do), or use a larger sigma2 (>= {enough:.3g})"
+        )
+    return needed
 
 
 def spectral_grid(nodes: np.ndarray, n_points: int = 50_000, margin: float = 1.0) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .density import gaussian_density, kth_largest_scale, spectral_grid
+from .density import gaussian_density, grid_points, kth_largest_scale, spectral_grid
 from .lanczos import LanczosResult
 
 __all__ = ["DensityResult", "SpectrumResult"]
@@ -195,7 +195,7 @@ class SpectrumResult:
         *,
         grid: np.ndarray | None = None,
         sigma2: float = 1e-5,
-        n_points: int = 50_000,
+        n_points: int | None = None,
         rescale_rank: int | None = None,
     ) -> DensityResult:
         """Gaussian-broadened densities of all blocks on one common grid.
@@ -203,7 +203,9 @@ class SpectrumResult:
         ``rescale_rank=k`` first divides each block's nodes by its own ``k``-th largest Ritz
         value (pooled over probes; the papers plot with k = 10); the full model's nodes by
         theirs. Without ``grid``, a ``spectral_grid`` of ``n_points`` is built over all
-        (rescaled) nodes, the full model's included.
+        (rescaled) nodes, the full model's included; ``n_points=None`` takes the papers' 50,000, or
+        more where the nodes span so wide a range that the Gaussians would fall between grid points
+        (:func:`~hessian_blocks.density.grid_points`).
         """
         nodes, weights = self.ritz()
         scales = full_scale = None
@@ -218,7 +220,8 @@ class SpectrumResult:
                 full_nodes = full_nodes / full_scale
         if grid is None:
             pooled = [nodes.ravel()] + ([full_nodes.ravel()] if full_nodes is not None else [])
-            grid = spectral_grid(np.concatenate(pooled), n_points=n_points)
+            pooled = np.concatenate(pooled)
+            grid = spectral_grid(pooled, n_points=grid_points(pooled, sigma2) if n_points is None else n_points)
         densities = gaussian_density(nodes, weights, grid, sigma2)
         full = None if full_nodes is None else gaussian_density(full_nodes, full_weights, grid, sigma2)[0]
         return DensityResult(

@@ -10,7 +10,7 @@ from scipy.integrate import trapezoid
 from scipy.stats import norm
 
 from hessian_blocks import density as density_module
-from hessian_blocks.density import gaussian_density, kth_largest_scale, spectral_grid
+from hessian_blocks.density import gaussian_density, grid_points, kth_largest_scale, spectral_grid
 
 
 def naive_density(nodes, weights, grid, sigma2):
@@ -141,3 +141,21 @@ def test_kth_largest_scale_pools_probes():
         kth_largest_scale(nodes, k=5)
     with pytest.raises(ValueError, match="<= 0"):
         kth_largest_scale(nodes, k=4)
+
+
+def test_grid_points_the_papers_50000_or_enough_for_sigma():
+    narrow = np.array([[[-0.5, 2.0, np.nan]]])
+    assert grid_points(narrow) == 50_000                     # the papers' grid when it is fine enough
+    wide = np.array([[[0.0, 450.0]]])                        # width 452 with the margins; 2 sigma = 6.32e-3
+    n = grid_points(wide, sigma2=1e-5)
+    assert n == int(np.ceil(452.0 / (2 * np.sqrt(1e-5)))) + 2 == 71_470
+    grid = spectral_grid(wide, n_points=n)
+    assert np.diff(grid).max() <= 2 * np.sqrt(1e-5)          # gaussian_density accepts it
+    dens = gaussian_density(wide, np.array([[[0.5, 0.5]]]), grid, sigma2=1e-5)
+    assert trapezoid(dens, grid) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="below half the grid spacing"):   # the papers' fixed grid would not do
+        gaussian_density(wide, np.array([[[0.5, 0.5]]]), spectral_grid(wide), sigma2=1e-5)
+    too_wide = np.array([[[0.0, 1e5 - 2]]])
+    with pytest.raises(ValueError, match=r"span 1e\+05.*rescale_rank=10.*sigma2 \(>= 0.000631\)"):
+        grid_points(too_wide, sigma2=1e-5)
+    assert grid_points(too_wide, sigma2=0.000631) <= 2_000_000    # the suggested sigma2 fits

@@ -111,6 +111,24 @@ def test_density_common_grid_and_full(blocks):
     assert dens.scales is None and dens.full_scale is None and dens.names == res.names
 
 
+def test_density_grid_grows_with_the_eigenvalue_range():
+    """The default grid is the papers' 50,000 points, more when the eigenvalues span so wide a range
+    that 50,000 would leave sigma below half the spacing; the densities equal those on that grid."""
+    rng = np.random.default_rng(1)
+    narrow, _ = spectrum([sym_with_spectrum(np.linspace(-1.0, 3.0, 12), rng)], steps=12, n_probes=2)
+    assert narrow.density().grid.size == 50_000
+    wide_blocks = [sym_with_spectrum(np.linspace(0.0, 500.0, 12), rng), sym_with_spectrum(np.linspace(0.5, 2.0, 8), rng)]
+    wide, _ = spectrum(wide_blocks, steps=12, n_probes=2)
+    dens = wide.density()
+    nodes, weights = wide.ritz()
+    width = np.nanmax(nodes) - np.nanmin(nodes) + 2.0
+    assert dens.grid.size == int(np.ceil(width / (2 * np.sqrt(1e-5)))) + 2 > 50_000
+    np.testing.assert_allclose(dens.densities, gaussian_density(nodes, weights, dens.grid, 1e-5))
+    np.testing.assert_allclose(trapezoid(dens.densities, dens.grid, axis=-1), 1.0, atol=1e-10)
+    with pytest.raises(ValueError, match="below half the grid spacing"):
+        wide.density(n_points=50_000)   # an explicit size is taken as given, and checked
+
+
 def test_density_rescaled_by_tenth_largest(blocks, tmp_path):
     res, _ = spectrum(blocks, steps=20, n_probes=4, full=True)
     dens = res.density(rescale_rank=10, n_points=10_000)

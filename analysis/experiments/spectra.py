@@ -112,17 +112,6 @@ def subset(spectrum: SpectrumResult, indices: list[int]) -> SpectrumResult:
     )
 
 
-def _grid_points(spectrum: SpectrumResult, rescale_rank: int, sigma2: float) -> int:
-    """Grid size for rescaled densities: the papers' 50,000 points, more where the range is so wide
-    that the spacing would exceed 2 sigma (the Gaussians would fall between grid points)."""
-    from hessian_blocks.density import kth_largest_scale
-
-    nodes, _ = spectrum.ritz()
-    rescaled = nodes / kth_largest_scale(nodes, rescale_rank)[:, None, None]
-    width = float(np.nanmax(rescaled) - np.nanmin(rescaled)) + 2.0  # the grid's margin is 1 on each side
-    return max(50_000, int(np.ceil(width / (2.0 * np.sqrt(sigma2)))) + 2)
-
-
 def plot_sampled_densities(spectra: dict[str, SpectrumResult], *, panels: int = 4, rescale_rank: int = 10,
                            sigma2: float = 1e-5):
     """One row per model, one panel per sampled block: density (log) vs eigenvalue / 10th-largest."""
@@ -135,8 +124,7 @@ def plot_sampled_densities(spectra: dict[str, SpectrumResult], *, panels: int = 
     for row, (model, spectrum) in zip(axes, spectra.items()):
         chosen = sampled_blocks(spectrum, panels)
         sampled = subset(spectrum, chosen)
-        density = sampled.density(sigma2=sigma2, n_points=_grid_points(sampled, rescale_rank, sigma2),
-                                  rescale_rank=rescale_rank)
+        density = sampled.density(sigma2=sigma2, rescale_rank=rescale_rank)
         for ax in row[len(chosen):]:
             ax.remove()
         for ax, i in zip(row, range(len(chosen))):
