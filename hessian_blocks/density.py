@@ -55,7 +55,7 @@ def grid_points(nodes: np.ndarray, sigma2: float = 1e-5, margin: float = 1.0) ->
     return needed
 
 
-def spectral_grid(nodes: np.ndarray, n_points: int = 50_000, margin: float = 1.0) -> np.ndarray:
+def spectral_grid(nodes: np.ndarray, n_points: int = DEFAULT_GRID_POINTS, margin: float = 1.0) -> np.ndarray:
     """Uniform grid of ``n_points`` over ``[min - margin, max + margin]`` of the finite ``nodes``."""
     nodes = np.asarray(nodes, dtype=np.float64)
     finite = nodes[np.isfinite(nodes)]

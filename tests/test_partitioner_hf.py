@@ -61,7 +61,7 @@ def test_hf_gpt2_conv1d_and_fused_qkv():
         f"{layer}.mlp.c_proj.weight": ("groups", 1, 1, None),
         # tied input/output embedding: the paper's rule is one block per token (axis 0), but the
         # measured Hessian is not block-diagonal per token (see the next test): one block per
-        # feature column (axis 1) leaves the least coupling. Asserted as measured (README).
+        # feature column (axis 1) leaves less mass off its blocks. Asserted as measured (README).
         "transformer.wte.weight": ("groups", 1, 1, None),
         "transformer.wpe.weight": ("groups", 0, 1, None),
         f"{layer}.ln_1.weight": ("whole", None, None, None),
