@@ -23,7 +23,7 @@ decision settings can be changed without the slow measurement; ``--remeasure`` f
     PYTHONPATH=. python benchmarks/partition_training.py --out runs/partition_training   # ~30 min on 1 CPU core
     PYTHONPATH=. python benchmarks/partition_training.py --quick --out /tmp/pt          # ~1.5 min
     PYTHONPATH=. python benchmarks/partition_training.py --model hf-gpt2 --out /tmp/hf  # ~5 min
-    # the README's table: --seeds 3 --ablate (the default gpt2-nano: ~19 min measuring, ~45 min training)
+    # the README's table: --seeds 3 --ablate (the default gpt2-nano: ~19 min measuring, ~40 min training)
 """
 
 from __future__ import annotations
