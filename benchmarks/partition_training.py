@@ -153,17 +153,17 @@ def main() -> None:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / f"couplings-seed{args.seed}.npz"
-    shapes = {name: tuple(p.shape) for name, p in spec.model.named_parameters()}
-    couplings = load_couplings(cache) if cache.exists() and not args.remeasure else None
-    if couplings is None or {name: c.shape for name, c in couplings.items()} != shapes:
+    measurement = {"model": args.model, "config": config, "seed": args.seed, "probes": 2, "dtype": "float32"}
+    if cache.exists() and not args.remeasure:
+        couplings = load_couplings(cache, settings=measurement)   # refused if measured for another model or size
+        source = f"re-used from {cache}"
+    else:
         measure_spec = build(args.model, config, args.seed, dtype=torch.float64)
         measure_batches = make_batches(measure_spec, "text", batch_size=8, n_batches=1, seed=args.seed + 1, dtype=torch.float64)
         couplings = measure_coupling(measure_spec.model, measure_spec.loss_fn, measure_batches, dtype=torch.float32,
                                      probes=2, strategy="vmap", seed=args.seed)
-        save_couplings(couplings, cache)
+        save_couplings(couplings, cache, settings=measurement)
         source = "measured"
-    else:
-        source = f"re-used from {cache}"
     decisions = [decide_rule(c) for c in couplings.values()]
     derive_seconds = time.perf_counter() - started
     derived = [d.rule for d in decisions]

@@ -311,6 +311,10 @@ def add_partition_command(commands) -> None:
     command.add_argument("--dtype", choices=tuple(DTYPES), default="float64", help="precision of the products (default: float64)")
     command.add_argument("--strategy", choices=STRATEGIES, default="auto", help="Hessian-vector product strategy")
     command.add_argument("--out", type=Path, default=Path("partition.json"), help="partition file to write (default: partition.json)")
+    command.add_argument("--couplings", type=Path, metavar="NPZ",
+                         help="keep the measured couplings in this file: read when it exists (deciding again with other "
+                              "--threshold/--contrast/... measures nothing), else measured and written; refused when it was "
+                              "measured with another model, data or measurement setting")
     command.add_argument("--heatmap", action="append", default=[], metavar="PARAM",
                          help="also draw the measured Hessian of this tensor with its derived blocks (PNG next to --out; repeatable)")
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -323,24 +327,37 @@ def run_partition(args: argparse.Namespace) -> int:
 
     from .data import make_batches
     from .models import build_model
-    from .partitioner import derive_decisions, map_rules
+    from .coupling import load_couplings, measure_coupling, save_couplings
+    from .partitioner import check_settings, decide_rule, map_rules
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    decision = dict(threshold=args.threshold, contrast=args.contrast, max_runs=args.max_runs,
+                    mass_threshold=args.mass_threshold, max_spread=args.max_spread)
+    check_settings(**decision)
     dtype = DTYPES[args.dtype]
     overrides = _overrides(args.set)
     spec = build_model(args.model, seed=args.seed, **overrides)
     measured = build_model(args.model, seed=args.seed, **{**overrides, **_overrides(args.small)}) if args.small else spec
     batches = make_batches(measured, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
-    shapes = [tuple(p.shape) for p in measured.model.parameters() if p.requires_grad]
-    with tqdm(total=len(shapes), desc=f"{args.model}: measuring {len(shapes)} tensors", unit="tensor",
-              disable=args.no_progress, file=sys.stderr) as bar:
-        decisions = derive_decisions(
-            measured.model, measured.loss_fn, batches, threshold=args.threshold, contrast=args.contrast,
-            max_runs=args.max_runs, mass_threshold=args.mass_threshold, max_spread=args.max_spread, method=args.method, probes=args.probes,
-            dense_max=args.dense_max, seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy,
-            progress=lambda _: bar.update(1),
-        )
+    shapes = {name: tuple(p.shape) for name, p in measured.model.named_parameters() if p.requires_grad}
+    measurement = {key: getattr(args, key) for key in ("model", "set", "small", "data", "batches", "batch_size", "method",
+                                                       "probes", "dense_max", "seed", "dtype")}
+    if args.couplings is not None and args.couplings.exists():
+        couplings = load_couplings(args.couplings, settings=measurement)
+        if {name: c.shape for name, c in couplings.items()} != shapes:
+            raise ValueError(f"{args.couplings} does not hold the tensors of this model; delete it or give another path")
+        print(f"couplings read from {args.couplings} (nothing measured)", file=sys.stderr)
+    else:
+        with tqdm(total=len(shapes), desc=f"{args.model}: measuring {len(shapes)} tensors", unit="tensor",
+                  disable=args.no_progress, file=sys.stderr) as bar:
+            couplings = measure_coupling(
+                measured.model, measured.loss_fn, batches, method=args.method, probes=args.probes, dense_max=args.dense_max,
+                seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy, progress=lambda _: bar.update(1),
+            )
+        if args.couplings is not None:
+            save_couplings(couplings, args.couplings, settings=measurement)
+    decisions = [decide_rule(c, **decision) for c in couplings.values()]
     rules = [d.rule for d in decisions]
     if args.small:
         rules = map_rules(measured.model, rules, spec.model)

@@ -120,28 +120,41 @@ def slice_coupling(tensor_hessian: np.ndarray, shape: Sequence[int], axis: int) 
     return full.reshape(shape[axis], shape[axis], -1).sum(axis=2)
 
 
-def save_couplings(couplings: dict[str, TensorCoupling], path: str | Path) -> None:
+def save_couplings(couplings: dict[str, TensorCoupling], path: str | Path, settings: dict | None = None) -> None:
     """Write measured couplings to an ``.npz`` file (the slow part of deriving a partition).
 
     The slice-coupling matrices are kept; dense within-tensor Hessians are not (they can be large).
-    :func:`load_couplings` reads them back, so decisions can be re-made with other settings.
+    ``settings`` (JSON values: the model, data, probes, ... the measurement was made with) are
+    stored with them, so :func:`load_couplings` can refuse a file measured in another way.
     """
-    header = [{"param": c.param, "shape": list(c.shape), "method": c.method, "products": c.products,
-               "axes": sorted(c.axes)} for c in couplings.values()]
+    tensors = [{"param": c.param, "shape": list(c.shape), "method": c.method, "products": c.products,
+                "axes": sorted(c.axes)} for c in couplings.values()]
+    header = json.dumps({"format": "hessian-blocks/couplings", "settings": settings or {}, "tensors": tensors})
     arrays = {f"t{i}_axis{axis}": c.axes[axis] for i, c in enumerate(couplings.values()) for axis in c.axes}
-    np.savez_compressed(path, header=np.array(json.dumps(header)), **arrays)
+    np.savez_compressed(path, header=np.array(header), **arrays)
 
 
-def load_couplings(path: str | Path) -> dict[str, TensorCoupling]:
-    """Couplings written by :func:`save_couplings`, keyed by parameter name."""
+def load_couplings(path: str | Path, settings: dict | None = None) -> dict[str, TensorCoupling]:
+    """Couplings written by :func:`save_couplings`, keyed by parameter name.
+
+    With ``settings``, they must be the ones the file was written with (JSON-equal): otherwise a
+    ``ValueError`` names the fields that differ.
+    """
     with np.load(path, allow_pickle=False) as data:
-        if "header" not in data:
-            raise ValueError(f"{path} is not a couplings file written by save_couplings (no header)")
-        header = json.loads(str(data["header"]))
+        header = json.loads(str(data["header"])) if "header" in data else {}
+        if header.get("format") != "hessian-blocks/couplings":
+            raise ValueError(f"{path} is not a couplings file written by save_couplings")
+        if settings is not None:
+            stored, wanted = header["settings"], json.loads(json.dumps(settings))
+            differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+            if differ:
+                changes = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in differ)
+                raise ValueError(f"{path} was measured with other settings ({changes}); "
+                                 f"delete it or give another path to measure again")
         return {
             entry["param"]: TensorCoupling(entry["param"], tuple(entry["shape"]), entry["method"],
                                            {axis: data[f"t{i}_axis{axis}"] for axis in entry["axes"]}, entry["products"])
-            for i, entry in enumerate(header)
+            for i, entry in enumerate(header["tensors"])
         }
 
 

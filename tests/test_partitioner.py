@@ -141,6 +141,10 @@ def test_saved_couplings_give_the_same_decisions(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(2))
     with pytest.raises(ValueError, match="not a couplings file"):
         load_couplings(tmp_path / "other.npz")
+    save_couplings(measured, tmp_path / "probes2.npz", settings={"probes": 2, "data": "synthetic"})
+    assert list(load_couplings(tmp_path / "probes2.npz", settings={"data": "synthetic", "probes": 2})) == list(measured)
+    with pytest.raises(ValueError, match=r"other settings \(probes: 2 there, 4 now\); delete it"):
+        load_couplings(tmp_path / "probes2.npz", settings={"probes": 4, "data": "synthetic"})
 
 
 def test_slice_coupling_matches_the_definition():
@@ -326,6 +330,32 @@ def _train(spec, partition, batches, optimizer_cls, steps: int = 60, lr: float =
         optimizer.step()
     with torch.no_grad():
         return float(np.mean([spec.loss_fn(model(x), y).item() for x, y in batches]))
+
+
+def test_cli_partition_keeps_and_reuses_couplings(tmp_path, capsys, monkeypatch):
+    import hessian_blocks.coupling as coupling_module
+
+    couplings = tmp_path / "couplings.npz"
+    args = ["partition", "--model", "gpt2-nano", "--set", "n_layer=1", "--set", "n_embd=16", "--set", "n_head=2",
+            "--set", "vocab_size=32", "--set", "context=8", "--data", "synthetic", "--probes", "1", "--dtype", "float32",
+            "--strategy", "vmap", "--no-progress", "--couplings", str(couplings)]
+    assert main(args + ["--out", str(tmp_path / "first.json")]) == 0
+    assert couplings.exists()
+    capsys.readouterr()
+
+    def no_measuring(*_, **__):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(coupling_module, "measure_coupling", no_measuring)
+    assert main(args + ["--out", str(tmp_path / "again.json")]) == 0
+    assert f"couplings read from {couplings} (nothing measured)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "again.json").read_text()) == json.loads((tmp_path / "first.json").read_text())
+    # other decision settings: decided again from the file (at threshold 1e-6 almost every axis stays one block)
+    assert main(args + ["--threshold", "1e-6", "--out", str(tmp_path / "strict.json")]) == 0
+    assert json.loads((tmp_path / "strict.json").read_text()) != json.loads((tmp_path / "first.json").read_text())
+    # another measurement setting: refused with the fix, not silently re-used
+    assert main(args + ["--probes", "2", "--out", str(tmp_path / "other.json")]) == 2
+    assert "probes: 1 there, 2 now" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- small instance -> full model
