@@ -59,6 +59,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     figures.add_argument("--only", action="append", choices=tuple(FIGURE_GROUPS), metavar="GROUP",
                          help=f"run only this group ({', '.join(FIGURE_GROUPS)}); repeatable")
     figures.add_argument("--results", type=Path, help="work-unit folder (default: runs/figures-SIZE)")
+    figures.add_argument("--device", default="cpu",
+                         help="cpu, cuda, cuda:1, ...: where spectra, Hessian maps and training runs compute; "
+                         "finished spectra and maps resume on any device, training runs are kept per device "
+                         "(default: cpu)")
     figures.add_argument("--no-progress", action="store_true", help="no progress bar")
     figures.set_defaults(run=run_figures)
 
@@ -122,14 +126,16 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_figures(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
+    from hessian_blocks.guards import check_device
 
     from .experiments.groups import FIGURE_GROUPS, run_group
 
+    check_device(args.device)
     results = args.results or Path(f"runs/figures-{args.size}")
     results.mkdir(parents=True, exist_ok=True)
     written = []
     for name in args.only or list(FIGURE_GROUPS):
-        group = run_group(name, args.size, results, progress=not args.no_progress)
+        group = run_group(name, args.size, results, progress=not args.no_progress, device=args.device)
         for stem, frame in group.tables.items():
             frame.to_csv(results / f"{stem}.csv", index=False)
             if not stem.endswith("_runs"):

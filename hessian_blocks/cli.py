@@ -21,7 +21,7 @@ from .distributed import (
     DataParallelBlockHessian, device_for_rank, get_world_size, is_main_process, process_group_from_env, shard_batches,
     split_block_spectra,
 )
-from .guards import HessianSetupError
+from .guards import HessianSetupError, check_device
 from .hvp import STRATEGIES, BlockHessian
 from .results import SpectrumResult
 from .slq import block_spectra, total_steps
@@ -211,8 +211,7 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.blocks and args.sample_layers:
         raise ValueError("use either --blocks or --sample-layers, not both")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    check_device(args.device)
     if args.split_blocks and args.full_model:
         raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the batches)")
     dtype, device, world_size = DTYPES[args.dtype], device_for_rank(args.device), get_world_size()
@@ -330,8 +329,7 @@ def run_partition(args: argparse.Namespace) -> int:
     from .coupling import load_couplings, measure_coupling, save_couplings
     from .partitioner import check_settings, decide_rule, map_rules
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    check_device(args.device)
     decision = dict(threshold=args.threshold, contrast=args.contrast, max_runs=args.max_runs,
                     mass_threshold=args.mass_threshold, max_spread=args.max_spread)
     check_settings(**decision)

@@ -28,6 +28,14 @@ _TRAIN_MODE_SENSITIVE = (
 )
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; a CUDA device on a machine without CUDA is refused, naming the fix."""
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use device 'cpu'")
+    return target
+
+
 def check_eval_mode(model: nn.Module) -> None:
     """Refuse BatchNorm / Dropout modules left in train mode.
 

@@ -1,6 +1,6 @@
 """Write the experiment notebooks (valid nbformat 4 JSON): ``python notebooks/build_notebooks.py``.
 
-Each notebook is thin: a parameter cell (SIZE, RESULTS) and calls into ``analysis.experiments``.
+Each notebook is thin: a parameter cell (SIZE, RESULTS, DEVICE) and calls into ``analysis.experiments``.
 The same group functions make the committed figures (``hessian-blocks figures``).
 """
 
@@ -17,7 +17,9 @@ PARAMETERS = '''# Parameters. SIZE: "small" (CPU, about a minute), "medium" (the
 # "paper" (closer to the papers' scale: a GPU or a long run).
 SIZE = "small"
 # Folder where finished work units are kept; a stopped run resumes from it (None: keep nothing).
-RESULTS = None'''
+RESULTS = None
+# Where spectra, Hessian maps and training runs compute: "cpu", "cuda", "cuda:1", ...
+DEVICE = "cpu"'''
 
 SHOW = '''import io
 
@@ -27,7 +29,7 @@ from analysis import format_table
 from analysis.experiments.groups import run_group
 
 def show(group):
-    result = run_group(group, SIZE, RESULTS, progress=False)
+    result = run_group(group, SIZE, RESULTS, progress=False, device=DEVICE)
     for name, table in result.tables.items():
         if not name.endswith("_runs"):
             print(f"{name}\\n{format_table(table)}\\n")

@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 import torch
 
 from hessian_blocks.cli import main
@@ -46,6 +47,16 @@ def test_figures_writes_the_groups_pngs(tmp_path, capsys):
     assert (results / "hessian_structure.csv").exists()
     assert json.loads((results / "figures.json").read_text())["size"] == "small"
     assert "in_block_mass" in capsys.readouterr().out
+
+
+def test_figures_on_a_missing_cuda_device_exits_2_before_any_work(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out, results = tmp_path / "figs", tmp_path / "results"
+    assert main(["figures", "--size", "small", "--only", "hessian", "--device", "cuda", "--out", str(out),
+                 "--results", str(results), "--no-progress"]) == 2
+    assert "CUDA is not available on this machine; use device 'cpu'" in capsys.readouterr().err
+    assert not out.exists() and not results.exists()
 
 
 def test_compare_with_a_partition_file_matches_the_default(tmp_path):

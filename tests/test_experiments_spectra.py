@@ -2,7 +2,10 @@
 
 import numpy as np
 
-from analysis.experiments.spectra import measure_spectrum, plot_sampled_densities, sampled_blocks, subset
+from analysis import js0, js_matrix
+from analysis.experiments.spectra import (
+    measure_spectrum, plot_sampled_densities, sampled_blocks, spectra_table, subset,
+)
 from analysis.experiments.store import ResultStore
 from analysis.experiments.zoo import zoo_models
 
@@ -22,3 +25,7 @@ def test_sampled_blocks_subset_and_figure(tmp_path):
     fig = plot_sampled_densities({"vgg16": spectrum}, panels=4, rescale_rank=3)
     assert len(fig.axes) == 4 and fig.axes[0].get_yscale() == "log"
     assert "3-th largest" in fig.axes[0].get_xlabel()
+    table = spectra_table({"vgg16": spectrum, "vgg16 again": part}).set_index("model")
+    assert table["family"].tolist() == ["CNN", "other"] and table.loc["vgg16", "blocks"] == len(spectrum.names)
+    assert table.loc["vgg16", "JS0"] == js0(js_matrix(spectrum.density().densities))
+    assert table.loc["vgg16 again", "JS0_ratio_to_max_CNN"] == table.loc["vgg16 again", "JS0"] / table.loc["vgg16", "JS0"]

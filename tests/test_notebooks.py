@@ -29,6 +29,7 @@ def test_notebook_runs_at_small_size(path, tmp_path_factory):
     notebook = nbformat.read(path, as_version=4)
     parameters = notebook.cells[1]
     assert 'SIZE = "small"' in parameters.source and "RESULTS = None" in parameters.source
+    assert 'DEVICE = "cpu"' in parameters.source
     # keep work units where the experiment tests of this session keep theirs: each runs once
     store = tmp_path_factory.getbasetemp() / "experiments-small"
     parameters.source = parameters.source.replace("RESULTS = None", f"RESULTS = {str(store)!r}")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from hessian_blocks.guards import check_device
+
 from .store import check_size
 
 __all__ = ["FIGURE_GROUPS", "GroupResult", "run_group"]
@@ -26,30 +28,30 @@ class GroupResult:
     figures: dict = field(default_factory=dict)
 
 
-def quadratics_group(size: str, results: Path | None, progress: bool) -> GroupResult:
+def quadratics_group(size: str, results: Path | None, progress: bool, device: str) -> GroupResult:
     from .quadratics import QuadraticConfig, plot_quadratics, quadratic_experiment, summarize_quadratics
 
-    config = QuadraticConfig.preset(size)
+    config = QuadraticConfig.preset(size, device=device)
     curves = quadratic_experiment(config, out=results, progress=progress)
     summary = summarize_quadratics(curves, config.target)
     return GroupResult({"quadratics_summary": summary}, {"quadratics": plot_quadratics(curves, summary)})
 
 
-def manmade_group(size: str, results: Path | None, progress: bool) -> GroupResult:
+def manmade_group(size: str, results: Path | None, progress: bool, device: str) -> GroupResult:
     from .manmade_mlp import ManmadeConfig, manmade_experiment, plot_manmade
 
-    table = manmade_experiment(ManmadeConfig.preset(size), out=results, progress=progress)
+    table = manmade_experiment(ManmadeConfig.preset(size, device=device), out=results, progress=progress)
     return GroupResult({"manmade_mlp": table}, {"manmade_mlp": plot_manmade(table)})
 
 
-def spectra_group(size: str, results: Path | None, progress: bool) -> GroupResult:
+def spectra_group(size: str, results: Path | None, progress: bool, device: str) -> GroupResult:
     from analysis import js_matrix, plot_js_heatmap
 
     from .spectra import SpectraConfig, plot_sampled_densities, spectra_experiment, spectra_table
     from .zoo import FAMILIES
 
-    densities = SpectraConfig.preset(size)
-    heatmaps = SpectraConfig.preset(size, models=tuple(FAMILIES))
+    densities = SpectraConfig.preset(size, device=device)
+    heatmaps = SpectraConfig.preset(size, models=tuple(FAMILIES), device=device)
     shown = spectra_experiment(densities, out=results, progress=progress)
     every = spectra_experiment(heatmaps, out=results, progress=progress)
     figures = {"block_spectra_init": plot_sampled_densities(shown, panels=densities.panels,
@@ -60,20 +62,21 @@ def spectra_group(size: str, results: Path | None, progress: bool) -> GroupResul
     return GroupResult({"spectra": spectra_table(every)}, figures)
 
 
-def heterogeneity_group(size: str, results: Path | None, progress: bool) -> GroupResult:
+def heterogeneity_group(size: str, results: Path | None, progress: bool, device: str) -> GroupResult:
     from .heterogeneity import HeterogeneityConfig, heterogeneity_experiment, plot_js0_vs_gap
 
-    table, runs = heterogeneity_experiment(HeterogeneityConfig.preset(size), out=results, progress=progress)
+    config = HeterogeneityConfig.preset(size, device=device)
+    table, runs = heterogeneity_experiment(config, out=results, progress=progress)
     return GroupResult({"js0_gap": table, "js0_gap_runs": runs}, {"js0_vs_gap": plot_js0_vs_gap(table)})
 
 
-def comparison_group(size: str, results: Path | None, progress: bool) -> GroupResult:
+def comparison_group(size: str, results: Path | None, progress: bool, device: str) -> GroupResult:
     from .comparison import (
         ComparisonConfig, comparison_experiment, comparison_summary, plot_loss_curves, plot_lr_sweep,
         plot_state_memory,
     )
 
-    config = ComparisonConfig.preset(size)
+    config = ComparisonConfig.preset(size, device=device)
     runs, curves = comparison_experiment(config, out=results, progress=progress)
     summary = comparison_summary(runs)
     name = config.model
@@ -85,17 +88,17 @@ def comparison_group(size: str, results: Path | None, progress: bool) -> GroupRe
     )
 
 
-def hessian_group(size: str, results: Path | None, progress: bool) -> GroupResult:
+def hessian_group(size: str, results: Path | None, progress: bool, device: str) -> GroupResult:
     from .hessian_structure import StructureConfig, plot_structure, structure_experiment
 
-    table, maps = structure_experiment(StructureConfig.preset(size), out=results, progress=progress)
+    table, maps = structure_experiment(StructureConfig.preset(size, device=device), out=results, progress=progress)
     figures = {f"hessian_structure_{model}": plot_structure(
         hmap, f"{model} at init: Hessian of {len(hmap.params)} tensor(s), {len(hmap.blocks)} blocks")
         for model, hmap in maps.items()}
     return GroupResult({"hessian_structure": table}, figures)
 
 
-FIGURE_GROUPS: dict[str, Callable[[str, Path | None, bool], GroupResult]] = {
+FIGURE_GROUPS: dict[str, Callable[[str, Path | None, bool, str], GroupResult]] = {
     "quadratics": quadratics_group,
     "manmade_mlp": manmade_group,
     "spectra": spectra_group,
@@ -105,9 +108,13 @@ FIGURE_GROUPS: dict[str, Callable[[str, Path | None, bool], GroupResult]] = {
 }
 
 
-def run_group(name: str, size: str = "small", results: str | Path | None = None, progress: bool = True) -> GroupResult:
-    """Run figure group ``name`` (one of FIGURE_GROUPS) at ``size``; work units kept under ``results``."""
+def run_group(name: str, size: str = "small", results: str | Path | None = None, progress: bool = True,
+              device: str = "cpu") -> GroupResult:
+    """Run figure group ``name`` (one of FIGURE_GROUPS) at ``size`` on ``device``; work units kept under
+    ``results``. Spectra and Hessian maps are float64 and resume across devices; training runs are kept
+    per device."""
     check_size(size)
+    check_device(device)
     if name not in FIGURE_GROUPS:
         raise ValueError(f"unknown figure group {name!r}: choose one of {', '.join(FIGURE_GROUPS)}")
-    return FIGURE_GROUPS[name](size, None if results is None else Path(results), progress)
+    return FIGURE_GROUPS[name](size, None if results is None else Path(results), progress, device)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hessian_blocks.guards import check_device
+
 from .store import ResultStore, check_size, params_key
 from .zoo import zoo_models
 
@@ -46,6 +48,7 @@ class StructureConfig:
     batch_size: int = 16
     n_batches: int = 1
     seed: int = 0
+    device: str = "cpu"  # where the Hessian-vector products run (not part of the stored key: float64)
 
     @classmethod
     def preset(cls, size: str, **changes) -> "StructureConfig":
@@ -86,12 +89,14 @@ def _measure(model: str, overrides: dict, tensors: tuple[str, ...], config: Stru
     spec = build_model(model, seed=config.seed, **overrides)
     batches = make_batches(spec, batch_size=config.batch_size, n_batches=config.n_batches, seed=config.seed,
                            dtype=torch.float64)
-    return hessian_map(spec.model, spec.loss_fn, batches, optim.default_partition(spec.model), params=list(tensors))
+    return hessian_map(spec.model, spec.loss_fn, batches, optim.default_partition(spec.model), params=list(tensors),
+                       device=config.device)
 
 
 def structure_experiment(config: StructureConfig, *, out: str | None = None, progress: bool = True):
     """(table, maps): per model the mapped tensors, coordinates, blocks, in-block share of the
     squared Frobenius norm and the share of entries in the blocks; ``maps`` model -> HessianMap."""
+    check_device(config.device)
     store = ResultStore(out)
     maps, rows = {}, []
     for model, overrides, tensors in (("mlp", config.mlp_overrides, config.mlp_params),

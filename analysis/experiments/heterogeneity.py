@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import pandas as pd
 
-from .spectra import measure_spectrum
+from .spectra import measure_spectrum, spectra_table
 from .store import ResultStore, check_size, params_key, progress_bar
 from .training import TrainSetup, best_runs, train_run
-from .zoo import FAMILIES, zoo_models
+from .zoo import zoo_models
 
 __all__ = ["HeterogeneityConfig", "heterogeneity_experiment", "plot_js0_vs_gap"]
 
@@ -35,6 +34,7 @@ class HeterogeneityConfig:
     steps: int = 200
     lrs: dict = field(default_factory=lambda: {"sgd": (0.01, 0.03, 0.1, 0.3, 1.0), "adamw": (3e-4, 1e-3, 3e-3, 1e-2)})
     seeds: tuple[int, ...] = (0,)
+    device: str = "cpu"  # where the spectra are measured and the runs train ("cuda", "cuda:1", ...)
 
     @classmethod
     def preset(cls, size: str, models: tuple[str, ...] | None = None, **changes) -> "HeterogeneityConfig":
@@ -56,9 +56,10 @@ def _runs(config: HeterogeneityConfig, store: ResultStore, progress: bool) -> pd
     for model, opt, lr, seed in progress_bar(units, desc="training", enabled=progress):
         setup = TrainSetup(model, config.models[model], batch_size=config.batch_size,
                            train_batches=config.train_batches, val_batches=config.val_batches)
-        params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps}
+        params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
+                  "device": config.device}
         record = store.run(params_key(f"train-{model}-{opt}", params), params,
-                           lambda: train_run(setup, opt, lr, config.steps, seed=seed))
+                           lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device))
         rows.append({"model": model, "optimizer": opt, "lr": lr, "seed": seed,
                      **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
                                                "diverged")}})
@@ -68,26 +69,21 @@ def _runs(config: HeterogeneityConfig, store: ResultStore, progress: bool) -> pd
 def heterogeneity_experiment(
     config: HeterogeneityConfig, *, out: str | None = None, progress: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(table, runs). ``table``: one row per model with family, blocks, JS0, the best SGD and AdamW
-    final training losses and lrs, and gap = SGD - AdamW; ``runs``: every training run."""
-    from analysis import js0, js_matrix
-
+    """(table, runs). ``table``: one row per model with family, blocks, JS0 and its ratio to the
+    largest CNN's (:func:`.spectra.spectra_table`), the best SGD and AdamW final training losses and
+    lrs, and gap = SGD - AdamW; ``runs``: every training run."""
     store = ResultStore(out)
-    rows = []
-    for model, overrides in config.models.items():
-        spectrum = measure_spectrum(model, overrides, batch_size=config.slq_batch_size, steps=config.slq_steps,
-                                    probes=config.slq_probes, store=store, progress=progress)
-        rows.append({"model": model, "family": FAMILIES[model], "blocks": len(spectrum.names),
-                     "JS0": js0(js_matrix(spectrum.density().densities))})
-    table = pd.DataFrame(rows)
+    spectra = {model: measure_spectrum(model, overrides, batch_size=config.slq_batch_size, steps=config.slq_steps,
+                                       probes=config.slq_probes, device=config.device, store=store,
+                                       progress=progress)
+               for model, overrides in config.models.items()}
+    table = spectra_table(spectra)
     runs = _runs(config, store, progress)
     best = best_runs(runs).set_index(["model", "optimizer"])
     for opt in ("sgd", "adamw"):
         table[f"{opt}_loss"] = [best.loc[(m, opt), "train_loss"] for m in table["model"]]
         table[f"{opt}_lr"] = [best.loc[(m, opt), "lr"] for m in table["model"]]
     table["gap"] = table["sgd_loss"] - table["adamw_loss"]
-    cnn = table.loc[table["family"] == "CNN", "JS0"]
-    table["JS0_ratio_to_max_CNN"] = table["JS0"] / cnn.max() if len(cnn) else np.nan
     return table.sort_values("JS0", ascending=False, kind="stable").reset_index(drop=True), runs
 
 

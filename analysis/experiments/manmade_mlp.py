@@ -78,6 +78,7 @@ class ManmadeConfig:
     lrs: dict = field(default_factory=lambda: {"sgd": (0.01, 0.03, 0.1, 0.3, 1.0),
                                                "adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)})
     seeds: tuple[int, ...] = (0,)
+    device: str = "cpu"  # where the spectra are measured and the runs train ("cuda", "cuda:1", ...)
 
     @classmethod
     def preset(cls, size: str, **changes) -> "ManmadeConfig":
@@ -103,16 +104,18 @@ def manmade_experiment(config: ManmadeConfig, *, out: str | None = None, progres
     for level, opt, lr, seed in progress_bar(units, desc="man-made MLP", enabled=progress):
         setup = TrainSetup(FACTORY, {"level": level, "hidden": config.hidden}, "digits", config.batch_size,
                            config.train_batches, config.val_batches)
-        params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps}
+        params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
+                  "device": config.device}
         record = store.run(params_key(f"manmade-{opt}", params), params,
-                           lambda: train_run(setup, opt, lr, config.steps, seed=seed))
+                           lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device))
         runs.append({"model": level, "optimizer": opt, "lr": lr, "seed": seed,
                      **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
                                                "diverged")}})
     best = best_runs(pd.DataFrame(runs)).set_index(["model", "optimizer"])
     for level in config.levels:
         spectrum = measure_spectrum(FACTORY, {"level": level, "hidden": config.hidden}, data="digits",
-                                    steps=config.slq_steps, probes=config.slq_probes, store=store)
+                                    steps=config.slq_steps, probes=config.slq_probes, device=config.device,
+                                    store=store)
         row = {"level": level, "JS0": js0(js_matrix(spectrum.density().densities))}
         for opt in config.lrs:
             row[f"{opt}_loss"] = best.loc[(level, opt), "train_loss"]

@@ -184,6 +184,7 @@ class QuadraticConfig:
     slq_steps: int = 25
     slq_probes: int = 2
     seed: int = 0
+    device: str = "cpu"  # where the GPT-2-style spectrum is measured (the quadratics themselves run on CPU)
 
     @classmethod
     def preset(cls, size: str, **changes) -> "QuadraticConfig":
@@ -205,7 +206,7 @@ def _cases(config: QuadraticConfig, store: ResultStore, progress: bool) -> dict[
 
         spectrum = measure_spectrum(
             "gpt2-nano", config.gpt2_overrides, steps=config.slq_steps, probes=config.slq_probes,
-            seed=config.seed, store=store, progress=progress,
+            seed=config.seed, device=config.device, store=store, progress=progress,
         )
         cases["gpt2-spectra"], _ = spectrum_eigenvalues(spectrum, config.n_blocks, config.dim, config.condition,
                                                         seed=config.seed)

@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 
 from hessian_blocks import BlockHessian, Partition, SpectrumResult, block_spectra, build_model, make_batches
+from hessian_blocks.guards import check_device
 
 from .store import ResultStore, check_size, params_key, progress_bar
-from .zoo import zoo_models
+from .zoo import FAMILIES, zoo_models
 
 __all__ = ["SpectraConfig", "measure_spectrum", "plot_sampled_densities", "sampled_blocks", "spectra_experiment",
            "spectra_table", "subset"]
@@ -25,13 +26,18 @@ __all__ = ["SpectraConfig", "measure_spectrum", "plot_sampled_densities", "sampl
 
 def measure_spectrum(
     model: str, overrides: dict | None = None, *, data: str = "auto", batch_size: int = 4, n_batches: int = 1,
-    steps: int = 25, probes: int = 2, seed: int = 0, store: ResultStore | None = None, progress: bool = False,
+    steps: int = 25, probes: int = 2, seed: int = 0, device: str = "cpu", store: ResultStore | None = None,
+    progress: bool = False,
 ) -> SpectrumResult:
     """SLQ spectra of every parameter tensor (one block each) of a zoo model at initialisation.
 
     float64 products, the papers' plain Lanczos recurrence, Rademacher probes; the model, the data
     and the probes come from ``seed``. With a ``store`` the result is kept as ``.npz`` and reused.
+    ``device`` is where the products run; it is not part of the stored key: float64 products on
+    CPU and CUDA agree to rounding, so a spectrum measured on one resumes a run on the other (the
+    result's settings record where it was measured).
     """
+    check_device(device)
     overrides = dict(overrides or {})
     params = {"model": model, "overrides": overrides, "data": data, "batch_size": batch_size,
               "n_batches": n_batches, "steps": steps, "probes": probes, "seed": seed}
@@ -44,7 +50,7 @@ def measure_spectrum(
 
         spec = build_model(model, seed=seed, **overrides)
         batches = make_batches(spec, data, batch_size=batch_size, n_batches=n_batches, seed=seed, dtype=torch.float64)
-        hessian = BlockHessian(spec.model, spec.loss_fn, batches, Partition.per_tensor(spec.model))
+        hessian = BlockHessian(spec.model, spec.loss_fn, batches, Partition.per_tensor(spec.model), device=device)
         with tqdm(total=steps, desc=f"{model}: SLQ on {len(hessian.blocks)} blocks", unit="step",
                   disable=not progress, file=sys.stderr, leave=False) as bar:
             return block_spectra(hessian, steps=steps, probes=probes, seed=seed, progress=bar.update,
@@ -67,6 +73,7 @@ class SpectraConfig:
     panels: int = 4  # sampled blocks per model in the density figure
     rescale_rank: int = 10  # eigenvalues divided by each block's k-th largest
     seed: int = 0
+    device: str = "cpu"  # where the Hessian-vector products run ("cuda", "cuda:1", ...)
 
     @classmethod
     def preset(cls, size: str, models: tuple[str, ...] = ("vgg16", "bert-mini"), **changes) -> "SpectraConfig":
@@ -84,7 +91,8 @@ def spectra_experiment(
     store = ResultStore(out)
     return {
         name: measure_spectrum(name, overrides, batch_size=config.batch_size, steps=config.steps,
-                               probes=config.probes, seed=config.seed, store=store, progress=progress)
+                               probes=config.probes, seed=config.seed, device=config.device, store=store,
+                               progress=progress)
         for name, overrides in progress_bar(config.models.items(), total=len(config.models), desc="spectra",
                                             enabled=progress)
     }
@@ -144,9 +152,13 @@ def plot_sampled_densities(spectra: dict[str, SpectrumResult], *, panels: int = 
 
 
 def spectra_table(spectra: dict[str, SpectrumResult], sigma2: float = 1e-5) -> pd.DataFrame:
-    """Per model: number of blocks and JS0 (mean JS distance between the blocks' densities)."""
+    """Per model: family, number of blocks, JS0 (mean JS distance between the blocks' densities) and
+    JS0 divided by the largest JS0 of the CNN-style models (the papers' Table 1; NaN without a CNN)."""
     from analysis import js0, js_matrix
 
-    return pd.DataFrame([{"model": model, "blocks": len(spectrum.names),
-                          "JS0": js0(js_matrix(spectrum.density(sigma2=sigma2).densities))}
-                         for model, spectrum in spectra.items()])
+    table = pd.DataFrame([{"model": model, "family": FAMILIES.get(model, "other"), "blocks": len(spectrum.names),
+                           "JS0": js0(js_matrix(spectrum.density(sigma2=sigma2).densities))}
+                          for model, spectrum in spectra.items()])
+    cnn = table.loc[table["family"] == "CNN", "JS0"]
+    table["JS0_ratio_to_max_CNN"] = table["JS0"] / cnn.max() if len(cnn) else np.nan
+    return table

@@ -20,6 +20,7 @@ import torch
 
 import optim
 from hessian_blocks import build_model, make_batches
+from hessian_blocks.guards import check_device
 
 __all__ = ["OPTIMIZERS", "PARTITIONED", "TrainSetup", "best_runs", "make_optimizer", "optimizer_state_bytes", "train_run"]
 
@@ -74,9 +75,7 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     """Train ``steps`` steps on ``device``; return losses (per step), train_loss, val_loss,
     state_bytes, seconds_per_step and diverged (a non-finite loss stops the run; later losses NaN).
     On CUDA the step time is measured after synchronising the device."""
-    target = torch.device(device)
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine; use device 'cpu'")
+    target = check_device(device)
     synchronize = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     spec, train, val = setup.build(seed)
     spec.model.to(target).train()
