@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 from matplotlib.figure import Figure
 
 import optim
+from analysis.experiments.training import run_steps
 from hessian_blocks import build_model, make_batches
 
 FULL = dict(config={}, steps=300, batch_size=16, train_batches=32, val_batches=4)
@@ -72,18 +72,10 @@ def train(name: str, config: dict, args: argparse.Namespace, train_batches, val_
     spec = build_model("gpt2-nano", seed=args.seed, **config)
     model = spec.model.train()
     optimizer = optimizer_for(name, model, args)
-    losses, started = [], time.perf_counter()
-    for step in range(args.steps):
-        x, y = train_batches[step % len(train_batches)]
-        loss = spec.loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item() if torch.isfinite(loss) else float("nan"))
-    seconds = (time.perf_counter() - started) / args.steps
+    losses, times = run_steps(model, spec.loss_fn, optimizer, train_batches, args.steps)
     with torch.no_grad():
         val = float(np.mean([spec.loss_fn(model(x), y).item() for x, y in val_batches]))
-    return {"losses": losses, "val_loss": val, "seconds_per_step": seconds}
+    return {"losses": losses, "val_loss": val, "seconds_per_step": float(np.mean(times))}
 
 
 def smooth(values: list[float], window: int) -> np.ndarray:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from analysis.experiments.training import run_steps
 from hessian_blocks import Partition, Rule, build_model, make_batches
 from hessian_blocks.models import ModelSpec, cross_entropy_loss
 from hessian_blocks.coupling import load_couplings, measure_coupling, save_couplings
@@ -99,15 +100,7 @@ def train(kind: str, config: dict, partition: Partition, batches, lr: float, ste
     spec = build(kind, config, seed)
     model = spec.model.train()
     optimizer = AdamMini(model, partition=partition, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    losses = []
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
-        loss = spec.loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item() if torch.isfinite(loss) else float("nan"))
-    return losses
+    return run_steps(model, spec.loss_fn, optimizer, batches, steps)[0]
 
 
 def plot_curves(curves: dict[str, dict[str, list[list[float]]]], window: int) -> Figure:

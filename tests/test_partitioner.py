@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from analysis.experiments.training import run_steps
 from hessian_blocks import Partition, Rule, build_model, make_batches
 from hessian_blocks.cli import main
 from hessian_blocks.coupling import TensorCoupling, load_couplings, measure_coupling, save_couplings, slice_coupling
@@ -321,13 +322,7 @@ def _renamed(rule: Rule, param: str) -> Rule:
 
 def _train(spec, partition, batches, optimizer_cls, steps: int = 60, lr: float = 1e-3) -> float:
     model = build_model(spec.name, seed=0, **CONFIGS[spec.name]).model.train()
-    optimizer = optimizer_cls(model, partition=partition, lr=lr)
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
-        loss = spec.loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    run_steps(model, spec.loss_fn, optimizer_cls(model, partition=partition, lr=lr), batches, steps)
     with torch.no_grad():
         return float(np.mean([spec.loss_fn(model(x), y).item() for x, y in batches]))
 

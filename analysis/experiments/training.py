@@ -1,4 +1,5 @@
-"""One training run of a zoo (or user) model with one optimizer: the loop every experiment shares.
+"""One training run of a zoo (or user) model with one optimizer; :func:`run_steps` is the training
+loop every experiment, benchmark and training test shares.
 
 The model is trained on a fixed list of offline batches (cycled in order), and evaluated on the
 whole training list and on held-out batches drawn in the same call (for digits: disjoint images;
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -22,7 +24,7 @@ import optim
 from hessian_blocks import build_model, make_batches
 from hessian_blocks.guards import check_device
 
-__all__ = ["OPTIMIZERS", "PARTITIONED", "TrainSetup", "best_runs", "make_optimizer", "optimizer_state_bytes", "train_run"]
+__all__ = ["OPTIMIZERS", "PARTITIONED", "TrainSetup", "best_runs", "make_optimizer", "run_steps", "train_run"]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "adam_mini", "galore_mini")
 PARTITIONED: tuple[str, ...] = optim.PARTITIONED  # the optimizers that take a partition
@@ -38,11 +40,6 @@ def make_optimizer(name: str, model: torch.nn.Module, *, lr: float, weight_decay
         raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     extra = {"partition": partition} if name in PARTITIONED else {}
     return optim.make(name, model, lr=lr, weight_decay=weight_decay, **extra)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimizer's state (``optim.state_memory``)."""
-    return optim.state_memory(optimizer).total_bytes
 
 
 @dataclass(frozen=True)
@@ -70,37 +67,48 @@ def _mean_loss(spec, batches) -> float:
     return total / sum(len(x) for x, _ in batches)
 
 
+def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, batches: list, steps: int, *,
+              synchronize: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
+    """Train ``model`` in place for ``steps`` steps on ``batches`` (cycled in order).
+
+    Returns the loss before each step and each step's wall-clock seconds (measured after
+    ``synchronize``, e.g. ``torch.cuda.synchronize``). A non-finite loss stops the run: the
+    remaining losses are NaN and no further step is timed.
+    """
+    losses, times = [math.nan] * steps, []
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if synchronize is not None:
+            synchronize()
+        times.append(time.perf_counter() - started)
+        losses[step] = float(loss.detach())
+        if not math.isfinite(losses[step]):
+            break
+    return losses, times
+
+
 def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed: int = 0,
               weight_decay: float = 0.0, partition="default", device: str = "cpu") -> dict:
     """Train ``steps`` steps on ``device``; return losses (per step), train_loss, val_loss,
     state_bytes, seconds_per_step and diverged (a non-finite loss stops the run; later losses NaN).
     On CUDA the step time is measured after synchronising the device."""
     target = check_device(device)
-    synchronize = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     spec, train, val = setup.build(seed)
     spec.model.to(target).train()
     train = [(x.to(target), y.to(target)) for x, y in train]
     val = [(x.to(target), y.to(target)) for x, y in val]
     opt = make_optimizer(optimizer, spec.model, lr=lr, weight_decay=weight_decay, partition=partition)
-    losses = [math.nan] * steps
-    times = []
-    diverged = False
-    for step in range(steps):
-        x, y = train[step % len(train)]
-        started = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = spec.loss_fn(spec.model(x), y)
-        loss.backward()
-        opt.step()
-        synchronize()
-        times.append(time.perf_counter() - started)
-        losses[step] = float(loss.detach())
-        if not math.isfinite(losses[step]):
-            diverged = True
-            break
+    synchronize = torch.cuda.synchronize if target.type == "cuda" else None
+    losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize)
+    diverged = any(not math.isfinite(loss) for loss in losses)
     finals = (math.nan, math.nan) if diverged else (_mean_loss(spec, train), _mean_loss(spec, val))
     return {"losses": losses, "train_loss": finals[0], "val_loss": finals[1],
-            "state_bytes": optimizer_state_bytes(opt),
+            "state_bytes": optim.state_memory(opt).total_bytes,
             "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1), "diverged": diverged}
 
 
