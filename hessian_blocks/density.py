@@ -12,7 +12,7 @@ import math
 import numpy as np
 from scipy.integrate import trapezoid
 
-__all__ = ["DEFAULT_GRID_POINTS", "MAX_GRID_POINTS", "gaussian_density", "grid_points", "kth_largest_scale", "spectral_grid"]
+__all__ = ["DEFAULT_GRID_POINTS", "MAX_GRID_POINTS", "gaussian_density", "grid_points", "kth_largest_eigenvalue", "spectral_grid"]
 
 DEFAULT_GRID_POINTS = 50_000    # the papers' grid
 MAX_GRID_POINTS = 2_000_000     # the most grid_points() chooses: ~16 MB per density
@@ -153,35 +153,49 @@ def gaussian_density(
     return (out / mass[:, None]).reshape(*lead, n_grid)
 
 
-def kth_largest_scale(nodes: np.ndarray, k: int = 10) -> np.ndarray:
-    """The ``k``-th largest finite node per leading index, pooled over the last two axes.
+def kth_largest_eigenvalue(
+    nodes: np.ndarray, weights: np.ndarray, dims: np.ndarray | int, k: int = 10
+) -> np.ndarray:
+    """SLQ estimate of the ``k``-th largest eigenvalue of each matrix (the papers' figures divide
+    each block's eigenvalues by its 10th-largest).
 
-    ``nodes`` is ``[..., K, n]`` (probes x Ritz values); the result is ``[...]``. The papers'
-    figures divide each block's eigenvalues by this number. Raises ``ValueError`` when a leading
-    index has fewer than ``k`` finite nodes or its ``k``-th largest is not positive.
+    ``nodes`` and ``weights`` are ``[..., K, n]`` Ritz values and quadrature weights of K probes
+    (each probe's weights sum to 1; NaN nodes are ignored), ``dims`` the matrices' dimensions
+    (``[...]`` or one number); the result is ``[...]``. The quadrature counts the eigenvalues
+    >= t as ``dims * mean over probes of sum_j w_j [node_j >= t]``; the estimate is the largest
+    node at which that count reaches ``k``. (The k-th largest Ritz value is a poor estimate: plain
+    Lanczos repeats converged extreme eigenvalues, and pooled over k or more probes the k-th
+    largest node is about the largest eigenvalue.) Raises ``ValueError`` when a matrix has fewer
+    than ``k`` eigenvalues or the estimate is not positive.
     """
     nodes = np.asarray(nodes, dtype=np.float64)
-    if nodes.ndim < 2:
-        raise ValueError(f"nodes must be [..., K, n], got shape {nodes.shape}")
+    weights = np.asarray(weights, dtype=np.float64)
+    if nodes.ndim < 2 or nodes.shape != weights.shape:
+        raise ValueError(f"nodes and weights must both be [..., K, n], got {nodes.shape} and {weights.shape}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    lead = nodes.shape[:-2]
-    flat = nodes.reshape(math.prod(lead), -1)
-    finite = np.isfinite(flat)
-    counts = finite.sum(axis=1)
-    short = np.flatnonzero(counts < k)
+    lead, probes = nodes.shape[:-2], nodes.shape[-2]
+    dims = np.broadcast_to(np.asarray(dims, dtype=np.float64), lead).reshape(-1)
+    short = np.flatnonzero(dims < k)
     if short.size:
         i = int(short[0])
-        raise ValueError(
-            f"leading index {_lead_index(i, lead)} has only {counts[i]} "
-            f"finite nodes, fewer than k={k}"
-        )
-    kth = np.sort(np.where(finite, flat, -np.inf), axis=1)[:, -k]
+        raise ValueError(f"matrix {_lead_index(i, lead)} has dimension {dims[i]:.0f}, fewer than k={k} eigenvalues")
+    flat = nodes.reshape(dims.size, -1)
+    mass = np.where(np.isfinite(flat), weights.reshape(dims.size, -1), 0.0) / probes
+    order = np.argsort(np.where(np.isfinite(flat), -flat, np.inf), axis=1, kind="stable")  # descending, NaN last
+    counts = dims[:, None] * np.cumsum(np.take_along_axis(mass, order, axis=1), axis=1)
+    reached = counts >= k * (1 - 1e-9)
+    missing = np.flatnonzero(~reached.any(axis=1))
+    if missing.size:
+        i = int(missing[0])
+        raise ValueError(f"the weights of matrix {_lead_index(i, lead)} count {counts[i, -1]:.3g} eigenvalues, "
+                         f"fewer than k={k}: they must sum to 1 per probe")
+    kth = np.take_along_axis(flat, np.take_along_axis(order, reached.argmax(axis=1)[:, None], axis=1), axis=1)[:, 0]
     bad = np.flatnonzero(~(kth > 0))
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"the {k}-th largest node of leading index {_lead_index(i, lead)} "
+            f"the estimated {k}-th largest eigenvalue of matrix {_lead_index(i, lead)} "
             f"is {kth[i]:.6g} <= 0: cannot rescale by it"
         )
     return kth.reshape(lead)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .density import gaussian_density, grid_points, kth_largest_scale, spectral_grid
+from .density import gaussian_density, grid_points, kth_largest_eigenvalue, spectral_grid
 from .lanczos import LanczosResult
 
 __all__ = ["DensityResult", "SpectrumResult"]
@@ -200,9 +200,9 @@ class SpectrumResult:
     ) -> DensityResult:
         """Gaussian-broadened densities of all blocks on one common grid.
 
-        ``rescale_rank=k`` first divides each block's nodes by its own ``k``-th largest Ritz
-        value (pooled over probes; the papers plot with k = 10); the full model's nodes by
-        theirs. Without ``grid``, a ``spectral_grid`` of ``n_points`` is built over all
+        ``rescale_rank=k`` first divides each block's nodes by the SLQ estimate of its ``k``-th
+        largest eigenvalue (:func:`~hessian_blocks.density.kth_largest_eigenvalue`; the papers plot
+        with k = 10); the full model's nodes by theirs. Without ``grid``, a ``spectral_grid`` of ``n_points`` is built over all
         (rescaled) nodes, the full model's included; ``n_points=None`` takes the papers' 50,000, or
         more where the nodes span so wide a range that the Gaussians would fall between grid points
         (:func:`~hessian_blocks.density.grid_points`).
@@ -213,10 +213,15 @@ class SpectrumResult:
         if self.full is not None:
             full_nodes, full_weights = self.full.ritz()
         if rescale_rank is not None:
-            scales = kth_largest_scale(nodes, rescale_rank)
+            small = [f"'{name}' ({size})" for name, size in zip(self.names, self.sizes) if size < rescale_rank]
+            if small:
+                raise ValueError(f"rescale_rank={rescale_rank} needs blocks of at least {rescale_rank} coordinates; "
+                                 f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''} have fewer: pass a smaller "
+                                 f"rescale_rank, or select the larger blocks first")
+            scales = kth_largest_eigenvalue(nodes, weights, self.sizes, rescale_rank)
             nodes = nodes / scales[:, None, None]
             if full_nodes is not None:
-                full_scale = float(kth_largest_scale(full_nodes, rescale_rank)[0])
+                full_scale = float(kth_largest_eigenvalue(full_nodes, full_weights, self.sizes.sum(), rescale_rank)[0])
                 full_nodes = full_nodes / full_scale
         if grid is None:
             pooled = [nodes.ravel()] + ([full_nodes.ravel()] if full_nodes is not None else [])

@@ -10,7 +10,7 @@ from scipy.integrate import trapezoid
 from scipy.stats import norm
 
 from hessian_blocks import density as density_module
-from hessian_blocks.density import gaussian_density, grid_points, kth_largest_scale, spectral_grid
+from hessian_blocks.density import gaussian_density, grid_points, kth_largest_eigenvalue, spectral_grid
 
 
 def naive_density(nodes, weights, grid, sigma2):
@@ -129,18 +129,41 @@ def test_shape_errors():
         gaussian_density(np.zeros((1, 1)), np.ones((1, 1)), grid[::-1], 0.1)
 
 
-def test_kth_largest_scale_pools_probes():
-    nodes = np.array([
-        [[1.0, 5.0, np.nan], [3.0, 4.0, 2.0]],
-        [[-1.0, 0.5, 0.25], [0.75, np.nan, np.nan]],
-    ])
-    np.testing.assert_array_equal(kth_largest_scale(nodes, k=2), [4.0, 0.5])
-    np.testing.assert_array_equal(kth_largest_scale(nodes, k=1), [5.0, 0.75])
-    assert kth_largest_scale(nodes[0], k=5) == 1.0  # no leading axis: a 0-d array
-    with pytest.raises(ValueError, match="fewer than k=5"):
-        kth_largest_scale(nodes, k=5)
+def test_kth_largest_eigenvalue_of_an_exact_quadrature():
+    # the nodes are all eigenvalues with weight 1/n (an exact quadrature): the k-th largest exactly,
+    # whatever the order of the nodes, NaN padding and the number of probes
+    eigenvalues = np.array([3.0, -1.0, 0.5, 2.0, 1.0])
+    nodes = np.array([[eigenvalues, eigenvalues[::-1]],
+                      [np.r_[eigenvalues[:4], np.nan], np.r_[eigenvalues[:4], np.nan]]])
+    weights = np.where(np.isnan(nodes), 0.0, np.array([[[0.2] * 5], [[0.25] * 5]]))
+    np.testing.assert_array_equal(kth_largest_eigenvalue(nodes, weights, [5, 4], k=1), [3.0, 3.0])
+    np.testing.assert_array_equal(kth_largest_eigenvalue(nodes, weights, [5, 4], k=3), [1.0, 0.5])
+    assert kth_largest_eigenvalue(nodes[0], weights[0], 5, k=2) == 2.0  # no leading axis: a 0-d array
+    with pytest.raises(ValueError, match=r"matrix \(1,\) has dimension 4, fewer than k=5"):
+        kth_largest_eigenvalue(nodes, weights, [5, 4], k=5)
     with pytest.raises(ValueError, match="<= 0"):
-        kth_largest_scale(nodes, k=4)
+        kth_largest_eigenvalue(nodes, weights, [5, 4], k=4)
+    with pytest.raises(ValueError, match="count 2.5 eigenvalues"):
+        kth_largest_eigenvalue(nodes, weights / 2, [5, 4], k=3)
+
+
+def test_kth_largest_eigenvalue_from_plain_lanczos_on_a_known_spectrum():
+    import torch
+
+    from hessian_blocks.lanczos import lanczos, make_probes
+
+    # 12 separated top eigenvalues above a bulk in [0, 1]; 10 Rademacher probes, 60 plain steps:
+    # the converged top eigenvalues come back several times per probe (ghosts)
+    n = 400
+    rng = np.random.default_rng(0)
+    eigenvalues = np.r_[np.linspace(20.0, 9.0, 12), rng.uniform(0.0, 1.0, n - 12)]
+    diagonal = torch.tensor(eigenvalues)
+    probes = make_probes(10, n, kind="rademacher", seed=0, dtype=torch.float64)
+    nodes, weights = lanczos(lambda v: v * diagonal, probes, torch.zeros(n, dtype=torch.long), 1, 60).ritz()
+    tenth = np.sort(eigenvalues)[-10]
+    assert kth_largest_eigenvalue(nodes, weights, n, k=10)[0] == pytest.approx(tenth, rel=1e-6)
+    # the 10th-largest Ritz value pooled over the probes is the largest eigenvalue instead
+    assert np.sort(nodes.ravel())[-10] == pytest.approx(eigenvalues.max(), rel=1e-6)
 
 
 def test_grid_points_the_papers_50000_or_enough_for_sigma():

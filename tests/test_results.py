@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.integrate import trapezoid
 
-from hessian_blocks.density import gaussian_density, kth_largest_scale
+from hessian_blocks.density import gaussian_density, kth_largest_eigenvalue
 from hessian_blocks.lanczos import lanczos, make_probes
 from hessian_blocks.results import DensityResult, SpectrumResult
 from tests.test_lanczos import block_operator, random_sym, sym_with_spectrum
@@ -129,13 +129,15 @@ def test_density_grid_grows_with_the_eigenvalue_range():
         wide.density(n_points=50_000)   # an explicit size is taken as given, and checked
 
 
-def test_density_rescaled_by_tenth_largest(blocks, tmp_path):
+def test_density_rescaled_by_kth_largest(blocks, tmp_path):
     res, _ = spectrum(blocks, steps=20, n_probes=4, full=True)
-    dens = res.density(rescale_rank=10, n_points=10_000)
+    with pytest.raises(ValueError, match=r"rescale_rank=10 needs blocks of at least 10 coordinates; 'layer.0.weight\[rows 0:6\]' \(6\) have"):
+        res.density(rescale_rank=10)
+    dens = res.density(rescale_rank=3, n_points=10_000)
     nodes, weights = res.ritz()
-    scales = kth_largest_scale(nodes, 10)
+    scales = kth_largest_eigenvalue(nodes, weights, res.sizes, 3)
     np.testing.assert_array_equal(dens.scales, scales)
-    assert dens.full_scale == kth_largest_scale(res.full.ritz()[0], 10)[0]
+    assert dens.full_scale == kth_largest_eigenvalue(*res.full.ritz(), res.sizes.sum(), 3)[0]
     rescaled = nodes / scales[:, None, None]
     top = max(np.nanmax(rescaled), np.nanmax(res.full.ritz()[0]) / dens.full_scale)
     assert dens.grid[-1] == pytest.approx(top + 1)
