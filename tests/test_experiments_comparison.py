@@ -72,3 +72,29 @@ def test_adam_mini_state_is_at_most_51_percent_of_adamw_on_the_default_gpt2_nano
     # measured: 3,772,600 vs 7,461,140 bytes (50.6%); rows of 128 cost 1/128 extra, biases are per coordinate
     assert used["adam_mini"] / used["adamw"] <= 0.51
     assert used["adam_mini"] / used["adamw"] >= 0.5
+
+
+def test_run_steps_trains_in_order_and_stops_at_a_non_finite_loss():
+    import torch
+
+    from analysis.experiments.training import run_steps
+
+    # least squares on two batches with plain SGD: the losses are the closed-form ones step by step
+    x = [torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0]])]
+    y = [torch.tensor([[2.0], [4.0]]), torch.tensor([[6.0]])]
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    loss_fn = torch.nn.functional.mse_loss
+    losses, times = run_steps(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), list(zip(x, y)), 3)
+    w, expected = 0.0, []
+    for step in range(3):
+        xs, ys = x[step % 2].squeeze(1), y[step % 2].squeeze(1)
+        expected.append(float(((w * xs - ys) ** 2).mean()))
+        w -= 0.1 * float((2 * (w * xs - ys) * xs).mean())
+    np.testing.assert_allclose(losses, expected, rtol=1e-6)
+    assert len(times) == 3 and min(times) > 0
+    # a learning rate far past stability: the loss overflows, the run stops, the rest is NaN
+    torch.nn.init.ones_(model.weight)
+    losses, times = run_steps(model, loss_fn, torch.optim.SGD(model.parameters(), lr=1e30), list(zip(x, y)), 10)
+    stopped = next(i for i, loss in enumerate(losses) if not np.isfinite(loss))
+    assert 0 < stopped < 9 and len(times) == stopped + 1 and np.isnan(losses[stopped + 1:]).all()
