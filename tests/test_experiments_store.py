@@ -83,3 +83,22 @@ def test_every_experiment_has_every_size():
             config.preset("tiny")
     assert HeterogeneityConfig.preset("paper").models["gpt2-nano"] == {}  # the bundled defaults
     assert ComparisonConfig.preset("small", model="mypkg.models:net").overrides == {}
+
+
+@pytest.mark.parametrize("size", ["medium", "paper"])
+def test_every_training_preset_has_enough_offline_data(size):
+    # digits has 1797 images: a preset drawing more batches fails only when the run starts, hours in
+    from analysis.experiments.comparison import ComparisonConfig
+    from analysis.experiments.heterogeneity import HeterogeneityConfig
+    from analysis.experiments.manmade_mlp import FACTORY, ManmadeConfig
+    from analysis.experiments.training import TrainSetup
+
+    heterogeneity, manmade = HeterogeneityConfig.preset(size), ManmadeConfig.preset(size)
+    setups = [TrainSetup(model, overrides, "auto", heterogeneity.batch_size, heterogeneity.train_batches,
+                         heterogeneity.val_batches) for model, overrides in heterogeneity.models.items()]
+    setups.append(ComparisonConfig.preset(size).setup())
+    setups.append(TrainSetup(FACTORY, {"level": manmade.levels[-1], "hidden": manmade.hidden}, "digits",
+                             manmade.batch_size, manmade.train_batches, manmade.val_batches))
+    for setup in setups:
+        _, train, val = setup.build(seed=0)
+        assert (len(train), len(val)) == (setup.train_batches, setup.val_batches), setup.model
