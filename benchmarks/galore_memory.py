@@ -28,8 +28,8 @@ import torch
 from matplotlib.figure import Figure
 
 import optim
-from analysis.experiments.training import run_steps
-from hessian_blocks import build_model, make_batches
+from analysis.experiments.training import TrainSetup, run_steps
+from hessian_blocks import build_model
 
 FULL = dict(config={}, steps=300, batch_size=16, train_batches=32, val_batches=4)
 QUICK = dict(config=dict(n_layer=1, n_embd=64, n_head=4, vocab_size=256, context=32), steps=40, batch_size=8,
@@ -126,10 +126,8 @@ def main() -> None:
     config = preset["config"]
     width = build_model("gpt2-nano", seed=args.seed, **config).model.config.n_embd
     args.rank = args.rank or width // 4
-    spec = build_model("gpt2-nano", seed=args.seed, **config)
-    batches = make_batches(spec, "auto", batch_size=preset["batch_size"],
-                           n_batches=preset["train_batches"] + preset["val_batches"], seed=args.seed)
-    train_batches, val_batches = batches[: preset["train_batches"]], batches[preset["train_batches"]:]
+    setup = TrainSetup("gpt2-nano", config, "auto", preset["batch_size"], preset["train_batches"], preset["val_batches"])
+    _, train_batches, val_batches = setup.build(args.seed)  # validation text held out from the training text
 
     memory = state_bytes(config, args, train_batches[0])
     memory["rank_label"] = f"{args.rank} (width {width} / {width // args.rank if args.rank else 0})"

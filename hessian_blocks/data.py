@@ -10,6 +10,11 @@ Sources (nothing is downloaded):
 - a path to a .pt file (dict with "x" and "y" tensors, or a list of (x, y) batches), an .npz file
   (arrays "x" and "y") or a .txt file (UTF-8 text, byte-level tokens): samples taken in file order.
 "auto" picks digits for image models, text for (masked) language models, synthetic for vectors.
+
+``split="train"`` / ``"validation"`` draw from disjoint parts of a source, so that validation data is
+held out: the last ``validation_fraction`` of the bundled text, of a text file's bytes or of a data
+file's samples, and of a fixed shuffle of the digits, is the validation part; the rest the training
+part. Synthetic data has no pool: its validation samples come from another random stream.
 """
 
 from __future__ import annotations
@@ -22,9 +27,13 @@ import torch.nn.functional as F
 
 from .models import IGNORE_INDEX, ModelSpec
 
-__all__ = ["DATA_SOURCES", "make_batches"]
+__all__ = ["DATA_SOURCES", "SPLITS", "make_batches"]
 
 DATA_SOURCES: tuple[str, ...] = ("digits", "text", "synthetic")
+SPLITS: tuple[str, ...] = ("all", "train", "validation")
+# offset of the validation draws' seed: torch's CPU generator keeps 32 bits of a seed, and seeds below
+# 2**31 then never meet a validation stream
+_VALIDATION_STREAM = 2**31
 MASK_FRACTION = 0.15
 TEXT_TASKS = ("text", "masked-text")
 _AUTO = {"image": "digits", "text": "text", "masked-text": "text", "vector": "synthetic"}
@@ -39,15 +48,23 @@ def make_batches(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     last_batch_size: int | None = None,
+    split: str = "all",
+    validation_fraction: float = 0.1,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n_batches` batches of `batch_size` samples (the last one `last_batch_size` if given) for `spec`.
 
     The same arguments always give identical tensors. Float inputs and targets are cast to `dtype`;
-    token ids and class labels are torch.long.
+    token ids and class labels are torch.long. ``split`` ("all", "train" or "validation") and
+    ``validation_fraction`` choose the part of the source drawn from (see the module docstring).
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {validation_fraction!r}")
     sizes = _batch_sizes(batch_size, n_batches, last_batch_size)
     n = sum(sizes)
-    gen = torch.Generator().manual_seed(seed)
+    part = _Part(split, validation_fraction)
+    gen = torch.Generator().manual_seed(seed + (_VALIDATION_STREAM if split == "validation" else 0))
     if source == "auto":
         if spec.task not in _AUTO:
             raise ValueError(
@@ -57,16 +74,32 @@ def make_batches(
         source = _AUTO[spec.task]
 
     if source == "digits":
-        x, y = _digits(spec, n, gen)
+        x, y = _digits(spec, n, gen, part)
     elif source == "text":
-        x, y = _text_windows(spec, _bundled_text(), n, gen, "the bundled text", random_offsets=True)
+        x, y = _text_windows(spec, part.of(_bundled_text()), n, gen, f"the bundled text{part.label}",
+                             random_offsets=True)
     elif source == "synthetic":
         x, y = _synthetic(spec, n, gen)
     else:
-        x, y = _from_file(spec, Path(source), n, gen)
+        x, y = _from_file(spec, Path(source), n, gen, part)
 
     x, y = _cast(x, dtype), _cast(y, dtype)
     return [(xb.clone(), yb.clone()) for xb, yb in zip(x.split(sizes), y.split(sizes))]
+
+
+class _Part:
+    """The part of a source's samples (or tokens) that ``split`` draws from."""
+
+    def __init__(self, split: str, validation_fraction: float) -> None:
+        self.split, self.fraction = split, validation_fraction
+        self.label = "" if split == "all" else f" ({split} part)"
+
+    def of(self, items: torch.Tensor) -> torch.Tensor:
+        """``items`` (along dim 0) restricted to this part: the last ``fraction`` is the validation part."""
+        if self.split == "all":
+            return items
+        cut = len(items) - max(1, round(len(items) * self.fraction))
+        return items[:cut] if self.split == "train" else items[cut:]
 
 
 def _batch_sizes(batch_size: int, n_batches: int, last_batch_size: int | None) -> list[int]:
@@ -106,10 +139,13 @@ def _digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(digits.target, dtype=torch.long)
 
 
-def _digits(spec: ModelSpec, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _digits(spec: ModelSpec, n: int, gen: torch.Generator, part: _Part) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = _digits_dataset()
+    if part.split != "all":  # the parts of one fixed shuffle of the images
+        order = part.of(torch.randperm(len(images), generator=torch.Generator().manual_seed(0)))
+        images, labels = images[order], labels[order]
     if n > len(images):
-        raise ValueError(f"the digits data set has {len(images)} images; {n} are needed")
+        raise ValueError(f"the digits data set{part.label} has {len(images)} images; {n} are needed")
     idx = torch.randperm(len(images), generator=gen)[:n]
     images, labels = images[idx], labels[idx]
 
@@ -217,14 +253,15 @@ def _synthetic(spec: ModelSpec, n: int, gen: torch.Generator) -> tuple[torch.Ten
 # ---------------------------------------------------------------- files
 
 
-def _from_file(spec: ModelSpec, path: Path, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _from_file(spec: ModelSpec, path: Path, n: int, gen: torch.Generator, part: _Part) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(
             f"data source {str(path)!r} is neither one of auto, {', '.join(DATA_SOURCES)} nor an existing file"
         )
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return _text_windows(spec, _bytes_to_tokens(path.read_bytes()), n, gen, f"file {path}", random_offsets=False)
+        return _text_windows(spec, part.of(_bytes_to_tokens(path.read_bytes())), n, gen, f"file {path}{part.label}",
+                             random_offsets=False)
     if suffix == ".pt":
         x, y = _load_pt(path)
     elif suffix == ".npz":
@@ -234,8 +271,9 @@ def _from_file(spec: ModelSpec, path: Path, n: int, gen: torch.Generator) -> tup
 
     if len(x) != len(y):
         raise ValueError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    x, y = part.of(x), part.of(y)
     if len(x) < n:
-        raise ValueError(f"{path} holds {len(x)} samples; {n} are needed")
+        raise ValueError(f"{path}{part.label} holds {len(x)} samples; {n} are needed")
     x, y = x[:n], y[:n]
     _check_file_shapes(spec, x, y, path)
     return x, y

@@ -219,3 +219,53 @@ def test_bad_files(tmp_path):
     torch.save({"x": torch.full((8, 64), 600), "y": torch.zeros(8, 64, dtype=torch.long)}, tmp_path / "ids.pt")
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
         make_batches(build_model("gpt2-nano"), str(tmp_path / "ids.pt"), batch_size=4, n_batches=2)
+
+
+# ---- train / validation parts
+
+
+def test_text_parts_are_the_two_ends_of_the_bundled_text():
+    spec = build_model("gpt2-nano", context=32)
+    cut = len(BUNDLED_TEXT) - round(0.1 * len(BUNDLED_TEXT))
+    for split, part in (("train", BUNDLED_TEXT[:cut]), ("validation", BUNDLED_TEXT[cut:])):
+        x, y = make_batches(spec, batch_size=64, n_batches=1, seed=3, split=split)[0]
+        for row_x, row_y in zip(x, y):
+            assert bytes(row_x.tolist()) + bytes(row_y[-1:].tolist()) in part
+    train, = make_batches(spec, batch_size=64, n_batches=1, seed=3, split="train")
+    assert not torch.equal(train[0], make_batches(spec, batch_size=64, n_batches=1, seed=3)[0][0])
+
+
+def test_digits_parts_are_disjoint_and_cover_every_image():
+    spec = mini_mlp()
+    train = make_batches(spec, "digits", batch_size=1617, n_batches=1, split="train", dtype=torch.float64)[0][0]
+    val = make_batches(spec, "digits", batch_size=180, n_batches=1, split="validation", dtype=torch.float64)[0][0]
+    everything = torch.cat([train, val])
+    assert torch.unique(everything, dim=0).shape[0] == torch.unique(
+        make_batches(spec, "digits", batch_size=1797, n_batches=1, dtype=torch.float64)[0][0], dim=0).shape[0]
+    rows = {tuple(r.tolist()) for r in train}
+    assert len(rows) >= 1600 and sum(tuple(r.tolist()) in rows for r in val) <= 2  # (a few duplicate images)
+    with pytest.raises(ValueError, match=r"digits data set \(validation part\) has 180 images; 181 are needed"):
+        make_batches(spec, "digits", batch_size=181, n_batches=1, split="validation")
+
+
+def test_file_parts_and_synthetic_streams(tmp_path):
+    x, y = torch.randn(20, 64, dtype=torch.float64), torch.arange(20) % 10
+    torch.save({"x": x, "y": y}, tmp_path / "data.pt")
+    path = str(tmp_path / "data.pt")
+    (vx, vy), = make_batches(mini_mlp(), path, batch_size=2, n_batches=1, split="validation", dtype=torch.float64)
+    assert torch.equal(vx, x[18:]) and torch.equal(vy, y[18:])  # the last 10 % of the samples
+    (tx, _), = make_batches(mini_mlp(), path, batch_size=18, n_batches=1, split="train", dtype=torch.float64)
+    assert torch.equal(tx, x[:18])
+    (vx, _), = make_batches(mini_mlp(), path, batch_size=5, n_batches=1, split="validation", validation_fraction=0.25,
+                            dtype=torch.float64)
+    assert torch.equal(vx, x[15:])
+    with pytest.raises(ValueError, match=r"\(train part\) holds 18 samples; 19 are needed"):
+        make_batches(mini_mlp(), path, batch_size=19, n_batches=1, split="train")
+    (sx, _), = make_batches(mini_mlp(), "synthetic", batch_size=4, n_batches=1, split="train")
+    (ax, _), = make_batches(mini_mlp(), "synthetic", batch_size=4, n_batches=1)
+    (vx, _), = make_batches(mini_mlp(), "synthetic", batch_size=4, n_batches=1, split="validation")
+    assert torch.equal(sx, ax) and not torch.equal(sx, vx)
+    with pytest.raises(ValueError, match="split must be one of all, train, validation"):
+        make_batches(mini_mlp(), split="test")
+    with pytest.raises(ValueError, match="validation_fraction must lie strictly between 0 and 1"):
+        make_batches(mini_mlp(), split="train", validation_fraction=1.0)

@@ -17,7 +17,7 @@ def small(tmp_path_factory):
 
 def test_adam_mini_final_loss_within_one_percent_of_adamw(small):
     _, _, _, summary = small
-    # measured at small size: validation loss 2.925 (Adam-mini) vs 2.910 (AdamW), +0.5%, both at lr 1e-2
+    # measured at small size: held-out validation loss 3.095 (Adam-mini) vs 3.091 (AdamW), +0.13%, both at lr 1e-2
     assert abs(summary.loc["adam_mini", "val_vs_adamw"]) <= 0.01
 
 

@@ -58,12 +58,13 @@ def test_gap_is_best_sgd_minus_best_adamw(small):
         assert table.set_index("model").loc[model, "gap"] == pytest.approx(expected, rel=1e-12)
 
 
-def test_gap_larger_on_transformers_on_average(small):
-    # measured at small size: gaps gpt2 0.030, vit 1.21, bert 0.086 (mean 0.44) vs resnet18 -0.004,
-    # vgg16 0.17 (mean 0.08); NOT for every pair: vgg16's gap exceeds gpt2-nano's and bert-mini's.
+def test_gap_larger_on_every_transformer_than_on_every_cnn(small):
+    # measured at small size: gaps gpt2 0.212, vit 0.967, bert 0.308 vs resnet18 -0.017, vgg16 0.020
     table, _ = small
-    gap = table.groupby("family")["gap"].mean()
-    assert gap["Transformer"] > gap["CNN"]
+    gap = table.set_index("model")["gap"]
+    transformers = [m for m, f in FAMILIES.items() if f == "Transformer"]
+    cnns = [m for m, f in FAMILIES.items() if f == "CNN"]
+    assert gap[transformers].min() > gap[cnns].max()
 
 
 def test_best_runs_ignores_diverged_runs():

@@ -2,9 +2,10 @@
 loop every experiment, benchmark and training test shares.
 
 The model is trained on a fixed list of offline batches (cycled in order), and evaluated on the
-whole training list and on held-out batches drawn in the same call (for digits: disjoint images;
-for text: windows at other random offsets). Losses are measured in the mode the model trains in
-(``model.train()``: BatchNorm uses batch statistics; the bundled models have no dropout).
+whole training list and on validation batches held out from the same source: the last 10 % of the
+bundled text or of a data file, 10 % of the digits (``make_batches(split=...)``). Losses are
+measured in the mode the model trains in (``model.train()``: BatchNorm uses batch statistics; the
+bundled models have no dropout).
 A run records the loss at every step, the final train / validation loss, the optimizer-state bytes
 and the mean wall-clock seconds per step (after the first step, which includes warm-up).
 """
@@ -52,13 +53,16 @@ class TrainSetup:
     batch_size: int = 8
     train_batches: int = 8
     val_batches: int = 2
+    validation_fraction: float = 0.1  # the part of the data source held out for the validation batches
 
     def build(self, seed: int):
-        """(ModelSpec, train batches, validation batches); the model is seeded, float32."""
+        """(ModelSpec, train batches, validation batches); the model is seeded, float32. The two are
+        drawn from disjoint parts of the data source (``make_batches(split=...)``)."""
         spec = build_model(self.model, seed=seed, **self.overrides)
-        batches = make_batches(spec, self.data, batch_size=self.batch_size,
-                               n_batches=self.train_batches + self.val_batches, seed=seed)
-        return spec, batches[: self.train_batches], batches[self.train_batches:]
+        train, val = (make_batches(spec, self.data, batch_size=self.batch_size, n_batches=count, seed=seed,
+                                   split=split, validation_fraction=self.validation_fraction)
+                      for split, count in (("train", self.train_batches), ("validation", self.val_batches)))
+        return spec, train, val
 
 
 def _mean_loss(spec, batches) -> float:
