@@ -15,10 +15,15 @@ def small(tmp_path_factory):
     return config, runs, curves, comparison_summary(runs).set_index("optimizer")
 
 
-def test_adam_mini_final_loss_within_one_percent_of_adamw(small):
+def test_adam_mini_final_loss_a_few_percent_above_adamw(small):
+    # The papers' "on par" (within 1 %) is NOT reproduced at this size. Measured with held-out
+    # validation text and one new batch per step (width 16, 80 steps, best lr of a bracketing grid,
+    # both 1e-2): validation 3.070 vs 2.905 (+5.7 %), training 3.027 vs 2.891 (+4.7 %); at medium
+    # size +2.1 % / +2.3 %. GaLore-mini is further behind (+14.9 %).
     _, _, _, summary = small
-    # measured at small size: held-out validation loss 3.095 (Adam-mini) vs 3.091 (AdamW), +0.13%, both at lr 1e-2
-    assert abs(summary.loc["adam_mini", "val_vs_adamw"]) <= 0.01
+    assert 0.0 < summary.loc["adam_mini", "val_vs_adamw"] < 0.08
+    assert 0.0 < summary.loc["adam_mini", "loss_vs_adamw"] < 0.08
+    assert summary.loc["galore_mini", "val_vs_adamw"] > summary.loc["adam_mini", "val_vs_adamw"]
 
 
 def test_state_memory_matches_the_count_of_moments(small):
