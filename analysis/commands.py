@@ -34,7 +34,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          help=f"optimizer to run ({', '.join(OPTIMIZERS)}); repeatable (default: all)")
     compare.add_argument("--lr", action="append", default=[], metavar="NAME=LR[,LR...]",
                          help="learning-rate grid of one optimizer, e.g. --lr adamw=1e-3,3e-3")
-    compare.add_argument("--steps", type=int, help="training steps per run (default: the size's)")
+    compare.add_argument("--steps", type=int, help="training steps per run, each on a new batch (default: the size's)")
     compare.add_argument("--seeds", type=int, help="seeds 0..N-1 per (optimizer, lr) (default: the size's)")
     compare.add_argument("--partition", default="default",
                          help="Adam-mini partition: default, derived (from the Hessian), or a partition JSON file")
@@ -104,6 +104,8 @@ def run_compare(args: argparse.Namespace) -> int:
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
             changes[field] = value if field == "steps" else tuple(range(value))
+    if args.steps is not None:
+        changes["train_batches"] = args.steps  # a new batch every step, as the presets draw
     if args.partition not in ("default", "derived") and not Path(args.partition).exists():
         raise FileNotFoundError(f"--partition {args.partition}: no such file (or use 'default' / 'derived')")
     config = ComparisonConfig.preset(args.size, model=args.model, **changes)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .models import IGNORE_INDEX, ModelSpec
 
-__all__ = ["DATA_SOURCES", "SPLITS", "make_batches"]
+__all__ = ["DATA_SOURCES", "SPLITS", "make_batches", "samples_available"]
 
 DATA_SOURCES: tuple[str, ...] = ("digits", "text", "synthetic")
 SPLITS: tuple[str, ...] = ("all", "train", "validation")
@@ -65,14 +65,7 @@ def make_batches(
     n = sum(sizes)
     part = _Part(split, validation_fraction)
     gen = torch.Generator().manual_seed(seed + (_VALIDATION_STREAM if split == "validation" else 0))
-    if source == "auto":
-        if spec.task not in _AUTO:
-            raise ValueError(
-                f"model {spec.name!r} has task {spec.task!r}, which has no default data: pass a data file "
-                f"(.pt, .npz, .txt), or have the factory return a ModelSpec with one of the tasks {', '.join(_AUTO)}"
-            )
-        source = _AUTO[spec.task]
-
+    source = _resolve(spec, source)
     if source == "digits":
         x, y = _digits(spec, n, gen, part)
     elif source == "text":
@@ -85,6 +78,37 @@ def make_batches(
 
     x, y = _cast(x, dtype), _cast(y, dtype)
     return [(xb.clone(), yb.clone()) for xb, yb in zip(x.split(sizes), y.split(sizes))]
+
+
+def samples_available(
+    spec: ModelSpec, source: str = "auto", *, split: str = "all", validation_fraction: float = 0.1
+) -> int | None:
+    """How many samples :func:`make_batches` can draw from ``source``'s ``split`` part; None where
+    there is no limit (text windows at random offsets, synthetic data)."""
+    part = _Part(split, validation_fraction)
+    source = _resolve(spec, source)
+    if source == "digits":
+        return len(part.of(torch.arange(len(_digits_dataset()[0]))))
+    if source in ("text", "synthetic"):
+        return None
+    path = Path(source)
+    if path.suffix.lower() == ".txt":
+        (context,) = _need(spec, "context")
+        extra = 0 if spec.task == "masked-text" else 1  # next-token targets read one token past a window
+        return max(0, (len(part.of(_bytes_to_tokens(path.read_bytes()))) - extra) // context)
+    x, _ = _load_pt(path) if path.suffix.lower() == ".pt" else _load_npz(path)
+    return len(part.of(x))
+
+
+def _resolve(spec: ModelSpec, source: str) -> str:
+    if source != "auto":
+        return source
+    if spec.task not in _AUTO:
+        raise ValueError(
+            f"model {spec.name!r} has task {spec.task!r}, which has no default data: pass a data file "
+            f"(.pt, .npz, .txt), or have the factory return a ModelSpec with one of the tasks {', '.join(_AUTO)}"
+        )
+    return _AUTO[spec.task]
 
 
 class _Part:

@@ -269,3 +269,21 @@ def test_file_parts_and_synthetic_streams(tmp_path):
         make_batches(mini_mlp(), split="test")
     with pytest.raises(ValueError, match="validation_fraction must lie strictly between 0 and 1"):
         make_batches(mini_mlp(), split="train", validation_fraction=1.0)
+
+
+def test_samples_available_per_part(tmp_path):
+    from hessian_blocks.data import samples_available
+
+    image = build_model("vgg16")
+    assert [samples_available(image, split=s) for s in ("all", "train", "validation")] == [1797, 1617, 180]
+    assert samples_available(build_model("gpt2-nano")) is None and samples_available(mini_mlp()) is None
+    torch.save({"x": torch.randn(20, 64), "y": torch.arange(20) % 10}, tmp_path / "data.pt")
+    assert samples_available(mini_mlp(), str(tmp_path / "data.pt"), split="train", validation_fraction=0.25) == 15
+    (tmp_path / "corpus.txt").write_bytes(bytes(range(100)))
+    # next-token windows of 8 read 9 bytes: 90 training bytes hold 11 windows; masked windows need no extra byte
+    assert samples_available(build_model("gpt2-nano", context=8), str(tmp_path / "corpus.txt"), split="train") == 11
+    assert samples_available(build_model("bert-mini", context=10), str(tmp_path / "corpus.txt")) == 10
+    spec = build_model("gpt2-nano", context=8)
+    make_batches(spec, str(tmp_path / "corpus.txt"), batch_size=11, n_batches=1, split="train")
+    with pytest.raises(ValueError, match="needed"):
+        make_batches(spec, str(tmp_path / "corpus.txt"), batch_size=12, n_batches=1, split="train")

@@ -103,3 +103,16 @@ def test_run_steps_trains_in_order_and_stops_at_a_non_finite_loss():
     losses, times = run_steps(model, loss_fn, torch.optim.SGD(model.parameters(), lr=1e30), list(zip(x, y)), 10)
     stopped = next(i for i, loss in enumerate(losses) if not np.isfinite(loss))
     assert 0 < stopped < 9 and len(times) == stopped + 1 and np.isnan(losses[stopped + 1:]).all()
+
+
+def test_train_setup_draws_what_the_training_part_holds():
+    import torch
+
+    from analysis.experiments.training import TrainSetup
+
+    setup = TrainSetup("vgg16", {"widths": (4, 4, 4, 4, 4), "fc_width": 8, "channels": 1}, batch_size=16,
+                       train_batches=300, val_batches=2)
+    _, train, val = setup.build(seed=0)
+    assert len(train) == 1617 // 16 and len(val) == 2  # the digits' training part, in whole batches
+    images = torch.cat([x for x, _ in train]).flatten(1)
+    assert torch.unique(images, dim=0).shape[0] >= len(images) - 5  # distinct images (digits has a few twins)

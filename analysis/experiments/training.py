@@ -23,6 +23,7 @@ import torch
 
 import optim
 from hessian_blocks import build_model, make_batches
+from hessian_blocks.data import samples_available
 from hessian_blocks.guards import check_device
 
 __all__ = ["OPTIMIZERS", "PARTITIONED", "TrainSetup", "best_runs", "make_optimizer", "run_steps", "train_run"]
@@ -57,11 +58,17 @@ class TrainSetup:
 
     def build(self, seed: int):
         """(ModelSpec, train batches, validation batches); the model is seeded, float32. The two are
-        drawn from disjoint parts of the data source (``make_batches(split=...)``)."""
+        drawn from disjoint parts of the data source (``make_batches(split=...)``). A source with
+        fewer training samples than ``train_batches`` batches (the digits' training part holds 1617
+        images) gives as many whole batches as it holds; a run cycles over them."""
         spec = build_model(self.model, seed=seed, **self.overrides)
+        train_batches = self.train_batches
+        available = samples_available(spec, self.data, split="train", validation_fraction=self.validation_fraction)
+        if available is not None and available >= self.batch_size:
+            train_batches = min(train_batches, available // self.batch_size)
         train, val = (make_batches(spec, self.data, batch_size=self.batch_size, n_batches=count, seed=seed,
                                    split=split, validation_fraction=self.validation_fraction)
-                      for split, count in (("train", self.train_batches), ("validation", self.val_batches)))
+                      for split, count in (("train", train_batches), ("validation", self.val_batches)))
         return spec, train, val
 
 
