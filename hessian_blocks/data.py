@@ -57,13 +57,9 @@ def make_batches(
     token ids and class labels are torch.long. ``split`` ("all", "train" or "validation") and
     ``validation_fraction`` choose the part of the source drawn from (see the module docstring).
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {validation_fraction!r}")
+    part = _Part(split, validation_fraction)
     sizes = _batch_sizes(batch_size, n_batches, last_batch_size)
     n = sum(sizes)
-    part = _Part(split, validation_fraction)
     gen = torch.Generator().manual_seed(seed + (_VALIDATION_STREAM if split == "validation" else 0))
     source = _resolve(spec, source)
     if source == "digits":
@@ -115,6 +111,10 @@ class _Part:
     """The part of a source's samples (or tokens) that ``split`` draws from."""
 
     def __init__(self, split: str, validation_fraction: float) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if not 0.0 < validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {validation_fraction!r}")
         self.split, self.fraction = split, validation_fraction
         self.label = "" if split == "all" else f" ({split} part)"
 

@@ -283,6 +283,8 @@ def test_samples_available_per_part(tmp_path):
     # next-token windows of 8 read 9 bytes: 90 training bytes hold 11 windows; masked windows need no extra byte
     assert samples_available(build_model("gpt2-nano", context=8), str(tmp_path / "corpus.txt"), split="train") == 11
     assert samples_available(build_model("bert-mini", context=10), str(tmp_path / "corpus.txt")) == 10
+    with pytest.raises(ValueError, match="split must be one of all, train, validation"):
+        samples_available(image, split="test")
     spec = build_model("gpt2-nano", context=8)
     make_batches(spec, str(tmp_path / "corpus.txt"), batch_size=11, n_batches=1, split="train")
     with pytest.raises(ValueError, match="needed"):
