@@ -124,10 +124,10 @@ def main() -> None:
     preset = QUICK if args.quick else FULL
     args.steps = args.steps or preset["steps"]
     config = preset["config"]
-    width = build_model("gpt2-nano", seed=args.seed, **config).model.config.n_embd
-    args.rank = args.rank or width // 4
     setup = TrainSetup("gpt2-nano", config, "auto", preset["batch_size"], preset["train_batches"], preset["val_batches"])
-    _, train_batches, val_batches = setup.build(args.seed)  # validation text held out from the training text
+    spec, train_batches, val_batches = setup.build(args.seed)  # validation text held out from the training text
+    width = spec.model.config.n_embd
+    args.rank = args.rank or width // 4
 
     memory = state_bytes(config, args, train_batches[0])
     memory["rank_label"] = f"{args.rank} (width {width} / {width // args.rank if args.rank else 0})"

@@ -202,10 +202,10 @@ class SpectrumResult:
 
         ``rescale_rank=k`` first divides each block's nodes by the SLQ estimate of its ``k``-th
         largest eigenvalue (:func:`~hessian_blocks.density.kth_largest_eigenvalue`; the papers plot
-        with k = 10); the full model's nodes by theirs. Without ``grid``, a ``spectral_grid`` of ``n_points`` is built over all
-        (rescaled) nodes, the full model's included; ``n_points=None`` takes the papers' 50,000, or
-        more where the nodes span so wide a range that the Gaussians would fall between grid points
-        (:func:`~hessian_blocks.density.grid_points`).
+        with k = 10); the full model's nodes by theirs. Without ``grid``, a ``spectral_grid`` of
+        ``n_points`` is built over all (rescaled) nodes, the full model's included; ``n_points=None``
+        takes the papers' 50,000, or more where the nodes span so wide a range that the Gaussians
+        would fall between grid points (:func:`~hessian_blocks.density.grid_points`).
         """
         nodes, weights = self.ritz()
         scales = full_scale = None

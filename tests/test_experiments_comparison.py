@@ -116,3 +116,14 @@ def test_train_setup_draws_what_the_training_part_holds():
     assert len(train) == 1617 // 16 and len(val) == 2  # the digits' training part, in whole batches
     images = torch.cat([x for x, _ in train]).flatten(1)
     assert torch.unique(images, dim=0).shape[0] >= len(images) - 5  # distinct images (digits has a few twins)
+
+
+def test_missing_cuda_is_refused_before_a_derived_partition_is_measured(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    config = ComparisonConfig.preset("small", partition="derived", device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available on this machine; use device 'cpu'"):
+        comparison_experiment(config, out=tmp_path / "results", progress=False)
+    assert not (tmp_path / "results").exists()

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hessian_blocks.guards import check_device
+
 from .store import ResultStore, check_size, params_key, progress_bar
 from .training import OPTIMIZERS, PARTITIONED, TrainSetup, best_runs, train_run
 from .zoo import zoo_models
@@ -97,6 +99,7 @@ def comparison_experiment(
     unknown = sorted(set(config.lrs) - set(OPTIMIZERS))
     if unknown:
         raise ValueError(f"unknown optimizer(s) {unknown}: choose from {', '.join(OPTIMIZERS)}")
+    check_device(config.device)  # before a derived partition is measured
     store = ResultStore(out)
     partition = _partition(config, store) if set(PARTITIONED) & set(config.lrs) else None
     setup = config.setup()
