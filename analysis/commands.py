@@ -135,16 +135,20 @@ def run_figures(args: argparse.Namespace) -> int:
     check_device(args.device)
     results = args.results or Path(f"runs/figures-{args.size}")
     results.mkdir(parents=True, exist_ok=True)
-    written = []
+    # the manifest lists each group's figures from its latest run, so groups run one --only at a time add up
+    manifest_path = results / "figures.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if manifest.get("size") != args.size or "groups" not in manifest:
+        manifest = {"size": args.size, "groups": {}}
+    written = 0
     for name in args.only or list(FIGURE_GROUPS):
         group = run_group(name, args.size, results, progress=not args.no_progress, device=args.device)
         for stem, frame in group.tables.items():
             frame.to_csv(results / f"{stem}.csv", index=False)
             if not stem.endswith("_runs"):
                 print(f"\n{name}: {stem}\n{format_table(frame)}")
-        for stem, fig in group.figures.items():
-            written.append(save_figure(fig, args.out / f"{stem}.png"))
-    (results / "figures.json").write_text(json.dumps({"size": args.size, "figures": [str(p) for p in written]},
-                                                     indent=1) + "\n")
-    print(f"\nwrote {len(written)} figures to {args.out}/ and the tables to {results}/")
+        manifest["groups"][name] = [str(save_figure(fig, args.out / f"{stem}.png")) for stem, fig in group.figures.items()]
+        written += len(group.figures)
+        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"\nwrote {written} figures to {args.out}/ and the tables to {results}/")
     return 0

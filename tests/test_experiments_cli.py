@@ -41,11 +41,16 @@ def test_compare_bad_input_exits_2(tmp_path, capsys):
 
 def test_figures_writes_the_groups_pngs(tmp_path, capsys):
     out, results = tmp_path / "figs", tmp_path / "results"
+    results.mkdir()  # a manifest from an earlier run of another group at this size: kept
+    (results / "figures.json").write_text(json.dumps({"size": "small", "groups": {"quadratics": ["q.png"]}}))
     assert main(["figures", "--size", "small", "--only", "hessian", "--out", str(out), "--results", str(results),
                  "--no-progress"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["hessian_structure_gpt2-nano.png", "hessian_structure_mlp.png"]
     assert (results / "hessian_structure.csv").exists()
-    assert json.loads((results / "figures.json").read_text())["size"] == "small"
+    manifest = json.loads((results / "figures.json").read_text())
+    assert manifest == {"size": "small", "groups": {
+        "quadratics": ["q.png"],
+        "hessian": [str(out / "hessian_structure_mlp.png"), str(out / "hessian_structure_gpt2-nano.png")]}}
     assert "in_block_mass" in capsys.readouterr().out
 
 
