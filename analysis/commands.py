@@ -147,7 +147,8 @@ def run_figures(args: argparse.Namespace) -> int:
             frame.to_csv(results / f"{stem}.csv", index=False)
             if not stem.endswith("_runs"):
                 print(f"\n{name}: {stem}\n{format_table(frame)}")
-        manifest["groups"][name] = [str(save_figure(fig, args.out / f"{stem}.png")) for stem, fig in group.figures.items()]
+        manifest["groups"][name] = [str(save_figure(fig, args.out / f"{stem}.png"))
+                                    for stem, fig in group.figures.items()]
         written += len(group.figures)
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"\nwrote {written} figures to {args.out}/ and the tables to {results}/")
