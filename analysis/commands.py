@@ -131,6 +131,7 @@ def run_figures(args: argparse.Namespace) -> int:
     from hessian_blocks.guards import check_device
 
     from .experiments.groups import FIGURE_GROUPS, run_group
+    from .experiments.store import atomic_write_text
 
     check_device(args.device)
     results = args.results or Path(f"runs/figures-{args.size}")
@@ -150,6 +151,6 @@ def run_figures(args: argparse.Namespace) -> int:
         manifest["groups"][name] = [str(save_figure(fig, args.out / f"{stem}.png"))
                                     for stem, fig in group.figures.items()]
         written += len(group.figures)
-        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")  # read back by the next run
     print(f"\nwrote {written} figures to {args.out}/ and the tables to {results}/")
     return 0
