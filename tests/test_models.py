@@ -119,6 +119,20 @@ def test_gpt2_initialisation():
     assert torch.equal(p["ln_f.weight"], torch.ones(128, dtype=torch.float64))
 
 
+def test_vgg_classifier_keeps_vgg16s_gain_at_any_width():
+    # VGG16 (torchvision): std 0.01 on fan-ins 25088, 4096, 4096 -> gains std * sqrt(fan_in) 1.58, 0.64, 0.64
+    model = build_model("vgg16", dtype=torch.float64).model  # fan-ins 64, 64, 64
+    linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
+    gains = [m.weight.std().item() * math.sqrt(m.in_features) for m in linears]
+    assert gains == pytest.approx([0.01 * math.sqrt(25088), 0.01 * 64, 0.01 * 64], rel=0.05)
+    assert all(not m.bias.any() for m in linears)
+    wider = build_model("vgg16", widths=(8, 16, 32, 64, 512), fc_width=4096, dtype=torch.float64).model
+    assert wider.classifier[2].weight.std().item() == pytest.approx(0.01, rel=0.01)  # VGG16's own 4096 -> 4096
+    # the logits at init keep a usable scale (a fixed std 0.01 at fan-in 64 gave about 2e-5)
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert 0.005 < model(images).std().item() < 0.5
+
+
 def test_parameter_counts_of_other_models():
     counts = {name: len(list(build_model(name).model.parameters())) for name in MODEL_NAMES}
     assert counts["bert-mini"] == 2 + 2 + 16 * 4 + 6  # embeddings, embedding LN, layers, MLM head

@@ -47,8 +47,8 @@ class HeterogeneityConfig:
             # 2-core CPU finishes in about 1.5 hours (about 0.8 s for one step of all six models)
             # (48 + 4 batches of 32: the digits' training part has 1617 images, the validation part 180)
             "paper": dict(slq_steps=100, slq_probes=10, slq_batch_size=8, batch_size=32, train_batches=48,
-                          val_batches=4, steps=1000, lrs={"sgd": (0.03, 0.1, 0.3, 1.0), "adamw": (3e-4, 1e-3, 3e-3)},
-                          seeds=(0,)),
+                          val_batches=4, steps=1000, seeds=(0,),
+                          lrs={"sgd": (0.01, 0.03, 0.1, 0.3, 1.0), "adamw": (3e-4, 1e-3, 3e-3)}),
         }[size]
         return cls(**{"models": zoo_models(size, models), **base, **changes})
 
