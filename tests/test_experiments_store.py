@@ -4,8 +4,23 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 
-from analysis.experiments.store import ResultStore, atomic_write_text, check_size, params_key
+from analysis.experiments.store import ResultStore, atomic_write_text, check_size, model_fingerprint, params_key
+
+# the initial weight scale of ``scaled_net`` (a model whose initialisation a test changes between runs)
+INIT_SCALE = {"value": 1.0}
+
+
+def scaled_net(width: int = 3):
+    from hessian_blocks.models import ModelSpec, cross_entropy_loss
+
+    net = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 10))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(INIT_SCALE["value"])
+    return ModelSpec("scaled-net", net, cross_entropy_loss, "vector", {"in_features": 64, "num_classes": 10}, None)
 
 
 def test_run_resumes_and_recomputes_on_changed_params(tmp_path):
@@ -53,6 +68,62 @@ def test_run_file_writes_marker_after_file(tmp_path):
     (tmp_path / "spec-1.txt").unlink()  # marker without its file: recomputed
     assert store.run_file("spec-1", {"a": 1}, lambda: 9, save=save, load=lambda p: int(p.read_text()),
                           suffix=".txt") == 9
+
+
+def test_model_fingerprint_follows_the_state():
+    from hessian_blocks import build_model
+
+    def fp(**kw):
+        return model_fingerprint(build_model("mlp", **{"in_features": 5, "hidden_sizes": (4,), **kw}).model)
+
+    assert fp(seed=0) == fp(seed=0) != fp(seed=1)
+    assert fp(seed=0) != fp(seed=0, dtype=torch.float64) and fp(seed=0) != fp(seed=0, hidden_sizes=(5,))
+    model = build_model("mlp", in_features=5, hidden_sizes=(4,), seed=0).model
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-6
+    assert model_fingerprint(model) != fp(seed=0)
+    assert len(fp(seed=0)) == 16
+
+
+def test_a_changed_fingerprint_or_none_is_recomputed(tmp_path):
+    store, calls = ResultStore(tmp_path), []
+
+    def compute():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    assert store.run("unit-f", {"lr": 0.1}, compute, fingerprint="aaaa")["value"] == 1
+    assert store.run("unit-f", {"lr": 0.1}, compute, fingerprint="aaaa")["value"] == 1  # read back
+    assert store.run("unit-f", {"lr": 0.1}, compute, fingerprint="bbbb")["value"] == 2  # another model
+    assert json.loads((tmp_path / "unit-f.json").read_text())["fingerprint"] == "bbbb"
+    store.save("unit-g", {"lr": 0.1}, {"value": 0})  # an older store: no fingerprint
+    assert store.run("unit-g", {"lr": 0.1}, compute, fingerprint="bbbb")["value"] == 3
+    assert store.run("unit-g", {"lr": 0.1}, compute)["value"] == 3  # units without a model need none
+
+
+def test_experiments_recompute_what_a_changed_model_would_change(tmp_path, monkeypatch):
+    # Same name, same parameters, another initialisation (as after a new version of a bundled model):
+    # the stored spectrum and training run must not be read back.
+    from analysis.experiments.heterogeneity import HeterogeneityConfig, heterogeneity_experiment
+
+    factory = "tests.test_experiments_store:scaled_net"
+    config = HeterogeneityConfig(models={factory: {}}, slq_batch_size=4, slq_steps=5, slq_probes=1, batch_size=8,
+                                 train_batches=2, val_batches=1, steps=3, lrs={"sgd": (0.1,), "adamw": (1e-3,)})
+    monkeypatch.setitem(INIT_SCALE, "value", 1.0)
+    table, runs = heterogeneity_experiment(config, out=tmp_path, progress=False)
+    files = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.json")}
+    again, _ = heterogeneity_experiment(config, out=tmp_path, progress=False)
+    assert {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.json")} == files  # all read back
+    assert again["JS0"].tolist() == table["JS0"].tolist()
+
+    monkeypatch.setitem(INIT_SCALE, "value", 3.0)
+    changed, changed_runs = heterogeneity_experiment(config, out=tmp_path, progress=False)
+    replaced = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.json")}
+    assert replaced.keys() == files.keys() and all(replaced[name] != files[name] for name in files)  # same keys
+    assert changed["JS0"].tolist() != table["JS0"].tolist()
+    assert changed_runs["train_loss"].tolist() != runs["train_loss"].tolist()
+    heterogeneity_experiment(config, out=tmp_path, progress=False)  # and now these are read back
+    assert {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.json")} == replaced
 
 
 def test_keys_sizes_and_atomic_write(tmp_path):

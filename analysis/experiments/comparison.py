@@ -18,7 +18,7 @@ import pandas as pd
 
 from hessian_blocks.guards import check_device
 
-from .store import ResultStore, check_size, params_key, progress_bar
+from .store import ResultStore, check_size, model_fingerprint, params_key, progress_bar
 from .training import OPTIMIZERS, PARTITIONED, TrainSetup, best_runs, train_run
 from .zoo import zoo_models
 
@@ -87,7 +87,8 @@ def _partition(config: ComparisonConfig, store: ResultStore):
 
     params = {"setup": asdict(config.setup())}
     rules = store.run(params_key("partition-derived", params), params,
-                      lambda: {"partition": derive_partition(spec.model, spec.loss_fn, train).to_dict()})
+                      lambda: {"partition": derive_partition(spec.model, spec.loss_fn, train).to_dict()},
+                      fingerprint=model_fingerprint(spec.model))
     return Partition.from_dict(rules["partition"], spec.model)
 
 
@@ -104,6 +105,7 @@ def comparison_experiment(
     partition = _partition(config, store) if set(PARTITIONED) & set(config.lrs) else None
     setup = config.setup()
     units = [(opt, lr, seed) for opt, lrs in config.lrs.items() for lr in lrs for seed in config.seeds]
+    fingerprints = {seed: setup.fingerprint(seed) for seed in config.seeds}  # one model build per seed
     rows, curves = [], []
     for opt, lr, seed in progress_bar(units, desc=f"compare on {config.model}", enabled=progress):
         params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
@@ -113,7 +115,8 @@ def comparison_experiment(
                            lambda: train_run(setup, opt, lr, config.steps, seed=seed,
                                              weight_decay=config.weight_decay,
                                              partition=partition if opt in PARTITIONED else "default",
-                                             device=config.device))
+                                             device=config.device),
+                           fingerprint=fingerprints[seed])
         rows.append({"model": config.model, "optimizer": opt, "lr": lr, "seed": seed,
                      **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
                                                "diverged")}})

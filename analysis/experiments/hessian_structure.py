@@ -19,7 +19,7 @@ import pandas as pd
 
 from hessian_blocks.guards import check_device
 
-from .store import ResultStore, check_size, params_key
+from .store import ResultStore, check_size, model_fingerprint, params_key
 from .zoo import zoo_models
 
 __all__ = ["StructureConfig", "block_mass", "structure_experiment", "plot_structure"]
@@ -96,6 +96,8 @@ def _measure(model: str, overrides: dict, tensors: tuple[str, ...], config: Stru
 def structure_experiment(config: StructureConfig, *, out: str | None = None, progress: bool = True):
     """(table, maps): per model the mapped tensors, coordinates, blocks, in-block share of the
     squared Frobenius norm and the share of entries in the blocks; ``maps`` model -> HessianMap."""
+    from hessian_blocks import build_model
+
     check_device(config.device)
     store = ResultStore(out)
     maps, rows = {}, []
@@ -105,7 +107,8 @@ def structure_experiment(config: StructureConfig, *, out: str | None = None, pro
                   "n_batches": config.n_batches, "seed": config.seed}
         hmap = store.run_file(params_key(f"hessian-{model}", params), params,
                               lambda: _measure(model, overrides, tensors, config),
-                              save=_save_map, load=_load_map, suffix=".npz")
+                              save=_save_map, load=_load_map, suffix=".npz",
+                              fingerprint=model_fingerprint(build_model(model, seed=config.seed, **overrides).model))
         inside, entries = block_mass(hmap.matrix, hmap.boundaries)
         maps[model] = hmap
         rows.append({"model": model, "tensors": ", ".join(tensors), "coordinates": hmap.matrix.shape[0],

@@ -63,7 +63,8 @@ def _runs(config: HeterogeneityConfig, store: ResultStore, progress: bool) -> pd
         params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
                   "device": config.device}
         record = store.run(params_key(f"train-{model}-{opt}", params), params,
-                           lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device))
+                           lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device),
+                           fingerprint=setup.fingerprint(seed))
         rows.append({"model": model, "optimizer": opt, "lr": lr, "seed": seed,
                      **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
                                                "diverged")}})

@@ -107,7 +107,8 @@ def manmade_experiment(config: ManmadeConfig, *, out: str | None = None, progres
         params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
                   "device": config.device}
         record = store.run(params_key(f"manmade-{opt}", params), params,
-                           lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device))
+                           lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device),
+                           fingerprint=setup.fingerprint(seed))
         runs.append({"model": level, "optimizer": opt, "lr": lr, "seed": seed,
                      **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
                                                "diverged")}})

@@ -17,7 +17,7 @@ import pandas as pd
 from hessian_blocks import BlockHessian, Partition, SpectrumResult, block_spectra, build_model, make_batches
 from hessian_blocks.guards import check_device
 
-from .store import ResultStore, check_size, params_key, progress_bar
+from .store import ResultStore, check_size, model_fingerprint, params_key, progress_bar
 from .zoo import FAMILIES, zoo_models
 
 __all__ = ["SpectraConfig", "measure_spectrum", "plot_sampled_densities", "sampled_blocks", "spectra_experiment",
@@ -59,6 +59,7 @@ def measure_spectrum(
     return (store or ResultStore(None)).run_file(
         params_key(f"spectrum-{model}", params), params, compute,
         save=lambda result, path: result.save(path), load=SpectrumResult.load, suffix=".npz",
+        fingerprint=model_fingerprint(build_model(model, seed=seed, **overrides).model),
     )
 
 

@@ -5,8 +5,11 @@ quadratic, one model's spectra). :class:`ResultStore` keeps each finished unit a
 ``<folder>/<key>.json`` holding the unit's parameters and its record. Re-running an experiment
 with the same store skips every unit whose file exists *with the same parameters* and computes the
 rest, so a long run that was stopped resumes where it stopped; a unit whose parameters changed is
-recomputed (its old file is replaced). Files are written to a temporary name and renamed, so a run
-killed mid-write never leaves a half-written result.
+recomputed (its old file is replaced). Units computed from a model also store the model's
+:func:`model_fingerprint` (a hash of its seeded initial state), and a stored unit whose fingerprint
+differs, or that has none, is recomputed too: parameters alone would not notice that a newer version
+builds or initialises the same-named model differently. Files are written to a temporary name and
+renamed, so a run killed mid-write never leaves a half-written result.
 
 Also here: the experiment sizes shared by every experiment ("small": CPU, seconds to minutes, used
 by the tests and notebooks; "medium": what ``hessian-blocks figures`` commits; "paper": closer to
@@ -21,11 +24,15 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-__all__ = ["SIZES", "ResultStore", "atomic_write_text", "check_size", "params_key", "progress_bar"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SIZES", "ResultStore", "atomic_write_text", "check_size", "model_fingerprint", "params_key",
+           "progress_bar"]
 
 SIZES: tuple[str, ...] = ("small", "medium", "paper")
 
@@ -68,6 +75,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """16 hex digits of a SHA-256 over a module's state (parameters and buffers): names, dtypes,
+    shapes and values. Two builds of a model agree exactly when they hold the same initial state."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class ResultStore:
     """A folder of finished work units (see the module docstring). ``folder=None``: keep nothing."""
 
@@ -80,8 +102,9 @@ class ResultStore:
         assert self.folder is not None
         return self.folder / f"{key}.json"
 
-    def load(self, key: str, params: Mapping[str, Any]) -> dict | None:
-        """The stored record of ``key`` if it was computed with these ``params``, else None."""
+    def load(self, key: str, params: Mapping[str, Any], fingerprint: str | None = None) -> dict | None:
+        """The stored record of ``key`` if it was computed with these ``params`` (and, when given, from
+        a model with this ``fingerprint``), else None."""
         if self.folder is None:
             return None
         path = self._path(key)
@@ -90,26 +113,33 @@ class ResultStore:
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored.get("params") != _jsonable(params):
             return None
+        if fingerprint is not None and stored.get("fingerprint") != fingerprint:
+            return None
         return stored["record"]
 
-    def save(self, key: str, params: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+    def save(self, key: str, params: Mapping[str, Any], record: Mapping[str, Any],
+             fingerprint: str | None = None) -> None:
         """Store ``record`` (JSON-serialisable: numbers, strings, lists, dicts, numpy values) atomically."""
         if self.folder is None:
             return
         payload = {"key": key, "params": _jsonable(params), "record": _jsonable(record)}
+        if fingerprint is not None:
+            payload["fingerprint"] = fingerprint
         atomic_write_text(self._path(key), json.dumps(payload) + "\n")
 
-    def run(self, key: str, params: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]]) -> dict:
-        """The stored record of ``key`` (same ``params``), or ``compute()`` stored and returned."""
-        record = self.load(key, params)
+    def run(self, key: str, params: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], *,
+            fingerprint: str | None = None) -> dict:
+        """The stored record of ``key`` (same ``params`` and model ``fingerprint``), or ``compute()``
+        stored and returned."""
+        record = self.load(key, params, fingerprint)
         if record is None:
             record = _jsonable(dict(compute()))
-            self.save(key, params, record)
+            self.save(key, params, record, fingerprint)
         return record
 
     def run_file(
         self, key: str, params: Mapping[str, Any], compute: Callable[[], T], *,
-        save: Callable[[T, Path], Any], load: Callable[[Path], T], suffix: str,
+        save: Callable[[T, Path], Any], load: Callable[[Path], T], suffix: str, fingerprint: str | None = None,
     ) -> T:
         """Like :meth:`run` for results kept in their own file (e.g. a SpectrumResult ``.npz``).
 
@@ -119,14 +149,14 @@ class ResultStore:
         if self.folder is None:
             return compute()
         target = self._path(key).with_suffix(suffix)
-        if self.load(key, params) is not None and target.exists():
+        if self.load(key, params, fingerprint) is not None and target.exists():
             return load(target)
         result = compute()
         tmp = target.with_name(f".{target.stem}.tmp{suffix}")
         target.parent.mkdir(parents=True, exist_ok=True)
         save(result, tmp)
         os.replace(tmp, target)
-        self.save(key, params, {"file": target.name})
+        self.save(key, params, {"file": target.name}, fingerprint)
         return result
 
 

@@ -26,6 +26,8 @@ from hessian_blocks import build_model, make_batches
 from hessian_blocks.data import samples_available
 from hessian_blocks.guards import check_device
 
+from .store import model_fingerprint
+
 __all__ = ["OPTIMIZERS", "PARTITIONED", "TrainSetup", "best_runs", "make_optimizer", "run_steps", "train_run"]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "adam_mini", "galore_mini")
@@ -70,6 +72,11 @@ class TrainSetup:
                                    split=split, validation_fraction=self.validation_fraction)
                       for split, count in (("train", train_batches), ("validation", self.val_batches)))
         return spec, train, val
+
+    def fingerprint(self, seed: int) -> str:
+        """:func:`.store.model_fingerprint` of the model :meth:`build` makes for ``seed`` (stored with
+        each run, so that a model built differently by a newer version is retrained, not read back)."""
+        return model_fingerprint(build_model(self.model, seed=seed, **self.overrides).model)
 
 
 def _mean_loss(spec, batches) -> float:
