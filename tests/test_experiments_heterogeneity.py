@@ -72,6 +72,21 @@ def test_gap_larger_on_transformers_on_average_not_on_every_one(small):
     assert gap["vgg16"] > gap["gpt2-nano"]
 
 
+def test_js0_vs_gap_colours_each_family_the_same_in_every_figure():
+    from matplotlib.colors import to_rgba
+
+    from analysis.experiments.heterogeneity import plot_js0_vs_gap
+
+    table = pd.DataFrame({"model": ["a", "b", "c", "d"], "family": ["CNN", "Transformer", "mine", "CNN"],
+                          "JS0": [0.1, 0.3, 0.2, 0.05], "gap": [0.0, 0.5, 0.1, 0.2]})
+    for order in (table, table.iloc[::-1]):
+        ax = plot_js0_vs_gap(order).axes[0]
+        colours = {c.get_label(): to_rgba(c.get_facecolor()[0]) for c in ax.collections}
+        assert colours == {"Transformer": to_rgba("C0"), "CNN": to_rgba("C2"), "mine": to_rgba("C3")}
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Transformer", "CNN", "mine"]
+        assert sorted(t.get_text() for t in ax.texts) == ["a", "b", "c", "d"]
+
+
 def test_best_runs_ignores_diverged_runs():
     runs = pd.DataFrame({"model": "m", "optimizer": "sgd", "lr": [0.1, 1.0], "seed": 0, "train_loss": [2.0, np.nan],
                          "val_loss": [2.1, np.nan], "state_bytes": 8, "seconds_per_step": 0.1,

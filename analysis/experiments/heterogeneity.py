@@ -92,16 +92,24 @@ def heterogeneity_experiment(
     return table.sort_values("JS0", ascending=False, kind="stable").reset_index(drop=True), runs
 
 
+FAMILY_COLORS = {"Transformer": "C0", "MLP-mixer": "C1", "CNN": "C2"}  # the same in every figure; others C3..
+
+
 def plot_js0_vs_gap(table: pd.DataFrame):
     """Scatter of JS0 at initialisation (log x) vs the SGD - AdamW final-loss gap, one labelled
-    point per model, coloured by family."""
+    point per model, coloured by family (:data:`FAMILY_COLORS`)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(5.2, 4.0), layout="constrained")
     ax = fig.add_subplot()
-    for family, group in table.groupby("family", sort=False):
-        ax.scatter(group["JS0"], group["gap"], label=family, s=40)
+    extra = [family for family in dict.fromkeys(table["family"]) if family not in FAMILY_COLORS]
+    colors = {**FAMILY_COLORS, **{family: f"C{3 + k % 7}" for k, family in enumerate(extra)}}
+    for family, color in colors.items():
+        group = table[table["family"] == family]
+        if group.empty:
+            continue
+        ax.scatter(group["JS0"], group["gap"], label=family, s=40, color=color)
         for _, row in group.iterrows():
             ax.annotate(row["model"], (row["JS0"], row["gap"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
