@@ -79,14 +79,13 @@ def _load_map(path: Path):
                           meta["tensor_boundaries"])
 
 
-def _measure(model: str, overrides: dict, tensors: tuple[str, ...], config: StructureConfig):
+def _measure(spec, tensors: tuple[str, ...], config: StructureConfig):
     import torch
 
     import optim
     from analysis.hessian_map import hessian_map
-    from hessian_blocks import build_model, make_batches
+    from hessian_blocks import make_batches
 
-    spec = build_model(model, seed=config.seed, **overrides)
     batches = make_batches(spec, batch_size=config.batch_size, n_batches=config.n_batches, seed=config.seed,
                            dtype=torch.float64)
     return hessian_map(spec.model, spec.loss_fn, batches, optim.default_partition(spec.model), params=list(tensors),
@@ -105,10 +104,10 @@ def structure_experiment(config: StructureConfig, *, out: str | None = None, pro
                                       ("gpt2-nano", config.gpt2_overrides, config.gpt2_params)):
         params = {"model": model, "overrides": overrides, "tensors": tensors, "batch_size": config.batch_size,
                   "n_batches": config.n_batches, "seed": config.seed}
+        spec = build_model(model, seed=config.seed, **overrides)
         hmap = store.run_file(params_key(f"hessian-{model}", params), params,
-                              lambda: _measure(model, overrides, tensors, config),
-                              save=_save_map, load=_load_map, suffix=".npz",
-                              fingerprint=model_fingerprint(build_model(model, seed=config.seed, **overrides).model))
+                              lambda: _measure(spec, tensors, config),
+                              save=_save_map, load=_load_map, suffix=".npz", fingerprint=model_fingerprint(spec.model))
         inside, entries = block_mass(hmap.matrix, hmap.boundaries)
         maps[model] = hmap
         rows.append({"model": model, "tensors": ", ".join(tensors), "coordinates": hmap.matrix.shape[0],

@@ -56,15 +56,18 @@ class HeterogeneityConfig:
 def _runs(config: HeterogeneityConfig, store: ResultStore, progress: bool) -> pd.DataFrame:
     units = [(model, opt, lr, seed) for model in config.models for opt, lrs in config.lrs.items()
              for lr in lrs for seed in config.seeds]
+    setups = {model: TrainSetup(model, overrides, batch_size=config.batch_size, train_batches=config.train_batches,
+                                val_batches=config.val_batches) for model, overrides in config.models.items()}
+    fingerprints = {(model, seed): setup.fingerprint(seed) for model, setup in setups.items()
+                    for seed in config.seeds}  # one model build per (model, seed), not per run
     rows = []
     for model, opt, lr, seed in progress_bar(units, desc="training", enabled=progress):
-        setup = TrainSetup(model, config.models[model], batch_size=config.batch_size,
-                           train_batches=config.train_batches, val_batches=config.val_batches)
+        setup = setups[model]
         params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
                   "device": config.device}
         record = store.run(params_key(f"train-{model}-{opt}", params), params,
                            lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device),
-                           fingerprint=setup.fingerprint(seed))
+                           fingerprint=fingerprints[model, seed])
         rows.append({"model": model, "optimizer": opt, "lr": lr, "seed": seed,
                      **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
                                                "diverged")}})

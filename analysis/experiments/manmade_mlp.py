@@ -101,14 +101,17 @@ def manmade_experiment(config: ManmadeConfig, *, out: str | None = None, progres
     rows, runs = [], []
     units = [(level, opt, lr, seed) for level in config.levels for opt, lrs in config.lrs.items()
              for lr in lrs for seed in config.seeds]
+    setups = {level: TrainSetup(FACTORY, {"level": level, "hidden": config.hidden}, "digits", config.batch_size,
+                                config.train_batches, config.val_batches) for level in config.levels}
+    fingerprints = {(level, seed): setup.fingerprint(seed) for level, setup in setups.items()
+                    for seed in config.seeds}  # one model build per (level, seed), not per run
     for level, opt, lr, seed in progress_bar(units, desc="man-made MLP", enabled=progress):
-        setup = TrainSetup(FACTORY, {"level": level, "hidden": config.hidden}, "digits", config.batch_size,
-                           config.train_batches, config.val_batches)
+        setup = setups[level]
         params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
                   "device": config.device}
         record = store.run(params_key(f"manmade-{opt}", params), params,
                            lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device),
-                           fingerprint=setup.fingerprint(seed))
+                           fingerprint=fingerprints[level, seed])
         runs.append({"model": level, "optimizer": opt, "lr": lr, "seed": seed,
                      **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
                                                "diverged")}})

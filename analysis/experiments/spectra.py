@@ -41,6 +41,7 @@ def measure_spectrum(
     overrides = dict(overrides or {})
     params = {"model": model, "overrides": overrides, "data": data, "batch_size": batch_size,
               "n_batches": n_batches, "steps": steps, "probes": probes, "seed": seed}
+    spec = build_model(model, seed=seed, **overrides)  # its fingerprint decides whether a stored result is reused
 
     def compute() -> SpectrumResult:
         import sys
@@ -48,7 +49,6 @@ def measure_spectrum(
         import torch
         from tqdm.auto import tqdm
 
-        spec = build_model(model, seed=seed, **overrides)
         batches = make_batches(spec, data, batch_size=batch_size, n_batches=n_batches, seed=seed, dtype=torch.float64)
         hessian = BlockHessian(spec.model, spec.loss_fn, batches, Partition.per_tensor(spec.model), device=device)
         with tqdm(total=steps, desc=f"{model}: SLQ on {len(hessian.blocks)} blocks", unit="step",
@@ -59,7 +59,7 @@ def measure_spectrum(
     return (store or ResultStore(None)).run_file(
         params_key(f"spectrum-{model}", params), params, compute,
         save=lambda result, path: result.save(path), load=SpectrumResult.load, suffix=".npz",
-        fingerprint=model_fingerprint(build_model(model, seed=seed, **overrides).model),
+        fingerprint=model_fingerprint(spec.model),
     )
 
 
