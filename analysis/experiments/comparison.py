@@ -18,8 +18,8 @@ import pandas as pd
 
 from hessian_blocks.guards import check_device
 
-from .store import ResultStore, check_size, model_fingerprint, params_key, progress_bar
-from .training import OPTIMIZERS, PARTITIONED, TrainSetup, best_runs, train_run
+from .store import ResultStore, check_size, model_fingerprint, params_key
+from .training import OPTIMIZERS, PARTITIONED, TrainSetup, best_runs, train_grid
 from .zoo import zoo_models
 
 __all__ = ["ComparisonConfig", "comparison_experiment", "comparison_summary", "plot_loss_curves",
@@ -103,27 +103,19 @@ def comparison_experiment(
     check_device(config.device)  # before a derived partition is measured
     store = ResultStore(out)
     partition = _partition(config, store) if set(PARTITIONED) & set(config.lrs) else None
-    setup = config.setup()
-    units = [(opt, lr, seed) for opt, lrs in config.lrs.items() for lr in lrs for seed in config.seeds]
-    fingerprints = {seed: setup.fingerprint(seed) for seed in config.seeds}  # one model build per seed
-    rows, curves = [], []
-    for opt, lr, seed in progress_bar(units, desc=f"compare on {config.model}", enabled=progress):
-        params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
-                  "weight_decay": config.weight_decay, "partition": config.partition if opt in PARTITIONED else None,
-                  "device": config.device}
-        record = store.run(params_key(f"compare-{config.model}-{opt}", params), params,
-                           lambda: train_run(setup, opt, lr, config.steps, seed=seed,
-                                             weight_decay=config.weight_decay,
-                                             partition=partition if opt in PARTITIONED else "default",
-                                             device=config.device),
-                           fingerprint=fingerprints[seed])
-        rows.append({"model": config.model, "optimizer": opt, "lr": lr, "seed": seed,
-                     **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
-                                               "diverged")}})
-        losses = np.asarray(record["losses"], dtype=np.float64)
-        curves.append(pd.DataFrame({"optimizer": opt, "lr": lr, "seed": seed, "step": np.arange(losses.size),
-                                    "loss": losses}))
-    return pd.DataFrame(rows), pd.concat(curves, ignore_index=True)
+    runs, records = train_grid(
+        store, {config.model: config.setup()}, config.lrs, config.seeds, config.steps,
+        key=lambda model, opt: f"compare-{model}-{opt}", device=config.device,
+        recorded=lambda opt: {"weight_decay": config.weight_decay,
+                              "partition": config.partition if opt in PARTITIONED else None},
+        options=lambda opt: {"weight_decay": config.weight_decay,
+                             "partition": partition if opt in PARTITIONED else "default"},
+        desc=f"compare on {config.model}", progress=progress)
+    curves = [pd.DataFrame({"optimizer": run.optimizer, "lr": run.lr, "seed": run.seed,
+                            "step": np.arange(len(record["losses"])),
+                            "loss": np.asarray(record["losses"], dtype=np.float64)})
+              for run, record in zip(runs.itertuples(), records)]
+    return runs, pd.concat(curves, ignore_index=True)
 
 
 def comparison_summary(runs: pd.DataFrame) -> pd.DataFrame:

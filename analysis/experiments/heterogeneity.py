@@ -8,13 +8,13 @@ over seeds), with the same budget of steps on the same offline batches.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from .spectra import measure_spectrum, spectra_table
-from .store import ResultStore, check_size, params_key, progress_bar
-from .training import TrainSetup, best_runs, train_run
+from .store import ResultStore, check_size
+from .training import TrainSetup, best_runs, train_grid
 from .zoo import zoo_models
 
 __all__ = ["HeterogeneityConfig", "heterogeneity_experiment", "plot_js0_vs_gap"]
@@ -53,27 +53,6 @@ class HeterogeneityConfig:
         return cls(**{"models": zoo_models(size, models), **base, **changes})
 
 
-def _runs(config: HeterogeneityConfig, store: ResultStore, progress: bool) -> pd.DataFrame:
-    units = [(model, opt, lr, seed) for model in config.models for opt, lrs in config.lrs.items()
-             for lr in lrs for seed in config.seeds]
-    setups = {model: TrainSetup(model, overrides, batch_size=config.batch_size, train_batches=config.train_batches,
-                                val_batches=config.val_batches) for model, overrides in config.models.items()}
-    fingerprints = {(model, seed): setup.fingerprint(seed) for model, setup in setups.items()
-                    for seed in config.seeds}  # one model build per (model, seed), not per run
-    rows = []
-    for model, opt, lr, seed in progress_bar(units, desc="training", enabled=progress):
-        setup = setups[model]
-        params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
-                  "device": config.device}
-        record = store.run(params_key(f"train-{model}-{opt}", params), params,
-                           lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device),
-                           fingerprint=fingerprints[model, seed])
-        rows.append({"model": model, "optimizer": opt, "lr": lr, "seed": seed,
-                     **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
-                                               "diverged")}})
-    return pd.DataFrame(rows)
-
-
 def heterogeneity_experiment(
     config: HeterogeneityConfig, *, out: str | None = None, progress: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -86,7 +65,10 @@ def heterogeneity_experiment(
                                        progress=progress)
                for model, overrides in config.models.items()}
     table = spectra_table(spectra)
-    runs = _runs(config, store, progress)
+    setups = {model: TrainSetup(model, overrides, batch_size=config.batch_size, train_batches=config.train_batches,
+                                val_batches=config.val_batches) for model, overrides in config.models.items()}
+    runs, _ = train_grid(store, setups, config.lrs, config.seeds, config.steps,
+                         key=lambda model, opt: f"train-{model}-{opt}", device=config.device, progress=progress)
     best = best_runs(runs).set_index(["model", "optimizer"])
     for opt in ("sgd", "adamw"):
         table[f"{opt}_loss"] = [best.loc[(m, opt), "train_loss"] for m in table["model"]]

@@ -11,7 +11,7 @@ level: JS0 at initialisation and the best final training loss of SGD-momentum an
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -21,8 +21,8 @@ from hessian_blocks import ModelSpec
 from hessian_blocks.models import cross_entropy_loss
 
 from .spectra import measure_spectrum
-from .store import ResultStore, check_size, params_key, progress_bar
-from .training import TrainSetup, best_runs, train_run
+from .store import ResultStore, check_size
+from .training import TrainSetup, best_runs, train_grid
 
 __all__ = ["ScaledMLP", "scaled_mlp", "ManmadeConfig", "manmade_experiment", "plot_manmade"]
 
@@ -98,24 +98,12 @@ def manmade_experiment(config: ManmadeConfig, *, out: str | None = None, progres
     from analysis import js0, js_matrix
 
     store = ResultStore(out)
-    rows, runs = [], []
-    units = [(level, opt, lr, seed) for level in config.levels for opt, lrs in config.lrs.items()
-             for lr in lrs for seed in config.seeds]
     setups = {level: TrainSetup(FACTORY, {"level": level, "hidden": config.hidden}, "digits", config.batch_size,
                                 config.train_batches, config.val_batches) for level in config.levels}
-    fingerprints = {(level, seed): setup.fingerprint(seed) for level, setup in setups.items()
-                    for seed in config.seeds}  # one model build per (level, seed), not per run
-    for level, opt, lr, seed in progress_bar(units, desc="man-made MLP", enabled=progress):
-        setup = setups[level]
-        params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": config.steps,
-                  "device": config.device}
-        record = store.run(params_key(f"manmade-{opt}", params), params,
-                           lambda: train_run(setup, opt, lr, config.steps, seed=seed, device=config.device),
-                           fingerprint=fingerprints[level, seed])
-        runs.append({"model": level, "optimizer": opt, "lr": lr, "seed": seed,
-                     **{k: record[k] for k in ("train_loss", "val_loss", "state_bytes", "seconds_per_step",
-                                               "diverged")}})
-    best = best_runs(pd.DataFrame(runs)).set_index(["model", "optimizer"])
+    runs, _ = train_grid(store, setups, config.lrs, config.seeds, config.steps, key=lambda level, opt: f"manmade-{opt}",
+                         device=config.device, desc="man-made MLP", progress=progress)
+    best = best_runs(runs).set_index(["model", "optimizer"])
+    rows = []
     for level in config.levels:
         spectrum = measure_spectrum(FACTORY, {"level": level, "hidden": config.hidden}, data="digits",
                                     steps=config.slq_steps, probes=config.slq_probes, device=config.device,

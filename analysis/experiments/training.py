@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,9 +27,10 @@ from hessian_blocks import build_model, make_batches
 from hessian_blocks.data import samples_available
 from hessian_blocks.guards import check_device
 
-from .store import model_fingerprint
+from .store import ResultStore, model_fingerprint, params_key, progress_bar
 
-__all__ = ["OPTIMIZERS", "PARTITIONED", "TrainSetup", "best_runs", "make_optimizer", "run_steps", "train_run"]
+__all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "TrainSetup", "best_runs", "make_optimizer", "run_steps",
+           "train_grid", "train_run"]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "adam_mini", "galore_mini")
 PARTITIONED: tuple[str, ...] = optim.PARTITIONED  # the optimizers that take a partition
@@ -128,6 +130,43 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     return {"losses": losses, "train_loss": finals[0], "val_loss": finals[1],
             "state_bytes": optim.state_memory(opt).total_bytes,
             "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1), "diverged": diverged}
+
+
+RUN_COLUMNS: tuple[str, ...] = ("train_loss", "val_loss", "state_bytes", "seconds_per_step", "diverged")
+
+
+def train_grid(
+    store: ResultStore, setups: Mapping[Hashable, TrainSetup], lrs: Mapping[str, Sequence[float]],
+    seeds: Sequence[int], steps: int, *, key: Callable[[Hashable, str], str], device: str = "cpu",
+    recorded: Callable[[str], Mapping[str, Any]] = lambda optimizer: {},
+    options: Callable[[str], Mapping[str, Any]] = lambda optimizer: {},
+    desc: str = "training", progress: bool = True,
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Every (setup, optimizer, lr, seed) run of a grid through ``store``: (runs, records).
+
+    ``setups`` maps a label (a model name, a level) to what to train; ``lrs`` maps each optimizer to
+    its learning rates. A run's stored parameters are its setup, optimizer, lr, seed, steps, device
+    and ``recorded(optimizer)``; its key is ``key(label, optimizer)`` plus their hash; it keeps the
+    fingerprint of its seeded model (one build per label and seed). ``options(optimizer)`` are extra
+    keyword arguments of :func:`train_run` (weight decay, partition). ``runs`` has one row per run:
+    model (the label), optimizer, lr, seed and :data:`RUN_COLUMNS`; ``records`` the stored records
+    (with the per-step losses) in the same order.
+    """
+    fingerprints = {(label, seed): setup.fingerprint(seed) for label, setup in setups.items() for seed in seeds}
+    units = [(label, opt, lr, seed) for label in setups for opt, grid in lrs.items() for lr in grid
+             for seed in seeds]
+    rows, records = [], []
+    for label, opt, lr, seed in progress_bar(units, desc=desc, enabled=progress):
+        setup = setups[label]
+        params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": steps,
+                  "device": device, **recorded(opt)}
+        record = store.run(params_key(key(label, opt), params), params,
+                           lambda: train_run(setup, opt, lr, steps, seed=seed, device=device, **options(opt)),
+                           fingerprint=fingerprints[label, seed])
+        rows.append({"model": label, "optimizer": opt, "lr": lr, "seed": seed,
+                     **{column: record[column] for column in RUN_COLUMNS}})
+        records.append(record)
+    return pd.DataFrame(rows), records
 
 
 def best_runs(runs: pd.DataFrame, by: str = "train_loss") -> pd.DataFrame:
