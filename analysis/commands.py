@@ -1,13 +1,18 @@
 """The ``hessian-blocks compare`` and ``hessian-blocks figures`` subcommands (argparse + runners).
 
 ``hessian_blocks.cli.build_parser`` calls :func:`add_commands`; the runners return an exit code.
-Both commands keep every finished work unit under ``--results`` and resume from it.
+Both commands keep every finished work unit under ``--results`` and resume from it; Ctrl-C ends them
+with one line saying so (exit code 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["add_commands", "run_compare", "run_figures"]
@@ -19,7 +24,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     from .experiments.groups import FIGURE_GROUPS
     from .experiments.store import SIZES
-    from .experiments.training import OPTIMIZERS
+    from .experiments.training import OPTIMIZERS, PARTITIONED
 
     compare = commands.add_parser(
         "compare", help="train with SGD-momentum, AdamW, Adam-mini and GaLore-mini: loss curves, best lr, memory",
@@ -33,12 +38,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--optimizer", action="append", choices=OPTIMIZERS, metavar="NAME",
                          help=f"optimizer to run ({', '.join(OPTIMIZERS)}); repeatable (default: all)")
     compare.add_argument("--lr", action="append", default=[], metavar="NAME=LR[,LR...]",
-                         help="learning-rate grid of one optimizer, e.g. --lr adamw=1e-3,3e-3")
+                         help="learning-rate grid of one optimizer: distinct finite positive rates, e.g. "
+                              "--lr adamw=1e-3,3e-3; repeat for other optimizers, at most once per optimizer "
+                              "(default: the size's grid)")
     compare.add_argument("--steps", type=int, help="training steps per run, each on a new batch (default: the size's)")
     compare.add_argument("--seeds", type=int, help="seeds 0..N-1 per (optimizer, lr) (default: the size's)")
+    compare.add_argument("--batch-size", type=int,
+                         help="samples per training and validation batch (default: the size's)")
+    compare.add_argument("--val-batches", type=int,
+                         help="validation batches, drawn from the held-out part of the data (default: the size's); "
+                              "a data file holds out its last 10 %%, which must hold batch size x validation "
+                              "batches samples")
     compare.add_argument("--partition", default="default",
-                         help="Adam-mini partition: default, derived (from the Hessian), or a partition JSON file")
-    compare.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
+                         help=f"the partition of {' and '.join(PARTITIONED)} (the optimizers that take one): "
+                              "default, derived (from the Hessian), or a partition JSON file (default: default)")
+    compare.add_argument("--weight-decay", type=float, default=0.0,
+                         help="weight decay (finite, >= 0) on all but biases and norm weights: decoupled, as in AdamW, "
+                              "for adamw, adam_mini and galore_mini; L2 (added to the gradient) for sgd (default: 0)")
     compare.add_argument("--data", default="auto", help="data source as for `js` (default: auto)")
     compare.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     compare.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -67,7 +83,31 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     figures.set_defaults(run=run_figures)
 
 
+def _resumable(default_results: Callable[[argparse.Namespace], Path]):
+    """Decorate a runner that keeps its finished work units under ``--results``: the runner finds
+    ``args.results`` filled in (``default_results(args)`` when not given), and Ctrl-C ends it with one
+    line naming that folder and how to resume, exit code 130, instead of a traceback."""
+
+    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(run)
+        def run_resumably(args: argparse.Namespace) -> int:
+            if args.results is None:
+                args.results = default_results(args)
+            try:
+                return run(args)
+            except KeyboardInterrupt:
+                print(f"\nhessian-blocks {args.command}: interrupted; finished units are kept in {args.results}; "
+                      "rerun the same command to resume", file=sys.stderr)
+                return 130
+
+        return run_resumably
+
+    return wrap
+
+
 def _lr_grids(pairs: list[str]) -> dict[str, tuple[float, ...]]:
+    """The ``--lr NAME=LR[,LR...]`` options as {optimizer: rates}. Malformed options, rates that are not
+    finite and positive, a rate listed twice and an optimizer given twice are errors."""
     grids = {}
     for pair in pairs:
         name, sep, values = pair.partition("=")
@@ -75,43 +115,59 @@ def _lr_grids(pairs: list[str]) -> dict[str, tuple[float, ...]]:
             grid = tuple(float(v) for v in values.split(","))
         except ValueError:
             grid = ()
-        if not sep or not name or not grid or min(grid) <= 0:
-            raise ValueError(f"--lr expects NAME=LR[,LR...] with positive rates, got {pair!r}")
+        if not sep or not name or not grid or not all(math.isfinite(lr) and lr > 0 for lr in grid):
+            raise ValueError(f"--lr expects NAME=LR[,LR...] with finite positive rates, got {pair!r}")
+        if len(set(grid)) != len(grid):
+            raise ValueError(f"--lr {pair}: a rate is listed twice (it would train the same runs twice); list each once")
+        if name in grids:
+            raise ValueError(f"--lr given twice for {name}: list all its rates in one option, "
+                             f"e.g. --lr {name}=1e-3,3e-3")
         grids[name] = grid
     return grids
 
 
+@_resumable(lambda args: args.out / "results")
 def run_compare(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
     from hessian_blocks.cli import _overrides
+    from hessian_blocks.guards import check_device
 
     from .experiments.comparison import (
         ComparisonConfig, comparison_experiment, comparison_summary, plot_loss_curves, plot_lr_sweep,
         plot_state_memory,
     )
+    from .experiments.training import PARTITIONED
 
+    check_device(args.device)
     preset = ComparisonConfig.preset(args.size, model=args.model)
     grids = _lr_grids(args.lr)
     chosen = args.optimizer or list(preset.lrs)
     extra = sorted(set(grids) - set(chosen))
     if extra:
         raise ValueError(f"--lr given for {extra}, which are not among the optimizers {chosen}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be finite and >= 0, got {args.weight_decay}")
     changes = {"lrs": {opt: grids.get(opt, preset.lrs[opt]) for opt in chosen},
                "overrides": {**preset.overrides, **_overrides(args.set)}, "data": args.data,
                "partition": args.partition, "weight_decay": args.weight_decay, "device": args.device}
-    for flag, field, value in (("--steps", "steps", args.steps), ("--seeds", "seeds", args.seeds)):
+    for flag, field, value in (("--steps", "steps", args.steps), ("--seeds", "seeds", args.seeds),
+                               ("--batch-size", "batch_size", args.batch_size),
+                               ("--val-batches", "val_batches", args.val_batches)):
         if value is not None:
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
-            changes[field] = value if field == "steps" else tuple(range(value))
+            changes[field] = tuple(range(value)) if field == "seeds" else value
     if args.steps is not None:
         changes["train_batches"] = args.steps  # a new batch every step, as the presets draw
+    if args.partition != "default" and not set(PARTITIONED) & set(chosen):
+        raise ValueError(f"--partition {args.partition}: only {' and '.join(PARTITIONED)} take a partition, and the "
+                         f"chosen optimizers ({', '.join(chosen)}) include neither; add --optimizer adam_mini "
+                         "or drop --partition")
     if args.partition not in ("default", "derived") and not Path(args.partition).exists():
         raise FileNotFoundError(f"--partition {args.partition}: no such file (or use 'default' / 'derived')")
     config = ComparisonConfig.preset(args.size, model=args.model, **changes)
 
-    runs, curves = comparison_experiment(config, out=args.results or args.out / "results",
-                                         progress=not args.no_progress)
+    runs, curves = comparison_experiment(config, out=args.results, progress=not args.no_progress)
     summary = comparison_summary(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(args.out / "runs.csv", index=False)
@@ -126,6 +182,7 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+@_resumable(lambda args: Path(f"runs/figures-{args.size}"))
 def run_figures(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
     from hessian_blocks.guards import check_device
@@ -134,23 +191,22 @@ def run_figures(args: argparse.Namespace) -> int:
     from .experiments.store import atomic_write_text
 
     check_device(args.device)
-    results = args.results or Path(f"runs/figures-{args.size}")
-    results.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     # the manifest lists each group's figures from its latest run, so groups run one --only at a time add up
-    manifest_path = results / "figures.json"
+    manifest_path = args.results / "figures.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if manifest.get("size") != args.size or "groups" not in manifest:
         manifest = {"size": args.size, "groups": {}}
     written = 0
     for name in args.only or list(FIGURE_GROUPS):
-        group = run_group(name, args.size, results, progress=not args.no_progress, device=args.device)
+        group = run_group(name, args.size, args.results, progress=not args.no_progress, device=args.device)
         for stem, frame in group.tables.items():
-            frame.to_csv(results / f"{stem}.csv", index=False)
+            frame.to_csv(args.results / f"{stem}.csv", index=False)
             if not stem.endswith("_runs"):
                 print(f"\n{name}: {stem}\n{format_table(frame)}")
         manifest["groups"][name] = [str(save_figure(fig, args.out / f"{stem}.png"))
                                     for stem, fig in group.figures.items()]
         written += len(group.figures)
         atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")  # read back by the next run
-    print(f"\nwrote {written} figures to {args.out}/ and the tables to {results}/")
+    print(f"\nwrote {written} figures to {args.out}/ and the tables to {args.results}/")
     return 0

@@ -114,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _torchrun_aware(run):
-    """Under torchrun every process measures (its share of the work); only rank 0 reports and writes files."""
+    """Under torchrun every process measures (its share of the work); only rank 0 reports and writes files.
+    ``--device`` is checked first, before a process group is set up on it."""
 
     @functools.wraps(run)
     def run_on_every_rank(args: argparse.Namespace) -> int:
+        check_device(args.device)
         with process_group_from_env(args.device):
             if is_main_process():
                 return run(args)
@@ -211,7 +213,6 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.blocks and args.sample_layers:
         raise ValueError("use either --blocks or --sample-layers, not both")
-    check_device(args.device)
     if args.split_blocks and args.full_model:
         raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the batches)")
     dtype, device, world_size = DTYPES[args.dtype], device_for_rank(args.device), get_world_size()

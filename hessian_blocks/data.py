@@ -20,6 +20,8 @@ part. Synthetic data has no pool: its validation samples come from another rando
 from __future__ import annotations
 
 import functools
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -37,6 +39,20 @@ _VALIDATION_STREAM = 2**31
 MASK_FRACTION = 0.15
 TEXT_TASKS = ("text", "masked-text")
 _AUTO = {"image": "digits", "text": "text", "masked-text": "text", "vector": "synthetic"}
+_FILE_SUFFIXES = (".pt", ".npz", ".txt")
+_TEXT_DATA = ("text: the data source text (= auto), synthetic, a .txt file, or a .pt / .npz file of token ids "
+              "x and y [N, T]")
+_FITTING_DATA = {  # the data each task takes, named by mismatch errors
+    "image": "images: the data source digits (= auto), synthetic, or a .pt / .npz file of images x [N, C, H, W] "
+             "and class labels y",
+    "vector": "vectors: the data source synthetic (= auto), digits (64 features), or a .pt / .npz file of vectors "
+              "x [N, F] and class labels y",
+    "text": _TEXT_DATA,
+    "masked-text": _TEXT_DATA,
+}
+# the fix named by every "too few samples" error
+_FEWER_SAMPLES = ("ask for fewer or smaller batches (on the command line: --batch-size, with --batches for "
+                  "spectrum / js / partition or --val-batches for compare)")
 
 
 def make_batches(
@@ -70,7 +86,7 @@ def make_batches(
     elif source == "synthetic":
         x, y = _synthetic(spec, n, gen)
     else:
-        x, y = _from_file(spec, Path(source), n, gen, part)
+        x, y = _from_file(spec, _data_file(source), n, gen, part)
 
     x, y = _cast(x, dtype), _cast(y, dtype)
     return [(xb.clone(), yb.clone()) for xb, yb in zip(x.split(sizes), y.split(sizes))]
@@ -87,12 +103,13 @@ def samples_available(
         return len(part.of(torch.arange(len(_digits_dataset()[0]))))
     if source in ("text", "synthetic"):
         return None
-    path = Path(source)
+    path = _data_file(source)
     if path.suffix.lower() == ".txt":
+        _check_text_model(spec, f"file {path}")
         (context,) = _need(spec, "context")
         extra = 0 if spec.task == "masked-text" else 1  # next-token targets read one token past a window
         return max(0, (len(part.of(_bytes_to_tokens(path.read_bytes()))) - extra) // context)
-    x, _ = _load_pt(path) if path.suffix.lower() == ".pt" else _load_npz(path)
+    x, _ = _load_samples(path)
     return len(part.of(x))
 
 
@@ -105,6 +122,24 @@ def _resolve(spec: ModelSpec, source: str) -> str:
             f"(.pt, .npz, .txt), or have the factory return a ModelSpec with one of the tasks {', '.join(_AUTO)}"
         )
     return _AUTO[spec.task]
+
+
+def _data_file(source: str) -> Path:
+    """``source`` as the path of an existing data file of a supported kind, else an error naming the choices."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data source {source!r} is neither one of auto, {', '.join(DATA_SOURCES)} nor an existing file: "
+            "pass one of those names or the path of a .pt, .npz or .txt file"
+        )
+    if path.suffix.lower() not in _FILE_SUFFIXES:
+        raise ValueError(f"unsupported data file {path}: expected .pt, .npz or .txt")
+    return path
+
+
+def _fitting_data(spec: ModelSpec) -> str:
+    """The data sources that fit ``spec``'s task, as the fix in a mismatch error."""
+    return _FITTING_DATA.get(spec.task, "a .pt / .npz file of its inputs x and targets y")
 
 
 class _Part:
@@ -169,7 +204,7 @@ def _digits(spec: ModelSpec, n: int, gen: torch.Generator, part: _Part) -> tuple
         order = part.of(torch.randperm(len(images), generator=torch.Generator().manual_seed(0)))
         images, labels = images[order], labels[order]
     if n > len(images):
-        raise ValueError(f"the digits data set{part.label} has {len(images)} images; {n} are needed")
+        raise ValueError(f"the digits data set{part.label} has {len(images)} images; {n} are needed: {_FEWER_SAMPLES}")
     idx = torch.randperm(len(images), generator=gen)[:n]
     images, labels = images[idx], labels[idx]
 
@@ -186,7 +221,9 @@ def _digits(spec: ModelSpec, n: int, gen: torch.Generator, part: _Part) -> tuple
         if size != 8:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x.repeat(1, channels, 1, 1), labels
-    raise ValueError(f"digits is image data; model {spec.name!r} has task {spec.task!r}")
+    raise ValueError(
+        f"digits is image data; model {spec.name!r} has task {spec.task!r}, which takes {_fitting_data(spec)}"
+    )
 
 
 def _check_classes(spec: ModelSpec, num_classes: int) -> None:
@@ -214,8 +251,7 @@ def _text_windows(
     spec: ModelSpec, tokens: torch.Tensor, n: int, gen: torch.Generator, what: str, random_offsets: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` windows of byte tokens: at seeded random offsets, or consecutive from the start."""
-    if spec.task not in TEXT_TASKS:
-        raise ValueError(f"{what} is text data; model {spec.name!r} has task {spec.task!r}")
+    _check_text_model(spec, what)
     vocab_size, context = _need(spec, "vocab_size", "context")
     masked = spec.task == "masked-text"
     smallest = 257 if masked else 256  # 256 byte values, plus the [MASK] id for masked-LM
@@ -228,7 +264,9 @@ def _text_windows(
     length = context if masked else context + 1  # next-token targets need one token more
     needed = length if random_offsets else n * context + (length - context)
     if len(tokens) < needed:
-        raise ValueError(f"{what} has {len(tokens)} bytes; {needed} are needed for {n} windows of {context}")
+        raise ValueError(
+            f"{what} has {len(tokens)} bytes; {needed} are needed for {n} windows of {context}: {_FEWER_SAMPLES}"
+        )
     if random_offsets:
         starts = torch.randint(0, len(tokens) - length + 1, (n,), generator=gen)
     else:
@@ -237,6 +275,14 @@ def _text_windows(
     if masked:
         return _mask_tokens(windows, vocab_size - 1, gen)
     return windows[:, :-1], windows[:, 1:]
+
+
+def _check_text_model(spec: ModelSpec, what: str) -> None:
+    """Refuse text data (``what``) for a model that does not take token ids, naming the data it takes."""
+    if spec.task not in TEXT_TASKS:
+        raise ValueError(
+            f"{what} is text data; model {spec.name!r} has task {spec.task!r}, which takes {_fitting_data(spec)}"
+        )
 
 
 def _mask_tokens(tokens: torch.Tensor, mask_id: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,40 +324,62 @@ def _synthetic(spec: ModelSpec, n: int, gen: torch.Generator) -> tuple[torch.Ten
 
 
 def _from_file(spec: ModelSpec, path: Path, n: int, gen: torch.Generator, part: _Part) -> tuple[torch.Tensor, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"data source {str(path)!r} is neither one of auto, {', '.join(DATA_SOURCES)} nor an existing file"
-        )
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
+    if path.suffix.lower() == ".txt":
         return _text_windows(spec, part.of(_bytes_to_tokens(path.read_bytes())), n, gen, f"file {path}{part.label}",
                              random_offsets=False)
-    if suffix == ".pt":
-        x, y = _load_pt(path)
-    elif suffix == ".npz":
-        x, y = _load_npz(path)
-    else:
-        raise ValueError(f"unsupported data file {path}: expected .pt, .npz or .txt")
-
-    if len(x) != len(y):
-        raise ValueError(f"{path}: x has {len(x)} samples but y has {len(y)}")
-    x, y = part.of(x), part.of(y)
+    x, y = (part.of(t) for t in _load_samples(path))
     if len(x) < n:
-        raise ValueError(f"{path}{part.label} holds {len(x)} samples; {n} are needed")
+        raise ValueError(
+            f"{path}{part.label} holds {len(x)} samples; {n} are needed: {_FEWER_SAMPLES}, or pass a larger file"
+        )
     x, y = x[:n], y[:n]
     _check_file_shapes(spec, x, y, path)
     return x, y
 
 
+def _load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples (x, y) of a .pt or .npz file: one sample per entry along dim 0 of each."""
+    x, y = _load_pt(path) if path.suffix.lower() == ".pt" else _load_npz(path)
+    if x.dim() == 0 or y.dim() == 0:
+        raise ValueError(
+            f"{path}: x and y must have a leading sample dimension; got shapes {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if len(x) != len(y):
+        raise ValueError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    return x, y
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The first sentence of an exception's message (torch's and numpy's run on for paragraphs), or its type."""
+    text = str(err).strip()
+    return text.split(". ")[0].splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+def _tensor(value: object, path: Path, name: str) -> torch.Tensor:
+    """``value`` (array, tensor or nested list of numbers) as a tensor, or an error naming the file and array."""
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{path}: {name} is not numeric (torch: {_first_sentence(err)}); save numbers (tensors or arrays) as x and y"
+        ) from err
+
+
 def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"{path} is not a file of tensors written by torch.save (torch: {_first_sentence(err)}): save "
+            "{'x': inputs, 'y': targets} with torch.save, or pass an .npz or .txt file"
+        ) from err
     if isinstance(obj, dict):
         missing = {"x", "y"} - set(obj)
         if missing:
             raise ValueError(f"{path}: the saved dict has no {', '.join(sorted(missing))} (keys: {', '.join(map(str, obj))})")
-        return torch.as_tensor(obj["x"]), torch.as_tensor(obj["y"])
+        return _tensor(obj["x"], path, "x"), _tensor(obj["y"], path, "y")
     if isinstance(obj, (list, tuple)) and obj and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in obj):
-        xs, ys = [torch.as_tensor(p[0]) for p in obj], [torch.as_tensor(p[1]) for p in obj]
+        xs, ys = [_tensor(p[0], path, "x") for p in obj], [_tensor(p[1], path, "y") for p in obj]
         if any(t.dim() == 0 for t in xs + ys):
             raise ValueError(f"{path}: each (x, y) pair must be a batch with a leading batch dimension")
         return torch.cat(xs), torch.cat(ys)
@@ -321,11 +389,24 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
 
-    with np.load(path) as arrays:
-        missing = {"x", "y"} - set(arrays.files)
+    fix = "write one with numpy.savez(path, x=inputs, y=targets), or pass a .pt or .txt file"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{path} is not an .npz archive of numeric arrays (numpy: {_first_sentence(err)}): {fix}"
+        ) from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array (an .npy file), not an .npz archive of arrays x and y: {fix}")
+    with archive:
+        missing = {"x", "y"} - set(archive.files)
         if missing:
-            raise ValueError(f"{path}: no array {', '.join(sorted(missing))} (arrays: {', '.join(arrays.files)})")
-        return torch.from_numpy(arrays["x"].copy()), torch.from_numpy(arrays["y"].copy())
+            raise ValueError(f"{path}: no array {', '.join(sorted(missing))} (arrays: {', '.join(archive.files)})")
+        try:
+            x, y = archive["x"], archive["y"]
+        except ValueError as err:  # object arrays need pickle, which a data file may not run
+            raise ValueError(f"{path}: x and y must be numeric arrays (numpy: {_first_sentence(err)}): {fix}") from err
+    return _tensor(x, path, "x"), _tensor(y, path, "y")
 
 
 def _check_file_shapes(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:

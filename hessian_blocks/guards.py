@@ -29,10 +29,20 @@ _TRAIN_MODE_SENSITIVE = (
 
 
 def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device``; a CUDA device on a machine without CUDA is refused, naming the fix."""
-    target = torch.device(device)
+    """``device`` as a ``torch.device``: "cpu", "cuda" or "cuda:N". Other strings, and a CUDA device this
+    machine does not have, are refused with a ValueError naming the fix."""
+    accepted = "use cpu, cuda or cuda:N (N: the GPU's index)"
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {str(device)!r}: {accepted}") from err
+    if target.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported here: {accepted}")
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use device 'cpu'")
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return target
 
 

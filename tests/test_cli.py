@@ -67,6 +67,9 @@ def test_spectrum_command_and_console_script(tmp_path):
     (["--model", "gpt2-nano", "--steps", "0"], "--steps must be >= 1"),
     (["--model", "gpt2-nano", "--set", "n_layers=2"], "n_layers"),
     (["--model", "gpt2-nano", "--device", "cuda:3"], "CUDA is not available"),
+    (["--model", "gpt2-nano", "--device", "tpu"], "unknown device 'tpu': use cpu, cuda or cuda:N"),
+    (["--model", "gpt2-nano", "--set", "n_layer=0"], "GPTConfig.n_layer must be a positive integer, got 0"),
+    (["--model", "gpt2-nano", "--data", "nosuch"], "'nosuch' is neither one of auto, digits, text, synthetic nor"),
     (["--model", "gpt2-nano", "--partition", "missing.json"], "does not exist"),
 ])
 def test_bad_input_exits_with_code_2_and_a_message(extra, message, tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydoc_data.topics import topics
 from sklearn.datasets import load_digits
 
-from hessian_blocks.data import DATA_SOURCES, make_batches
+from hessian_blocks.data import DATA_SOURCES, make_batches, samples_available
 from hessian_blocks.models import MODEL_NAMES, build_model
 
 BUNDLED_TEXT = "".join(topics[k] for k in sorted(topics)).encode("utf-8")
@@ -289,3 +289,72 @@ def test_samples_available_per_part(tmp_path):
     make_batches(spec, str(tmp_path / "corpus.txt"), batch_size=11, n_batches=1, split="train")
     with pytest.raises(ValueError, match="needed"):
         make_batches(spec, str(tmp_path / "corpus.txt"), batch_size=12, n_batches=1, split="train")
+
+
+# ---- unreadable, missing and mismatched data files
+
+
+def test_unreadable_data_files_name_the_file_and_the_fix(tmp_path):
+    junk = bytes(range(256)) * 2
+    (tmp_path / "junk.pt").write_bytes(junk)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "junk.npz").write_bytes(junk)
+    np.save(tmp_path / "single.npy", np.zeros((4, 64)))
+    (tmp_path / "single.npz").write_bytes((tmp_path / "single.npy").read_bytes())
+    np.savez(tmp_path / "objects.npz", x=np.array([{}, {}], dtype=object), y=np.zeros(2))
+    np.savez(tmp_path / "strings.npz", x=np.zeros((2, 64)), y=np.array(["a", "b"]))
+    torch.save({"x": "not numbers", "y": torch.zeros(2)}, tmp_path / "strings.pt")
+    cases = {
+        "junk.pt": "is not a file of tensors written by torch.save .*save \\{'x': inputs, 'y': targets\\} with torch.save",
+        "empty.pt": "is not a file of tensors written by torch.save \\(torch: EOFError\\)",
+        "junk.npz": "is not an .npz archive of numeric arrays .*numpy.savez\\(path, x=inputs, y=targets\\)",
+        "single.npz": "holds a single array .*numpy.savez",
+        "objects.npz": "x and y must be numeric arrays .*numpy.savez",
+        "strings.npz": "y is not numeric",
+        "strings.pt": "x is not numeric",
+    }
+    for name, message in cases.items():
+        path = str(tmp_path / name)
+        for call in (lambda: make_batches(mini_mlp(), path, batch_size=2, n_batches=1),
+                     lambda: samples_available(mini_mlp(), path)):
+            with pytest.raises(ValueError, match=message) as err:
+                call()
+            assert name in str(err.value)
+
+
+def test_a_missing_data_source_gets_the_projects_message_everywhere(tmp_path):
+    for call in (lambda source: make_batches(mini_mlp(), source), lambda source: samples_available(mini_mlp(), source)):
+        with pytest.raises(FileNotFoundError, match="'nosuch' is neither one of auto, digits, text, synthetic nor an "
+                                                    "existing file: pass one of those names or the path of a .pt"):
+            call("nosuch")
+    (tmp_path / "data.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match="expected .pt, .npz or .txt"):
+        samples_available(mini_mlp(), str(tmp_path / "data.csv"))
+
+
+def test_text_data_for_a_model_without_tokens_names_the_data_it_takes(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("some text " * 100)
+    image = build_model("vit-tiny")
+    for call in (lambda: samples_available(image, str(path)), lambda: make_batches(image, str(path))):
+        with pytest.raises(ValueError, match=r"corpus.txt is text data; model 'vit-tiny' has task 'image', which takes "
+                                             r"images: the data source digits \(= auto\), synthetic, or a .pt / .npz"):
+            call()
+    with pytest.raises(ValueError, match="which takes vectors: the data source synthetic"):
+        make_batches(mini_mlp(), str(path))
+    with pytest.raises(ValueError, match="digits is image data; model 'gpt2-nano' has task 'text', which takes text"):
+        make_batches(build_model("gpt2-nano"), "digits")
+
+
+def test_too_few_samples_names_the_options_that_ask_for_fewer(tmp_path):
+    torch.save({"x": torch.randn(20, 64), "y": torch.arange(20) % 10}, tmp_path / "data.pt")
+    (tmp_path / "corpus.txt").write_bytes(bytes(range(100)))
+    calls = [
+        lambda: make_batches(mini_mlp(), str(tmp_path / "data.pt"), batch_size=8, n_batches=16, split="validation"),
+        lambda: make_batches(build_model("gpt2-nano", context=8), str(tmp_path / "corpus.txt"), batch_size=8),
+        lambda: make_batches(mini_mlp(), "digits", batch_size=200, n_batches=1, split="validation"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"are needed.*: ask for fewer or smaller batches \(on the command line: "
+                                             r"--batch-size, with --batches .* or --val-batches for compare\)"):
+            call()

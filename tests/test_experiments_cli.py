@@ -78,3 +78,97 @@ def test_compare_with_a_partition_file_matches_the_default(tmp_path):
     default, from_file = (pd.read_csv(tmp_path / name / "runs.csv") for name in ("default", "file"))
     assert from_file["state_bytes"].tolist() == default["state_bytes"].tolist()
     assert from_file["train_loss"].tolist() == default["train_loss"].tolist()  # same blocks, same updates
+
+
+COMPARE = ["compare", "--size", "small", "--steps", "2", "--seeds", "1", "--optimizer", "adamw", "--no-progress"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "adamw=1e-3", "--lr", "adamw=3e-3"], "--lr given twice for adamw: list all its rates in one option"),
+    (["--lr", "adamw=1e-3,1e-3"], "--lr adamw=1e-3,1e-3: a rate is listed twice"),
+    (["--lr", "adamw=1e-3,0.001"], "a rate is listed twice"),
+    (["--lr", "adamw=nan"], "--lr expects NAME=LR[,LR...] with finite positive rates, got 'adamw=nan'"),
+    (["--lr", "adamw=inf"], "finite positive rates, got 'adamw=inf'"),
+    (["--lr", "adamw=0"], "finite positive rates, got 'adamw=0'"),
+    (["--weight-decay", "-1"], "--weight-decay must be finite and >= 0, got -1.0"),
+    (["--weight-decay", "nan"], "--weight-decay must be finite and >= 0, got nan"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--val-batches", "0"], "--val-batches must be >= 1, got 0"),
+    (["--device", "tpu"], "unknown device 'tpu': use cpu, cuda or cuda:N"),
+    (["--set", "n_layer=0"], "GPTConfig.n_layer must be a positive integer, got 0"),
+    (["--data", "nosuch"], "'nosuch' is neither one of auto, digits, text, synthetic nor an existing file"),
+    (["--partition", "derived"], "--partition derived: only adam_mini and galore_mini take a partition, and the "
+                                 "chosen optimizers (adamw) include neither; add --optimizer adam_mini or drop --partition"),
+])
+def test_compare_refuses_bad_options_with_the_fix(extra, message, tmp_path, capsys):
+    assert main([*COMPARE, *extra, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hessian-blocks compare: error:") and message in err, err
+    assert not (tmp_path / "results").exists()  # refused before any training
+
+
+def test_compare_refuses_a_partition_file_when_no_optimizer_takes_one(tmp_path, capsys):
+    (tmp_path / "part.json").write_text("{}")
+    assert main(["compare", "--optimizer", "sgd", "--partition", str(tmp_path / "part.json"), "--out", str(tmp_path)]) == 2
+    assert "only adam_mini and galore_mini take a partition" in capsys.readouterr().err
+
+
+def test_compare_help_states_the_weight_decay_of_each_optimizer(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "decoupled, as in AdamW, for adamw, adam_mini and galore_mini; L2 (added to the gradient) for sgd" in text
+    assert "at most once per optimizer" in text and "--batch-size" in text and "--val-batches" in text
+
+
+def test_compare_trains_on_a_small_file_with_fewer_validation_batches(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 45)  # 2025 bytes: 202 held out
+    argv = [*COMPARE, "--data", str(data), "--lr", "adamw=1e-2"]
+    assert main([*argv, "--out", str(tmp_path / "default")]) == 2  # 16 validation batches of 8 windows of 16
+    err = capsys.readouterr().err
+    assert "(validation part) has 202 bytes; 2049 are needed" in err and "--val-batches for compare" in err
+    assert main([*argv, "--batch-size", "2", "--val-batches", "3", "--out", str(tmp_path / "small")]) == 0
+    runs = pd.read_csv(tmp_path / "small" / "runs.csv")
+    assert len(runs) == 1 and runs["val_loss"].notna().all()
+
+
+def _interrupt_after_first_save(monkeypatch):
+    from analysis.experiments.store import ResultStore
+
+    save = ResultStore.save
+
+    def save_then_interrupt(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResultStore, "save", save_then_interrupt)
+
+
+def test_ctrl_c_in_compare_keeps_finished_units_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    argv = [*COMPARE, "--lr", "adamw=1e-2,3e-3", "--out", str(tmp_path)]
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_save(patch)
+        assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"hessian-blocks compare: interrupted; finished units are kept in {tmp_path / 'results'}; "
+        "rerun the same command to resume")
+    (unit,) = (tmp_path / "results").glob("*.json")
+    stamp = unit.stat().st_mtime_ns
+    assert main(argv) == 0  # resumed: the finished unit is read back, the other one trained
+    assert len(list((tmp_path / "results").glob("*.json"))) == 2 and unit.stat().st_mtime_ns == stamp
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 2
+
+
+def test_ctrl_c_in_figures_says_where_the_finished_units_are(tmp_path, capsys, monkeypatch):
+    import analysis.experiments.groups as groups
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(groups, "run_group", interrupted)
+    results = tmp_path / "results"
+    assert main(["figures", "--size", "small", "--only", "hessian", "--out", str(tmp_path / "figs"),
+                 "--results", str(results), "--no-progress"]) == 130
+    assert f"hessian-blocks figures: interrupted; finished units are kept in {results}; rerun the same command " \
+           "to resume" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """ResultStore: atomic files, resume with the same parameters, recompute when they change."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -136,6 +138,24 @@ def test_keys_sizes_and_atomic_write(tmp_path):
     path = atomic_write_text(tmp_path / "sub" / "f.txt", "hello")
     assert path.read_text() == "hello" and [p.name for p in path.parent.iterdir()] == ["f.txt"]
     assert ResultStore(None).run("k", {}, lambda: {"v": 1}) == {"v": 1}  # no folder: nothing kept
+
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_result_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        store = ResultStore(tmp_path / "results")
+        store.run("unit", {"a": 1}, lambda: {"v": 1})
+        store.run_file("spec", {"a": 1}, lambda: np.arange(3.0), save=lambda a, path: np.savez(path, a=a),
+                       load=np.load, suffix=".npz")
+        written = [atomic_write_text(tmp_path / "f.json", "{}"), tmp_path / "results" / "unit.json",
+                   tmp_path / "results" / "spec.json", tmp_path / "results" / "spec.npz"]
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~umask
+    assert [stat.S_IMODE(path.stat().st_mode) for path in written] == [0o666 & ~umask] * 4
 
 
 def test_every_experiment_has_every_size():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessian_blocks.guards import HessianSetupError
+from hessian_blocks.guards import HessianSetupError, check_device
 from hessian_blocks.hvp import BlockHessian
 from tests.oracles import dense_hessian
 
@@ -158,3 +158,16 @@ def test_a_shuffling_loader_is_frozen_to_one_order():
     assert sorted(int(t.shape[0]) for _, t in hessian.batches) == [2, 5, 5]
     dense = dense_hessian(model, F.cross_entropy, [(x, y)])
     torch.testing.assert_close(first, vectors @ dense.restrict(hessian.blocks, True).T, rtol=1e-10, atol=1e-12)
+
+
+def test_check_device_accepts_cpu_and_names_the_accepted_forms_otherwise():
+    assert check_device("cpu") == torch.device("cpu")
+    for device in ("tpu", "", "cuda:x", "mps", "meta"):
+        with pytest.raises(ValueError, match=r"use cpu, cuda or cuda:N"):
+            check_device(device)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=f"this machine has {torch.cuda.device_count()} CUDA device"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ValueError, match="CUDA is not available on this machine; use device 'cpu'"):
+            check_device("cuda:0")

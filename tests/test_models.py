@@ -1,5 +1,6 @@
 """The model zoo: registry, shapes, seeding, GPT causality, and exact second derivatives."""
 
+import dataclasses
 import math
 
 import pytest
@@ -181,6 +182,32 @@ def test_bad_names_and_overrides():
         build_model("mlp", activation="swish2")
     with pytest.raises(ValueError, match="exceeds the context"):
         build_model("gpt2-nano", context=4).model(torch.zeros(1, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_size_field_must_be_positive(name):
+    """Every integer field of every bundled config, and every entry of its tuple fields, is a size:
+    zero is refused with a message naming the config field (instead of a ZeroDivisionError or an empty model)."""
+    config = build_model(name, **TINY[name]).config
+    sizes = [f.name for f in dataclasses.fields(config) if type(getattr(config, f.name)) in (int, tuple)]
+    assert sizes
+    for field in sizes:
+        value = getattr(config, field)
+        if isinstance(value, tuple):
+            bad, kind = (*value[:-1], 0), "a tuple of positive integers"
+        else:
+            bad, kind = 0, "a positive integer"
+        with pytest.raises(ValueError, match=rf"{type(config).__name__}\.{field} must be {kind}, got "):
+            build_model(name, **{**TINY[name], field: bad})
+
+
+def test_size_fields_must_be_integers():
+    for value in ("two", True, 2.0, -1):
+        with pytest.raises(ValueError, match=f"GPTConfig.n_layer must be a positive integer, got {value!r}"):
+            build_model("gpt2-nano", n_layer=value)
+    with pytest.raises(ValueError, match="MLPConfig.hidden_sizes must be a tuple of positive integers, got 64"):
+        build_model("mlp", hidden_sizes=64)
+    assert build_model("mlp", hidden_sizes=[]).model(torch.zeros(2, 64)).shape == (2, 10)  # no hidden layer: linear
 
 
 # ---- user models

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_positive
 from .gpt import FeedForward, LayerNorm, SelfAttention, check_heads, init_normal, positions
 
 
@@ -25,6 +26,7 @@ class BERTConfig:
     bias: bool = True
 
     def __post_init__(self):
+        check_positive(self, "n_layer", "n_embd", "n_head", "vocab_size", "context")
         check_heads(self.n_embd, self.n_head)
 
 

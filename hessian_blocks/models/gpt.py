@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_positive
+
 
 @dataclass
 class GPTConfig:
@@ -28,6 +30,7 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers
 
     def __post_init__(self):
+        check_positive(self, "n_layer", "n_embd", "n_head", "vocab_size", "context")
         check_heads(self.n_embd, self.n_head)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .checks import check_positive
 from .gpt import FeedForward, LayerNorm
 from .vit import PatchEmbed, check_patches
 
@@ -28,6 +29,8 @@ class MixerConfig:
     channel_hidden: int = 256  # hidden width of the channel-mixing MLP
 
     def __post_init__(self):
+        check_positive(self, "image_size", "patch_size", "channels", "num_classes", "n_layer", "n_embd",
+                       "token_hidden", "channel_hidden")
         check_patches(self.image_size, self.patch_size)
 
 

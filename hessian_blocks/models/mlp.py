@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_positive
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu}
 
 
@@ -23,6 +25,7 @@ class MLPConfig:
     bias: bool = True
 
     def __post_init__(self):
+        check_positive(self, "in_features", "num_classes", sequences=("hidden_sizes",))
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_positive
+
 
 @dataclass
 class ResNetConfig:
@@ -24,8 +26,9 @@ class ResNetConfig:
     num_classes: int = 10
 
     def __post_init__(self):
-        if self.width < 1 or not self.layers or min(self.layers) < 1:
-            raise ValueError(f"width={self.width} and every entry of layers={self.layers} must be >= 1")
+        check_positive(self, "width", "channels", "image_size", "num_classes", sequences=("layers",))
+        if not self.layers:
+            raise ValueError("ResNetConfig.layers must name at least one stage, e.g. (2, 2, 2, 2)")
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .checks import check_positive
+
 CONVS_PER_STAGE = (2, 2, 3, 3, 3)
 VGG16_CLASSIFIER_FAN_IN = (512 * 7 * 7, 4096, 4096)  # VGG16's three linear layers at 224x224 inputs
 
@@ -32,7 +34,8 @@ class VGGConfig:
     num_classes: int = 10
 
     def __post_init__(self):
-        if len(self.widths) != len(CONVS_PER_STAGE) or min(self.widths) < 1:
+        check_positive(self, "fc_width", "channels", "image_size", "num_classes", sequences=("widths",))
+        if len(self.widths) != len(CONVS_PER_STAGE):
             raise ValueError(f"widths={self.widths} must be {len(CONVS_PER_STAGE)} positive channel counts")
         if self.image_size < 32 or self.image_size % 32 != 0:
             raise ValueError(f"image_size={self.image_size} must be a positive multiple of 32 (five 2x2 poolings)")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .checks import check_positive
 from .gpt import Block, LayerNorm, check_heads, init_normal
 
 
@@ -27,6 +28,7 @@ class ViTConfig:
     bias: bool = True
 
     def __post_init__(self):
+        check_positive(self, "image_size", "patch_size", "channels", "num_classes", "n_layer", "n_embd", "n_head")
         check_heads(self.n_embd, self.n_head)
         check_patches(self.image_size, self.patch_size)
 
