@@ -157,8 +157,6 @@ def run_compare(args: argparse.Namespace) -> int:
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
             changes[field] = tuple(range(value)) if field == "seeds" else value
-    if args.steps is not None:
-        changes["train_batches"] = args.steps  # a new batch every step, as the presets draw
     if args.partition != "default" and not set(PARTITIONED) & set(chosen):
         raise ValueError(f"--partition {args.partition}: only {' and '.join(PARTITIONED)} take a partition, and the "
                          f"chosen optimizers ({', '.join(chosen)}) include neither; add --optimizer adam_mini "

@@ -6,16 +6,22 @@ whole training list and on validation batches held out from the same source: the
 bundled text or of a data file, 10 % of the digits (``make_batches(split=...)``). Losses are
 measured in the mode the model trains in (``model.train()``: BatchNorm uses batch statistics; the
 bundled models have no dropout).
+Final losses are measured without dropout: the model is put in eval mode except its BatchNorm
+layers, which keep using batch statistics. The random number generator is seeded per run, so a model
+that draws random numbers while training (dropout) gives the same numbers whatever ran before it.
 A run records the loss at every step, the final train / validation loss, the optimizer-state bytes
-and the mean wall-clock seconds per step (after the first step, which includes warm-up).
+and the mean wall-clock seconds per step (after the first step, which includes warm-up; NaN when
+no later step ran).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +30,7 @@ import torch
 
 import optim
 from hessian_blocks import build_model, make_batches
-from hessian_blocks.data import samples_available
+from hessian_blocks.data import DATA_SOURCES, samples_available
 from hessian_blocks.guards import check_device
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
@@ -77,14 +83,67 @@ class TrainSetup:
 
     def fingerprint(self, seed: int) -> str:
         """:func:`.store.model_fingerprint` of the model :meth:`build` makes for ``seed`` (stored with
-        each run, so that a model built differently by a newer version is retrained, not read back)."""
-        return model_fingerprint(build_model(self.model, seed=seed, **self.overrides).model)
+        each run, so that a model built differently by a newer version is retrained, not read back).
+
+        The model is built twice: a factory whose initial state is not a function of the seed (it draws
+        from an unseeded generator) would give runs that no rerun reproduces, and is refused."""
+        first, second = (model_fingerprint(build_model(self.model, seed=seed, **self.overrides).model)
+                         for _ in range(2))
+        if first != second:
+            raise ValueError(f"{self.model}: two builds with seed {seed} have different initial parameters; "
+                             "initialise the model from torch's default generator only (build_model seeds it) "
+                             "or from a generator seeded inside the factory")
+        return first
+
+    def data_digest(self) -> str | None:
+        """SHA-256 (16 hex digits) of the data file's contents, or None for a bundled source: stored with
+        every run, so that a file changed in place is trained on again instead of read back."""
+        path = Path(self.data)
+        if self.data in ("auto", *DATA_SOURCES) or not path.is_file():
+            return None
+        return file_digest(path)
+
+
+def file_digest(path: str | Path) -> str:
+    """16 hex digits of the SHA-256 of a file's contents."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _mean_loss(spec, batches) -> float:
-    with torch.no_grad():
-        total = sum(float(spec.loss_fn(spec.model(x), y)) * len(x) for x, y in batches)
+    """Sample-weighted mean loss without dropout: eval mode, except BatchNorm keeps batch statistics."""
+    model = spec.model
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
+    try:
+        with torch.no_grad():
+            total = sum(float(spec.loss_fn(model(x), y)) * len(x) for x, y in batches)
+    finally:
+        model.train()
     return total / sum(len(x) for x, _ in batches)
+
+
+def _first_loss(spec, batch) -> None:
+    """Evaluate the loss of the first training batch before any step, so that a model that does not fit
+    its data, or data that give a non-finite loss, fails with a message instead of deep in training."""
+    x, y = batch
+    try:
+        with torch.no_grad():
+            loss = spec.loss_fn(spec.model(x), y)
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"the model fails on its first training batch (inputs {tuple(x.shape)} {x.dtype}, "
+                         f"targets {tuple(y.shape)} {y.dtype}): {err}. Check that the data source fits the "
+                         "model's input and that the labels fit its output (class indices in [0, classes))"
+                         ) from err
+    if loss.numel() != 1 or not math.isfinite(float(loss)):
+        raise ValueError(f"the loss of the first training batch is {loss.detach().cpu().numpy()} before any "
+                         "step: it must be one finite number; look for NaN or infinite values in the data "
+                         "and for a loss function that does not reduce to a scalar")
 
 
 def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, batches: list, steps: int, *,
@@ -124,12 +183,16 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     val = [(x.to(target), y.to(target)) for x, y in val]
     opt = make_optimizer(optimizer, spec.model, lr=lr, weight_decay=weight_decay, partition=partition)
     synchronize = torch.cuda.synchronize if target.type == "cuda" else None
-    losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize)
-    diverged = any(not math.isfinite(loss) for loss in losses)
-    finals = (math.nan, math.nan) if diverged else (_mean_loss(spec, train), _mean_loss(spec, val))
+    with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
+        torch.manual_seed(seed)  # dropout masks and other draws while training: the same in every rerun
+        _first_loss(spec, train[0])
+        losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize)
+        diverged = any(not math.isfinite(loss) for loss in losses)
+        finals = (math.nan, math.nan) if diverged else (_mean_loss(spec, train), _mean_loss(spec, val))
     return {"losses": losses, "train_loss": finals[0], "val_loss": finals[1],
             "state_bytes": optim.state_memory(opt).total_bytes,
-            "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1), "diverged": diverged}
+            "seconds_per_step": sum(times[1:]) / (len(times) - 1) if len(times) > 1 else math.nan,
+            "diverged": diverged}
 
 
 RUN_COLUMNS: tuple[str, ...] = ("train_loss", "val_loss", "state_bytes", "seconds_per_step", "diverged")
@@ -145,14 +208,15 @@ def train_grid(
     """Every (setup, optimizer, lr, seed) run of a grid through ``store``: (runs, records).
 
     ``setups`` maps a label (a model name, a level) to what to train; ``lrs`` maps each optimizer to
-    its learning rates. A run's stored parameters are its setup, optimizer, lr, seed, steps, device
-    and ``recorded(optimizer)``; its key is ``key(label, optimizer)`` plus their hash; it keeps the
-    fingerprint of its seeded model (one build per label and seed). ``options(optimizer)`` are extra
-    keyword arguments of :func:`train_run` (weight decay, partition). ``runs`` has one row per run:
-    model (the label), optimizer, lr, seed and :data:`RUN_COLUMNS`; ``records`` the stored records
-    (with the per-step losses) in the same order.
+    its learning rates. A run's stored parameters are its setup, optimizer, lr, seed, steps, device,
+    ``recorded(optimizer)`` and the data file's digest (for a file); its key is ``key(label,
+    optimizer)`` plus their hash; it keeps the fingerprint of its seeded model (one check per label and
+    seed). ``options(optimizer)`` are extra keyword arguments of :func:`train_run` (weight decay,
+    partition). ``runs`` has one row per run: model (the label), optimizer, lr, seed and
+    :data:`RUN_COLUMNS`; ``records`` the stored records (with the per-step losses) in the same order.
     """
     fingerprints = {(label, seed): setup.fingerprint(seed) for label, setup in setups.items() for seed in seeds}
+    data_digests = {label: setup.data_digest() for label, setup in setups.items()}
     units = [(label, opt, lr, seed) for label in setups for opt, grid in lrs.items() for lr in grid
              for seed in seeds]
     rows, records = [], []
@@ -160,6 +224,8 @@ def train_grid(
         setup = setups[label]
         params = {"setup": asdict(setup), "optimizer": opt, "lr": lr, "seed": seed, "steps": steps,
                   "device": device, **recorded(opt)}
+        if data_digests[label] is not None:
+            params["data_sha256"] = data_digests[label]
         record = store.run(params_key(key(label, opt), params), params,
                            lambda: train_run(setup, opt, lr, steps, seed=seed, device=device, **options(opt)),
                            fingerprint=fingerprints[label, seed])
@@ -170,12 +236,15 @@ def train_grid(
 
 
 def best_runs(runs: pd.DataFrame, by: str = "train_loss") -> pd.DataFrame:
-    """Per (model, optimizer): the lr with the lowest mean ``by`` over seeds (diverged runs count
-    as +inf). Columns: model, optimizer, lr, and the seed-means of the numeric columns."""
-    means = (runs.assign(**{by: runs[by].where(~runs["diverged"], np.inf)})
+    """Per (model, optimizer): the lr with the lowest mean ``by`` over seeds. A diverged run's losses
+    count as +inf, so an lr with a diverged seed has an infinite mean (it is chosen only when every lr
+    has one). Columns: model, optimizer, lr, the seed-means of train_loss, val_loss, state_bytes and
+    seconds_per_step, seeds (runs at that lr) and diverged (how many of them diverged)."""
+    losses = {column: runs[column].where(~runs["diverged"], np.inf) for column in ("train_loss", "val_loss")}
+    means = (runs.assign(**losses, seeds=1, diverged=runs["diverged"].astype(int))
              .groupby(["model", "optimizer", "lr"], sort=False)
-             .agg({c: "mean" for c in ("train_loss", "val_loss", "state_bytes", "seconds_per_step")})
+             .agg({"train_loss": "mean", "val_loss": "mean", "state_bytes": "mean", "seconds_per_step": "mean",
+                   "seeds": "sum", "diverged": "sum"})
              .reset_index())
-    means[by] = means[by].fillna(np.inf)
     best = means.sort_values(by, kind="stable").groupby(["model", "optimizer"], sort=False).head(1)
     return best.reset_index(drop=True)
