@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench figures clean
+.PHONY: install demo test bench figures figures-paper clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ bench: install
 
 figures: install
 	$(BIN)/hessian-blocks figures --out figures
+
+# the paper-size groups whose work units are committed (figures/paper/results): seconds, no recomputation
+figures-paper: install
+	$(BIN)/hessian-blocks figures --size paper --results figures/paper/results --out figures/paper \
+		--only spectra --only heterogeneity --only comparison
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -127,7 +127,7 @@ def plot_hessian_blocks(
         for start, stop in zip(corners, corners[1:]):
             ax.add_patch(Rectangle((start - 0.5, start - 0.5), stop - start, stop - start,
                                    fill=False, edgecolor=colour, linewidth=width))
-    ax.set_xlabel("coordinate (block layout)")
-    ax.set_ylabel("coordinate (block layout)")
+    ax.set_xlabel("coordinate (white squares: blocks" + (", red: tensors)" if len(major) else ")"))
+    ax.set_ylabel("coordinate")
     ax.set_title(title or f"Hessian ({n} coordinates, {len(boundaries) + 1} blocks)")
     return fig

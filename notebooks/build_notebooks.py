@@ -41,11 +41,11 @@ def show(group):
 
 NOTEBOOKS = {
     "01_optimizer_comparison": (
-        "Optimizer comparison: SGD-momentum vs AdamW vs Adam-mini",
+        "Optimizer comparison: SGD-momentum vs AdamW vs Adam-mini vs GaLore-mini",
         "The GPT-2-style model trained with each optimizer over a small learning-rate grid, same budget and "
         "offline data. The summary gives each optimizer at its best learning rate (lowest validation loss), "
         "its loss and optimizer-state memory relative to AdamW (the papers: Adam-mini matches AdamW with "
-        "about half the state).",
+        "about half the state; GaLore-mini, this project's low-rank variant, keeps about a fifth).",
         ["comparison"],
     ),
     "02_heterogeneity_vs_gap": (

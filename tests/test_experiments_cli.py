@@ -1,6 +1,7 @@
 """`hessian-blocks compare` and `hessian-blocks figures` end to end (small, few steps), with resume."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -172,3 +173,16 @@ def test_ctrl_c_in_figures_says_where_the_finished_units_are(tmp_path, capsys, m
                  "--results", str(results), "--no-progress"]) == 130
     assert f"hessian-blocks figures: interrupted; finished units are kept in {results}; rerun the same command " \
            "to resume" in capsys.readouterr().err
+
+
+def test_committed_figures_are_what_the_groups_wrote():
+    # figures/paper/results/figures.json is the manifest `figures --size paper` kept: every group, and
+    # exactly the PNGs committed in figures/paper/ and (the same names at medium size) in figures/
+    from analysis.experiments.groups import FIGURE_GROUPS
+
+    root = Path(__file__).resolve().parents[1] / "figures"
+    manifest = json.loads((root / "paper" / "results" / "figures.json").read_text())
+    assert manifest["size"] == "paper" and set(manifest["groups"]) == set(FIGURE_GROUPS)
+    listed = sorted(Path(path).name for paths in manifest["groups"].values() for path in paths)
+    assert listed == sorted(p.name for p in (root / "paper").glob("*.png"))
+    assert listed == sorted(p.name for p in root.glob("*.png"))

@@ -2,6 +2,7 @@
 papers' claim at small size (heterogeneous blocks: GD far behind Adam; homogeneous: comparable)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -66,22 +67,42 @@ def test_adam_mini_is_one_learning_rate_per_quadratic_block():
 def small_summary():
     config = QuadraticConfig.preset("small", gpt2_case=False)
     curves = quadratic_experiment(config, progress=False)
-    return summarize_quadratics(curves, config.target).set_index(["case", "optimizer"])["iterations_to_target"]
+    return summarize_quadratics(curves, config.target).set_index(["case", "optimizer"])
 
 
 def test_heterogeneous_blocks_gd_far_behind_adam(small_summary):
     # measured at small size: GD 1595 iterations, Adam 165, Adam-mini 172 (about 9-10x)
-    gd = small_summary[("heterogeneous", "gd")]
+    first = small_summary["iterations_to_target"]
+    gd = first[("heterogeneous", "gd")]
     for adam in ("adam", "adam-mini"):
-        assert np.isfinite(gd) and gd >= 5 * small_summary[("heterogeneous", adam)]
+        assert np.isfinite(gd) and gd >= 5 * first[("heterogeneous", adam)]
 
 
 def test_homogeneous_blocks_gd_comparable(small_summary):
-    # measured at small size: GD 1758, Adam 795 (2.2x), Adam-mini 509 (3.5x). Not "equal": with
+    # measured at small size: GD 1758, Adam 786 (2.2x), Adam-mini 509 (3.5x). Not "equal": with
     # constant lr Adam stalls (~1e-4) and GD overtakes it at deeper targets; the figure shows both.
-    het = small_summary[("heterogeneous", "gd")] / small_summary[("heterogeneous", "adam")]
-    hom = small_summary[("homogeneous", "gd")] / small_summary[("homogeneous", "adam")]
+    first = small_summary["iterations_to_target"]
+    het = first[("heterogeneous", "gd")] / first[("heterogeneous", "adam")]
+    hom = first[("homogeneous", "gd")] / first[("homogeneous", "adam")]
     assert hom <= 3.0 and hom < het / 2
+
+
+def test_constant_lr_adam_dips_below_the_target_long_before_it_stays_there(small_summary):
+    # Reported, not hidden: Adam's 165 iterations count its first dip below 1e-4 of the start's
+    # gradient norm; with a constant lr it oscillates back above and ends at 2e-3, while GD, once
+    # below, stays there (measured: GD 1595 / 1595, Adam at lr 0.1 165 / never).
+    gd, adam = small_summary.loc[("heterogeneous", "gd")], small_summary.loc[("heterogeneous", "adam")]
+    assert gd["iterations_to_stay"] == gd["iterations_to_target"]
+    assert adam["iterations_to_stay"] == np.inf and adam["final_rel_grad_norm"] > 1e-3
+
+
+def test_iterations_to_stay_is_the_first_index_of_the_last_run_below_the_target():
+    curves = pd.DataFrame({"case": "c", "optimizer": "o", "lr": 1.0, "iteration": np.arange(7),
+                           "rel_grad_norm": [1.0, 1e-5, 1e-3, 1e-5, 1e-6, np.nan, 1e-6]})
+    row = summarize_quadratics(curves, 1e-4).iloc[0]
+    assert row["iterations_to_target"] == 1 and row["iterations_to_stay"] == 6
+    ends_above = curves.assign(rel_grad_norm=[1.0, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5, 1e-3])
+    assert summarize_quadratics(ends_above, 1e-4).iloc[0]["iterations_to_stay"] == np.inf
 
 
 def test_block_quadratic_rejects_bad_eigenvalues():

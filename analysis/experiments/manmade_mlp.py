@@ -75,7 +75,10 @@ class ManmadeConfig:
     train_batches: int = 16
     val_batches: int = 4
     steps: int = 300
-    lrs: dict = field(default_factory=lambda: {"sgd": (0.01, 0.03, 0.1, 0.3, 1.0),
+    # SGD's stable lr falls like 1/level^2 (the last layer's Hessian block is scaled by level^2): the grid
+    # reaches down to 3e-6 so that its best lr lies inside it at every level up to 64
+    lrs: dict = field(default_factory=lambda: {"sgd": (3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1,
+                                                       0.3, 1.0),
                                                "adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)})
     seeds: tuple[int, ...] = (0,)
     device: str = "cpu"  # where the spectra are measured and the runs train ("cuda", "cuda:1", ...)
@@ -85,7 +88,8 @@ class ManmadeConfig:
         check_size(size)
         base = {
             "small": dict(levels=(1.0, 10.0), hidden=(16, 16), slq_steps=10, slq_probes=1, batch_size=16,
-                          train_batches=8, val_batches=2, steps=40, lrs={"sgd": (0.1,), "adamw": (1e-2,)}),
+                          train_batches=8, val_batches=2, steps=40,
+                          lrs={"sgd": (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3), "adamw": (3e-3, 1e-2, 3e-2, 0.1)}),
             "medium": dict(),
             "paper": dict(levels=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0), hidden=(128, 128, 128), slq_steps=100,
                           slq_probes=10, train_batches=40, steps=2000, seeds=(0, 1, 2)),
@@ -131,8 +135,9 @@ def plot_manmade(table: pd.DataFrame):
     for opt, label in (("sgd", "SGD-momentum"), ("adamw", "AdamW")):
         right.plot(table["level"], table[f"{opt}_loss"], marker="o", label=label)
     right.set_xscale("log")
+    right.set_yscale("log")
     right.set_xlabel("heterogeneity level")
-    right.set_ylabel("best final training loss")
+    right.set_ylabel("best final training loss (log scale)")
     right.legend(fontsize=8)
     fig.suptitle("Man-made MLP: block heterogeneity vs SGD and AdamW")
     return fig

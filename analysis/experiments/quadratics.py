@@ -238,12 +238,23 @@ def quadratic_experiment(
     return curves
 
 
+def _iterations_to_stay(rel: np.ndarray, target: float) -> float:
+    """The first index from which ``rel`` stays at or below ``target`` (NaN counts as above)."""
+    above = np.flatnonzero(~(rel <= target))
+    if not above.size:
+        return 0.0
+    return np.inf if above[-1] == rel.size - 1 else float(above[-1] + 1)
+
+
 def summarize_quadratics(curves: pd.DataFrame, target: float = 1e-4) -> pd.DataFrame:
     """Per (case, optimizer): the best lr and its iterations to ``rel_grad_norm <= target``.
 
     Best lr = fewest iterations to the target; among lrs that never reach it (iterations = inf),
     the lowest relative gradient norm at the end. Columns: case, optimizer, best_lr,
-    iterations_to_target (inf: not within the budget), final_rel_grad_norm, min_rel_grad_norm.
+    iterations_to_target (the first iteration at or below the target; inf: not within the budget),
+    iterations_to_stay (the first iteration from which the norm stays at or below the target to the
+    end of the run: constant-lr Adam oscillates, and can dip below a target long before it stays
+    there; inf: above it at the end), final_rel_grad_norm, min_rel_grad_norm.
     """
     rows = []
     for (case, opt, lr), run in curves.groupby(["case", "optimizer", "lr"], sort=False):
@@ -251,6 +262,7 @@ def summarize_quadratics(curves: pd.DataFrame, target: float = 1e-4) -> pd.DataF
         hit = np.flatnonzero(rel <= target)
         rows.append({"case": case, "optimizer": opt, "lr": lr,
                      "iterations_to_target": float(hit[0]) if hit.size else np.inf,
+                     "iterations_to_stay": _iterations_to_stay(rel, target),
                      "final_rel_grad_norm": float(rel[-1]), "min_rel_grad_norm": float(np.nanmin(rel))})
     table = pd.DataFrame(rows)
     table["_final"] = table["final_rel_grad_norm"].fillna(np.inf)
