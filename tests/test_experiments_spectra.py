@@ -24,7 +24,7 @@ def test_sampled_blocks_subset_and_figure(tmp_path):
     assert part.names == [spectrum.names[i] for i in chosen]
     fig = plot_sampled_densities({"vgg16": spectrum}, panels=4, rescale_rank=3)
     assert len(fig.axes) == 4 and fig.axes[0].get_yscale() == "log"
-    assert "3-th largest" in fig.axes[0].get_xlabel()
+    assert "3rd-largest" in fig.axes[0].get_xlabel()
     table = spectra_table({"vgg16": spectrum, "vgg16 again": part}).set_index("model")
     assert table["family"].tolist() == ["CNN", "other"] and table.loc["vgg16", "blocks"] == len(spectrum.names)
     assert table.loc["vgg16", "JS0"] == js0(js_matrix(spectrum.density().densities))

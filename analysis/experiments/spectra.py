@@ -24,6 +24,12 @@ __all__ = ["SpectraConfig", "measure_spectrum", "plot_sampled_densities", "sampl
            "spectra_table", "subset"]
 
 
+def _ordinal(k: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
 def measure_spectrum(
     model: str, overrides: dict | None = None, *, data: str = "auto", batch_size: int = 4, n_batches: int = 1,
     steps: int = 25, probes: int = 2, seed: int = 0, device: str = "cpu", store: ResultStore | None = None,
@@ -145,7 +151,7 @@ def plot_sampled_densities(spectra: dict[str, SpectrumResult], *, panels: int = 
                 lo, hi = density.grid[support[0]], density.grid[support[-1]]
                 ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
             ax.set_title(f"{model}: {sampled.names[i]}", fontsize=8)
-            ax.set_xlabel(f"eigenvalue / {rescale_rank}-th largest ({density.scales[i]:.2g})", fontsize=7)
+            ax.set_xlabel(f"eigenvalue / {_ordinal(rescale_rank)}-largest ({density.scales[i]:.2g})", fontsize=7)
             ax.set_ylabel("density (log)", fontsize=7)
             ax.tick_params(labelsize=7)
     fig.suptitle("Hessian block spectra at initialisation")
