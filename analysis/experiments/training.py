@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 import optim
 from hessian_blocks import build_model, make_batches
@@ -147,12 +149,14 @@ def _first_loss(spec, batch) -> None:
 
 
 def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, batches: list, steps: int, *,
-              synchronize: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
+              synchronize: Callable[[], None] | None = None,
+              on_step: Callable[[int], Any] | None = None) -> tuple[list[float], list[float]]:
     """Train ``model`` in place for ``steps`` steps on ``batches`` (cycled in order).
 
     Returns the loss before each step and each step's wall-clock seconds (measured after
     ``synchronize``, e.g. ``torch.cuda.synchronize``). A non-finite loss stops the run: the
-    remaining losses are NaN and no further step is timed.
+    remaining losses are NaN and no further step is timed. ``on_step(1)`` is called after every
+    step (e.g. a progress bar's ``update``).
     """
     losses, times = [math.nan] * steps, []
     for step in range(steps):
@@ -166,16 +170,19 @@ def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
             synchronize()
         times.append(time.perf_counter() - started)
         losses[step] = float(loss.detach())
+        if on_step is not None:
+            on_step(1)
         if not math.isfinite(losses[step]):
             break
     return losses, times
 
 
 def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed: int = 0,
-              weight_decay: float = 0.0, partition="default", device: str = "cpu") -> dict:
+              weight_decay: float = 0.0, partition="default", device: str = "cpu", progress: bool = False) -> dict:
     """Train ``steps`` steps on ``device``; return losses (per step), train_loss, val_loss,
     state_bytes, seconds_per_step and diverged (a non-finite loss stops the run; later losses NaN).
-    On CUDA the step time is measured after synchronising the device."""
+    On CUDA the step time is measured after synchronising the device. ``progress``: a bar over the
+    steps on stderr (a paper-size run takes minutes)."""
     target = check_device(device)
     spec, train, val = setup.build(seed)
     spec.model.to(target).train()
@@ -186,7 +193,10 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout masks and other draws while training: the same in every rerun
         _first_loss(spec, train[0])
-        losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize)
+        with tqdm(total=steps, desc=f"{optimizer} lr {lr:g} seed {seed}", unit="step", disable=not progress,
+                  file=sys.stderr, leave=False) as bar:
+            losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize,
+                                      on_step=bar.update)
         diverged = any(not math.isfinite(loss) for loss in losses)
         finals = (math.nan, math.nan) if diverged else (_mean_loss(spec, train), _mean_loss(spec, val))
     return {"losses": losses, "train_loss": finals[0], "val_loss": finals[1],
@@ -227,7 +237,8 @@ def train_grid(
         if data_digests[label] is not None:
             params["data_sha256"] = data_digests[label]
         record = store.run(params_key(key(label, opt), params), params,
-                           lambda: train_run(setup, opt, lr, steps, seed=seed, device=device, **options(opt)),
+                           lambda: train_run(setup, opt, lr, steps, seed=seed, device=device, progress=progress,
+                                             **options(opt)),
                            fingerprint=fingerprints[label, seed])
         rows.append({"model": label, "optimizer": opt, "lr": lr, "seed": seed,
                      **{column: record[column] for column in RUN_COLUMNS}})
