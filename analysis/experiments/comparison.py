@@ -131,9 +131,11 @@ def comparison_experiment(
         raise ValueError(f"unknown optimizer(s) {unknown}: choose from {', '.join(OPTIMIZERS)}")
     check_device(config.device)  # before a derived partition is measured
     store = ResultStore(out)
-    partition = _partition(config, store, progress) if set(PARTITIONED) & set(config.lrs) else None
+    partitioned = bool(set(PARTITIONED) & set(config.lrs))
+    partition = _partition(config, store, progress) if partitioned else None
     # a partition file changed in place retrains the runs that used it
-    partition_digest = file_digest(config.partition) if config.partition not in ("default", "derived") else None
+    partition_digest = (file_digest(config.partition)
+                        if partitioned and config.partition not in ("default", "derived") else None)
     runs, records = train_grid(
         store, {config.model: config.setup()}, config.lrs, config.seeds, config.steps,
         key=lambda model, opt: f"compare-{model}-{opt}", device=config.device,

@@ -3,12 +3,11 @@ loop every experiment, benchmark and training test shares.
 
 The model is trained on a fixed list of offline batches (cycled in order), and evaluated on the
 whole training list and on validation batches held out from the same source: the last 10 % of the
-bundled text or of a data file, 10 % of the digits (``make_batches(split=...)``). Losses are
-measured in the mode the model trains in (``model.train()``: BatchNorm uses batch statistics; the
-bundled models have no dropout).
-Final losses are measured without dropout: the model is put in eval mode except its BatchNorm
-layers, which keep using batch statistics. The random number generator is seeded per run, so a model
-that draws random numbers while training (dropout) gives the same numbers whatever ran before it.
+bundled text or of a data file, 10 % of the digits (``make_batches(split=...)``). Final losses are
+measured without dropout but with the normalisation the model trains with: eval mode, except that
+BatchNorm layers keep using batch statistics (for the bundled models, which have no dropout, this is
+exactly training mode). The random number generator is seeded per run, so a model that draws random
+numbers while training (dropout) gives the same numbers whatever ran before it.
 A run records the loss at every step, the final train / validation loss, the optimizer-state bytes
 and the mean wall-clock seconds per step (after the first step, which includes warm-up; NaN when
 no later step ran).
