@@ -11,7 +11,6 @@ optimizer-state bytes and seconds per step.
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hessian_blocks.guards import check_device
+from hessian_blocks.models.checks import check_positive
 
 from .store import ResultStore, check_size, model_fingerprint, params_key
 from .training import OPTIMIZERS, PARTITIONED, TrainSetup, best_runs, file_digest, train_grid
@@ -54,10 +54,7 @@ class ComparisonConfig:
     device: str = "cpu"  # where the runs train ("cuda", "cuda:1", ...)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "train_batches", "val_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"ComparisonConfig.{name} must be a positive integer, got {value!r}")
+        check_positive(self, "steps", "batch_size", "train_batches", "val_batches")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"ComparisonConfig.seeds must be distinct and at least one, got {self.seeds!r}")
         if not self.lrs:
