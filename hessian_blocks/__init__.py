@@ -11,7 +11,7 @@ The engine in a few names::
 """
 
 from .blocks import Block, Partition, Rule, sample_layers, select_blocks
-from .partitioner import derive_partition
+from .partitions import derive_partition
 from .data import DATA_SOURCES, make_batches
 from .guards import HessianSetupError
 from .hvp import STRATEGIES, BlockHessian

@@ -10,7 +10,7 @@ on a low-rank projection of matrix gradients) and a small factory.
 """
 
 from .adam_mini import AdamMini
-from .default_partition import default_partition, default_rules, register_attention
+from hessian_blocks.partitions.structural import default_partition, default_rules, register_attention
 from .factory import OPTIMIZERS, PARTITIONED, make
 from .galore_mini import GaLoreMini, Projection
 from .layout import BlockLayout

@@ -1,7 +1,7 @@
 """Adam-mini: Adam with one second-moment scalar per block of a partition (update rule: optim/update.py).
 
 The blocks come from a :class:`~hessian_blocks.blocks.Partition` (an object, a partition file, or
-``"default"``: the structural default of :mod:`optim.default_partition`). A rule of "elements" gives
+``"default"``: the structural default of :mod:`hessian_blocks.partitions.structural`). A rule of "elements" gives
 plain AdamW for that tensor.
 
 Three implementations, chosen like torch's AdamW: a plain per-parameter loop (``foreach=False``),
@@ -23,7 +23,7 @@ import torch.nn as nn
 from hessian_blocks.blocks import Partition, Rule
 
 from . import _fused
-from .default_partition import default_rules
+from hessian_blocks.partitions.structural import default_rules
 from .distributed import ShardedBlockLayout, block_layout, local_tensor, reduce_block_mean_squares
 from .layout import BlockLayout
 from .update import Batch, StepScalars, foreach_update, reference_update

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .default_partition import is_norm
+from hessian_blocks.partitions.structural import is_norm
 
 
 def param_groups_no_decay(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -19,8 +19,8 @@ from torch import nn
 from analysis.experiments.training import run_steps
 from hessian_blocks import Partition, Rule, build_model, make_batches
 from hessian_blocks.cli import main
-from hessian_blocks.coupling import TensorCoupling, load_couplings, measure_coupling, save_couplings, slice_coupling
-from hessian_blocks.partitioner import decide_rule, derive_decisions, derive_partition, group_axis, map_rules
+from hessian_blocks.partitions.coupling import TensorCoupling, load_couplings, measure_coupling, save_couplings, slice_coupling
+from hessian_blocks.partitions.measured import decide_rule, derive_decisions, derive_partition, group_axis, map_rules
 
 FAST = dict(dtype=torch.float32, strategy="vmap", probes=2, dense_max=256)
 
@@ -112,7 +112,7 @@ def test_planted_block_structure_is_recovered_exactly(method):
 
 @pytest.mark.parametrize("method", ["dense", "probes"])
 def test_measurement_in_chunks_gives_the_same_coupling(method, monkeypatch):
-    from hessian_blocks import coupling
+    from hessian_blocks.partitions import coupling
 
     model = Planted()
     batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
@@ -328,7 +328,7 @@ def _train(spec, partition, batches, optimizer_cls, steps: int = 60, lr: float =
 
 
 def test_cli_partition_keeps_and_reuses_couplings(tmp_path, capsys, monkeypatch):
-    import hessian_blocks.coupling as coupling_module
+    import hessian_blocks.partitions.coupling as coupling_module
 
     couplings = tmp_path / "couplings.npz"
     args = ["partition", "--model", "gpt2-nano", "--set", "n_layer=1", "--set", "n_embd=16", "--set", "n_head=2",

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hessian_blocks.partitioner import derive_decisions
+from hessian_blocks.partitions.measured import derive_decisions
 
 transformers = pytest.importorskip("transformers")
 

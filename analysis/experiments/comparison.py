@@ -3,7 +3,7 @@
 Every optimizer trains the same seeded model on the same offline batches for the same number of
 steps, over a small learning-rate grid and several seeds. Adam-mini's (and GaLore-mini's) partition is "default" (the
 optimizer's structural default: per head / per neuron / per token), "derived" (measured from the
-model's Hessian by ``hessian_blocks.partitioner.derive_partition``, once, on the seed-0 model) or a
+model's Hessian by ``hessian_blocks.partitions.measured.derive_partition``, once, on the seed-0 model) or a
 partition file. Recorded per run: the loss at every step, final train / validation loss,
 optimizer-state bytes and seconds per step.
 """
@@ -103,7 +103,7 @@ def _partition(config: ComparisonConfig, store: ResultStore, progress: bool):
     spec, train, _ = setup.build(seed=0)
     if config.partition != "derived":
         return Partition.load(Path(config.partition), spec.model)
-    from hessian_blocks.partitioner import derive_partition
+    from hessian_blocks.partitions.measured import derive_partition
 
     params = {"setup": asdict(setup)}
     digest = setup.data_digest()

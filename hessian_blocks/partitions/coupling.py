@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import Rule
-from .hvp import BlockHessian
+from ..blocks import Rule
+from ..hvp import BlockHessian
 
 METHODS = ("auto", "dense", "probes")
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]

@@ -1,6 +1,6 @@
 """Derive Adam-mini's partition from the measured Hessian structure, never from parameter names.
 
-For every parameter tensor, :mod:`hessian_blocks.coupling` measures the slice coupling
+For every parameter tensor, :mod:`hessian_blocks.partitions.coupling` measures the slice coupling
 C_ij = ||H_ij||_F^2 along each axis (H the within-tensor Hessian; i, j slices along the axis: rows,
 columns, tokens, ...). The decision looks only at these numbers and the tensor's shape. It works
 with the *relative coupling* K_ij = C_ij / sqrt(C_ii C_jj), the mass between two slices against
@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import Partition, Rule, trainable_shapes
+from ..blocks import Partition, Rule, trainable_shapes
 from .coupling import TensorCoupling, measure_coupling
 
 DEFAULT_THRESHOLD = 0.5
@@ -342,7 +342,7 @@ def derive_decisions(
 ) -> list[Decision]:
     """Measure every trainable tensor (or ``params=[...]``) and decide its split, with the evidence.
 
-    ``measure`` goes to :func:`~hessian_blocks.coupling.measure_coupling` (``params``, ``method``,
+    ``measure`` goes to :func:`~hessian_blocks.partitions.coupling.measure_coupling` (``params``, ``method``,
     ``probes``, ``dense_max``, ``seed``, ``dtype``, ``device``, ``strategy``, ``progress``).
     """
     check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
@@ -376,7 +376,7 @@ def derive_partition(
             (0.2: largest off-diagonal mass fraction of a near-diagonal Hessian), ``max_spread``
             (10: largest 90th/10th percentile ratio of the diagonal for which a near-diagonal
             Hessian is one block), and the
-            measurement options of :func:`~hessian_blocks.coupling.measure_coupling` (``method``,
+            measurement options of :func:`~hessian_blocks.partitions.coupling.measure_coupling` (``method``,
             ``probes`` = 4, ``dense_max`` = 1024, ``seed``, ``dtype``, ``device``, ``strategy``,
             ``progress``).
     """

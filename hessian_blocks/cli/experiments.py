@@ -1,6 +1,5 @@
-"""The ``hessian-blocks compare`` and ``hessian-blocks figures`` subcommands (argparse + runners).
+"""``hessian-blocks compare`` and ``hessian-blocks figures``: the experiments' commands.
 
-``hessian_blocks.cli.build_parser`` calls :func:`add_commands`; the runners return an exit code.
 Both commands keep every finished work unit under ``--results`` and resume from it; Ctrl-C ends them
 with one line saying so (exit code 130).
 """
@@ -15,24 +14,23 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .options import add_compute_options, add_model_options, add_output_options, parse_overrides
+
 __all__ = ["add_commands", "run_compare", "run_figures"]
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``compare`` and ``figures`` on the CLI's subparsers."""
-    from hessian_blocks.models import MODEL_NAMES
-
-    from .experiments.groups import FIGURE_GROUPS
-    from .experiments.store import SIZES
-    from .experiments.training import OPTIMIZERS, PARTITIONED
+    from analysis.experiments.groups import FIGURE_GROUPS
+    from analysis.experiments.store import SIZES
+    from analysis.experiments.training import OPTIMIZERS, PARTITIONED
 
     compare = commands.add_parser(
         "compare", help="train with SGD-momentum, AdamW, Adam-mini and GaLore-mini: loss curves, best lr, memory",
         description="Train one model with each optimizer over a small learning-rate grid and seeds, on "
         "offline data with the same budget; print the best-lr summary and write CSV + PNG files.",
     )
-    compare.add_argument("--model", default="gpt2-nano",
-                         help=f"bundled model ({', '.join(MODEL_NAMES)}) or 'package.module:factory' (default: gpt2-nano)")
+    add_model_options(compare, default="gpt2-nano", batches=False)
     compare.add_argument("--size", choices=SIZES, default="small",
                          help="preset for model size, budget and grids (default: small)")
     compare.add_argument("--optimizer", action="append", choices=OPTIMIZERS, metavar="NAME",
@@ -55,13 +53,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--weight-decay", type=float, default=0.0,
                          help="weight decay (finite, >= 0) on all but biases and norm weights: decoupled, as in AdamW, "
                               "for adamw, adam_mini and galore_mini; L2 (added to the gradient) for sgd (default: 0)")
-    compare.add_argument("--data", default="auto", help="data source as for `js` (default: auto)")
-    compare.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    compare.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                         help="override a model config field (on top of the size's)")
-    compare.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)")
+    add_compute_options(compare, products=False)
+    add_output_options(compare, Path("runs/compare"))
     compare.add_argument("--results", type=Path, help="work-unit folder for resuming (default: OUT/results)")
-    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     compare.set_defaults(run=run_compare)
 
     figures = commands.add_parser(
@@ -69,7 +63,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="Run the experiment groups at --size and write their figures as PNG into --out and "
         "their tables as CSV into --results (where finished work is kept, so a stopped run resumes).",
     )
-    figures.add_argument("--out", type=Path, default=Path("figures"), help="folder of the PNG files (default: figures)")
     figures.add_argument("--size", choices=SIZES, default="medium",
                          help="small (seconds), medium (the committed figures, CPU), paper (GPU / long) (default: medium)")
     figures.add_argument("--only", action="append", choices=tuple(FIGURE_GROUPS), metavar="GROUP",
@@ -79,7 +72,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          help="cpu, cuda, cuda:1, ...: where spectra, Hessian maps and training runs compute; "
                          "finished spectra and maps resume on any device, training runs are kept per device "
                          "(default: cpu)")
-    figures.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_options(figures, Path("figures"), what="folder of the PNG files")
     figures.set_defaults(run=run_figures)
 
 
@@ -129,14 +122,14 @@ def _lr_grids(pairs: list[str]) -> dict[str, tuple[float, ...]]:
 @_resumable(lambda args: args.out / "results")
 def run_compare(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
-    from hessian_blocks.cli import _overrides
-    from hessian_blocks.guards import check_device
 
-    from .experiments.comparison import (
+    from ..guards import check_device
+
+    from analysis.experiments.comparison import (
         ComparisonConfig, comparison_experiment, comparison_summary, plot_loss_curves, plot_lr_sweep,
         plot_state_memory,
     )
-    from .experiments.training import PARTITIONED
+    from analysis.experiments.training import PARTITIONED
 
     check_device(args.device)
     preset = ComparisonConfig.preset(args.size, model=args.model)
@@ -148,7 +141,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise ValueError(f"--weight-decay must be finite and >= 0, got {args.weight_decay}")
     changes = {"lrs": {opt: grids.get(opt, preset.lrs[opt]) for opt in chosen},
-               "overrides": {**preset.overrides, **_overrides(args.set)}, "data": args.data,
+               "overrides": {**preset.overrides, **parse_overrides(args.set)}, "data": args.data,
                "partition": args.partition, "weight_decay": args.weight_decay, "device": args.device}
     for flag, field, value in (("--steps", "steps", args.steps), ("--seeds", "seeds", args.seeds),
                                ("--batch-size", "batch_size", args.batch_size),
@@ -183,10 +176,10 @@ def run_compare(args: argparse.Namespace) -> int:
 @_resumable(lambda args: Path(f"runs/figures-{args.size}"))
 def run_figures(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
-    from hessian_blocks.guards import check_device
+    from ..guards import check_device
 
-    from .experiments.groups import FIGURE_GROUPS, run_group
-    from .experiments.store import atomic_write_text
+    from analysis.experiments.groups import FIGURE_GROUPS, run_group
+    from analysis.experiments.store import atomic_write_text
 
     check_device(args.device)
     args.results.mkdir(parents=True, exist_ok=True)

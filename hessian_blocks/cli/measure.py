@@ -1,0 +1,216 @@
+"""``hessian-blocks spectrum`` and ``hessian-blocks js``: block spectra by SLQ, and the Jensen-Shannon
+distances between them."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..blocks import Partition, sample_layers, select_blocks
+from ..distributed import (
+    DataParallelBlockHessian, device_for_rank, get_world_size, is_main_process, process_group_from_env, shard_batches,
+    split_block_spectra,
+)
+from ..guards import check_device
+from ..hvp import BlockHessian
+from ..results import SpectrumResult
+from ..slq import block_spectra, total_steps
+from .options import add_compute_options, add_model_options, add_output_options, folder_name, parse_overrides, torch_dtype
+
+__all__ = ["add_commands", "measure_model", "run_js", "run_spectrum"]
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Register ``spectrum`` and ``js``."""
+    measure = argparse.ArgumentParser(add_help=False)
+    add_model_options(measure, repeatable=True)
+    group = measure.add_argument_group("blocks")
+    group.add_argument("--partition", type=Path, help="partition JSON file (default: one block per parameter tensor)")
+    group.add_argument("--blocks", action="append", default=[], metavar="GLOB",
+                       help="keep blocks whose block or parameter name matches GLOB (repeatable)")
+    group.add_argument("--sample-layers", type=int, metavar="N",
+                       help="keep the matrix blocks of N evenly spaced layers plus embeddings/head (the papers' sample)")
+    group = measure.add_argument_group("SLQ")
+    group.add_argument("--steps", type=int, default=100, help="Lanczos steps per block and probe (default: 100)")
+    group.add_argument("--probes", type=int, default=10, help="random probe vectors per block (default: 10)")
+    group.add_argument("--probe-kind", choices=("rademacher", "gaussian"), default="rademacher")
+    group.add_argument("--reorthogonalize", action="store_true", help="full reorthogonalisation (default: plain recurrence, as the papers)")
+    group.add_argument("--full-model", action="store_true", help="also estimate the full-model spectrum")
+    group.add_argument("--seed", type=int, default=0, help="seed for the model init, the data and the probes (default: 0)")
+    group = add_compute_options(measure)
+    group.add_argument("--split-blocks", action="store_true",
+                       help="under torchrun: give each process a share of the blocks and all the data "
+                            "(default: a share of the batches and all the blocks)")
+    add_output_options(measure, Path("runs/latest"))
+
+    density = argparse.ArgumentParser(add_help=False)
+    group = density.add_argument_group("density")
+    group.add_argument("--sigma2", type=float, default=1e-5, help="Gaussian broadening variance on the eigenvalue axis (default: 1e-5)")
+    group.add_argument("--grid-points", type=int, default=None,
+                       help="points of the common density grid (default: 50000, more where the eigenvalues span a range "
+                            "so wide that the Gaussians would fall between grid points)")
+
+    spectrum = commands.add_parser(
+        "spectrum", parents=[measure, density], help="per-block spectral densities (SLQ)",
+        description="Estimate the Hessian spectral density of every block with SLQ and save it.",
+    )
+    spectrum.set_defaults(run=run_spectrum)
+
+    js = commands.add_parser(
+        "js", parents=[measure, density], help="Jensen-Shannon distances between block spectra (JS0)",
+        description="Block spectra, their pairwise Jensen-Shannon distances and JS0 (mean over pairs). "
+        "With several --model options, a JS0 table compares the models.",
+    )
+    js.add_argument("--from-results", type=Path, action="append", default=[], metavar="NPZ",
+                    help="reuse a saved spectrum.npz instead of measuring (repeatable)")
+    js.set_defaults(run=run_js)
+
+
+def _torchrun_aware(run):
+    """Under torchrun every process measures (its share of the work); only rank 0 reports and writes files.
+    ``--device`` is checked first, before a process group is set up on it."""
+
+    @functools.wraps(run)
+    def run_on_every_rank(args: argparse.Namespace) -> int:
+        check_device(args.device)
+        with process_group_from_env(args.device):
+            if is_main_process():
+                return run(args)
+            for name in args.model or []:
+                measure_model(name, args)
+            return 0
+
+    return run_on_every_rank
+
+
+@_torchrun_aware
+def run_spectrum(args: argparse.Namespace) -> int:
+    from analysis import block_table, format_table, plot_block_densities, save_figure
+
+    for label, spectrum, folder in _measured(args):
+        density = spectrum.density(sigma2=args.sigma2, n_points=args.grid_points)
+        table = block_table(spectrum)
+        table.to_csv(folder / "blocks.csv", index=False)
+        density.save(folder / "density.npz")
+        save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label), folder / "densities.png")
+        print(f"\n{label}: {len(spectrum.names)} blocks\n{format_table(table)}")
+        print(f"wrote {folder}/(spectrum.npz, density.npz, blocks.csv, densities.png)")
+    return 0
+
+
+@_torchrun_aware
+def run_js(args: argparse.Namespace) -> int:
+    from analysis import (
+        block_table, format_table, js0, js0_table, js_matrix, plot_block_densities, plot_js_heatmap, save_figure,
+    )
+
+    summary = {}
+    for label, spectrum, folder in _measured(args):
+        if len(spectrum.names) < 2:
+            raise ValueError(f"{label}: JS distances need at least two blocks, the selection has {len(spectrum.names)}")
+        density = spectrum.density(sigma2=args.sigma2, n_points=args.grid_points)
+        matrix = js_matrix(density.densities)
+        table = block_table(spectrum, matrix)
+        summary[label] = js0(matrix)
+        table.to_csv(folder / "blocks.csv", index=False)
+        _matrix_frame(matrix, spectrum.names).to_csv(folder / "js_matrix.csv")
+        density.save(folder / "density.npz")
+        save_figure(plot_js_heatmap(matrix, spectrum.names, title=f"{label}: JS distance between block spectra"),
+                    folder / "js_heatmap.png")
+        save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label), folder / "densities.png")
+        (folder / "summary.json").write_text(json.dumps({"model": label, "js0": summary[label], **spectrum.settings}, indent=1) + "\n")
+        print(f"\n{label}: {len(spectrum.names)} blocks, JS0 = {summary[label]:.4g}\n{format_table(table)}")
+        print(f"wrote {folder}/(spectrum.npz, density.npz, blocks.csv, js_matrix.csv, summary.json, js_heatmap.png, densities.png)")
+
+    order = sorted(summary, key=summary.get)
+    table = js0_table(summary, baseline=order[0] if len(summary) > 1 else None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "js0.csv", index=False)
+    print(f"\nJS0 (mean Jensen-Shannon distance between block spectra at initialisation)\n{format_table(table)}")
+    print(f"wrote {args.out / 'js0.csv'}")
+    return 0
+
+
+def _measured(args: argparse.Namespace):
+    """Yield (label, SpectrumResult, output folder) for every --from-results file and --model."""
+    for path in getattr(args, "from_results", []):
+        spectrum = SpectrumResult.load(path)
+        label = str(spectrum.settings.get("model", Path(path).stem))
+        folder = args.out / folder_name(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield label, spectrum, folder
+    if not args.model and not getattr(args, "from_results", []):
+        raise ValueError("give at least one --model (or --from-results for js)")
+    for name in args.model or []:
+        spectrum = measure_model(name, args)
+        folder = args.out / folder_name(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        spectrum.save(folder / "spectrum.npz")
+        yield name, spectrum, folder
+
+
+def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
+    """Build the model and data named on the command line and run SLQ on the selected blocks.
+
+    Under torchrun each process takes its share of the batches (or, with ``--split-blocks``, of the
+    blocks); rank 0 gets the whole result, other ranks may get None.
+    """
+    from tqdm.auto import tqdm
+
+    from ..data import make_batches
+    from ..models import build_model
+
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--steps", args.steps),
+                        ("--probes", args.probes), ("--grid-points", args.grid_points)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.blocks and args.sample_layers:
+        raise ValueError("use either --blocks or --sample-layers, not both")
+    if args.split_blocks and args.full_model:
+        raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the batches)")
+    dtype, device, world_size = torch_dtype(args.dtype), device_for_rank(args.device), get_world_size()
+    spec = build_model(name, seed=args.seed, **parse_overrides(args.set))
+    batches = make_batches(spec, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
+    partition = Partition.load(args.partition, spec.model) if args.partition else Partition.per_tensor(spec.model)
+    blocks = partition.blocks
+    if args.blocks:
+        blocks = select_blocks(blocks, args.blocks)
+    elif args.sample_layers:
+        blocks = sample_layers(blocks, args.sample_layers)
+    settings = {"model": name, "overrides": args.set, "data": args.data, "batch_size": args.batch_size,
+                "partition": str(args.partition) if args.partition else "per-tensor", "processes": world_size}
+    slq = dict(steps=args.steps, probes=args.probes, probe_kind=args.probe_kind, seed=args.seed,
+               reorthogonalize=args.reorthogonalize, settings=settings)
+    hessian_options = dict(dtype=dtype, device=device, strategy=args.strategy)
+    started = time.perf_counter()
+    with tqdm(total=total_steps(args.steps, args.full_model), desc=f"{name}: SLQ on {len(blocks)} blocks",
+              unit="step", disable=args.no_progress or not is_main_process(), file=sys.stderr) as bar:
+        if args.split_blocks:
+            spectrum = split_block_spectra(spec.model, spec.loss_fn, batches, blocks, progress=bar.update, **slq, **hessian_options)
+        elif world_size > 1:
+            hessian = DataParallelBlockHessian(spec.model, spec.loss_fn, shard_batches(batches), blocks, **hessian_options)
+            spectrum = block_spectra(hessian, full_model=args.full_model, progress=bar.update, **slq)
+        else:
+            hessian = BlockHessian(spec.model, spec.loss_fn, batches, blocks, **hessian_options)
+            spectrum = block_spectra(hessian, full_model=args.full_model, progress=bar.update, **slq)
+    if spectrum is not None:
+        spectrum.settings["seconds"] = round(time.perf_counter() - started, 3)
+    return spectrum
+
+
+def _panel_selection(spectrum: SpectrumResult, limit: int = 16) -> list[int] | None:
+    """At most ``limit`` evenly spaced blocks for the density figure."""
+    count = len(spectrum.names)
+    if count <= limit:
+        return None
+    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
+
+
+def _matrix_frame(matrix, names):
+    import pandas as pd
+
+    return pd.DataFrame(matrix, index=names, columns=names)
