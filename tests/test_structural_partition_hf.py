@@ -288,7 +288,7 @@ def test_registered_layout_errors_are_clear():
         default_rules(nn.ModuleDict({"attn": Attention()}))
     assert default_rules(Attention(), n_heads=2)["qkv.weight"].runs == ((4, 4), (1, 8))
     register_attention(Attention, AttentionLayout({"missing": "q|k|v"}, heads="config.num_attention_heads"))
-    with pytest.raises(ValueError, match="projection 'missing' is a NoneType, not a Linear"):
+    with pytest.raises(ValueError, match=r"Attention \(the model itself\): its layout's 'missing' is a NoneType, not a Linear"):
         default_rules(Attention(), n_heads=2)
     with pytest.raises(ValueError, match="'q' must appear in exactly one projection"):
         AttentionLayout({"a": "k|v"}, heads="n")

@@ -152,7 +152,8 @@ def default_rules(model: nn.Module, n_heads: int | None = None) -> dict[str, Rul
     for path, module in model.named_modules():
         layout = _layout_of(module, layouts)
         if layout is not None:
-            for param, spec in _attention_specs(path or type(module).__name__, module, layout, n_heads):
+            where = f"'{path}' ({type(module).__name__})" if path else f"{type(module).__name__} (the model itself)"
+            for param, spec in _attention_specs(where, module, layout, n_heads):
                 specs[id(param)] = spec
         elif _looks_like_attention(module):
             unregistered.setdefault(type(module), []).append(path)
@@ -279,86 +280,113 @@ def _output_axis(holder: object) -> tuple[torch.Tensor, int]:
     raise ValueError(f"is a {type(holder).__name__}, not a Linear, Conv1d, HF Conv1D or a 2-D parameter")
 
 
-def _attention_specs(path: str, module: nn.Module, layout: AttentionLayout, n_heads: int | None) -> list[tuple[torch.Tensor, RuleSpec]]:
+@dataclass(frozen=True)
+class _Geometry:
+    """Head counts and widths of one attention module; ``group`` is the width of one q/k block."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    group: int
+
+    def segments(self, roles: tuple[str, ...], interleaved: bool) -> list[tuple[str, int]]:
+        """(role, width) of consecutive output features of a projection packed as ``roles``."""
+        if interleaved:  # per key/value head: its group of query heads, its key head, its value head
+            return [("q", self.heads // self.kv_heads * self.head_dim), ("k", self.head_dim), ("v", self.head_dim)] * self.kv_heads
+        return [(role, (self.heads if role == "q" else self.kv_heads) * self.head_dim) for role in roles]
+
+
+def _attention_specs(where: str, module: nn.Module, layout: AttentionLayout, n_heads: int | None) -> list[tuple[torch.Tensor, RuleSpec]]:
     """(parameter, rule spec) for the head-split weights of one attention module."""
     kind = type(module).__name__
-    where = f"attention module '{path}' ({kind})"
-
-    def fail(problem: str, fix: str) -> ValueError:
-        return ValueError(f"{where}: {problem}; {fix}")
-
     layout_fix = f"register the right layout with register_attention({kind}, AttentionLayout(...))"
-    projections = []
-    for attribute, packing in layout.projections.items():
-        holder = getattr(module, attribute, None)
-        try:
-            weight, axis = _output_axis(holder)
-        except ValueError as err:
-            raise fail(f"its layout's projection '{attribute}' {err}", layout_fix) from None
-        projections.append((attribute, weight, axis, *_parse_packing(packing)))
+    projections = {attribute: (*_projection(where, module, attribute, layout_fix), *_parse_packing(packing))
+                   for attribute, packing in layout.projections.items()}
+    geometry = _geometry(where, module, layout, projections, n_heads, layout_fix)
+    specs = []
+    for attribute, (weight, axis, roles, interleaved) in projections.items():
+        packing = layout.projections[attribute]
+        if roles == ("v",):
+            specs.append((weight, {"split": "groups", "axis": axis, "size": 1, "why": f"{kind} value: one block per output neuron"}))
+            continue
+        segments = geometry.segments(roles, interleaved)
+        needed = sum(width for _, width in segments)
+        if needed != weight.shape[axis]:
+            raise ValueError(
+                f"attention module {where}: its projection '{attribute}' has {weight.shape[axis]} outputs, but {packing!r} with "
+                f"{geometry.heads} query heads, {geometry.kv_heads} key/value heads of dimension {geometry.head_dim} needs {needed}; "
+                f"pass the right n_heads, or {layout_fix}"
+            )
+        runs = _head_runs(kind, segments, geometry.group)
+        split = {"size": runs[0][0]} if len(runs) == 1 else {"runs": tuple(runs)}
+        why = (f"{kind} {packing}: one block per head of {geometry.group} ({geometry.heads} query, {geometry.kv_heads} key/value heads)"
+               + (", one per row of v" if "v" in roles else ""))
+        specs.append((weight, {"split": "groups", "axis": axis, **split, "why": why}))
+    for attribute in layout.head_columns:
+        weight, _ = _projection(where, module, attribute, layout_fix)
+        if weight.ndim != 2 or weight.shape[1] != geometry.heads:
+            raise ValueError(f"attention module {where}: its head-column table '{attribute}' has shape {tuple(weight.shape)}, "
+                             f"not [n, {geometry.heads} heads]; {layout_fix}")
+        specs.append((weight, {"split": "groups", "axis": 1, "size": 1, "why": f"{kind} per-head table: one block per head (column)"}))
+    return specs
+
+
+def _projection(where: str, module: nn.Module, attribute: str, layout_fix: str) -> tuple[torch.Tensor, int]:
+    """(weight, output axis) of the projection held by ``module.<attribute>``."""
+    holder = getattr(module, attribute, None)
+    try:
+        return _output_axis(holder)
+    except ValueError as err:
+        raise ValueError(f"attention module {where}: its layout's '{attribute}' {err}; {layout_fix}") from None
+
+
+def _geometry(where: str, module: nn.Module, layout: AttentionLayout, projections: dict, n_heads: int | None, layout_fix: str) -> _Geometry:
+    """Head counts from the layout's attributes (the query count from ``n_heads`` where unreadable);
+    head_dim from its attribute or the query-carrying projection; the block width from ``n_heads``."""
+    kind = type(module).__name__
+
+    def fail(problem: str, fix: str = layout_fix) -> ValueError:
+        return ValueError(f"attention module {where}: {problem}; {fix}")
 
     heads = _read_count(module, layout.heads) or n_heads
     if heads is None:
         raise fail(f"cannot read its head count from '{layout.heads}'", f"pass n_heads=, or {layout_fix}")
     kv_heads = heads if layout.kv_heads is None else _read_count(module, layout.kv_heads)
     if kv_heads is None:
-        raise fail(f"cannot read its key/value head count from '{layout.kv_heads}'", layout_fix)
+        raise fail(f"cannot read its key/value head count from '{layout.kv_heads}'")
     if heads % kv_heads:
-        raise fail(f"{heads} query heads do not split into groups for {kv_heads} key/value heads", layout_fix)
-    units = {"q": heads, "k": kv_heads, "v": kv_heads}  # heads of each part
-    head_dim = None if layout.head_dim is None else _read_count(module, layout.head_dim)
-    if head_dim is None:
-        if layout.head_dim is not None:
-            raise fail(f"cannot read its head dimension from '{layout.head_dim}'", layout_fix)
-        _, weight, axis, roles, _ = next(p for p in projections if "q" in p[3])
-        extent = weight.shape[axis]
-        if extent % sum(units[r] for r in roles):
-            raise fail(f"{extent} outputs of {'|'.join(roles)} do not split into {heads} query / {kv_heads} key-value heads", "pass the right n_heads")
-        head_dim = extent // sum(units[r] for r in roles)
-    group = head_dim  # the width of one block of q or k
+        raise fail(f"{heads} query heads do not split into groups for {kv_heads} key/value heads")
+    if layout.head_dim is not None:
+        head_dim = _read_count(module, layout.head_dim)
+        if head_dim is None:
+            raise fail(f"cannot read its head dimension from '{layout.head_dim}'")
+    else:  # the query-carrying projection's outputs, divided evenly among the heads it holds
+        weight, axis, roles, _ = next(p for p in projections.values() if "q" in p[2])
+        units = sum(heads if role == "q" else kv_heads for role in roles)
+        if weight.shape[axis] % units:
+            raise fail(f"{weight.shape[axis]} outputs of {'|'.join(roles)} do not split into {heads} query / {kv_heads} key-value heads",
+                       "pass the right n_heads")
+        head_dim = weight.shape[axis] // units
+    group = head_dim
     if n_heads is not None:
         if (heads * head_dim) % n_heads:
             raise ValueError(f"{kind}: {heads * head_dim} projection features do not split into {n_heads} heads; pass the right n_heads")
         group = heads * head_dim // n_heads
+    return _Geometry(heads, kv_heads, head_dim, group)
 
-    specs = []
-    for attribute, weight, axis, roles, interleaved in projections:
-        if roles == ("v",):
-            specs.append((weight, {"split": "groups", "axis": axis, "size": 1, "why": f"{kind} value: one block per output neuron"}))
-            continue
-        segments = [(role, units[role] * head_dim) for role in roles]
-        if interleaved:
-            per_group = [("q", heads // kv_heads * head_dim), ("k", head_dim), ("v", head_dim)]
-            segments = per_group * kv_heads
-        extent = weight.shape[axis]
-        if sum(width for _, width in segments) != extent:
-            raise fail(
-                f"its projection '{attribute}' has {extent} outputs, but {layout.projections[attribute]!r} with {heads} query heads, "
-                f"{kv_heads} key/value heads of dimension {head_dim} needs {sum(width for _, width in segments)}",
-                f"pass the right n_heads, or {layout_fix}",
-            )
-        runs: list[tuple[int, int]] = []
-        for role, width in segments:
-            if role != "v" and width % group:
-                raise ValueError(f"{kind}: {width} {role} projection features do not split into heads of {group}; pass the right n_heads")
-            size, count = (1, width) if role == "v" else (group, width // group)
-            if runs and runs[-1][0] == size:
-                runs[-1] = (size, runs[-1][1] + count)
-            else:
-                runs.append((size, count))
-        split = {"size": runs[0][0]} if len(runs) == 1 else {"runs": tuple(runs)}
-        why = f"{kind} {layout.projections[attribute]}: one block per head of {group} ({heads} query, {kv_heads} key/value heads)"
-        specs.append((weight, {"split": "groups", "axis": axis, **split, "why": why + (", one per row of v" if "v" in roles else "")}))
 
-    for attribute in layout.head_columns:
-        try:
-            weight, _ = _output_axis(getattr(module, attribute, None))
-        except ValueError as err:
-            raise fail(f"its layout's head-column table '{attribute}' {err}", layout_fix) from None
-        if weight.ndim != 2 or weight.shape[1] != heads:
-            raise fail(f"its head-column table '{attribute}' has shape {tuple(weight.shape)}, not [n, {heads} heads]", layout_fix)
-        specs.append((weight, {"split": "groups", "axis": 1, "size": 1, "why": f"{kind} per-head table: one block per head (column)"}))
-    return specs
+def _head_runs(kind: str, segments: list[tuple[str, int]], group: int) -> list[tuple[int, int]]:
+    """Run-length (size, count) groups: q and k segments in blocks of ``group``, v one per row."""
+    runs: list[tuple[int, int]] = []
+    for role, width in segments:
+        if role != "v" and width % group:
+            raise ValueError(f"{kind}: {width} {role} projection features do not split into heads of {group}; pass the right n_heads")
+        size, count = (1, width) if role == "v" else (group, width // group)
+        if runs and runs[-1][0] == size:
+            runs[-1] = (size, runs[-1][1] + count)
+        else:
+            runs.append((size, count))
+    return runs
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
@@ -376,7 +404,7 @@ def _looks_like_attention(module: nn.Module) -> bool:
 
 
 def _warn_unregistered(module_type: type, paths: list[str]) -> None:
-    where = f"'{paths[0]}'" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+    where = (f"'{paths[0]}'" if paths[0] else "the model itself") + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
     warnings.warn(
         f"{where} ({module_type.__name__}) looks like attention (it has a head count and projections), but no "
         f"AttentionLayout is registered for {module_type.__name__}: its query/key weights get one block per output row, "
