@@ -62,33 +62,39 @@ BERT_TABLE = {
 # name -> (config class, model class, config kwargs, hand-written partition by parameter-name suffix, attention types)
 ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", decoder_config(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM),
-              llama_style(HEAD_DIM), "LlamaAttention"),
+              llama_style(HEAD_DIM), ("LlamaAttention",)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", decoder_config(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM),
+              llama_style(HEAD_DIM) | {"q_norm.weight": WHOLE, "k_norm.weight": WHOLE}, ("Qwen3Attention",)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", decoder_config(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM),
+               llama_style(HEAD_DIM) | {"pre_feedforward_layernorm.weight": WHOLE, "post_feedforward_layernorm.weight": WHOLE},
+               ("Gemma2Attention",)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", decoder_config(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM),
-              llama_style(HEAD_DIM), "Qwen2Attention"),  # q/k/v carry biases
+              llama_style(HEAD_DIM), ("Qwen2Attention",)),  # q/k/v carry biases
     "mistral": ("MistralConfig", "MistralForCausalLM", decoder_config(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM),
-                llama_style(HEAD_DIM), "MistralAttention"),
+                llama_style(HEAD_DIM), ("MistralAttention",)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", decoder_config(num_key_value_heads=1, head_dim=HEAD_DIM),
-              llama_style(HEAD_DIM), "GemmaAttention"),  # multi-query attention, lm_head tied to the embedding
+              llama_style(HEAD_DIM), ("GemmaAttention",)),  # multi-query attention, lm_head tied to the embedding
     "phi3": ("Phi3Config", "Phi3ForCausalLM", decoder_config(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, pad_token_id=0),
              {"embed_tokens.weight": ROWS, "qkv_proj.weight": runs([(HEAD_DIM, HEADS + KV_HEADS), (1, KV_HEADS * HEAD_DIM)]),
               "o_proj.weight": ROWS, "gate_up_proj.weight": ROWS, "down_proj.weight": ROWS, "input_layernorm.weight": WHOLE,
               "post_attention_layernorm.weight": WHOLE, "norm.weight": WHOLE, "lm_head.weight": ROWS},
-             "Phi3Attention"),
+             ("Phi3Attention",)),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", decoder_config(),
                  {"embed_in.weight": ROWS, "query_key_value.weight": runs([(HIDDEN // HEADS, 2), (1, HIDDEN // HEADS)] * HEADS),
                   "dense.weight": ROWS, "dense_h_to_4h.weight": ROWS, "dense_4h_to_h.weight": ROWS,
                   "input_layernorm.weight": WHOLE, "post_attention_layernorm.weight": WHOLE, "final_layer_norm.weight": WHOLE,
                   "lm_head.weight": ROWS},
-                 "GPTNeoXAttention"),
-    "bert": ("BertConfig", "BertForMaskedLM", decoder_config(), BERT_TABLE, "BertSelfAttention"),
-    "roberta": ("RobertaConfig", "RobertaForMaskedLM", decoder_config(), BERT_TABLE, "RobertaSelfAttention"),
+                 ("GPTNeoXAttention",)),
+    "bert": ("BertConfig", "BertForMaskedLM", decoder_config(), BERT_TABLE, ("BertSelfAttention",)),
+    "roberta": ("RobertaConfig", "RobertaForCausalLM", decoder_config(is_decoder=True, add_cross_attention=True), BERT_TABLE,
+                ("RobertaSelfAttention", "RobertaCrossAttention")),
     "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM",
                    dict(dim=HIDDEN, hidden_dim=FFN, n_layers=1, n_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=16),
                    {"word_embeddings.weight": ROWS, "position_embeddings.weight": ROWS, "LayerNorm.weight": WHOLE,
                     "q_lin.weight": heads(HIDDEN // HEADS), "k_lin.weight": heads(HIDDEN // HEADS), "v_lin.weight": ROWS,
                     "out_lin.weight": ROWS, "lin1.weight": ROWS, "lin2.weight": ROWS, "vocab_transform.weight": ROWS,
                     "sa_layer_norm.weight": WHOLE, "output_layer_norm.weight": WHOLE, "vocab_layer_norm.weight": WHOLE},
-                   "DistilBertSelfAttention"),
+                   ("DistilBertSelfAttention",)),
     "t5": ("T5Config", "T5ForConditionalGeneration",
            dict(d_model=HIDDEN, d_ff=FFN, num_layers=1, num_decoder_layers=1, num_heads=HEADS, d_kv=HEAD_DIM, vocab_size=VOCAB,
                 relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0),
@@ -96,14 +102,28 @@ ARCHITECTURES = {
             "wi.weight": ROWS, "wo.weight": ROWS, "layer_norm.weight": WHOLE, "final_layer_norm.weight": WHOLE,
             # the papers are silent on T5's [buckets, heads] bias table: one block per head (see test below)
             "relative_attention_bias.weight": COLUMNS},
-           "T5Attention"),
+           ("T5Attention",)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
              dict(n_embd=HIDDEN, n_layer=1, n_head=HEADS, vocab_size=VOCAB, n_positions=16, add_cross_attention=True),
              {"wte.weight": ROWS, "wpe.weight": ROWS, "c_attn.weight": runs([(HIDDEN // HEADS, 2 * HEADS), (1, HIDDEN)], axis=1),
               "crossattention.c_attn.weight": runs([(HIDDEN // HEADS, HEADS), (1, HIDDEN)], axis=1),
               "q_attn.weight": heads(HIDDEN // HEADS, axis=1), "c_proj.weight": COLUMNS, "c_fc.weight": COLUMNS,
               "ln_1.weight": WHOLE, "ln_2.weight": WHOLE, "ln_cross_attn.weight": WHOLE, "ln_f.weight": WHOLE},
-             "GPT2Attention"),
+             ("GPT2Attention",)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=1, num_attention_heads=HEADS,
+                                                  vocab_size=VOCAB, max_position_embeddings=16, word_embed_proj_dim=HIDDEN),
+            {"embed_tokens.weight": ROWS, "embed_positions.weight": ROWS, "q_proj.weight": heads(HIDDEN // HEADS),
+             "k_proj.weight": heads(HIDDEN // HEADS), "v_proj.weight": ROWS, "out_proj.weight": ROWS, "fc1.weight": ROWS,
+             "fc2.weight": ROWS, "self_attn_layer_norm.weight": WHOLE, "final_layer_norm.weight": WHOLE},
+            ("OPTAttention",)),
+    "bart": ("BartConfig", "BartForConditionalGeneration",
+             dict(d_model=HIDDEN, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, encoder_layers=1, decoder_layers=1, encoder_attention_heads=HEADS,
+                  decoder_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=16),
+             {"shared.weight": ROWS, "embed_positions.weight": ROWS, "q_proj.weight": heads(HIDDEN // HEADS),
+              "k_proj.weight": heads(HIDDEN // HEADS), "v_proj.weight": ROWS, "out_proj.weight": ROWS, "fc1.weight": ROWS,
+              "fc2.weight": ROWS, "self_attn_layer_norm.weight": WHOLE, "encoder_attn_layer_norm.weight": WHOLE,
+              "final_layer_norm.weight": WHOLE, "layernorm_embedding.weight": WHOLE},
+             ("BartAttention",)),
 }
 
 
@@ -119,10 +139,10 @@ def inputs(arch, seed=0):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=gen)
     batch = {"input_ids": tokens, "labels": tokens}
-    if arch == "t5":
+    if arch in ("t5", "bart"):
         batch["decoder_input_ids"] = torch.randint(3, VOCAB, (BATCH, LENGTH - 2), generator=gen)
         batch["labels"] = batch["decoder_input_ids"]
-    if arch == "gpt2":
+    if arch in ("gpt2", "roberta"):
         batch["encoder_hidden_states"] = torch.randn(BATCH, LENGTH + 1, HIDDEN, generator=gen, dtype=torch.float64)
     return batch
 
@@ -176,15 +196,15 @@ def test_head_blocks_are_the_heads_of_the_forward_pass(arch):
     group of query heads, each value/output row none: the blocks sit on the model's true heads."""
     model, batch = build(arch), inputs(arch)
     rules = default_rules(model)
-    attention_type = ARCHITECTURES[arch][4]
+    attention_types = ARCHITECTURES[arch][4]
     probabilities = {}
     for path, module in model.named_modules():
-        if type(module).__name__ == attention_type:
+        if type(module).__name__ in attention_types:
             module.register_forward_hook(lambda m, args, out, path=path: probabilities.__setitem__(path, out[-1].detach()))
     with torch.no_grad():
         model(**batch)
     base = dict(probabilities)
-    assert base, f"no {attention_type} ran"
+    assert base, f"no {attention_types} ran"
     gen = torch.Generator().manual_seed(1)
     for path, module in model.named_modules():
         if path not in base:

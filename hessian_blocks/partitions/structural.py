@@ -18,16 +18,16 @@ Where the heads are is declared per attention module type by an :class:`Attentio
 child holds which projection, which attributes hold the head counts), kept in one registry filled
 by :func:`register_attention`. Built in: the bundled ``SelfAttention``, ``nn.MultiheadAttention``
 and, once transformers is imported by the caller (never from here), the attention modules of
-Llama, Qwen2, Mistral, Gemma, Phi-3, GPT-NeoX, BERT, RoBERTa, DistilBERT, T5 and GPT-2. A module
-of another type that looks like attention (it has a head-count attribute and two or more
-projections) keeps one block per output row, with one warning per type saying how to register it.
+Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma2, Phi-3, GPT-NeoX, BERT, RoBERTa, DistilBERT, T5, GPT-2,
+OPT and BART. A module of another type that looks like attention (it has a head-count attribute and
+two or more projections) keeps one block per output row, with one warning per type saying how to register it.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Union
 
 import torch
@@ -59,6 +59,8 @@ HF_NORM_TYPES: tuple[str, ...] = (
     "transformers.models.gemma.modeling_gemma.GemmaRMSNorm",  # scales by (1 + weight): still one block
     "transformers.models.phi3.modeling_phi3.Phi3RMSNorm",
     "transformers.models.t5.modeling_t5.T5LayerNorm",
+    "transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm",  # also Qwen3's per-head q_norm / k_norm
+    "transformers.models.gemma2.modeling_gemma2.Gemma2RMSNorm",
 )
 # Attributes that tell a module knows about heads (only used to warn about unregistered attention).
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "head_dim", "head_size")
@@ -425,7 +427,7 @@ def _separate(q: str, k: str, v: str, **geometry) -> AttentionLayout:
 _LLAMA_STYLE = _separate("q_proj", "k_proj", "v_proj", heads="config.num_attention_heads", kv_heads="config.num_key_value_heads", head_dim="head_dim")
 _BERT_STYLE = _separate("query", "key", "value", heads="num_attention_heads", head_dim="attention_head_size")
 _T5 = _separate("q", "k", "v", heads="n_heads", head_dim="key_value_proj_dim")
-_T5_WITH_BIAS = AttentionLayout(_T5.projections, heads="n_heads", head_dim="key_value_proj_dim", head_columns=("relative_attention_bias",))
+_T5_WITH_BIAS = replace(_T5, head_columns=("relative_attention_bias",))
 _GPT2 = AttentionLayout({"c_attn": "q|k|v"}, heads="num_heads", head_dim="head_dim")
 _GPT2_CROSS = AttentionLayout({"q_attn": "q", "c_attn": "k|v"}, heads="num_heads", head_dim="head_dim")
 _MHA_FUSED = AttentionLayout({"in_proj_weight": "q|k|v"}, heads="num_heads", head_dim="head_dim")
@@ -438,8 +440,12 @@ for _path in (
     "transformers.models.qwen2.modeling_qwen2.Qwen2Attention",
     "transformers.models.mistral.modeling_mistral.MistralAttention",
     "transformers.models.gemma.modeling_gemma.GemmaAttention",
+    "transformers.models.qwen3.modeling_qwen3.Qwen3Attention",
+    "transformers.models.gemma2.modeling_gemma2.Gemma2Attention",
 ):
     register_attention(_path, _LLAMA_STYLE)
+for _path in ("transformers.models.opt.modeling_opt.OPTAttention", "transformers.models.bart.modeling_bart.BartAttention"):
+    register_attention(_path, _separate("q_proj", "k_proj", "v_proj", heads="num_heads", head_dim="head_dim"))
 register_attention(
     "transformers.models.phi3.modeling_phi3.Phi3Attention",
     AttentionLayout({"qkv_proj": "q|k|v"}, heads="config.num_attention_heads", kv_heads="num_key_value_heads", head_dim="head_dim"),
