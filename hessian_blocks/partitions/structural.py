@@ -18,8 +18,8 @@ Where the heads are is declared per attention module type by an :class:`Attentio
 child holds which projection, which attributes hold the head counts), kept in one registry filled
 by :func:`register_attention`. Built in: the bundled ``SelfAttention``, ``nn.MultiheadAttention``
 and, once transformers is imported by the caller (never from here), the attention modules of
-Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma2, Phi-3, GPT-NeoX, BERT, RoBERTa, DistilBERT, T5, GPT-2,
-OPT and BART. A module of another type that looks like attention (it has a head-count attribute and
+Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma2, Phi-3, GPT-NeoX, BERT, RoBERTa, ELECTRA, DistilBERT,
+T5, GPT-2, OPT, BART, Whisper, ViT and CLIP. A module of another type that looks like attention (it has a head-count attribute and
 two or more projections) keeps one block per output row, with one warning per type saying how to register it.
 """
 
@@ -444,8 +444,17 @@ for _path in (
     "transformers.models.gemma2.modeling_gemma2.Gemma2Attention",
 ):
     register_attention(_path, _LLAMA_STYLE)
-for _path in ("transformers.models.opt.modeling_opt.OPTAttention", "transformers.models.bart.modeling_bart.BartAttention"):
+for _path in (
+    "transformers.models.opt.modeling_opt.OPTAttention",
+    "transformers.models.bart.modeling_bart.BartAttention",
+    "transformers.models.whisper.modeling_whisper.WhisperAttention",
+    "transformers.models.clip.modeling_clip.CLIPAttention",
+):
     register_attention(_path, _separate("q_proj", "k_proj", "v_proj", heads="num_heads", head_dim="head_dim"))
+register_attention(
+    "transformers.models.vit.modeling_vit.ViTAttention",
+    _separate("q_proj", "k_proj", "v_proj", heads="num_attention_heads", head_dim="head_dim"),
+)
 register_attention(
     "transformers.models.phi3.modeling_phi3.Phi3Attention",
     AttentionLayout({"qkv_proj": "q|k|v"}, heads="config.num_attention_heads", kv_heads="num_key_value_heads", head_dim="head_dim"),
@@ -459,6 +468,8 @@ for _path in (
     "transformers.models.bert.modeling_bert.BertCrossAttention",
     "transformers.models.roberta.modeling_roberta.RobertaSelfAttention",
     "transformers.models.roberta.modeling_roberta.RobertaCrossAttention",
+    "transformers.models.electra.modeling_electra.ElectraSelfAttention",
+    "transformers.models.electra.modeling_electra.ElectraCrossAttention",
 ):
     register_attention(_path, _BERT_STYLE)
 register_attention(
