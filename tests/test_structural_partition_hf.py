@@ -118,8 +118,8 @@ ARCHITECTURES = {
              "fc2.weight": ROWS, "self_attn_layer_norm.weight": WHOLE, "final_layer_norm.weight": WHOLE},
             ("OPTAttention",)),
     "bart": ("BartConfig", "BartForConditionalGeneration",
-             dict(d_model=HIDDEN, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, encoder_layers=1, decoder_layers=1, encoder_attention_heads=HEADS,
-                  decoder_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=16),
+             dict(d_model=HIDDEN, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, encoder_layers=1, decoder_layers=1,
+                  encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=16),
              {"shared.weight": ROWS, "embed_positions.weight": ROWS, "q_proj.weight": heads(HIDDEN // HEADS),
               "k_proj.weight": heads(HIDDEN // HEADS), "v_proj.weight": ROWS, "out_proj.weight": ROWS, "fc1.weight": ROWS,
               "fc2.weight": ROWS, "self_attn_layer_norm.weight": WHOLE, "encoder_attn_layer_norm.weight": WHOLE,
@@ -136,20 +136,22 @@ ARCHITECTURES = {
                  "encoder_attn_layer_norm.weight": WHOLE, "final_layer_norm.weight": WHOLE, "layer_norm.weight": WHOLE},
                 ("WhisperAttention",)),
     "vit": ("ViTConfig", "ViTForImageClassification",
-            dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=1, num_attention_heads=HEADS, image_size=IMAGE, patch_size=PATCH),
+            dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=1, num_attention_heads=HEADS, image_size=IMAGE,
+                 patch_size=PATCH),
             {"cls_token": WHOLE, "position_embeddings": WHOLE, "projection.weight": ROWS, "q_proj.weight": heads(HIDDEN // HEADS),
              "k_proj.weight": heads(HIDDEN // HEADS), "v_proj.weight": ROWS, "o_proj.weight": ROWS, "fc1.weight": ROWS, "fc2.weight": ROWS,
              "layernorm_before.weight": WHOLE, "layernorm_after.weight": WHOLE, "layernorm.weight": WHOLE, "classifier.weight": ROWS},
             ("ViTAttention",)),
     "clip": ("CLIPConfig", "CLIPModel",
-             dict(text_config=dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=1, num_attention_heads=HEADS, vocab_size=VOCAB,
-                                   max_position_embeddings=16),
+             dict(text_config=dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=1, num_attention_heads=HEADS,
+                                   vocab_size=VOCAB, max_position_embeddings=16),
                   vision_config=dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=1, num_attention_heads=HEADS,
                                      image_size=IMAGE, patch_size=PATCH), projection_dim=16),
              {"token_embedding.weight": ROWS, "position_embedding.weight": ROWS, "class_embedding": WHOLE, "patch_embedding.weight": ROWS,
-              "q_proj.weight": heads(HIDDEN // HEADS), "k_proj.weight": heads(HIDDEN // HEADS), "v_proj.weight": ROWS, "out_proj.weight": ROWS,
-              "fc1.weight": ROWS, "fc2.weight": ROWS, "layer_norm1.weight": WHOLE, "layer_norm2.weight": WHOLE, "final_layer_norm.weight": WHOLE,
-              "pre_layrnorm.weight": WHOLE, "post_layernorm.weight": WHOLE, "visual_projection.weight": ROWS, "text_projection.weight": ROWS,
+              "q_proj.weight": heads(HIDDEN // HEADS), "k_proj.weight": heads(HIDDEN // HEADS), "v_proj.weight": ROWS,
+              "out_proj.weight": ROWS, "fc1.weight": ROWS, "fc2.weight": ROWS, "layer_norm1.weight": WHOLE, "layer_norm2.weight": WHOLE,
+              "final_layer_norm.weight": WHOLE, "pre_layrnorm.weight": WHOLE, "post_layernorm.weight": WHOLE,
+              "visual_projection.weight": ROWS, "text_projection.weight": ROWS,
               "logit_scale": WHOLE},
              ("CLIPAttention",)),
     "electra": ("ElectraConfig", "ElectraForMaskedLM", decoder_config(embedding_size=16),
@@ -224,7 +226,7 @@ def test_training_with_the_default_equals_training_with_the_hand_written_partiti
             optimizer.zero_grad()
             model(**inputs(arch, seed=step)).loss.backward()
             optimizer.step()
-    for (name, a), b, before in zip(models[0].named_parameters(), models[1].parameters(), start):
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(a, b), name
     assert sum(not torch.equal(a, s) for a, s in zip(models[0].parameters(), start)) >= len(start) - 2  # it trained
 
@@ -343,7 +345,8 @@ def test_registered_layout_errors_are_clear():
             self.qkv = nn.Linear(8, 24)
 
     register_attention(Attention, AttentionLayout({"qkv": "q|k|v"}, heads="config.num_attention_heads"))
-    with pytest.raises(ValueError, match=r"'attn' \(Attention\): cannot read its head count from 'config.num_attention_heads'; pass n_heads="):
+    unreadable = r"'attn' \(Attention\): cannot read its head count from 'config.num_attention_heads'; pass n_heads="
+    with pytest.raises(ValueError, match=unreadable):
         default_rules(nn.ModuleDict({"attn": Attention()}))
     assert default_rules(Attention(), n_heads=2)["qkv.weight"].runs == ((4, 4), (1, 8))
     register_attention(Attention, AttentionLayout({"missing": "q|k|v"}, heads="config.num_attention_heads"))

@@ -19,8 +19,9 @@ child holds which projection, which attributes hold the head counts), kept in on
 by :func:`register_attention`. Built in: the bundled ``SelfAttention``, ``nn.MultiheadAttention``
 and, once transformers is imported by the caller (never from here), the attention modules of
 Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma2, Phi-3, GPT-NeoX, BERT, RoBERTa, ELECTRA, DistilBERT,
-T5, GPT-2, OPT, BART, Whisper, ViT and CLIP. A module of another type that looks like attention (it has a head-count attribute and
-two or more projections) keeps one block per output row, with one warning per type saying how to register it.
+T5, GPT-2, OPT, BART, Whisper, ViT and CLIP. A module of another type that looks like attention (it
+has a head-count attribute and two or more projections) keeps one block per output row, with one
+warning per type saying how to register it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Union
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -98,13 +99,15 @@ class AttentionLayout:
         roles = [role for packing in self.projections.values() for role in _parse_packing(packing)[0]]
         for role in ("q", "k"):
             if roles.count(role) != 1:
-                raise ValueError(f"AttentionLayout {self.projections}: '{role}' must appear in exactly one projection, found {roles.count(role)}")
+                raise ValueError(
+                    f"AttentionLayout {self.projections}: '{role}' must appear in exactly one projection, found {roles.count(role)}"
+                )
         if roles.count("v") > 1:
             raise ValueError(f"AttentionLayout {self.projections}: 'v' appears in more than one projection")
 
 
 # A layout, or a function choosing one for a module instance (e.g. self- vs cross-attention).
-LayoutChoice = Union[AttentionLayout, Callable[[nn.Module], AttentionLayout]]
+LayoutChoice = AttentionLayout | Callable[[nn.Module], AttentionLayout]
 
 # The one registry: module type (or its import path, resolved once the module is loaded) -> layout.
 _ATTENTION: dict[type[nn.Module] | str, LayoutChoice] = {}
@@ -243,7 +246,9 @@ def _layout_of(module: nn.Module, layouts: dict[type, LayoutChoice]) -> Attentio
         return choice
     layout = choice(module)
     if not isinstance(layout, AttentionLayout):
-        raise TypeError(f"the layout function registered for {type(module).__name__} returned {type(layout).__name__}, not an AttentionLayout")
+        raise TypeError(
+            f"the layout function registered for {type(module).__name__} returned {type(layout).__name__}, not an AttentionLayout"
+        )
     return layout
 
 
@@ -275,7 +280,7 @@ def _output_axis(holder: object) -> tuple[torch.Tensor, int]:
     conv1d = _hf_conv1d_type()
     if conv1d is not None and isinstance(holder, conv1d):
         return holder.weight, 1
-    if isinstance(holder, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)):
+    if isinstance(holder, (nn.Linear, nn.Embedding)) or (isinstance(holder, nn.modules.conv._ConvNd) and not holder.transposed):
         return holder.weight, 0
     if isinstance(holder, nn.Parameter) and holder.ndim >= 2:
         return holder, 0
@@ -424,7 +429,9 @@ def _separate(q: str, k: str, v: str, **geometry) -> AttentionLayout:
     return AttentionLayout({q: "q", k: "k", v: "v"}, **geometry)
 
 
-_LLAMA_STYLE = _separate("q_proj", "k_proj", "v_proj", heads="config.num_attention_heads", kv_heads="config.num_key_value_heads", head_dim="head_dim")
+_LLAMA_STYLE = _separate(
+    "q_proj", "k_proj", "v_proj", heads="config.num_attention_heads", kv_heads="config.num_key_value_heads", head_dim="head_dim"
+)
 _BERT_STYLE = _separate("query", "key", "value", heads="num_attention_heads", head_dim="attention_head_size")
 _T5 = _separate("q", "k", "v", heads="n_heads", head_dim="key_value_proj_dim")
 _T5_WITH_BIAS = replace(_T5, head_columns=("relative_attention_bias",))
