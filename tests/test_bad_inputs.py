@@ -122,3 +122,40 @@ def test_random_malformed_partition_files_raise_only_the_partition_error(tmp_pat
         assert str(path) in str(err)
     else:  # whatever loads is a real partition of the shapes it names
         assert sum(b.numel for b in partition.blocks) == sum(int(np.prod(s)) for s in partition.param_shapes.values())
+
+
+# ---------------------------------------------------------------- NaN in the data of a training comparison
+
+
+def _digits_with_nan(path, row: int) -> str:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.data[:400].astype(np.float32) / 16.0, digits.target[:400].astype(np.int64)
+    x[row, 3] = np.inf if row % 2 else np.nan
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+@pytest.mark.parametrize("row, where", [(40, "training batch 3 of 4, inputs, sample 8"),
+                                        (370, "validation batch 1 of 1, inputs, sample 10")])
+def test_nan_in_a_later_training_batch_or_in_validation_is_a_data_fault_not_a_divergence(tmp_path, row, where):
+    from analysis.experiments.training import TrainSetup, train_run
+    from hessian_blocks.guards import DataFaultError
+
+    data = _digits_with_nan(tmp_path / "d.npz", row)  # 400 samples: the last 40 are the validation part
+    setup = TrainSetup("tests.test_experiments_training:plain_net", {}, data, batch_size=16, train_batches=4,
+                       val_batches=1)
+    with pytest.raises(DataFaultError, match=f"NaN or infinite values: {data}: {where} .*fault of the data, not of"):
+        train_run(setup, "adamw", 1e-3, 6)
+
+
+def test_compare_with_nan_in_the_data_exits_2_naming_the_data_fault(tmp_path, capsys):
+    from hessian_blocks.cli import main
+
+    data = _digits_with_nan(tmp_path / "d.npz", 40)
+    assert main(["compare", "--model", "tests.test_experiments_training:plain_net", "--data", data, "--steps", "4",
+                 "--seeds", "1", "--batch-size", "16", "--val-batches", "1", "--optimizer", "adamw",
+                 "--lr", "adamw=1e-3", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hessian-blocks compare: error: the data hold NaN or infinite values") and "diverged" not in err

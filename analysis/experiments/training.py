@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import optim
 from hessian_blocks import build_model, make_batches
 from hessian_blocks.data import DATA_SOURCES, samples_available
-from hessian_blocks.guards import check_device
+from hessian_blocks.guards import check_device, check_finite_data, check_first_batch
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
 
@@ -69,7 +69,9 @@ class TrainSetup:
 
     def build(self, seed: int):
         """(ModelSpec, train batches, validation batches); the model is seeded, float32. The two are
-        drawn from disjoint parts of the data source (``make_batches(split=...)``). A source with
+        drawn from disjoint parts of the data source (``make_batches(split=...)``); NaN or infinite values
+        in either are a :class:`~hessian_blocks.guards.DataFaultError` (else a later training batch would
+        look like a diverging optimizer, a validation batch like a NaN loss). A source with
         fewer training samples than ``train_batches`` batches (the digits' training part holds 1617
         images) gives as many whole batches as it holds; a run cycles over them."""
         spec = build_model(self.model, seed=seed, **self.overrides)
@@ -80,6 +82,8 @@ class TrainSetup:
         train, val = (make_batches(spec, self.data, batch_size=self.batch_size, n_batches=count, seed=seed,
                                    split=split, validation_fraction=self.validation_fraction)
                       for split, count in (("train", train_batches), ("validation", self.val_batches)))
+        check_finite_data(train, f"{self.data}: training batch")
+        check_finite_data(val, f"{self.data}: validation batch")
         return spec, train, val
 
     def fingerprint(self, seed: int) -> str:
@@ -129,24 +133,6 @@ def _mean_loss(spec, batches) -> float:
     return total / sum(len(x) for x, _ in batches)
 
 
-def _first_loss(spec, batch) -> None:
-    """Evaluate the loss of the first training batch before any step, so that a model that does not fit
-    its data, or data that give a non-finite loss, fails with a message instead of deep in training."""
-    x, y = batch
-    try:
-        with torch.no_grad():
-            loss = spec.loss_fn(spec.model(x), y)
-    except (RuntimeError, IndexError, TypeError, ValueError) as err:
-        raise ValueError(f"the model fails on its first training batch (inputs {tuple(x.shape)} {x.dtype}, "
-                         f"targets {tuple(y.shape)} {y.dtype}): {err}. Check that the data source fits the "
-                         "model's input and that the labels fit its output (class indices in [0, classes))"
-                         ) from err
-    if loss.numel() != 1 or not math.isfinite(float(loss)):
-        raise ValueError(f"the loss of the first training batch is {loss.detach().cpu().numpy()} before any "
-                         "step: it must be one finite number; look for NaN or infinite values in the data "
-                         "and for a loss function that does not reduce to a scalar")
-
-
 def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, batches: list, steps: int, *,
               synchronize: Callable[[], None] | None = None,
               on_step: Callable[[int], Any] | None = None) -> tuple[list[float], list[float]]:
@@ -191,7 +177,7 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     synchronize = torch.cuda.synchronize if target.type == "cuda" else None
     with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout masks and other draws while training: the same in every rerun
-        _first_loss(spec, train[0])
+        check_first_batch(spec.model, spec.loss_fn, train[0], "first training batch")
         with tqdm(total=steps, desc=f"{optimizer} lr {lr:g} seed {seed}", unit="step", disable=not progress,
                   file=sys.stderr, leave=False) as bar:
             losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize,
