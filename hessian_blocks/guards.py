@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 __all__ = [
-    "DataFaultError", "HessianSetupError", "check_device", "check_eval_mode", "check_finite_data", "check_first_batch",
+    "DataFaultError", "HessianSetupError", "check_batches", "check_device", "check_eval_mode",
     "check_gradients", "check_same_loss", "explain_double_backward_failure", "train_mode_modules",
     "twice_differentiable_attention",
 ]
@@ -84,47 +84,63 @@ def check_eval_mode(model: nn.Module) -> None:
         )
 
 
-def check_finite_data(batches: Sequence[tuple[Any, Any]], what: str = "batch") -> None:
-    """Refuse batches whose inputs or targets hold NaN or infinite values, naming the batch and sample
-    (``what`` names the batches, e.g. "training batch"): such data make every loss and every
-    Hessian-vector product NaN, which would otherwise look like a diverging model."""
+def check_batches(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batches: Sequence[tuple[Any, Any]],
+                  what: str = "batch") -> None:
+    """Refuse batches that cannot give a meaningful loss, naming the batch (``what`` names the batches,
+    e.g. "training batch"), before any training step or Hessian-vector product:
+
+    * NaN or infinite inputs or targets: :class:`DataFaultError` (else every loss and product is NaN,
+      which looks like a diverging model);
+    * data that do not fit the model (input shapes, labels out of range, negative or fractional): the
+      model or the loss fails on the batch, a ValueError with the shapes and the fix;
+    * a loss that is not one finite number: ValueError.
+
+    The losses are evaluated without gradients in eval mode (no dropout draws, no BatchNorm buffer
+    updates); the model's mode is restored afterwards.
+    """
     for index, (inputs, targets) in enumerate(batches):
-        for part, value in (("inputs", inputs), ("targets", targets)):
-            for key, tensor in _tensors(value):
-                if tensor.is_floating_point() or tensor.is_complex():
-                    bad = ~torch.isfinite(tensor.reshape(len(tensor), -1) if tensor.dim() else tensor.reshape(1, 1))
-                    rows = torch.nonzero(bad.any(dim=1)).flatten()
-                    if rows.numel():
-                        field = f" '{key}'" if key else ""
-                        raise DataFaultError(
-                            f"the data hold NaN or infinite values: {what} {index + 1} of {len(batches)}, {part}{field}, "
-                            f"sample {int(rows[0])} (and {rows.numel() - 1} more in that batch). This is a fault of "
-                            "the data, not of the model or the optimizer: clean the data source (drop those samples "
-                            "or replace the values, e.g. numpy.nan_to_num) or use another one"
-                        )
-
-
-def check_first_batch(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batch: tuple[Any, Any],
-                      what: str = "first batch") -> torch.Tensor:
-    """The loss of ``batch`` (no gradient), so that data that do not fit the model (input shapes, labels
-    out of range, negative or fractional) fail here with a message instead of deep in a training step or
-    a Hessian-vector product; a loss that is not one finite number is refused too."""
-    inputs, targets = batch
+        _check_finite(inputs, targets, f"{what} {index + 1} of {len(batches)}")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    was_training = model.training
+    model.eval()
+    try:
+        for index, (inputs, targets) in enumerate(batches):
+            _check_loss(model, loss_fn, _cast_floating(inputs, dtype), targets, f"{what} {index + 1} of {len(batches)}")
+    finally:
+        model.train(was_training)
+
+
+def _check_finite(inputs: Any, targets: Any, where: str) -> None:
+    for part, value in (("inputs", inputs), ("targets", targets)):
+        for key, tensor in _tensors(value):
+            if tensor.is_floating_point() or tensor.is_complex():
+                bad = ~torch.isfinite(tensor.reshape(len(tensor), -1) if tensor.dim() else tensor.reshape(1, 1))
+                rows = torch.nonzero(bad.any(dim=1)).flatten()
+                if rows.numel():
+                    field = f" '{key}'" if key else ""
+                    raise DataFaultError(
+                        f"the data hold NaN or infinite values: {where}, {part}{field}, sample {int(rows[0])} (and "
+                        f"{rows.numel() - 1} more in that batch). This is a fault of the data, not of the model or "
+                        "the optimizer: clean the data source (drop those samples or replace the values, e.g. "
+                        "numpy.nan_to_num) or use another one"
+                    )
+
+
+def _check_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], inputs: Any, targets: Any,
+                where: str) -> None:
     try:
         with torch.no_grad():
-            loss = loss_fn(_call(model, _cast_floating(inputs, dtype)), targets)
+            loss = loss_fn(_call(model, inputs), targets)
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
-        raise ValueError(f"the model fails on its {what} (inputs {_describe(inputs)}, targets {_describe(targets)}): "
-                         f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}. Check that "
-                         "the data source fits the model's input and that the labels fit its output (integer class "
-                         "indices in [0, classes))") from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"the model fails on {where} (inputs {_describe(inputs)}, targets {_describe(targets)}): "
+                         f"{first_line}. Check that the data source fits the model's input and that the labels "
+                         "fit its output (integer class indices in [0, classes))") from err
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not math.isfinite(float(loss)):
         shown = loss.detach().cpu().numpy() if isinstance(loss, torch.Tensor) else repr(loss)
-        raise ValueError(f"the loss of the {what} is {shown} before any step: it must be one finite number; look "
-                         "for NaN or infinite values in the data and for a loss function that does not reduce to "
-                         "a scalar")
-    return loss
+        raise ValueError(f"the loss on {where} is {shown} at the initial parameters: it must be one finite number; "
+                         "look for a loss function that does not reduce to a scalar, or for an initialisation or "
+                         "targets (e.g. every label ignored) that make it NaN")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import optim
 from hessian_blocks import build_model, make_batches
 from hessian_blocks.data import DATA_SOURCES, samples_available
-from hessian_blocks.guards import check_device, check_finite_data, check_first_batch
+from hessian_blocks.guards import check_batches, check_device
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
 
@@ -69,9 +69,7 @@ class TrainSetup:
 
     def build(self, seed: int):
         """(ModelSpec, train batches, validation batches); the model is seeded, float32. The two are
-        drawn from disjoint parts of the data source (``make_batches(split=...)``); NaN or infinite values
-        in either are a :class:`~hessian_blocks.guards.DataFaultError` (else a later training batch would
-        look like a diverging optimizer, a validation batch like a NaN loss). A source with
+        drawn from disjoint parts of the data source (``make_batches(split=...)``). A source with
         fewer training samples than ``train_batches`` batches (the digits' training part holds 1617
         images) gives as many whole batches as it holds; a run cycles over them."""
         spec = build_model(self.model, seed=seed, **self.overrides)
@@ -82,8 +80,6 @@ class TrainSetup:
         train, val = (make_batches(spec, self.data, batch_size=self.batch_size, n_batches=count, seed=seed,
                                    split=split, validation_fraction=self.validation_fraction)
                       for split, count in (("train", train_batches), ("validation", self.val_batches)))
-        check_finite_data(train, f"{self.data}: training batch")
-        check_finite_data(val, f"{self.data}: validation batch")
         return spec, train, val
 
     def fingerprint(self, seed: int) -> str:
@@ -173,11 +169,14 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     spec.model.to(target).train()
     train = [(x.to(target), y.to(target)) for x, y in train]
     val = [(x.to(target), y.to(target)) for x, y in val]
+    # every batch is checked before any step: NaN in a later training batch would otherwise look like a
+    # diverging optimizer, in a validation batch like a NaN loss; labels that do not fit fail here, not mid-run
+    check_batches(spec.model, spec.loss_fn, train, f"{setup.data}: training batch")
+    check_batches(spec.model, spec.loss_fn, val, f"{setup.data}: validation batch")
     opt = make_optimizer(optimizer, spec.model, lr=lr, weight_decay=weight_decay, partition=partition)
     synchronize = torch.cuda.synchronize if target.type == "cuda" else None
     with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout masks and other draws while training: the same in every rerun
-        check_first_batch(spec.model, spec.loss_fn, train[0], "first training batch")
         with tqdm(total=steps, desc=f"{optimizer} lr {lr:g} seed {seed}", unit="step", disable=not progress,
                   file=sys.stderr, leave=False) as bar:
             losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize,
