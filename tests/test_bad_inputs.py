@@ -6,6 +6,7 @@ are checked against a dense Hessian or a closed form.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,227 @@ def test_compare_with_nan_in_the_data_exits_2_naming_the_data_fault(tmp_path, ca
                  "--lr", "adamw=1e-3", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hessian-blocks compare: error: the data hold NaN or infinite values") and "diverged" not in err
+
+
+# ---------------------------------------------------------------- the command line: spectra and JS
+
+from hessian_blocks.cli import main  # noqa: E402
+from hessian_blocks.lanczos import LanczosResult  # noqa: E402
+from hessian_blocks.results import BroadeningWarning, DensityResult, SpectrumResult  # noqa: E402
+
+FAST = ["--steps", "4", "--probes", "2", "--grid-points", "2000", "--sigma2", "1e-3", "--no-progress"]
+
+
+def tiny_classifier(hidden: int = 4, dropout: float = 0.0) -> nn.Module:
+    """A user model for ``--model tests.test_bad_inputs:tiny_classifier`` (5 features, 3 classes)."""
+    layers = [nn.Linear(5, hidden), nn.Tanh()] + ([nn.Dropout(dropout)] if dropout else []) + [nn.Linear(hidden, 3)]
+    return nn.Sequential(*layers)
+
+
+USER_MODEL = "tests.test_bad_inputs:tiny_classifier"
+
+
+def _synthetic_spectrum(model: str, centres=(1.0, 1.0, 3.0), spreads=(1e-6, 2e-6, 0.5)) -> SpectrumResult:
+    """Three blocks of 20 coordinates whose tridiagonals have eigenvalues about centre +- 2 spread."""
+    blocks, probes, steps = len(centres), 2, 4
+    alpha = np.broadcast_to(np.asarray(centres, float)[:, None, None], (blocks, probes, steps)).copy()
+    beta = np.broadcast_to(np.asarray(spreads, float)[:, None, None], (blocks, probes, steps)).copy()
+    beta[:, :, -1] = 0.0
+    return SpectrumResult(names=[f"w{i}" for i in range(blocks)], params=[f"w{i}" for i in range(blocks)],
+                          shapes=[(20,)] * blocks, sizes=[20] * blocks,
+                          lanczos=LanczosResult(alpha, beta, np.full((blocks, probes), steps)),
+                          settings={"model": model})
+
+
+def _labels_file(path, labels) -> str:
+    gen = np.random.default_rng(0)
+    np.savez(path, x=gen.normal(size=(len(labels), 5)), y=np.asarray(labels))
+    return str(path)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 1, 2, 1, 7, 0, 1, 2], "Target 7 is out of bounds"),
+    ([0, 1, 2, 1, 0, -1, 1, 2], "Target -1 is out of bounds"),
+    ([0.0, 1.0, 2.5, 1.0, 0.0, 1.0, 1.0, 2.0], "labels fit its output"),
+])
+def test_js_refuses_labels_out_of_range_negative_or_fractional_in_any_batch(tmp_path, capsys, labels, message):
+    data = _labels_file(tmp_path / "d.npz", labels)
+    assert main(["js", "--model", USER_MODEL, "--data", data, "--batches", "2", "--batch-size", "4", *FAST,
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hessian-blocks js: error: the model fails on") and message in err, err
+    assert "batch 2 of 2" in err or "batch 1 of 2" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_js_refuses_nan_in_a_later_batch_as_a_data_fault(tmp_path, capsys):
+    gen = np.random.default_rng(0)
+    x = gen.normal(size=(8, 5))
+    x[6, 2] = np.nan
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(8) % 3)
+    assert main(["js", "--model", USER_MODEL, "--data", str(tmp_path / "d.npz"), "--batches", "2", "--batch-size", "4",
+                 *FAST, "--out", str(tmp_path / "out")]) == 2
+    assert "NaN or infinite values: " in (err := capsys.readouterr().err) and "batch 2 of 2, inputs, sample 2" in err
+
+
+def test_js_from_damaged_or_foreign_npz_files_exits_2_naming_the_file(tmp_path, capsys):
+    good = _synthetic_spectrum("m").save(tmp_path / "good.npz")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x80\x04 not an archive at all")
+    foreign = tmp_path / "data.npz"
+    np.savez(foreign, x=np.ones(3), y=np.zeros(3))
+    density = DensityResult(np.linspace(0, 1, 5), np.ones((1, 5)), ["w"], 1e-3).save(tmp_path / "density.npz")
+    for path, message in ((truncated, "is a truncated or damaged .npz archive"), (garbage, "is not an .npz archive"),
+                          (foreign, "is an .npz archive of other arrays (x, y), not a hessian-blocks/spectrum file"),
+                          (density, "expected a 'hessian-blocks/spectrum' file, found format 'hessian-blocks/density'"),
+                          (tmp_path, "is a folder")):
+        assert main(["js", "--from-results", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"hessian-blocks js: error: '{path}'") and message in err, err
+        assert "allow_pickle" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command, out, message", [
+    ("js", "file", "is an existing file, not a folder"),
+    ("js", "file/sub", "is a file, so nothing can be written under it"),
+    ("spectrum", "file", "is an existing file, not a folder"),
+    ("compare", "file", "is an existing file, not a folder"),
+    ("figures", "file/sub", "is a file, so nothing can be written under it"),
+    ("partition", "folder", "is a folder: give the path of the file to write"),
+])
+def test_an_out_path_of_the_wrong_kind_exits_2_before_any_work(tmp_path, capsys, command, out, message):
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "folder").mkdir()
+    model = [] if command == "figures" else ["--model", "mlp"]
+    assert main([command, *model, "--out", str(tmp_path / out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hessian-blocks {command}: error: --out {tmp_path / out}") and message in err, err
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_empty_text_data_and_bad_set_values_on_a_user_factory_exit_2_with_the_fix(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["js", "--model", "gpt2-nano", "--data", str(tmp_path / "empty.txt"), *FAST, "--out", str(tmp_path)]) == 2
+    assert "has 0 bytes; 513 are needed" in capsys.readouterr().err
+    assert main(["js", "--model", USER_MODEL, "--set", "hidden=abc", *FAST, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the factory failed when called with the config overrides hidden='abc'" in err and "--set FIELD=VALUE" in err
+
+
+def test_summary_records_the_density_settings_so_two_summaries_explain_their_js0(tmp_path):
+    from analysis import js0, js_matrix
+
+    source = _synthetic_spectrum("m", spreads=(0.2, 0.05, 0.5)).save(tmp_path / "m.npz")
+    summaries = {}
+    for sigma2 in (1e-3, 1e-2):
+        out = tmp_path / f"s{sigma2}"
+        assert main(["js", "--from-results", str(source), "--sigma2", str(sigma2), "--grid-points", "3000",
+                     "--out", str(out)]) == 0
+        summaries[sigma2] = json.loads((out / "m" / "summary.json").read_text())
+        density = DensityResult.load(out / "m" / "density.npz")
+        assert summaries[sigma2]["js0"] == pytest.approx(js0(js_matrix(density.densities)), rel=1e-12)
+        assert SpectrumResult.load(out / "m" / "spectrum.npz") == SpectrumResult.load(source)  # a complete folder
+    for sigma2, summary in summaries.items():
+        assert summary["sigma2"] == sigma2 and summary["grid_points"] == 3000 and summary["rescale_rank"] is None
+        spectrum = SpectrumResult.load(source)
+        assert summary["grid_range"] == pytest.approx([spectrum.lambda_min().min() - 1, spectrum.lambda_max().max() + 1])
+    assert summaries[1e-3]["js0"] > summaries[1e-2]["js0"]  # the broader Gaussians overlap more
+
+
+def test_blocks_narrower_than_the_broadening_are_named_in_a_warning(tmp_path, capsys):
+    spectrum = _synthetic_spectrum("m")  # w0 and w1: width ~1e-5 about 1.0; w2: width ~2 about 3.0
+    with pytest.warns(BroadeningWarning) as caught:
+        density = spectrum.density(sigma2=1e-5, n_points=20000)
+    message = str(caught[0].message)
+    assert message.startswith("2 of 3 blocks have a whole spectrum narrower than the Gaussian broadening")
+    assert "'w0'" in message and "'w1'" in message and "'w2'" not in message and "rescale_rank=10" in message
+    from analysis import js_matrix
+
+    assert js_matrix(density.densities)[0, 1] < 0.05  # what the warning is about: two spectra, one Gaussian
+    widths = spectrum.lambda_max() - spectrum.lambda_min()
+    assert widths[0] < 2 * 2.5e-6 < widths[1]
+    with pytest.warns(BroadeningWarning, match="1 of 3 blocks .*: 'w0'"):  # a smaller sigma2 resolves w1, not w0
+        spectrum.density(sigma2=2.5e-6 ** 2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BroadeningWarning)
+        _synthetic_spectrum("m", spreads=(0.1, 0.2, 0.5)).density(sigma2=1e-5)  # every block wide enough: silent
+    path = spectrum.save(tmp_path / "m.npz")
+    assert main(["js", "--from-results", str(path), "--sigma2", "1e-5", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("hessian-blocks js: warning: 2 of 3 blocks") and err.count("\n") == 1
+
+
+def test_the_cli_says_when_it_measures_a_dropout_model_in_eval_mode(tmp_path, capsys):
+    data = _labels_file(tmp_path / "d.npz", [0, 1, 2, 0, 1, 2, 0, 1])
+    assert main(["js", "--model", USER_MODEL, "--set", "dropout=0.5", "--data", data, "--batch-size", "8", *FAST,
+                 "--out", str(tmp_path)]) == 0  # in train mode the guards would refuse the Dropout
+    err = capsys.readouterr().err
+    assert "note: tests.test_bad_inputs:tiny_classifier: measured in eval mode, so '2' (Dropout)" in err
+
+
+def test_ctrl_c_in_js_exits_130_leaving_complete_folders_or_a_marked_partial_one(tmp_path, capsys, monkeypatch):
+    import analysis
+
+    first, second = (_synthetic_spectrum(m, spreads=(0.2, 0.05, 0.5)).save(tmp_path / f"{m}.npz") for m in "ab")
+    out = tmp_path / "out"
+    (out / "b").mkdir(parents=True)
+    (out / "b" / "summary.json").write_text("{\"from\": \"an earlier run\"}")
+    real_save, calls = analysis.save_figure, []
+
+    def interrupted_on_the_third_figure(figure, path):
+        calls.append(path)
+        if len(calls) == 3:  # model b's first figure: a, with two figures, is complete
+            raise KeyboardInterrupt
+        return real_save(figure, path)
+
+    monkeypatch.setattr(analysis, "save_figure", interrupted_on_the_third_figure)
+    argv = ["js", "--from-results", str(first), "--from-results", str(second), "--grid-points", "2000",
+            "--sigma2", "1e-3", "--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().startswith("hessian-blocks js: interrupted; every model finished before it has all its files")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (out / "a").iterdir()) == ["blocks.csv", "densities.png", "density.npz",
+                                                            "js_heatmap.png", "js_matrix.csv", "spectrum.npz",
+                                                            "summary.json"]
+    assert (out / "b.partial").is_dir() and not (out / "b.partial" / "summary.json").exists()
+    assert json.loads((out / "b" / "summary.json").read_text()) == {"from": "an earlier run"}  # left as it was
+    assert not (out / "js0.csv").exists()
+    monkeypatch.setattr(analysis, "save_figure", real_save)
+    assert main(argv) == 0  # the same command again: complete folders, no partial one left
+    assert not (out / "b.partial").exists() and json.loads((out / "b" / "summary.json").read_text())["model"] == "b"
+
+
+def test_figures_keeps_its_work_units_under_out_unless_results_says_otherwise(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import analysis.experiments.groups as groups
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(groups, "run_group", lambda name, size, results, **_: seen.append(results) or
+                        SimpleNamespace(tables={}, figures={}))
+    assert main(["figures", "--size", "small", "--only", "hessian", "--out", "figs", "--no-progress"]) == 0
+    assert seen == [Path("figs") / "results"] and (tmp_path / "figs" / "results" / "figures.json").exists()
+    assert not (tmp_path / "runs").exists()
+    assert main(["figures", "--size", "small", "--only", "hessian", "--out", "figs", "--results", "elsewhere",
+                 "--no-progress"]) == 0
+    assert seen[-1] == Path("elsewhere")
+
+
+def test_a_malformed_partition_file_on_the_command_line_exits_2_naming_file_and_parameter(tmp_path, capsys):
+    model = tiny_classifier()
+    data = Partition.per_tensor(model).to_dict()
+    data["rules"][0] = {"param": "0.weight", "split": "groups", "axis": "0", "size": 1}
+    path = _file(tmp_path, data)
+    assert main(["js", "--model", USER_MODEL, "--partition", path, *FAST, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hessian-blocks js: error: {path}: rule for '0.weight': 'axis' must be an integer, got '0'")
+    (tmp_path / "list.json").write_text("[]")
+    assert main(["js", "--model", USER_MODEL, "--partition", str(tmp_path / "list.json"), *FAST,
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "list.json: a partition file holds one JSON object" in capsys.readouterr().err

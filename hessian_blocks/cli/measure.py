@@ -204,9 +204,9 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
     spec = build_model(name, seed=args.seed, **parse_overrides(args.set))
     if is_main_process():
         note_eval_mode(name, spec.model)
+    partition = Partition.load(args.partition, spec.model) if args.partition else Partition.per_tensor(spec.model)
     batches = make_batches(spec, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
     check_batches(spec.model, spec.loss_fn, batches, f"{name} on data {args.data}: batch")
-    partition = Partition.load(args.partition, spec.model) if args.partition else Partition.per_tensor(spec.model)
     blocks = partition.blocks
     if args.blocks:
         blocks = select_blocks(blocks, args.blocks)
