@@ -111,7 +111,7 @@ _partition = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=_partition | _json, with_model=st.booleans())
 def test_random_malformed_partition_files_raise_only_the_partition_error(tmp_path_factory, data, with_model):
     path = tmp_path_factory.mktemp("fuzz") / "p.json"
