@@ -384,3 +384,15 @@ def test_a_malformed_partition_file_on_the_command_line_exits_2_naming_file_and_
     assert main(["js", "--model", USER_MODEL, "--partition", str(tmp_path / "list.json"), *FAST,
                  "--out", str(tmp_path / "out")]) == 2
     assert "list.json: a partition file holds one JSON object" in capsys.readouterr().err
+
+
+def test_density_settings_that_fail_after_measuring_keep_the_measured_spectrum(tmp_path, capsys):
+    data = _labels_file(tmp_path / "d.npz", [0, 1, 2, 0, 1, 2, 0, 1])
+    out = tmp_path / "out"
+    assert main(["js", "--model", USER_MODEL, "--data", data, "--batch-size", "8", *FAST, "--rescale-rank", "50",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    kept = out / f"{USER_MODEL.replace(':', '_')}.partial" / "spectrum.npz"
+    assert "rescale_rank=50 needs blocks of at least 50 coordinates" in err and f"--from-results {kept}" in err
+    assert main(["js", "--from-results", str(kept), "--grid-points", "2000", "--sigma2", "1e-3",
+                 "--out", str(tmp_path / "again")]) == 0

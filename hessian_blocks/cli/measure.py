@@ -104,11 +104,11 @@ def _torchrun_aware(run):
 def run_spectrum(args: argparse.Namespace) -> int:
     from analysis import block_table, format_table, plot_block_densities, save_figure
 
-    for label, spectrum in _spectra(args):
-        density = _density(spectrum, args)
-        table = block_table(spectrum)
+    for label, spectrum, measured in _spectra(args):
         with staged_folder(args.out / folder_name(label)) as staged:
             spectrum.save(staged / "spectrum.npz")
+            density = _density(spectrum, args, staged / "spectrum.npz" if measured else None)
+            table = block_table(spectrum)
             table.to_csv(staged / "blocks.csv", index=False)
             density.save(staged / "density.npz")
             save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label), staged / "densities.png")
@@ -124,16 +124,16 @@ def run_js(args: argparse.Namespace) -> int:
     )
 
     summary = {}
-    for label, spectrum in _spectra(args):
+    for label, spectrum, measured in _spectra(args):
         if len(spectrum.names) < 2:
             raise ValueError(f"{label}: JS distances need at least two blocks, the selection has {len(spectrum.names)}")
-        density = _density(spectrum, args)
-        matrix = js_matrix(density.densities)
-        table = block_table(spectrum, matrix)
-        summary[label] = js0(matrix)
-        record = {"model": label, "js0": summary[label], **_density_settings(density, args), **spectrum.settings}
         with staged_folder(args.out / folder_name(label)) as staged:
             spectrum.save(staged / "spectrum.npz")
+            density = _density(spectrum, args, staged / "spectrum.npz" if measured else None)
+            matrix = js_matrix(density.densities)
+            table = block_table(spectrum, matrix)
+            summary[label] = js0(matrix)
+            record = {"model": label, "js0": summary[label], **_density_settings(density, args), **spectrum.settings}
             table.to_csv(staged / "blocks.csv", index=False)
             _matrix_frame(matrix, spectrum.names).to_csv(staged / "js_matrix.csv")
             density.save(staged / "density.npz")
@@ -155,8 +155,8 @@ def run_js(args: argparse.Namespace) -> int:
 
 
 def _spectra(args: argparse.Namespace):
-    """Yield (label, SpectrumResult) for every --from-results file (read whole, so that its folder may be
-    rewritten) and every --model (measured when its turn comes)."""
+    """Yield (label, SpectrumResult, measured) for every --from-results file (read whole, so that its
+    folder may be rewritten) and every --model (measured when its turn comes)."""
     sources = getattr(args, "from_results", [])
     if not args.model and not sources:
         raise ValueError("give at least one --model (or --from-results for js)")
@@ -164,14 +164,21 @@ def _spectra(args: argparse.Namespace):
         raise ValueError(f"--rescale-rank must be >= 1, got {args.rescale_rank}")
     for path in sources:
         spectrum = SpectrumResult.load(path)
-        yield str(spectrum.settings.get("model", Path(path).stem)), spectrum
+        yield str(spectrum.settings.get("model", Path(path).stem)), spectrum, False
     for name in args.model or []:
-        yield name, measure_model(name, args)
+        yield name, measure_model(name, args), True
 
 
-def _density(spectrum: SpectrumResult, args: argparse.Namespace) -> DensityResult:
-    """The densities with the command's --sigma2, --grid-points and --rescale-rank."""
-    return spectrum.density(sigma2=args.sigma2, n_points=args.grid_points, rescale_rank=args.rescale_rank)
+def _density(spectrum: SpectrumResult, args: argparse.Namespace, kept: Path | None) -> DensityResult:
+    """The densities with the command's --sigma2, --grid-points and --rescale-rank. When they cannot be
+    made, the error says where the measured spectrum is ``kept``, to try other settings without measuring."""
+    try:
+        return spectrum.density(sigma2=args.sigma2, n_points=args.grid_points, rescale_rank=args.rescale_rank)
+    except ValueError as err:
+        if kept is None:
+            raise
+        raise ValueError(f"{err}. The measured spectrum is kept: hessian-blocks js --from-results {kept} "
+                         "(with other density settings) uses it without measuring again") from err
 
 
 def _density_settings(density: DensityResult, args: argparse.Namespace) -> dict:
