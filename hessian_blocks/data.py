@@ -244,6 +244,8 @@ def _bundled_text() -> torch.Tensor:
 
 
 def _bytes_to_tokens(data: bytes) -> torch.Tensor:
+    if not data:  # torch.frombuffer refuses an empty buffer; the caller says how many bytes it needs
+        return torch.zeros(0, dtype=torch.long)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 

@@ -241,9 +241,19 @@ class BlockHessian:
                     self.layout.add_gathered(result, name, weight * grad.reshape(1, -1))
         return result[0]
 
-    def linear_operator(self, *, block_diagonal: bool = True) -> LinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) of the product."""
-        apply = self.block_matvec if block_diagonal else self.matvec
+    def linear_operator(self, kind: str = "full") -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) for ``eigsh`` and friends.
+
+        ``kind="full"`` (default): the Hessian on all selected coordinates (:meth:`matvec`; the
+        full-model Hessian when every parameter is selected). ``kind="block_diagonal"``: only its
+        diagonal blocks H_bb (:meth:`block_matvec`), whose eigenvalues are those of the blocks, not
+        of the Hessian.
+        """
+        products = {"full": self.matvec, "block_diagonal": self.block_matvec}
+        if kind not in products:
+            raise ValueError(f"kind must be 'full' (the Hessian) or 'block_diagonal' (its diagonal blocks only), "
+                             f"got {kind!r}")
+        apply = products[kind]
 
         def matmat(x: np.ndarray) -> np.ndarray:
             vectors = torch.as_tensor(np.asarray(x).T, dtype=self.dtype, device=self.device)

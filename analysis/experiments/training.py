@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import optim
 from hessian_blocks import build_model, make_batches
 from hessian_blocks.data import DATA_SOURCES, samples_available
-from hessian_blocks.guards import check_device
+from hessian_blocks.guards import check_batches, check_device
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
 
@@ -129,24 +129,6 @@ def _mean_loss(spec, batches) -> float:
     return total / sum(len(x) for x, _ in batches)
 
 
-def _first_loss(spec, batch) -> None:
-    """Evaluate the loss of the first training batch before any step, so that a model that does not fit
-    its data, or data that give a non-finite loss, fails with a message instead of deep in training."""
-    x, y = batch
-    try:
-        with torch.no_grad():
-            loss = spec.loss_fn(spec.model(x), y)
-    except (RuntimeError, IndexError, TypeError, ValueError) as err:
-        raise ValueError(f"the model fails on its first training batch (inputs {tuple(x.shape)} {x.dtype}, "
-                         f"targets {tuple(y.shape)} {y.dtype}): {err}. Check that the data source fits the "
-                         "model's input and that the labels fit its output (class indices in [0, classes))"
-                         ) from err
-    if loss.numel() != 1 or not math.isfinite(float(loss)):
-        raise ValueError(f"the loss of the first training batch is {loss.detach().cpu().numpy()} before any "
-                         "step: it must be one finite number; look for NaN or infinite values in the data "
-                         "and for a loss function that does not reduce to a scalar")
-
-
 def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, batches: list, steps: int, *,
               synchronize: Callable[[], None] | None = None,
               on_step: Callable[[int], Any] | None = None) -> tuple[list[float], list[float]]:
@@ -187,11 +169,14 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     spec.model.to(target).train()
     train = [(x.to(target), y.to(target)) for x, y in train]
     val = [(x.to(target), y.to(target)) for x, y in val]
+    # every batch is checked before any step: NaN in a later training batch would otherwise look like a
+    # diverging optimizer, in a validation batch like a NaN loss; labels that do not fit fail here, not mid-run
+    check_batches(spec.model, spec.loss_fn, train, f"{setup.data}: training batch")
+    check_batches(spec.model, spec.loss_fn, val, f"{setup.data}: validation batch")
     opt = make_optimizer(optimizer, spec.model, lr=lr, weight_decay=weight_decay, partition=partition)
     synchronize = torch.cuda.synchronize if target.type == "cuda" else None
     with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout masks and other draws while training: the same in every rerun
-        _first_loss(spec, train[0])
         with tqdm(total=steps, desc=f"{optimizer} lr {lr:g} seed {seed}", unit="step", disable=not progress,
                   file=sys.stderr, leave=False) as bar:
             losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize,

@@ -124,8 +124,19 @@ def _build_user_model(name: str, seed: int, overrides: dict) -> ModelSpec:
     if not callable(factory):
         raise TypeError(f"user model {name!r}: {attr_path!r} is not callable")
 
-    with _seeded(seed):
-        result = factory(**overrides)
+    try:
+        with _seeded(seed):
+            result = factory(**overrides)
+    except (TypeError, ValueError, RuntimeError) as err:
+        if not overrides:
+            raise
+        shown = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+        raise ValueError(
+            f"user model {name!r}: the factory failed when called with the config overrides {shown} "
+            f"({type(err).__name__}: {err}); check their names and values (on the command line: --set FIELD=VALUE, "
+            "where VALUE is read as JSON when it parses, so --set hidden=8 gives the number 8 and --set hidden=abc "
+            "the string 'abc')"
+        ) from err
     if isinstance(result, ModelSpec):
         return result
     if isinstance(result, nn.Module):
