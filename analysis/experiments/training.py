@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import optim
 from hessian_blocks import build_model, make_batches
-from hessian_blocks.data import DATA_SOURCES, samples_available
+from hessian_blocks.data import DATA_SOURCES, batch_to, call_model, samples_available
 from hessian_blocks.guards import check_device
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
@@ -123,10 +123,10 @@ def _mean_loss(spec, batches) -> float:
             module.train()
     try:
         with torch.no_grad():
-            total = sum(float(spec.loss_fn(model(x), y)) * len(x) for x, y in batches)
+            total = sum(float(spec.loss_fn(call_model(model, x), y)) * len(y) for x, y in batches)
     finally:
         model.train()
-    return total / sum(len(x) for x, _ in batches)
+    return total / sum(len(y) for _, y in batches)
 
 
 def _first_loss(spec, batch) -> None:
@@ -135,9 +135,10 @@ def _first_loss(spec, batch) -> None:
     x, y = batch
     try:
         with torch.no_grad():
-            loss = spec.loss_fn(spec.model(x), y)
+            loss = spec.loss_fn(call_model(spec.model, x), y)
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
-        raise ValueError(f"the model fails on its first training batch (inputs {tuple(x.shape)} {x.dtype}, "
+        shown = x if isinstance(x, torch.Tensor) else x.get("input_ids", next(iter(x.values())))
+        raise ValueError(f"the model fails on its first training batch (inputs {tuple(shown.shape)} {shown.dtype}, "
                          f"targets {tuple(y.shape)} {y.dtype}): {err}. Check that the data source fits the "
                          "model's input and that the labels fit its output (class indices in [0, classes))"
                          ) from err
@@ -162,7 +163,7 @@ def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
         x, y = batches[step % len(batches)]
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(call_model(model, x), y)
         loss.backward()
         optimizer.step()
         if synchronize is not None:
@@ -185,8 +186,8 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     target = check_device(device)
     spec, train, val = setup.build(seed)
     spec.model.to(target).train()
-    train = [(x.to(target), y.to(target)) for x, y in train]
-    val = [(x.to(target), y.to(target)) for x, y in val]
+    train = [(batch_to(x, target), batch_to(y, target)) for x, y in train]
+    val = [(batch_to(x, target), batch_to(y, target)) for x, y in val]
     opt = make_optimizer(optimizer, spec.model, lr=lr, weight_decay=weight_decay, partition=partition)
     synchronize = torch.cuda.synchronize if target.type == "cuda" else None
     with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
