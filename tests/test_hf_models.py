@@ -69,6 +69,8 @@ def test_config_file_and_config_object(tmp_path):
     assert from_object.model.config.num_hidden_layers == 1 and from_object.task == "text"
     assert all(torch.equal(a, b) for a, b in zip(from_object.model.parameters(),
                                                 build_model("hf:LlamaForCausalLM", **LLAMA).model.parameters()))
+    full_size = spec_from_config(transformers.LlamaConfig(), transformers.LlamaForCausalLM, device="meta")
+    assert full_size.model.lm_head.weight.shape == (32000, 4096) and full_size.model.lm_head.weight.is_meta
     path.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     with pytest.raises(ValueError, match='names no model class: add "architectures"'):
         build_model(f"hf:{path}")
@@ -134,6 +136,18 @@ def test_float64_block_hessian_of_keyword_batches_equals_the_dense_hessian(name,
     torch.testing.assert_close(hessian.block_matvec(vectors), expected, rtol=1e-10, atol=1e-12)
 
 
+def test_sdpa_attention_asked_for_is_run_on_its_twice_differentiable_backend():
+    """--set attn_implementation=sdpa overrides the eager default; the engine's SDPA guard (math backend)
+    still gives the eager model's products (GPT-2: float64 throughout)."""
+    eager = build_model("hf:GPT2LMHeadModel", dtype=torch.float64, **GPT2)
+    sdpa = build_model("hf:GPT2LMHeadModel", dtype=torch.float64, attn_implementation="sdpa", **GPT2)
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    batches = make_batches(eager, "synthetic", batch_size=2, n_batches=1)
+    hessians = [BlockHessian(spec.model, spec.loss_fn, batches) for spec in (eager, sdpa)]
+    vectors = torch.randn(1, hessians[0].size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(hessians[1].block_matvec(vectors), hessians[0].block_matvec(vectors), rtol=1e-10, atol=1e-13)
+
+
 def test_llama_computes_norms_and_softmax_in_float32():
     """Transformers' Llama casts activations to float32 inside RMSNorm and the eager softmax: its float64
     products agree with the dense float64 Hessian to float32 accuracy only (documented)."""
@@ -158,6 +172,9 @@ def test_a_float64_user_model_is_measured_in_float64():
 
 
 def test_cli_js_partition_and_compare_on_a_llama_from_config(tmp_path, capsys):
+    assert main(["spectrum", *LLAMA_CLI, "--steps", "4", "--probes", "1", "--grid-points", "4000", "--sigma2", "1e-3",
+                 "--sample-layers", "1", "--out", str(tmp_path / "spectrum")]) == 0
+    assert (tmp_path / "spectrum" / "hf_LlamaForCausalLM" / "density.npz").stat().st_size > 0
     assert main(["js", *LLAMA_CLI, "--steps", "6", "--probes", "2", "--grid-points", "4000", "--sigma2", "1e-3",
                  "--blocks", "model.layers.0.self_attn.*", "--out", str(tmp_path / "js")]) == 0
     table = pd.read_csv(tmp_path / "js" / "hf_LlamaForCausalLM" / "blocks.csv")

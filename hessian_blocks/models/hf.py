@@ -24,6 +24,7 @@ the full-size models (a default Llama has 6.7 billion parameters).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import json
@@ -72,11 +73,12 @@ def build_hf_model(source: str, *, seed: int = 0, **overrides: Any) -> ModelSpec
 
 
 def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 0, context: int | None = None,
-                     name: str | None = None) -> ModelSpec:
+                     name: str | None = None, device: str | torch.device | None = None) -> ModelSpec:
     """A :class:`ModelSpec` of ``model_cls`` (default: the config's ``architectures[0]``) built from the
     Transformers config object ``config``: seeded, eval mode, eager attention; refused above
     :data:`MAX_PARAMETERS`. ``context``: tokens per sample (default: :data:`DEFAULT_CONTEXT`, at most
-    the model's ``max_position_embeddings``)."""
+    the model's ``max_position_embeddings``). ``device="meta"`` builds the parameters' shapes only (no
+    memory, no values, any size): enough to map a partition measured on a smaller instance."""
     transformers = _transformers()
     if model_cls is None:
         architectures = getattr(config, "architectures", None) or []
@@ -86,8 +88,10 @@ def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 
     label = name or f"{HF_PREFIX}{model_cls.__name__}"
     task = _task(model_cls, label)
     config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
-    _check_size(model_cls, config, label)
-    with _seeded(seed):
+    meta = device is not None and torch.device(device).type == "meta"
+    if not meta:
+        _check_size(model_cls, config, label)
+    with _seeded(seed), (torch.device(device) if device is not None else contextlib.nullcontext()):
         model = model_cls(config)
     model.eval()
     positions = getattr(config, "max_position_embeddings", None)
