@@ -320,8 +320,9 @@ def _check_param(name: str, param: torch.Tensor) -> None:
 
 
 def _named_groups(params: Iterable, model: nn.Module | None) -> list[dict[str, Any]]:
-    """Param groups whose "params" are lists of (name, tensor) pairs; bare tensors are named after
-    ``model``'s parameters when the model is given."""
+    """Param groups whose "params" are lists of (name, tensor) pairs. When the (uncompiled) model is
+    given, bare tensors are named after its parameters, and pairs named as its torch.compile wrapper
+    names them (e.g. ``param_groups_no_decay(compiled_model)``) get the original names."""
     items = list(params)
     if not items:
         raise ValueError("AdamMini got an empty parameter list")
@@ -329,11 +330,19 @@ def _named_groups(params: Iterable, model: nn.Module | None) -> list[dict[str, A
     if model is not None:
         names = {id(p): name for name, p in model.named_parameters()}
         for group in groups:
-            group["params"] = [
-                (names[id(item)], item) if isinstance(item, torch.Tensor) and id(item) in names else item
-                for item in group["params"]
-            ]
+            group["params"] = [_model_named(item, names) for item in group["params"]]
     return groups
+
+
+def _model_named(item: Any, names: dict[int, str]) -> Any:
+    """``item`` (a tensor or a (name, tensor) pair) named after the model's parameter it is, if it is one."""
+    if isinstance(item, torch.Tensor):
+        return (names[id(item)], item) if id(item) in names else item
+    if isinstance(item, tuple) and len(item) == 2 and id(item[1]) in names:
+        original = names[id(item[1])]
+        if item[0] == _COMPILED_PREFIX + original:
+            return original, item[1]
+    return item
 
 
 _COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before its module's parameter names

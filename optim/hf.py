@@ -27,7 +27,7 @@ import torch.nn as nn
 from hessian_blocks.blocks import Partition
 from hessian_blocks.partitions.structural import default_partition
 
-from .adam_mini import AdamMini
+from .adam_mini import AdamMini, _uncompiled
 from .param_groups import param_groups_no_decay
 
 __all__ = ["adam_mini_from_training_args", "trainer_optimizer_cls_and_kwargs"]
@@ -41,6 +41,7 @@ def trainer_optimizer_cls_and_kwargs(
     as the parameters), the partition resolved for ``model`` ("default": the structural default),
     ``lr=args.learning_rate``, ``betas=(args.adam_beta1, args.adam_beta2)``, ``eps=args.adam_epsilon``.
     Further keyword arguments go to AdamMini (``n_heads``, ``foreach``, ...) and win over ``args``."""
+    model = _uncompiled(model)  # partition files and checkpoints use the original module's names
     if isinstance(partition, (str, Path)) and str(partition) == "default":
         partition = default_partition(model, kwargs.pop("n_heads", None))
     options = {
