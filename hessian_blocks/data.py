@@ -10,8 +10,8 @@ Sources (nothing is downloaded):
 - "synthetic": seeded Gaussian inputs and uniform random labels/tokens of the right shapes.
 - a path to a .pt file (dict with "x" and "y" tensors, or a list of (x, y) batches), an .npz file
   (arrays "x" and "y") or a .txt file (UTF-8 text, byte-level tokens): samples taken in file order.
-  Text data in a .pt / .npz file may hold an "attention_mask" of x's shape (1: token, 0: padding):
-  targets at padding become -100 (no loss) and models with keyword inputs get the mask.
+  For models with keyword inputs, a .pt / .npz file may hold an "attention_mask" of x's shape (1: token,
+  0: padding): the model gets it, and targets at padding become -100 (no loss).
 "auto" picks digits for image models, text for (masked) language models, synthetic for vectors.
 
 Batches are (inputs, targets) pairs. Inputs are one tensor, except for models whose ModelSpec has
@@ -396,8 +396,10 @@ def _from_file(
     if mask is None:
         return x, y, None
     mask = mask[:n]
-    if spec.task not in TEXT_TASKS:
-        raise ValueError(f"{path}: an attention_mask goes with text data; model {spec.name!r} has task {spec.task!r}")
+    if not spec.keyword_inputs:
+        raise ValueError(f"{path} holds an attention_mask, but model {spec.name!r} takes one tensor of inputs and no "
+                         "mask: drop attention_mask from the file, or give the model keyword inputs "
+                         "(a ModelSpec with keyword_inputs=True, as hf: models have)")
     if mask.shape != x.shape or not ((mask == 0) | (mask == 1)).all():
         raise ValueError(f"{path}: attention_mask must hold 0 (padding) and 1 (token) in x's shape {tuple(x.shape)}; "
                          f"got shape {tuple(mask.shape)}")

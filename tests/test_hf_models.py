@@ -123,6 +123,9 @@ def test_padding_from_a_data_file_is_masked(tmp_path):
     torch.save({"x": x, "y": y, "attention_mask": mask[:, :3]}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="attention_mask must hold 0 \\(padding\\) and 1"):
         make_batches(spec, str(tmp_path / "bad.pt"), batch_size=4, n_batches=1)
+    with pytest.raises(ValueError, match="takes one tensor of inputs and no mask: drop attention_mask"):
+        make_batches(build_model("gpt2-nano", vocab_size=16, context=5), str(tmp_path / "padded.pt"), batch_size=4,
+                     n_batches=1)
 
 
 @pytest.mark.parametrize("name, overrides", [("hf:GPT2LMHeadModel", GPT2), ("hf:BertForMaskedLM", BERT)])

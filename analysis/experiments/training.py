@@ -137,8 +137,7 @@ def _first_loss(spec, batch) -> None:
         with torch.no_grad():
             loss = spec.loss_fn(call_model(spec.model, x), y)
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
-        shown = x if isinstance(x, torch.Tensor) else x.get("input_ids", next(iter(x.values())))
-        raise ValueError(f"the model fails on its first training batch (inputs {tuple(shown.shape)} {shown.dtype}, "
+        raise ValueError(f"the model fails on its first training batch (inputs {_describe(x)}, "
                          f"targets {tuple(y.shape)} {y.dtype}): {err}. Check that the data source fits the "
                          "model's input and that the labels fit its output (class indices in [0, classes))"
                          ) from err
@@ -146,6 +145,14 @@ def _first_loss(spec, batch) -> None:
         raise ValueError(f"the loss of the first training batch is {loss.detach().cpu().numpy()} before any "
                          "step: it must be one finite number; look for NaN or infinite values in the data "
                          "and for a loss function that does not reduce to a scalar")
+
+
+def _describe(inputs) -> str:
+    """Shape and dtype of a batch's inputs: a tensor, or each tensor of a dict (keyword inputs) or tuple."""
+    if isinstance(inputs, torch.Tensor):
+        return f"{tuple(inputs.shape)} {inputs.dtype}"
+    named = inputs.items() if isinstance(inputs, dict) else enumerate(inputs)
+    return ", ".join(f"{key}: {_describe(value)}" for key, value in named)
 
 
 def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, batches: list, steps: int, *,
