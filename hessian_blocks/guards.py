@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .batching import batch_tensors, batch_to, call_model, describe_batch
+
 
 __all__ = [
     "DataFaultError", "HessianSetupError", "check_batches", "check_device", "check_eval_mode",
@@ -100,19 +102,20 @@ def check_batches(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],
     """
     for index, (inputs, targets) in enumerate(batches):
         _check_finite(inputs, targets, f"{what} {index + 1} of {len(batches)}")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device, dtype = (weight.device, weight.dtype) if weight is not None else ("cpu", None)
     was_training = model.training
     model.eval()
     try:
         for index, (inputs, targets) in enumerate(batches):
-            _check_loss(model, loss_fn, _cast_floating(inputs, dtype), targets, f"{what} {index + 1} of {len(batches)}")
+            _check_loss(model, loss_fn, batch_to(inputs, device, dtype), targets, f"{what} {index + 1} of {len(batches)}")
     finally:
         model.train(was_training)
 
 
 def _check_finite(inputs: Any, targets: Any, where: str) -> None:
     for part, value in (("inputs", inputs), ("targets", targets)):
-        for key, tensor in _tensors(value):
+        for key, tensor in batch_tensors(value):
             if tensor.is_floating_point() or tensor.is_complex():
                 bad = ~torch.isfinite(tensor.reshape(len(tensor), -1) if tensor.dim() else tensor.reshape(1, 1))
                 rows = torch.nonzero(bad.any(dim=1)).flatten()
@@ -130,10 +133,10 @@ def _check_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], i
                 where: str) -> None:
     try:
         with torch.no_grad():
-            loss = loss_fn(_call(model, inputs), targets)
+            loss = loss_fn(call_model(model, inputs), targets)
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"the model fails on {where} (inputs {_describe(inputs)}, targets {_describe(targets)}): "
+        raise ValueError(f"the model fails on {where} (inputs {describe_batch(inputs)}, targets {describe_batch(targets)}): "
                          f"{first_line}. Check that the data source fits the model's input and that the labels "
                          "fit its output (integer class indices in [0, classes))") from err
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not math.isfinite(float(loss)):
@@ -141,44 +144,6 @@ def _check_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], i
         raise ValueError(f"the loss on {where} is {shown} at the initial parameters: it must be one finite number; "
                          "look for a loss function that does not reduce to a scalar, or for an initialisation or "
                          "targets (e.g. every label ignored) that make it NaN")
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    """The model on one batch's inputs: a dict as keyword arguments, a tuple as positional ones."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
-
-
-def _cast_floating(value: Any, dtype: torch.dtype | None) -> Any:
-    """``value`` with its floating tensors at ``dtype`` (the model's own precision)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if dtype is not None and value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {key: _cast_floating(item, dtype) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast_floating(item, dtype) for item in value)
-    return value
-
-
-def _tensors(value: Any, key: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors in a batch part (a tensor, a dict of them, or a tuple/list), with their keys."""
-    if isinstance(value, torch.Tensor):
-        yield key, value
-    elif isinstance(value, dict):
-        for name, item in value.items():
-            yield from _tensors(item, f"{key}.{name}" if key else str(name))
-    elif isinstance(value, (tuple, list)):
-        for i, item in enumerate(value):
-            yield from _tensors(item, f"{key}[{i}]")
-
-
-def _describe(value: Any) -> str:
-    """Shapes and dtypes of a batch part, e.g. ``(8, 64) torch.int64`` or ``{input_ids: (8, 64) torch.int64}``."""
-    parts = [f"{key + ': ' if key else ''}{tuple(t.shape)} {t.dtype}" for key, t in _tensors(value)]
-    return parts[0] if len(parts) == 1 and not isinstance(value, (dict, tuple, list)) else "{" + ", ".join(parts) + "}"
 
 
 @contextlib.contextmanager

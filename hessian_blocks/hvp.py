@@ -36,6 +36,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from .blocks import Block, Partition
+from .data import batch_to
 from .guards import (
     HessianSetupError,
     check_eval_mode,
@@ -184,7 +185,7 @@ class BlockHessian:
                 )
         self.layout = Layout.of(block_list, self.device)
         self.params = {name: p.detach().to(self.device, dtype) for name, p in model.named_parameters()}
-        self.buffers = {name: self._to_device(b.detach()) for name, b in model.named_buffers()}
+        self.buffers = {name: batch_to(b.detach(), self.device, dtype) for name, b in model.named_buffers()}
         self.strategy = self._resolve_strategy(strategy)
         self._chunk_size = chunk_size
         self._memory_budget = memory_budget
@@ -450,16 +451,7 @@ class BlockHessian:
             raise ValueError(f"batch {index}: targets must be a tensor with a leading sample dimension")
         if targets.shape[0] == 0:
             raise ValueError(f"batch {index} is empty")
-        return self._to_device(inputs), self._to_device(targets)
-
-    def _to_device(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
-        if isinstance(value, dict):
-            return {k: self._to_device(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return tuple(self._to_device(v) for v in value)
-        return value
+        return batch_to(inputs, self.device, self.dtype), batch_to(targets, self.device, self.dtype)
 
     def _resolve_strategy(self, strategy: str) -> str:
         if strategy != "auto":

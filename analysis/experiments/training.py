@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import optim
 from hessian_blocks import build_model, make_batches
-from hessian_blocks.data import DATA_SOURCES, samples_available
+from hessian_blocks.data import DATA_SOURCES, batch_to, call_model, samples_available
 from hessian_blocks.guards import check_batches, check_device
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
@@ -123,10 +123,10 @@ def _mean_loss(spec, batches) -> float:
             module.train()
     try:
         with torch.no_grad():
-            total = sum(float(spec.loss_fn(model(x), y)) * len(x) for x, y in batches)
+            total = sum(float(spec.loss_fn(call_model(model, x), y)) * len(y) for x, y in batches)
     finally:
         model.train()
-    return total / sum(len(x) for x, _ in batches)
+    return total / sum(len(y) for _, y in batches)
 
 
 def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, batches: list, steps: int, *,
@@ -144,7 +144,7 @@ def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
         x, y = batches[step % len(batches)]
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(call_model(model, x), y)
         loss.backward()
         optimizer.step()
         if synchronize is not None:
@@ -167,8 +167,8 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     target = check_device(device)
     spec, train, val = setup.build(seed)
     spec.model.to(target).train()
-    train = [(x.to(target), y.to(target)) for x, y in train]
-    val = [(x.to(target), y.to(target)) for x, y in val]
+    train = [(batch_to(x, target), batch_to(y, target)) for x, y in train]
+    val = [(batch_to(x, target), batch_to(y, target)) for x, y in val]
     # every batch is checked before any step: NaN in a later training batch would otherwise look like a
     # diverging optimizer, in a validation batch like a NaN loss; labels that do not fit fail here, not mid-run
     check_batches(spec.model, spec.loss_fn, train, f"{setup.data}: training batch")

@@ -31,14 +31,16 @@ def add_model_options(parser: argparse.ArgumentParser, *, repeatable: bool = Fal
     from ..models import MODEL_NAMES
 
     group = parser.add_argument_group("model and data")
-    what = f"bundled model ({', '.join(MODEL_NAMES)}) or 'package.module:factory'"
+    what = (f"bundled model ({', '.join(MODEL_NAMES)}), a Hugging Face model built from its config with random "
+            "weights ('hf:LlamaForCausalLM', 'hf:path/to/config.json'), or 'package.module:factory'")
     if repeatable:
         group.add_argument("--model", action="append", metavar="NAME", help=f"{what}; repeat to compare models")
     else:
         suffix = f" (default: {default})" if default else ""
         group.add_argument("--model", default=default, required=required, metavar="NAME", help=what + suffix)
     group.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="override a model config field, e.g. --set n_layer=2" +
+                       help="override a model config field, e.g. --set n_layer=2 (hf: models: their config's fields, "
+                            "e.g. --set num_hidden_layers=2, and context=N tokens per sample)" +
                             (" (applies to every --model)" if repeatable else ""))
     group.add_argument("--data", default="auto",
                        help=f"data source: auto, {', '.join(DATA_SOURCES)}, or a .pt/.npz/.txt file (default: auto)")
