@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from hessian_blocks.models.gpt import GPT, GPTConfig
 import optim._fused
+from hessian_blocks.models.gpt import GPT, GPTConfig
 from optim import AdamMini, param_groups_no_decay, state_memory
 
 # width, layers, heads; vocab 50304 and context 1024 unless given

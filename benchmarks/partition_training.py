@@ -44,7 +44,6 @@ from hessian_blocks.partitions.coupling import load_couplings, measure_coupling,
 from hessian_blocks.partitions.measured import decide_rule
 from optim import AdamMini
 
-
 SIZES = {  # (model config, steps, training batches) of the default and the --quick runs
     "gpt2-nano": ((dict(n_layer=4, n_embd=128, n_head=4, vocab_size=256, context=64), 600, 200),
                   (dict(n_layer=2, n_embd=32, n_head=4, vocab_size=256, context=32), 150, 40)),

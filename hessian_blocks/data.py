@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .choices import DATA_SOURCES
 from .models import IGNORE_INDEX, ModelSpec
 
 __all__ = ["DATA_SOURCES", "SPLITS", "make_batches", "samples_available"]
 
-DATA_SOURCES: tuple[str, ...] = ("digits", "text", "synthetic")
 SPLITS: tuple[str, ...] = ("all", "train", "validation")
 # offset of the validation draws' seed: torch's CPU generator keeps 32 bits of a seed, and seeds below
 # 2**31 then never meet a validation stream

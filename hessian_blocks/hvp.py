@@ -36,6 +36,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from .blocks import Block, Partition
+from .choices import STRATEGIES
 from .guards import (
     HessianSetupError,
     check_eval_mode,
@@ -45,7 +46,6 @@ from .guards import (
     twice_differentiable_attention,
 )
 
-STRATEGIES = ("auto", "loop", "vmap")
 # How autograd reports an operation without a second (or forward-mode) derivative.
 # An operation that drops out of the graph under create_graph (once_differentiable) leaves the
 # gradient with no path back to the parameters: autograd reports the parameter as unused.

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from hessian_blocks.blocks import Partition, Rule
+from hessian_blocks.partitions.structural import default_rules
 
 from . import _fused
-from hessian_blocks.partitions.structural import default_rules
 from .distributed import ShardedBlockLayout, block_layout, local_tensor, reduce_block_mean_squares
 from .layout import BlockLayout
 from .update import Batch, StepScalars, foreach_update, reference_update

@@ -11,11 +11,9 @@ import torch.nn as nn
 from hessian_blocks.blocks import Partition
 
 from .adam_mini import AdamMini
+from .choices import OPTIMIZERS, PARTITIONED
 from .galore_mini import GaLoreMini
 from .param_groups import param_groups_no_decay
-
-OPTIMIZERS = ("adam_mini", "galore_mini", "adamw", "sgd")
-PARTITIONED = ("adam_mini", "galore_mini")  # the optimizers that take a partition (one v per block)
 
 
 def make(

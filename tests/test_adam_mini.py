@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+import optim._fused
 from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition, Rule, trainable_shapes
-import optim._fused
 from optim import AdamMini, param_groups_no_decay, state_memory
 
 PATHS = {"reference": dict(foreach=False), "foreach": dict(foreach=True)}

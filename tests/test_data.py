@@ -1,10 +1,11 @@
 """Offline data: seeded batches from the bundled digits and text, synthetic data, and data files."""
 
+from pydoc_data.topics import topics
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from pydoc_data.topics import topics
 from sklearn.datasets import load_digits
 
 from hessian_blocks.data import DATA_SOURCES, make_batches, samples_available

@@ -20,7 +20,12 @@ from torch import nn
 
 from hessian_blocks import BlockHessian, Partition, block_spectra
 from hessian_blocks.distributed import (
-    DataParallelBlockHessian, get_rank, get_world_size, shard_batches, split_block_spectra, split_blocks,
+    DataParallelBlockHessian,
+    get_rank,
+    get_world_size,
+    shard_batches,
+    split_block_spectra,
+    split_blocks,
 )
 
 from .spawn import spawn_ranks

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from analysis.experiments.quadratics import (
-    BlockQuadratic, QuadraticConfig, heterogeneous_eigenvalues, homogeneous_eigenvalues, quadratic_experiment,
-    run_quadratic, spectrum_eigenvalues, summarize_quadratics,
+    BlockQuadratic,
+    QuadraticConfig,
+    heterogeneous_eigenvalues,
+    homogeneous_eigenvalues,
+    quadratic_experiment,
+    run_quadratic,
+    spectrum_eigenvalues,
+    summarize_quadratics,
 )
 from analysis.experiments.spectra import measure_spectrum
 from analysis.experiments.zoo import zoo_models

@@ -4,7 +4,11 @@ import numpy as np
 
 from analysis import js0, js_matrix
 from analysis.experiments.spectra import (
-    measure_spectrum, plot_sampled_densities, sampled_blocks, spectra_table, subset,
+    measure_spectrum,
+    plot_sampled_densities,
+    sampled_blocks,
+    spectra_table,
+    subset,
 )
 from analysis.experiments.store import ResultStore
 from analysis.experiments.zoo import zoo_models

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+import optim._fused
 from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition
-import optim._fused
 from optim import OPTIMIZERS, AdamMini, make, param_groups_no_decay, state_memory
 
 

@@ -19,7 +19,13 @@ from torch import nn
 from analysis.experiments.training import run_steps
 from hessian_blocks import Partition, Rule, build_model, make_batches
 from hessian_blocks.cli import main
-from hessian_blocks.partitions.coupling import TensorCoupling, load_couplings, measure_coupling, save_couplings, slice_coupling
+from hessian_blocks.partitions.coupling import (
+    TensorCoupling,
+    load_couplings,
+    measure_coupling,
+    save_couplings,
+    slice_coupling,
+)
 from hessian_blocks.partitions.measured import decide_rule, derive_decisions, derive_partition, group_axis, map_rules
 
 FAST = dict(dtype=torch.float32, strategy="vmap", probes=2, dense_max=256)

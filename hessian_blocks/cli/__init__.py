@@ -17,10 +17,9 @@ __all__ = ["build_parser", "main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    from ..guards import HessianSetupError
+    args = build_parser().parse_args(argv)
+    from ..guards import HessianSetupError  # torch loads here, after parsing (--help answers without it)
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, HessianSetupError) as err:

@@ -23,7 +23,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``compare`` and ``figures`` on the CLI's subparsers."""
     from analysis.experiments.groups import FIGURE_GROUPS
     from analysis.experiments.store import SIZES
-    from analysis.experiments.training import OPTIMIZERS, PARTITIONED
+    from optim.choices import OPTIMIZERS, PARTITIONED
 
     compare = commands.add_parser(
         "compare", help="train with SGD-momentum, AdamW, Adam-mini and GaLore-mini: loss curves, best lr, memory",
@@ -122,14 +122,17 @@ def _lr_grids(pairs: list[str]) -> dict[str, tuple[float, ...]]:
 @_resumable(lambda args: args.out / "results")
 def run_compare(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
-
-    from ..guards import check_device
-
     from analysis.experiments.comparison import (
-        ComparisonConfig, comparison_experiment, comparison_summary, plot_loss_curves, plot_lr_sweep,
+        ComparisonConfig,
+        comparison_experiment,
+        comparison_summary,
+        plot_loss_curves,
+        plot_lr_sweep,
         plot_state_memory,
     )
-    from analysis.experiments.training import PARTITIONED
+    from optim.choices import PARTITIONED
+
+    from ..guards import check_device
 
     check_device(args.device)
     preset = ComparisonConfig.preset(args.size, model=args.model)
@@ -176,10 +179,10 @@ def run_compare(args: argparse.Namespace) -> int:
 @_resumable(lambda args: Path(f"runs/figures-{args.size}"))
 def run_figures(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
-    from ..guards import check_device
-
     from analysis.experiments.groups import FIGURE_GROUPS, run_group
     from analysis.experiments.store import atomic_write_text
+
+    from ..guards import check_device
 
     check_device(args.device)
     args.results.mkdir(parents=True, exist_ok=True)

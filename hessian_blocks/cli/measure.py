@@ -9,17 +9,19 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..blocks import Partition, sample_layers, select_blocks
-from ..distributed import (
-    DataParallelBlockHessian, device_for_rank, get_world_size, is_main_process, process_group_from_env, shard_batches,
-    split_block_spectra,
+from .options import (
+    add_compute_options,
+    add_model_options,
+    add_output_options,
+    folder_name,
+    parse_overrides,
+    torch_dtype,
 )
-from ..guards import check_device
-from ..hvp import BlockHessian
-from ..results import SpectrumResult
-from ..slq import block_spectra, total_steps
-from .options import add_compute_options, add_model_options, add_output_options, folder_name, parse_overrides, torch_dtype
+
+if TYPE_CHECKING:
+    from ..results import SpectrumResult
 
 __all__ = ["add_commands", "measure_model", "run_js", "run_spectrum"]
 
@@ -76,6 +78,9 @@ def _torchrun_aware(run):
 
     @functools.wraps(run)
     def run_on_every_rank(args: argparse.Namespace) -> int:
+        from ..distributed import is_main_process, process_group_from_env
+        from ..guards import check_device
+
         check_device(args.device)
         with process_group_from_env(args.device):
             if is_main_process():
@@ -105,7 +110,14 @@ def run_spectrum(args: argparse.Namespace) -> int:
 @_torchrun_aware
 def run_js(args: argparse.Namespace) -> int:
     from analysis import (
-        block_table, format_table, js0, js0_table, js_matrix, plot_block_densities, plot_js_heatmap, save_figure,
+        block_table,
+        format_table,
+        js0,
+        js0_table,
+        js_matrix,
+        plot_block_densities,
+        plot_js_heatmap,
+        save_figure,
     )
 
     summary = {}
@@ -137,6 +149,8 @@ def run_js(args: argparse.Namespace) -> int:
 
 def _measured(args: argparse.Namespace):
     """Yield (label, SpectrumResult, output folder) for every --from-results file and --model."""
+    from ..results import SpectrumResult
+
     for path in getattr(args, "from_results", []):
         spectrum = SpectrumResult.load(path)
         label = str(spectrum.settings.get("model", Path(path).stem))
@@ -161,8 +175,19 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
     """
     from tqdm.auto import tqdm
 
+    from ..blocks import Partition, sample_layers, select_blocks
     from ..data import make_batches
+    from ..distributed import (
+        DataParallelBlockHessian,
+        device_for_rank,
+        get_world_size,
+        is_main_process,
+        shard_batches,
+        split_block_spectra,
+    )
+    from ..hvp import BlockHessian
     from ..models import build_model
+    from ..slq import block_spectra, total_steps
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--steps", args.steps),
                         ("--probes", args.probes), ("--grid-points", args.grid_points)):

@@ -25,8 +25,7 @@ def torch_dtype(name: str):
 def add_model_options(parser: argparse.ArgumentParser, *, repeatable: bool = False, default: str | None = None,
                       required: bool = False, batches: bool = True) -> argparse._ArgumentGroup:
     """``--model``, ``--set``, ``--data`` (and ``--batches``, ``--batch-size`` where ``batches``)."""
-    from ..data import DATA_SOURCES
-    from ..models import MODEL_NAMES
+    from ..choices import DATA_SOURCES, MODEL_NAMES
 
     group = parser.add_argument_group("model and data")
     what = f"bundled model ({', '.join(MODEL_NAMES)}) or 'package.module:factory'"
@@ -48,7 +47,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, repeatable: bool = Fal
 
 def add_compute_options(parser: argparse.ArgumentParser, *, products: bool = True) -> argparse._ArgumentGroup:
     """``--device`` (and ``--dtype``, ``--strategy`` of the Hessian-vector products where ``products``)."""
-    from ..hvp import STRATEGIES
+    from ..choices import STRATEGIES
 
     group = parser.add_argument_group("compute")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")

@@ -6,16 +6,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..blocks import Partition
-from ..guards import check_device
-from .options import add_compute_options, add_model_options, add_output_options, folder_name, parse_overrides, torch_dtype
+from .options import (
+    add_compute_options,
+    add_model_options,
+    add_output_options,
+    folder_name,
+    parse_overrides,
+    torch_dtype,
+)
 
 __all__ = ["add_commands", "run_partition"]
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """``hessian-blocks partition``: derive an Adam-mini partition file from the measured Hessian."""
-    from ..partitions.measured import DEFAULT_CONTRAST, DEFAULT_MASS_THRESHOLD, DEFAULT_MAX_RUNS, DEFAULT_MAX_SPREAD, DEFAULT_THRESHOLD
+    from ..choices import (
+        DEFAULT_CONTRAST,
+        DEFAULT_MASS_THRESHOLD,
+        DEFAULT_MAX_RUNS,
+        DEFAULT_MAX_SPREAD,
+        DEFAULT_THRESHOLD,
+    )
 
     command = commands.add_parser(
         "partition", help="derive Adam-mini's blocks from the measured Hessian structure",
@@ -58,7 +69,9 @@ def run_partition(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from ..blocks import Partition
     from ..data import make_batches
+    from ..guards import check_device
     from ..models import build_model
     from ..partitions.coupling import load_couplings, measure_coupling, save_couplings
     from ..partitions.measured import check_settings, decide_rule, map_rules

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..choices import MODEL_NAMES
 from .bert import BERT, BERTConfig
 from .gpt import GPT, GPTConfig
 from .mixer import MixerConfig, MLPMixer
@@ -71,7 +72,8 @@ _REGISTRY: dict[str, _Entry] = {
     "mlp": _Entry(MLPConfig, MLP, "vector", ("in_features", "num_classes")),
     "mlp-mixer": _Entry(MixerConfig, MLPMixer, "image", _IMAGE),
 }
-MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+if tuple(_REGISTRY) != MODEL_NAMES:  # the CLI offers the names from hessian_blocks.choices before torch loads
+    raise ImportError(f"hessian_blocks.choices.MODEL_NAMES {MODEL_NAMES} does not list the zoo {tuple(_REGISTRY)}")
 
 
 def build_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> ModelSpec:

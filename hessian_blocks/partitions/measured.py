@@ -62,13 +62,15 @@ import torch
 from torch import nn
 
 from ..blocks import Partition, Rule, trainable_shapes
+from ..choices import (  # noqa: F401 (re-exported: the thresholds live where the CLI reads them without torch)
+    DEFAULT_CONTRAST,
+    DEFAULT_MASS_THRESHOLD,
+    DEFAULT_MAX_RUNS,
+    DEFAULT_MAX_SPREAD,
+    DEFAULT_THRESHOLD,
+)
 from .coupling import TensorCoupling, measure_coupling
 
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_MASS_THRESHOLD = 0.2
-DEFAULT_CONTRAST = 4.0
-DEFAULT_MAX_RUNS = 2
-DEFAULT_MAX_SPREAD = 10.0
 Batch = tuple[Any, torch.Tensor]
 
 
