@@ -130,10 +130,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model, short runs")
     parser.add_argument("--lrs", type=float, nargs=2, default=[1e-3, 1e-2], help="two learning rates")
     parser.add_argument("--seed", type=int, default=0, help="seed of the measured model and of the first run")
-    parser.add_argument("--seeds", type=int, default=1, help="training runs per partition and lr, seeds SEED, SEED+1, ...")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training runs per partition and lr, seeds SEED, SEED+1, ...")
     parser.add_argument("--ablate", action="store_true", help="also train the derived partition with the paper's rules "
                                                                 "on 1-D tensors, and on the others")
-    parser.add_argument("--remeasure", action="store_true", help="measure the couplings even if OUT/couplings-seed<N>.npz exists")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure the couplings even if OUT/couplings-seed<N>.npz exists")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -151,7 +153,8 @@ def main() -> None:
         source = f"re-used from {cache}"
     else:
         measure_spec = build(args.model, config, args.seed, dtype=torch.float64)
-        measure_batches = make_batches(measure_spec, "text", batch_size=8, n_batches=1, seed=args.seed + 1, dtype=torch.float64)
+        measure_batches = make_batches(measure_spec, "text", batch_size=8, n_batches=1, seed=args.seed + 1,
+                                       dtype=torch.float64)
         couplings = measure_coupling(measure_spec.model, measure_spec.loss_fn, measure_batches, dtype=torch.float32,
                                      probes=2, strategy="vmap", seed=args.seed)
         save_couplings(couplings, cache, settings=measurement)

@@ -96,7 +96,8 @@ class Rule:
             if self.runs is not None:
                 object.__setattr__(self, "runs", tuple((int(s), int(c)) for s, c in self.runs))
                 if not self.runs or any(s < 1 or c < 1 for s, c in self.runs):
-                    raise ValueError(f"rule for '{self.param}': runs must be non-empty [group_size, count] pairs of positive integers")
+                    raise ValueError(f"rule for '{self.param}': runs must be non-empty [group_size, count] pairs of "
+                                     "positive integers")
         elif self.axis is not None or self.size is not None or self.runs is not None:
             raise ValueError(f"rule for '{self.param}': split '{self.split}' takes no axis, size or runs")
 
@@ -133,7 +134,8 @@ class Rule:
         blocks, start = [], 0
         for size in self.group_sizes(shape):
             label = _axis_label(axis, len(shape))
-            blocks.append(Block(f"{self.param}[{label} {start}:{start + size}]", self.param, shape, axis, start, start + size))
+            blocks.append(Block(f"{self.param}[{label} {start}:{start + size}]", self.param, shape, axis, start,
+                                start + size))
             start += size
         return blocks
 
@@ -192,11 +194,13 @@ class Partition:
             if rule.param in seen:
                 raise ValueError(f"partition has two rules for parameter '{rule.param}': keep exactly one")
             if rule.param not in self.param_shapes:
-                raise ValueError(f"partition has a rule for '{rule.param}', which is not a trainable parameter of the model")
+                raise ValueError(f"partition has a rule for '{rule.param}', which is not a trainable parameter of the "
+                                 "model")
             seen.add(rule.param)
         missing = [name for name in self.param_shapes if name not in seen]
         if missing:
-            raise ValueError(f"partition has no rule for parameter(s) {missing}: every parameter needs exactly one rule")
+            raise ValueError(f"partition has no rule for parameter(s) {missing}: every parameter needs exactly one "
+                             "rule")
         by_param = {rule.param: rule for rule in self.rules}
         self.rules = [by_param[name] for name in self.param_shapes]
         self.blocks = [block for rule in self.rules for block in rule.resolve(self.param_shapes[rule.param])]
@@ -242,18 +246,21 @@ class Partition:
         if data.get("format") != FORMAT:
             raise ValueError(f"{source}: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
         if data.get("version") != VERSION:
-            raise ValueError(f"{source}: unsupported version {data.get('version')!r} (this release reads version {VERSION})")
+            raise ValueError(f"{source}: unsupported version {data.get('version')!r} (this release reads version "
+                             f"{VERSION})")
         recorded = {k: tuple(v) for k, v in data.get("model", {}).get("param_shapes", {}).items()}
         rules = [Rule.from_dict(r) for r in data.get("rules", [])]
         if model is None:
             if not recorded:
-                raise ValueError(f"{source}: 'model.param_shapes' is missing; pass the model to check the rules against")
+                raise ValueError(f"{source}: 'model.param_shapes' is missing; pass the model to check the rules "
+                                 "against")
             return cls(rules, recorded, data.get("model", {}).get("class"))
         actual = trainable_shapes(model)
         for name, shape in recorded.items():
             if name in actual and actual[name] != shape:
                 raise ValueError(
-                    f"{source}: parameter '{name}' has shape {list(shape)} in the file but {list(actual[name])} in the model; "
+                    f"{source}: parameter '{name}' has shape {list(shape)} in the file but {list(actual[name])} in "
+                    "the model; "
                     "the partition was made for another model size: derive it again for this model"
                 )
         try:
@@ -275,7 +282,8 @@ def select_blocks(blocks: Sequence[Block], patterns: Sequence[str]) -> list[Bloc
     chosen = []
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(b.name, pattern) or fnmatch.fnmatchcase(b.param, pattern) for b in blocks):
-            raise ValueError(f"block pattern {pattern!r} matches no block; parameter names look like {_examples(blocks)}")
+            raise ValueError(f"block pattern {pattern!r} matches no block; parameter names look like "
+                             f"{_examples(blocks)}")
     for block in blocks:
         if any(fnmatch.fnmatchcase(block.name, p) or fnmatch.fnmatchcase(block.param, p) for p in patterns):
             chosen.append(block)

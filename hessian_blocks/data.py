@@ -211,7 +211,8 @@ def _digits(spec: ModelSpec, n: int, gen: torch.Generator, part: _Part) -> tuple
     if spec.task == "vector":
         (in_features, num_classes) = _need(spec, "in_features", "num_classes")
         if in_features != 64:
-            raise ValueError(f"digits gives 64 features (8x8 pixels); model {spec.name!r} takes in_features={in_features}")
+            raise ValueError(f"digits gives 64 features (8x8 pixels); model {spec.name!r} takes "
+                             f"in_features={in_features}")
         _check_classes(spec, num_classes)
         return images.reshape(n, 64), labels
     if spec.task == "image":
@@ -314,16 +315,19 @@ def _synthetic(spec: ModelSpec, n: int, gen: torch.Generator) -> tuple[torch.Ten
     if spec.task == "masked-text":
         vocab_size, context = _need(spec, "vocab_size", "context")
         if vocab_size < 2:
-            raise ValueError(f"masked-LM data needs vocab_size >= 2 (one id is [MASK]); model {spec.name!r} has {vocab_size}")
+            raise ValueError(f"masked-LM data needs vocab_size >= 2 (one id is [MASK]); model {spec.name!r} has "
+                             f"{vocab_size}")
         tokens = torch.randint(0, vocab_size - 1, (n, context), generator=gen)
         return _mask_tokens(tokens, vocab_size - 1, gen)
-    raise ValueError(f"synthetic data does not know the shapes of task {spec.task!r} (model {spec.name!r}); pass a data file")
+    raise ValueError(f"synthetic data does not know the shapes of task {spec.task!r} (model {spec.name!r}); pass a "
+                     "data file")
 
 
 # ---------------------------------------------------------------- files
 
 
-def _from_file(spec: ModelSpec, path: Path, n: int, gen: torch.Generator, part: _Part) -> tuple[torch.Tensor, torch.Tensor]:
+def _from_file(spec: ModelSpec, path: Path, n: int, gen: torch.Generator,
+               part: _Part) -> tuple[torch.Tensor, torch.Tensor]:
     if path.suffix.lower() == ".txt":
         return _text_windows(spec, part.of(_bytes_to_tokens(path.read_bytes())), n, gen, f"file {path}{part.label}",
                              random_offsets=False)
@@ -361,7 +365,8 @@ def _tensor(value: object, path: Path, name: str) -> torch.Tensor:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(
-            f"{path}: {name} is not numeric (torch: {_first_sentence(err)}); save numbers (tensors or arrays) as x and y"
+            f"{path}: {name} is not numeric (torch: {_first_sentence(err)}); save numbers (tensors or arrays) as x "
+            "and y"
         ) from err
 
 
@@ -376,7 +381,8 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(obj, dict):
         missing = {"x", "y"} - set(obj)
         if missing:
-            raise ValueError(f"{path}: the saved dict has no {', '.join(sorted(missing))} (keys: {', '.join(map(str, obj))})")
+            raise ValueError(f"{path}: the saved dict has no {', '.join(sorted(missing))} (keys: "
+                             f"{', '.join(map(str, obj))})")
         return _tensor(obj["x"], path, "x"), _tensor(obj["y"], path, "y")
     if isinstance(obj, (list, tuple)) and obj and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in obj):
         xs, ys = [_tensor(p[0], path, "x") for p in obj], [_tensor(p[1], path, "y") for p in obj]

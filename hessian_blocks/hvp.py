@@ -274,7 +274,8 @@ class BlockHessian:
         single = vectors.dim() == 1
         vectors = vectors.reshape(-1, self.size) if single else vectors
         if vectors.shape[-1] != self.size:
-            raise ValueError(f"vectors must have {self.size} columns (selected coordinates), got shape {tuple(vectors.shape)}")
+            raise ValueError(f"vectors must have {self.size} columns (selected coordinates), got shape "
+                             f"{tuple(vectors.shape)}")
         vectors = vectors.to(self.device, self.dtype)
         if block_diagonal:
             run = self._loop_block_diagonal if self.strategy == "loop" else self._vmap_block_diagonal
@@ -318,9 +319,11 @@ class BlockHessian:
         names = layout.params
         for weight, (inputs, targets) in zip(weights, batches):
             leaves = self._leaves(names)
-            grads = torch.autograd.grad(self._loss(leaves, inputs, targets), [leaves[n] for n in names], create_graph=True)
+            grads = torch.autograd.grad(self._loss(leaves, inputs, targets), [leaves[n] for n in names],
+                                        create_graph=True)
             for k in range(vectors.shape[0]):
-                dot = sum((g.reshape(-1) * layout.scatter(vectors[k : k + 1], n)[0]).sum() for n, g in zip(names, grads))
+                dot = sum((g.reshape(-1) * layout.scatter(vectors[k : k + 1], n)[0]).sum() for n,
+                          g in zip(names, grads))
                 hvs = torch.autograd.grad(dot, [leaves[n] for n in names], retain_graph=True)
                 for name, hv in zip(names, hvs):
                     layout.add_gathered(result[k : k + 1], name, weight * hv.reshape(1, -1))

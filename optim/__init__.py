@@ -18,13 +18,15 @@ from hessian_blocks.lazy import lazy_exports
 from .choices import OPTIMIZERS, PARTITIONED
 
 __all__ = [
-    "AdamMini", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory", "default_partition", "default_rules", "make",
+    "AdamMini", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory",
+    "default_partition", "default_rules", "make",
     "param_groups_no_decay", "register_attention", "state_memory",
 ]
 
 _EXPORTS = {
     "AdamMini": ".adam_mini",
-    **dict.fromkeys(("default_partition", "default_rules", "register_attention"), "hessian_blocks.partitions.structural"),
+    **dict.fromkeys(("default_partition", "default_rules", "register_attention"),
+                    "hessian_blocks.partitions.structural"),
     "make": ".factory",
     **dict.fromkeys(("GaLoreMini", "Projection"), ".galore_mini"),
     "BlockLayout": ".layout",

@@ -29,9 +29,9 @@ def make(
     bias parameters (:func:`param_groups_no_decay`).
 
     "adam_mini": :class:`AdamMini` over ``partition``; "galore_mini": :class:`GaLoreMini` over
-    ``partition`` (rank, update_proj_gap, scale, ... as keyword arguments); "adamw": ``torch.optim.AdamW`` (decoupled weight
-    decay); "sgd": ``torch.optim.SGD`` with momentum 0.9 unless given (its weight decay is L2, added to
-    the gradient). Further keyword arguments go to the optimizer (betas, eps, foreach, ...).
+    ``partition`` (rank, update_proj_gap, scale, ... as keyword arguments); "adamw": ``torch.optim.AdamW``
+    (decoupled weight decay); "sgd": ``torch.optim.SGD`` with momentum 0.9 unless given (its weight decay is
+    L2, added to the gradient). Further keyword arguments go to the optimizer (betas, eps, foreach, ...).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")

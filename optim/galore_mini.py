@@ -178,7 +178,8 @@ class GaLoreMini(AdamMini):
         types_from = params if isinstance(params, nn.Module) else model
         if not project_embeddings and types_from is None:
             raise ValueError(
-                "project_embeddings=False finds embeddings by module type and needs the model: pass it as params or model="
+                "project_embeddings=False finds embeddings by module type and needs the model: pass it as params or "
+                "model="
             )
         self._unprojected = set() if project_embeddings else {
             id(p)
@@ -266,7 +267,8 @@ class GaLoreMini(AdamMini):
             self._pending.append((projected, group["foreach"] is False and not group["fused"], back))
         return plain
 
-    def _basis(self, group: dict[str, Any], name: str, projection: Projection, grad: torch.Tensor, step: int) -> torch.Tensor:
+    def _basis(self, group: dict[str, Any], name: str, projection: Projection, grad: torch.Tensor,
+               step: int) -> torch.Tensor:
         matrix = projection.oriented(grad).to(torch.promote_types(grad.dtype, torch.float32))
         if group["projector"] == "svd":
             return svd_basis(matrix, projection.rank)
@@ -282,7 +284,8 @@ class GaLoreMini(AdamMini):
         return {
             "step": torch.tensor(0.0, dtype=torch.float32),
             "exp_avg": torch.zeros(projection.projected_shape, dtype=dtype, device=param.device),
-            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param), device=param.device),
+            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param),
+                                            device=param.device),
             "projector": torch.zeros(projection.projector_shape, dtype=dtype, device=param.device),
         }
 

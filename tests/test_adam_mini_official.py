@@ -81,7 +81,8 @@ def test_official_no_decay_set_is_ours():
     official = Adam_mini(spec.model.named_parameters(), dim=N_EMBD, n_heads=N_HEAD, verbose=False, **HYPER)
     official_no_decay = {g["name"] for g in official.param_groups if g["weight_decay"] == 0.0}
     ours = {name for g in param_groups_no_decay(spec.model, 0.1) if g["weight_decay"] == 0.0 for name, _ in g["params"]}
-    assert ours == official_no_decay and len(ours) == 2 * (4 + 5) + 2  # per layer: 2 LN x (w, b), 5 trainable biases; ln_f w, b
+    # per layer: 2 LN x (w, b), 5 trainable biases; ln_f w, b
+    assert ours == official_no_decay and len(ours) == 2 * (4 + 5) + 2
 
 
 @pytest.mark.parametrize("path", ["reference", "foreach", "fused"])

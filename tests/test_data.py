@@ -306,7 +306,8 @@ def test_unreadable_data_files_name_the_file_and_the_fix(tmp_path):
     np.savez(tmp_path / "strings.npz", x=np.zeros((2, 64)), y=np.array(["a", "b"]))
     torch.save({"x": "not numbers", "y": torch.zeros(2)}, tmp_path / "strings.pt")
     cases = {
-        "junk.pt": "is not a file of tensors written by torch.save .*save \\{'x': inputs, 'y': targets\\} with torch.save",
+        "junk.pt": "is not a file of tensors written by torch.save .*save \\{'x': inputs, 'y': targets\\} with "
+                   "torch.save",
         "empty.pt": "is not a file of tensors written by torch.save \\(torch: EOFError\\)",
         "junk.npz": "is not an .npz archive of numeric arrays .*numpy.savez\\(path, x=inputs, y=targets\\)",
         "single.npz": "holds a single array .*numpy.savez",

@@ -64,7 +64,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "their tables as CSV into --results (where finished work is kept, so a stopped run resumes).",
     )
     figures.add_argument("--size", choices=SIZES, default="medium",
-                         help="small (seconds), medium (the committed figures, CPU), paper (GPU / long) (default: medium)")
+                         help="small (seconds), medium (the committed figures, CPU), paper (GPU / long) (default: "
+                              "medium)")
     figures.add_argument("--only", action="append", choices=tuple(FIGURE_GROUPS), metavar="GROUP",
                          help=f"run only this group ({', '.join(FIGURE_GROUPS)}); repeatable")
     figures.add_argument("--results", type=Path, help="work-unit folder (default: runs/figures-SIZE)")
@@ -111,7 +112,8 @@ def _lr_grids(pairs: list[str]) -> dict[str, tuple[float, ...]]:
         if not sep or not name or not grid or not all(math.isfinite(lr) and lr > 0 for lr in grid):
             raise ValueError(f"--lr expects NAME=LR[,LR...] with finite positive rates, got {pair!r}")
         if len(set(grid)) != len(grid):
-            raise ValueError(f"--lr {pair}: a rate is listed twice (it would train the same runs twice); list each once")
+            raise ValueError(f"--lr {pair}: a rate is listed twice (it would train the same runs twice); list each "
+                             "once")
         if name in grids:
             raise ValueError(f"--lr given twice for {name}: list all its rates in one option, "
                              f"e.g. --lr {name}=1e-3,3e-3")

@@ -35,14 +35,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--blocks", action="append", default=[], metavar="GLOB",
                        help="keep blocks whose block or parameter name matches GLOB (repeatable)")
     group.add_argument("--sample-layers", type=int, metavar="N",
-                       help="keep the matrix blocks of N evenly spaced layers plus embeddings/head (the papers' sample)")
+                       help="keep the matrix blocks of N evenly spaced layers plus embeddings/head (the papers' "
+                            "sample)")
     group = measure.add_argument_group("SLQ")
     group.add_argument("--steps", type=int, default=100, help="Lanczos steps per block and probe (default: 100)")
     group.add_argument("--probes", type=int, default=10, help="random probe vectors per block (default: 10)")
     group.add_argument("--probe-kind", choices=("rademacher", "gaussian"), default="rademacher")
-    group.add_argument("--reorthogonalize", action="store_true", help="full reorthogonalisation (default: plain recurrence, as the papers)")
+    group.add_argument("--reorthogonalize", action="store_true",
+                       help="full reorthogonalisation (default: plain recurrence, as the papers)")
     group.add_argument("--full-model", action="store_true", help="also estimate the full-model spectrum")
-    group.add_argument("--seed", type=int, default=0, help="seed for the model init, the data and the probes (default: 0)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed for the model init, the data and the probes (default: 0)")
     group = add_compute_options(measure)
     group.add_argument("--split-blocks", action="store_true",
                        help="under torchrun: give each process a share of the blocks and all the data "
@@ -51,9 +54,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     density = argparse.ArgumentParser(add_help=False)
     group = density.add_argument_group("density")
-    group.add_argument("--sigma2", type=float, default=1e-5, help="Gaussian broadening variance on the eigenvalue axis (default: 1e-5)")
+    group.add_argument("--sigma2", type=float, default=1e-5,
+                       help="Gaussian broadening variance on the eigenvalue axis (default: 1e-5)")
     group.add_argument("--grid-points", type=int, default=None,
-                       help="points of the common density grid (default: 50000, more where the eigenvalues span a range "
+                       help="points of the common density grid (default: 50000, more where the eigenvalues span a "
+                            "range "
                             "so wide that the Gaussians would fall between grid points)")
 
     spectrum = commands.add_parser(
@@ -69,6 +74,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     js.add_argument("--from-results", type=Path, action="append", default=[], metavar="NPZ",
                     help="reuse a saved spectrum.npz instead of measuring (repeatable)")
+    js.add_argument("--top", type=int, metavar="N",
+                    help="print only the N blocks with the largest mean JS distance per model (blocks.csv keeps "
+                         "every block; default: print every block)")
     js.set_defaults(run=run_js)
 
 
@@ -101,7 +109,8 @@ def run_spectrum(args: argparse.Namespace) -> int:
         table = block_table(spectrum)
         table.to_csv(folder / "blocks.csv", index=False)
         density.save(folder / "density.npz")
-        save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label), folder / "densities.png")
+        save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label),
+                    folder / "densities.png")
         print(f"\n{label}: {len(spectrum.names)} blocks\n{format_table(table)}")
         print(f"wrote {folder}/(spectrum.npz, density.npz, blocks.csv, densities.png)")
     return 0
@@ -120,6 +129,8 @@ def run_js(args: argparse.Namespace) -> int:
         save_figure,
     )
 
+    if args.top is not None and args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
     summary = {}
     for label, spectrum, folder in _measured(args):
         if len(spectrum.names) < 2:
@@ -133,10 +144,17 @@ def run_js(args: argparse.Namespace) -> int:
         density.save(folder / "density.npz")
         save_figure(plot_js_heatmap(matrix, spectrum.names, title=f"{label}: JS distance between block spectra"),
                     folder / "js_heatmap.png")
-        save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label), folder / "densities.png")
-        (folder / "summary.json").write_text(json.dumps({"model": label, "js0": summary[label], **spectrum.settings}, indent=1) + "\n")
-        print(f"\n{label}: {len(spectrum.names)} blocks, JS0 = {summary[label]:.4g}\n{format_table(table)}")
-        print(f"wrote {folder}/(spectrum.npz, density.npz, blocks.csv, js_matrix.csv, summary.json, js_heatmap.png, densities.png)")
+        save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label),
+                    folder / "densities.png")
+        (folder / "summary.json").write_text(json.dumps({"model": label, "js0": summary[label], **spectrum.settings},
+                                                        indent=1) + "\n")
+        shown, which = table, ""
+        if args.top is not None and args.top < len(table):
+            shown = table.nlargest(args.top, "mean_js")
+            which = f"; the {args.top} most heterogeneous (largest mean JS distance), all in blocks.csv"
+        print(f"\n{label}: {len(spectrum.names)} blocks, JS0 = {summary[label]:.4g}{which}\n{format_table(shown)}")
+        print(f"wrote {folder}/(spectrum.npz, density.npz, blocks.csv, js_matrix.csv, summary.json, js_heatmap.png, "
+              "densities.png)")
 
     order = sorted(summary, key=summary.get)
     table = js0_table(summary, baseline=order[0] if len(summary) > 1 else None)
@@ -196,10 +214,12 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
     if args.blocks and args.sample_layers:
         raise ValueError("use either --blocks or --sample-layers, not both")
     if args.split_blocks and args.full_model:
-        raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the batches)")
+        raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the "
+                         "batches)")
     dtype, device, world_size = torch_dtype(args.dtype), device_for_rank(args.device), get_world_size()
     spec = build_model(name, seed=args.seed, **parse_overrides(args.set))
-    batches = make_batches(spec, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
+    batches = make_batches(spec, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed,
+                           dtype=dtype)
     partition = Partition.load(args.partition, spec.model) if args.partition else Partition.per_tensor(spec.model)
     blocks = partition.blocks
     if args.blocks:
@@ -215,9 +235,11 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
     with tqdm(total=total_steps(args.steps, args.full_model), desc=f"{name}: SLQ on {len(blocks)} blocks",
               unit="step", disable=args.no_progress or not is_main_process(), file=sys.stderr) as bar:
         if args.split_blocks:
-            spectrum = split_block_spectra(spec.model, spec.loss_fn, batches, blocks, progress=bar.update, **slq, **hessian_options)
+            spectrum = split_block_spectra(spec.model, spec.loss_fn, batches, blocks, progress=bar.update, **slq,
+                                           **hessian_options)
         elif world_size > 1:
-            hessian = DataParallelBlockHessian(spec.model, spec.loss_fn, shard_batches(batches), blocks, **hessian_options)
+            hessian = DataParallelBlockHessian(spec.model, spec.loss_fn, shard_batches(batches), blocks,
+                                               **hessian_options)
             spectrum = block_spectra(hessian, full_model=args.full_model, progress=bar.update, **slq)
         else:
             hessian = BlockHessian(spec.model, spec.loss_fn, batches, blocks, **hessian_options)

@@ -52,13 +52,15 @@ def add_compute_options(parser: argparse.ArgumentParser, *, products: bool = Tru
     group = parser.add_argument_group("compute")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     if products:
-        group.add_argument("--dtype", choices=DTYPE_NAMES, default="float64", help="precision of the products (default: float64)")
+        group.add_argument("--dtype", choices=DTYPE_NAMES, default="float64",
+                           help="precision of the products (default: float64)")
         group.add_argument("--strategy", choices=STRATEGIES, default="auto",
                            help="block Hessian-vector product strategy (default: auto)")
     return group
 
 
-def add_output_options(parser: argparse.ArgumentParser, default_out: Path, what: str = "output folder") -> argparse._ArgumentGroup:
+def add_output_options(parser: argparse.ArgumentParser, default_out: Path,
+                       what: str = "output folder") -> argparse._ArgumentGroup:
     """``--out`` and ``--no-progress``."""
     group = parser.add_argument_group("output")
     group.add_argument("--out", type=Path, default=default_out, help=f"{what} (default: {default_out})")

@@ -83,7 +83,8 @@ def build_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
     elif ":" in name:
         spec = _build_user_model(name, seed, overrides)
     else:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)} or 'package.module:factory'")
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)} or "
+                         "'package.module:factory'")
     spec.model.to(dtype).eval()
     return spec
 
@@ -132,4 +133,5 @@ def _build_user_model(name: str, seed: int, overrides: dict) -> ModelSpec:
         return result
     if isinstance(result, nn.Module):
         return ModelSpec(name, result, cross_entropy_loss, "custom", {}, None)
-    raise TypeError(f"user model {name!r}: the factory returned {type(result).__name__}; expected a ModelSpec or an nn.Module")
+    raise TypeError(f"user model {name!r}: the factory returned {type(result).__name__}; expected a ModelSpec or an "
+                    "nn.Module")

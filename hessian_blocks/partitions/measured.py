@@ -298,7 +298,8 @@ def decide_rule(
     """The split of one tensor from its measured slice couplings (shapes and numbers only)."""
     check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
     shape = coupling.shape
-    groupings = [group_axis(matrix, threshold, contrast, max_runs, axis) for axis, matrix in sorted(coupling.axes.items())]
+    groupings = [group_axis(matrix, threshold, contrast, max_runs, axis) for axis,
+                 matrix in sorted(coupling.axes.items())]
     method = f"{coupling.method}, {coupling.products} HVPs"
     if not groupings:  # a single entry
         rule = Rule(coupling.param, "whole", why=f"one entry ({method})")
@@ -313,8 +314,10 @@ def decide_rule(
     if not split:
         rule = Rule(coupling.param, "whole", why=f"slices couple along every axis: {evidence} ({method})")
     elif single_slices and near_diagonal and spread <= max_spread:
-        rule = Rule(coupling.param, "whole", why=f"Hessian near diagonal ({off_diagonal:.0%} off) with an even diagonal "
-                                                 f"(spread {spread:.3g}, one learning rate fits): {evidence} ({method})")
+        rule = Rule(coupling.param, "whole",
+                    why=f"Hessian near diagonal ({off_diagonal:.0%} off) with an even diagonal "
+                                                 f"(spread {spread:.3g}, one learning rate fits): {evidence} "
+                                                 f"({method})")
     elif single_slices and near_diagonal:
         rule = Rule(coupling.param, "elements", why=f"Hessian near diagonal ({off_diagonal:.0%} off), uneven diagonal "
                                                     f"(spread {spread:.3g}): {evidence} ({method})")
@@ -452,7 +455,8 @@ def _scaled_rule(rule: Rule, small_shape: tuple[int, ...], name: str, shape: tup
         if covered % small_shape[axis] or (covered // small_shape[axis]) % size:
             raise ValueError(
                 f"cannot map run-length groups {list(map(list, rule.runs))} of '{rule.param}' (axis {axis} of length "
-                f"{small_shape[axis]}) to '{name}' (length {shape[axis]}): the run of {count} groups of {size} does not "
+                f"{small_shape[axis]}) to '{name}' (length {shape[axis]}): the run of {count} groups of {size} does "
+                "not "
                 "scale to whole groups. Choose a small instance whose widths divide the full model's."
             )
         runs.append((size, covered // small_shape[axis] // size))

@@ -126,7 +126,8 @@ def _heads_spec(kind: str, heads: int, head_dim: int, axis: int) -> RuleSpec:
 
 def _head_dim(kind: str, features: int, heads: int) -> int:
     if features % heads:
-        raise ValueError(f"{kind}: {features} projection features do not split into {heads} heads; pass the right n_heads")
+        raise ValueError(f"{kind}: {features} projection features do not split into {heads} heads; pass the right "
+                         "n_heads")
     return features // heads
 
 
