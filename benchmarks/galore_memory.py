@@ -49,9 +49,7 @@ def state_bytes(config: dict, args: argparse.Namespace, batch) -> dict:
     for name in LABELS:
         spec = build_model("gpt2-nano", seed=args.seed, **config)
         optimizer = optimizer_for(name, spec.model, args)
-        x, y = batch
-        spec.loss_fn(spec.model(x), y).backward()
-        optimizer.step()
+        run_steps(spec.model, spec.loss_fn, optimizer, [batch], 1)
         if name == "galore_mini":
             named = dict(spec.model.named_parameters())
             projected = [n for n, p in named.items() if optimizer.projection(p) is not None]

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+import optim
 from analysis.experiments.training import run_steps
 from hessian_blocks import Partition, Rule, build_model, make_batches
 from hessian_blocks.models import ModelSpec, cross_entropy_loss
 from hessian_blocks.partitions.coupling import load_couplings, measure_coupling, save_couplings
 from hessian_blocks.partitions.measured import decide_rule
-from optim import AdamMini
 
 SIZES = {  # (model config, steps, training batches) of the default and the --quick runs
     "gpt2-nano": ((dict(n_layer=4, n_embd=128, n_head=4, vocab_size=256, context=64), 600, 200),
@@ -98,7 +98,7 @@ def paper_rules(kind: str, model: torch.nn.Module, head_dim: int) -> list[Rule]:
 def train(kind: str, config: dict, partition: Partition, batches, lr: float, steps: int, seed: int) -> list[float]:
     spec = build(kind, config, seed)
     model = spec.model.train()
-    optimizer = AdamMini(model, partition=partition, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = optim.make("adam_mini", model, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, partition=partition)
     return run_steps(model, spec.loss_fn, optimizer, batches, steps)[0]
 
 

@@ -23,6 +23,10 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+__all__ = [
+    "FORMAT", "SPLITS", "VERSION", "Block", "Partition", "Rule", "sample_layers", "select_blocks", "trainable_shapes"
+]
+
 FORMAT = "hessian-blocks/partition"
 VERSION = 1
 SPLITS = ("whole", "elements", "groups")

@@ -13,6 +13,11 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+__all__ = [
+    "check_device", "check_eval_mode", "check_gradients", "check_same_loss", "explain_double_backward_failure",
+    "HessianSetupError", "twice_differentiable_attention"
+]
+
 
 class HessianSetupError(ValueError):
     """The model or data cannot give exact Hessian-vector products as they are."""

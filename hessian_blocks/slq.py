@@ -11,6 +11,8 @@ from .hvp import BlockHessian
 from .lanczos import lanczos, make_probes
 from .results import SpectrumResult
 
+__all__ = ["block_spectra", "total_steps"]
+
 
 def block_spectra(
     hessian: BlockHessian,

@@ -28,6 +28,8 @@ from .distributed import ShardedBlockLayout, block_layout, local_tensor, reduce_
 from .layout import BlockLayout
 from .update import Batch, StepScalars, foreach_update, reference_update
 
+__all__ = ["STATE_KEYS", "AdamMini"]
+
 Params = Union[nn.Module, Iterable[tuple[str, torch.Tensor]], Iterable[dict]]
 PartitionArg = Union[Partition, str, Path]
 

@@ -15,6 +15,8 @@ from .choices import OPTIMIZERS, PARTITIONED
 from .galore_mini import GaLoreMini
 from .param_groups import param_groups_no_decay
 
+__all__ = ["make"]
+
 
 def make(
     name: str,

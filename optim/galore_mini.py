@@ -60,6 +60,11 @@ from .adam_mini import AdamMini, Params, PartitionArg, _block_dtype
 from .layout import BlockLayout
 from .update import Batch, foreach_update, reference_update
 
+__all__ = [
+    "PROJECTION_DEFAULTS", "PROJECTORS", "RANDOMIZED_OVERSAMPLE", "RANDOMIZED_POWER_ITERATIONS", "choose_projection",
+    "GaLoreMini", "Projection", "randomized_basis", "svd_basis"
+]
+
 PROJECTORS = ("svd", "randomized")
 PROJECTION_DEFAULTS = dict(rank=0.25, update_proj_gap=200, scale=0.25, projector="svd", projector_seed=0)
 RANDOMIZED_OVERSAMPLE = 8

@@ -19,6 +19,8 @@ import torch
 
 from .layout import BlockLayout
 
+__all__ = ["Batch", "foreach_update", "reference_update", "StepScalars", "update_param"]
+
 
 @dataclass(frozen=True)
 class StepScalars:

@@ -66,7 +66,8 @@ def test_page_examples_run(page, tmp_path, monkeypatch, capsys):
             assert commands, f"{where}: a runnable console block without a hessian-blocks command"
             for line in commands:
                 argv = shlex.split(line.split(" #", 1)[0])[1:]
-                assert main(argv + ["--no-progress"]) == 0, f"{where}: {line}"
+                code = main(argv + ["--no-progress"])
+                assert code == 0, f"{where}: {line}\n{capsys.readouterr().err}"
         else:
             pytest.fail(f"{where}: runnable blocks are python or console, not {language}")
     capsys.readouterr()

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import optim._fused
+from analysis.experiments.training import run_steps
 from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition
 from optim import OPTIMIZERS, AdamMini, make, param_groups_no_decay, state_memory
@@ -20,9 +21,7 @@ def tiny_gpt():
 
 def one_step(spec, optimizer):
     tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-    optimizer.zero_grad()
-    spec.loss_fn(spec.model(tokens[:, :-1]), tokens[:, 1:]).backward()
-    optimizer.step()
+    run_steps(spec.model, spec.loss_fn, optimizer, [(tokens[:, :-1], tokens[:, 1:])], 1)
 
 
 def test_no_decay_groups_by_type_and_ndim():

@@ -19,6 +19,11 @@ import torch.nn.functional as F
 
 from .checks import check_positive
 
+__all__ = [
+    "GPT", "Block", "check_heads", "FeedForward", "GPTConfig", "init_normal", "LayerNorm", "positions",
+    "SelfAttention"
+]
+
 
 @dataclass
 class GPTConfig:

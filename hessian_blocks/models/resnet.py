@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from .checks import check_positive
 
+__all__ = ["BasicBlock", "conv3x3", "ResNet", "ResNetConfig"]
+
 
 @dataclass
 class ResNetConfig:

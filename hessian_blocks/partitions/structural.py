@@ -30,6 +30,8 @@ from hessian_blocks.blocks import Partition, Rule
 from hessian_blocks.models.gpt import LayerNorm as BundledLayerNorm
 from hessian_blocks.models.gpt import SelfAttention as BundledSelfAttention
 
+__all__ = ["NORM_TYPES", "default_partition", "default_rules", "is_norm", "register_attention"]
+
 # What a rule does, without the parameter's name: keyword arguments of Rule (split, axis, size, runs, why).
 RuleSpec = dict
 # An attention handler: (module, user head count or None) -> [(parameter, rule spec)] for the
