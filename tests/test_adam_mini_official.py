@@ -25,6 +25,7 @@ import torch
 pytest.importorskip("adam_mini")
 from adam_mini import Adam_mini  # noqa: E402
 
+from analysis.experiments.training import run_steps
 from hessian_blocks import build_model  # noqa: E402
 from hessian_blocks.blocks import Partition, Rule  # noqa: E402
 from optim import AdamMini, param_groups_no_decay  # noqa: E402
@@ -61,11 +62,8 @@ def official_equivalent_partition(model) -> Partition:
 
 def train(spec, optimizer, steps=STEPS):
     generator = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        tokens = torch.randint(0, VOCAB, (4, CONTEXT + 1), generator=generator)
-        optimizer.zero_grad()
-        spec.loss_fn(spec.model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        optimizer.step()
+    batches = [torch.randint(0, VOCAB, (4, CONTEXT + 1), generator=generator) for _ in range(steps)]
+    run_steps(spec.model, spec.loss_fn, optimizer, [(t[:, :-1], t[:, 1:]) for t in batches], steps)
     return {name: p.detach().clone() for name, p in spec.model.named_parameters()}
 
 

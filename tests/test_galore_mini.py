@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import optim.galore_mini as galore
+from analysis.experiments.training import run_steps
 from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition, Rule
 from optim import AdamMini, GaLoreMini, make, param_groups_no_decay, state_memory
@@ -149,12 +150,8 @@ def tiny_gpt(dtype=torch.float32):
 def train(spec, optimizer, steps, scheduler=None, start=0):
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 64, (4, 9), generator=generator) for _ in range(start + steps)][start:]
-    for tokens in batches:
-        optimizer.zero_grad()
-        spec.loss_fn(spec.model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+    run_steps(spec.model, spec.loss_fn, optimizer, [(t[:, :-1], t[:, 1:]) for t in batches], steps,
+              on_step=None if scheduler is None else lambda _: scheduler.step())
 
 
 def checkpoint(*objects) -> list:
