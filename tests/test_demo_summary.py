@@ -39,3 +39,19 @@ def test_top_at_or_above_the_block_count_prints_every_block(top, tmp_path, capsy
     printed = capsys.readouterr().out
     assert sum(line.startswith("blocks.0.attn.") for line in printed.splitlines()) == 8
     assert "most heterogeneous" not in printed
+
+
+def test_the_makefile_demo_command_parses():
+    """``make demo`` (the README's first command) runs a command line the parser accepts."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from hessian_blocks.cli import build_parser
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    recipe = re.search(r"^demo:.*\n\t(.*)$", makefile, re.M).group(1)
+    argv = shlex.split(recipe.replace("$(DEMO_OUT)", "runs/demo"))
+    assert argv[0] == "$(BIN)/hessian-blocks"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "js" and args.model == ["gpt2-nano", "vgg16"] and args.top == 5
