@@ -263,9 +263,8 @@ class Partition:
         for name, shape in recorded.items():
             if name in actual and actual[name] != shape:
                 raise ValueError(
-                    f"{source}: parameter '{name}' has shape {list(shape)} in the file but {list(actual[name])} in "
-                    "the model; "
-                    "the partition was made for another model size: derive it again for this model"
+                    f"{source}: parameter '{name}' has shape {list(shape)} in the file but {list(actual[name])} in the "
+                    "model; the partition was made for another model size: derive it again for this model"
                 )
         try:
             return cls(rules, actual, type(model).__name__)

@@ -177,8 +177,7 @@ class ShardedBlockLayout:
         if outer != 1 or row % inner:
             raise ValueError(
                 f"parameter '{self.name}': its blocks (outer {outer}, length {length}, inner {inner}) do not align "
-                "with "
-                "rows of dim 0; shard it on dim 0 with Shard(0) (the FSDP2 default)"
+                "with rows of dim 0; shard it on dim 0 with Shard(0) (the FSDP2 default)"
             )
         low, high = start // inner, stop // inner                # local range along the blocks' axis
         held = []
@@ -208,8 +207,7 @@ class ShardedBlockLayout:
         if not torch.equal(counts.cpu(), self.block_numels):
             raise ValueError(
                 f"parameter '{self.name}': its shards cover the blocks with {counts.tolist()} elements, the blocks "
-                "have "
-                f"{self.block_numels.tolist()}; every rank must hold a contiguous range of rows, in rank order"
+                f"have {self.block_numels.tolist()}; every rank must hold a contiguous range of rows, in rank order"
             )
 
 

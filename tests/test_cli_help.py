@@ -46,11 +46,10 @@ def test_help_lists_the_registries_choices():
 
     assert tuple(_REGISTRY) == MODEL_NAMES
     result = loaded_after(
-        "import contextlib, io\nfrom hessian_blocks.cli import build_parser\n"
-        "out = {}\nfor command in ('js', 'compare'):\n    buf = io.StringIO()\n"
-        "    with contextlib.redirect_stdout(buf):\n        try:\n            build_parser().parse_args([command, "
-        "'--help'])\n"
-        "        except SystemExit:\n            out[command] = buf.getvalue()")
+        "import contextlib, io\nfrom hessian_blocks.cli import build_parser\nout = {}\nfor command in ('js', "
+        "'compare'):\n    buf = io.StringIO()\n    with contextlib.redirect_stdout(buf):\n        try:\n            "
+        "build_parser().parse_args([command, '--help'])\n        except SystemExit:\n            out[command] = "
+        "buf.getvalue()")
     js_help, compare_help = (" ".join(result["out"][c].split()) for c in ("js", "compare"))
     assert ", ".join(MODEL_NAMES) in js_help and ", ".join(DATA_SOURCES) in js_help
     assert "{" + ",".join(STRATEGIES) + "}" in js_help

@@ -57,9 +57,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--sigma2", type=float, default=1e-5,
                        help="Gaussian broadening variance on the eigenvalue axis (default: 1e-5)")
     group.add_argument("--grid-points", type=int, default=None,
-                       help="points of the common density grid (default: 50000, more where the eigenvalues span a "
-                            "range "
-                            "so wide that the Gaussians would fall between grid points)")
+                       help="points of the common density grid (default: 50000, more where the eigenvalues span "
+                            "a range so wide that the Gaussians would fall between grid points)")
 
     spectrum = commands.add_parser(
         "spectrum", parents=[measure, density], help="per-block spectral densities (SLQ)",

@@ -42,16 +42,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                               f"{DEFAULT_THRESHOLD})")
     command.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST,
                          help="distinct groups couple inside this many times more than to their neighbours; the "
-                              "finest grouping "
-                              "wins that cuts no distinct group at links above threshold/contrast (default: "
-                              f"{DEFAULT_CONTRAST})")
+                              "finest grouping wins that cuts no distinct group at links above threshold/contrast "
+                              f"(default: {DEFAULT_CONTRAST})")
     command.add_argument("--max-runs", type=int, choices=(1, 2), default=DEFAULT_MAX_RUNS,
                          help="1: equal groups only; 2: also single slices before or after them (default: "
                               f"{DEFAULT_MAX_RUNS})")
     command.add_argument("--max-spread", type=float, default=DEFAULT_MAX_SPREAD,
                          help="near-diagonal Hessians with an even diagonal (90th/10th percentile at most this) are "
-                              "one "
-                              f"block (default: {DEFAULT_MAX_SPREAD})")
+                              f"one block (default: {DEFAULT_MAX_SPREAD})")
     command.add_argument("--mass-threshold", type=float, default=DEFAULT_MASS_THRESHOLD,
                          help=f"largest off-diagonal mass fraction of a near-diagonal Hessian ('whole' or 'elements' "
                               f"instead of slices; default: {DEFAULT_MASS_THRESHOLD})")
@@ -64,10 +62,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_output_options(command, Path("partition.json"), what="partition file to write")
     command.add_argument("--couplings", type=Path, metavar="NPZ",
                          help="keep the measured couplings in this file: read when it exists (deciding again with "
-                              "other "
-                              "--threshold/--contrast/... measures nothing), else measured and written; refused when "
-                              "it was "
-                              "measured with another model, data or measurement setting")
+                              "other --threshold/--contrast/... measures nothing), else measured and written; refused "
+                              "when it was measured with another model, data or measurement setting")
     command.add_argument("--heatmap", action="append", default=[], metavar="PARAM",
                          help="also draw the measured Hessian of this tensor with its derived blocks (PNG next to "
                               "--out; repeatable)")

@@ -315,9 +315,8 @@ def decide_rule(
         rule = Rule(coupling.param, "whole", why=f"slices couple along every axis: {evidence} ({method})")
     elif single_slices and near_diagonal and spread <= max_spread:
         rule = Rule(coupling.param, "whole",
-                    why=f"Hessian near diagonal ({off_diagonal:.0%} off) with an even diagonal "
-                                                 f"(spread {spread:.3g}, one learning rate fits): {evidence} "
-                                                 f"({method})")
+                    why=f"Hessian near diagonal ({off_diagonal:.0%} off) with an even diagonal (spread {spread:.3g}, "
+                                                 f"one learning rate fits): {evidence} ({method})")
     elif single_slices and near_diagonal:
         rule = Rule(coupling.param, "elements", why=f"Hessian near diagonal ({off_diagonal:.0%} off), uneven diagonal "
                                                     f"(spread {spread:.3g}): {evidence} ({method})")
@@ -456,8 +455,7 @@ def _scaled_rule(rule: Rule, small_shape: tuple[int, ...], name: str, shape: tup
             raise ValueError(
                 f"cannot map run-length groups {list(map(list, rule.runs))} of '{rule.param}' (axis {axis} of length "
                 f"{small_shape[axis]}) to '{name}' (length {shape[axis]}): the run of {count} groups of {size} does "
-                "not "
-                "scale to whole groups. Choose a small instance whose widths divide the full model's."
+                "not scale to whole groups. Choose a small instance whose widths divide the full model's."
             )
         runs.append((size, covered // small_shape[axis] // size))
     return Rule(name, "groups", axis=axis, runs=tuple(runs), why=why)
