@@ -4,7 +4,7 @@ Sources (nothing is downloaded):
 - "digits": scikit-learn's bundled 8x8 handwritten digits (1797 images), scaled to [0, 1] and
   normalised, resized bilinearly to the model's image size and repeated over its channels; for
   vector models the 64 pixels as features.
-- "text": byte-level tokens of the English documentation bundled with Python (`pydoc_data`), windows
+- "text": byte-level tokens of the English documentation bundled with Python (``pydoc_data``), windows
   at seeded random offsets; next-token targets, or a seeded 15% [MASK] for masked-LM models.
 - "synthetic": seeded Gaussian inputs and uniform random labels/tokens of the right shapes.
 - a path to a .pt file (dict with "x" and "y" tensors, or a list of (x, y) batches), an .npz file
@@ -67,9 +67,9 @@ def make_batches(
     split: str = "all",
     validation_fraction: float = 0.1,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`n_batches` batches of `batch_size` samples (the last one `last_batch_size` if given) for `spec`.
+    """``n_batches`` batches of ``batch_size`` samples (the last one ``last_batch_size`` if given) for ``spec``.
 
-    The same arguments always give identical tensors. Float inputs and targets are cast to `dtype`;
+    The same arguments always give identical tensors. Float inputs and targets are cast to ``dtype``;
     token ids and class labels are torch.long. ``split`` ("all", "train" or "validation") and
     ``validation_fraction`` choose the part of the source drawn from (see the module docstring).
     """
@@ -251,7 +251,7 @@ def _bytes_to_tokens(data: bytes) -> torch.Tensor:
 def _text_windows(
     spec: ModelSpec, tokens: torch.Tensor, n: int, gen: torch.Generator, what: str, random_offsets: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` windows of byte tokens: at seeded random offsets, or consecutive from the start."""
+    """``n`` windows of byte tokens: at seeded random offsets, or consecutive from the start."""
     _check_text_model(spec, what)
     vocab_size, context = _need(spec, "vocab_size", "context")
     masked = spec.task == "masked-text"
@@ -288,7 +288,7 @@ def _check_text_model(spec: ModelSpec, what: str) -> None:
 
 def _mask_tokens(tokens: torch.Tensor, mask_id: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-LM pairs: in each row the same number (15%, at least 1) of seeded random positions is
-    replaced by `mask_id` in the inputs; targets hold the original id there and IGNORE_INDEX elsewhere."""
+    replaced by ``mask_id`` in the inputs; targets hold the original id there and IGNORE_INDEX elsewhere."""
     n, T = tokens.shape
     k = max(1, round(MASK_FRACTION * T))
     chosen = torch.rand(n, T, generator=gen).argsort(dim=1)[:, :k]

@@ -1,11 +1,11 @@
-"""The bundled model zoo and `build_model`, the one way to get a model for the engine.
+"""The bundled model zoo and ``build_model``, the one way to get a model for the engine.
 
     spec = build_model("gpt2-nano", seed=0, dtype=torch.float64, n_layer=2)
     loss = spec.loss_fn(spec.model(x), y)
 
 A name is either one of MODEL_NAMES (config fields can be overridden by keyword) or a user model
 "package.module:factory": the factory is called with the overrides and returns a ModelSpec or an
-nn.Module. Models come back in eval mode, initialised from `seed` without touching the global RNG.
+nn.Module. Models come back in eval mode, initialised from ``seed`` without touching the global RNG.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ModelSpec:
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the last dimension of `logits` ([..., n_classes]) against `targets` ([...]).
+    """Mean cross-entropy over the last dimension of ``logits`` ([..., n_classes]) against ``targets`` ([...]).
 
     Serves classifiers ([B, C] vs [B]) and language models ([B, T, V] vs [B, T]) alike; targets equal
     to IGNORE_INDEX are left out of the mean.
@@ -77,7 +77,7 @@ if tuple(_REGISTRY) != MODEL_NAMES:  # the CLI offers the names from hessian_blo
 
 
 def build_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> ModelSpec:
-    """Build a zoo model (or a user model "package.module:factory"), seeded, cast to `dtype`, in eval mode."""
+    """Build a zoo model (or a user model "package.module:factory"), seeded, cast to ``dtype``, in eval mode."""
     if name in _REGISTRY:
         spec = _build_registered(name, seed, overrides)
     elif ":" in name:
