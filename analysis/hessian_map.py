@@ -69,7 +69,8 @@ def hessian_map(
     chosen = list(partition.param_shapes) if params is None else list(params)
     unknown = [p for p in chosen if p not in partition.param_shapes]
     if unknown:
-        raise ValueError(f"{unknown} are not parameters of the partition; it has {list(partition.param_shapes)[:6]} ...")
+        raise ValueError(f"{unknown} are not parameters of the partition; it has {list(partition.param_shapes)[:6]} "
+                         "...")
     order = {name: i for i, name in enumerate(chosen)}
     blocks = sorted((b for b in partition.blocks if b.param in order), key=lambda b: order[b.param])
     size = sum(b.numel for b in blocks)

@@ -51,7 +51,8 @@ def main() -> None:
     overrides = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=300, context=16) if args.quick else {}
     repeats = 1 if args.quick else args.repeats
     spec = build_model("gpt2-nano", seed=0, **overrides)
-    batches = make_batches(spec, "text", batch_size=2 if args.quick else args.batch_size, n_batches=1, dtype=torch.float64)
+    batches = make_batches(spec, "text", batch_size=2 if args.quick else args.batch_size, n_batches=1,
+                           dtype=torch.float64)
 
     hessians = {s: BlockHessian(spec.model, spec.loss_fn, batches, dtype=torch.float64, device=device, strategy=s)
                 for s in ("loop", "vmap", "auto")}
@@ -65,7 +66,8 @@ def main() -> None:
         "full-model HVP": timed(lambda: hessians["vmap"].matvec(vector), repeats, device),
         "block sweep, loop (papers)": timed(lambda: hessians["loop"].block_matvec(vector), repeats, device),
         "block sweep, vmap": timed(lambda: hessians["vmap"].block_matvec(vector), repeats, device),
-        f"block sweep, auto (= {hessians['auto'].strategy})": timed(lambda: hessians["auto"].block_matvec(vector), repeats, device),
+        f"block sweep, auto (= {hessians['auto'].strategy})":
+            timed(lambda: hessians["auto"].block_matvec(vector), repeats, device),
     }
     full, loop = seconds["full-model HVP"], seconds["block sweep, loop (papers)"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

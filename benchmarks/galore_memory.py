@@ -38,7 +38,8 @@ LABELS = {"adamw": "AdamW", "adam_mini": "Adam-mini", "galore_mini": "GaLore-min
 
 
 def optimizer_for(name: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    extra = dict(rank=args.rank, update_proj_gap=args.gap, scale=args.scale, projector=args.projector) if name == "galore_mini" else {}
+    extra = dict(rank=args.rank, update_proj_gap=args.gap, scale=args.scale,
+                 projector=args.projector) if name == "galore_mini" else {}
     return optim.make(name, model, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, **extra)
 
 
@@ -48,9 +49,7 @@ def state_bytes(config: dict, args: argparse.Namespace, batch) -> dict:
     for name in LABELS:
         spec = build_model("gpt2-nano", seed=args.seed, **config)
         optimizer = optimizer_for(name, spec.model, args)
-        x, y = batch
-        spec.loss_fn(spec.model(x), y).backward()
-        optimizer.step()
+        run_steps(spec.model, spec.loss_fn, optimizer, [batch], 1)
         if name == "galore_mini":
             named = dict(spec.model.named_parameters())
             projected = [n for n, p in named.items() if optimizer.projection(p) is not None]
@@ -93,11 +92,13 @@ def figure(memory: dict, runs: dict, args: argparse.Namespace, width: int) -> Fi
         curves.plot(np.arange(curve.size) + window, curve, label=f"{LABELS[name]} (held-out {run['val_loss']:.3f})")
     curves.set_xlabel("step")
     curves.set_ylabel(f"training loss (mean of {window} steps)")
-    curves.set_title(f"gpt2-nano, lr {args.lr:g}; GaLore-mini rank {memory['rank_label']}, gap {args.gap}, scale {args.scale:g}")
+    curves.set_title(f"gpt2-nano, lr {args.lr:g}; GaLore-mini rank {memory['rank_label']}, gap {args.gap}, scale "
+                     f"{args.scale:g}")
     curves.legend()
     names = list(LABELS)
     xs = np.arange(len(names))
-    for offset, key, label in ((-0.2, "projected_vs_adamw", "projected matrices"), (0.2, "whole_vs_adamw", "whole model")):
+    for offset, key, label in ((-0.2, "projected_vs_adamw", "projected matrices"),
+                               (0.2, "whole_vs_adamw", "whole model")):
         values = [memory["rows"][n][key] for n in names]
         drawn = bars.bar(xs + offset, values, width=0.4, label=label)
         bars.bar_label(drawn, labels=[f"{v:.2f}x" for v in values], fontsize=8)
@@ -124,7 +125,8 @@ def main() -> None:
     preset = QUICK if args.quick else FULL
     args.steps = args.steps or preset["steps"]
     config = preset["config"]
-    setup = TrainSetup("gpt2-nano", config, "auto", preset["batch_size"], preset["train_batches"], preset["val_batches"])
+    setup = TrainSetup("gpt2-nano", config, "auto", preset["batch_size"], preset["train_batches"],
+                       preset["val_batches"])
     spec, train_batches, val_batches = setup.build(args.seed)  # validation text held out from the training text
     width = spec.model.config.n_embd
     args.rank = args.rank or width // 4

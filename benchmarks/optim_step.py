@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from hessian_blocks.models.gpt import GPT, GPTConfig
 import optim._fused
+from hessian_blocks.models.gpt import GPT, GPTConfig
 from optim import AdamMini, param_groups_no_decay, state_memory
 
 # width, layers, heads; vocab 50304 and context 1024 unless given
@@ -63,7 +63,8 @@ def candidates(model: GPT, device: torch.device) -> dict[str, Callable[[], torch
 
         config = model.config
         out["official adam-mini 1.1.1"] = lambda: Adam_mini(
-            model.named_parameters(), **HYPER, weight_decay=WEIGHT_DECAY, dim=config.n_embd, n_heads=config.n_head, verbose=False
+            model.named_parameters(), **HYPER, weight_decay=WEIGHT_DECAY, dim=config.n_embd, n_heads=config.n_head,
+            verbose=False
         )
     except ImportError:
         print("adam-mini is not installed: the official package is left out")
@@ -93,11 +94,13 @@ def time_round_robin(
     return times
 
 
-def run(shape: str, device: torch.device, dtype: torch.dtype, warmup: int, steps: int, only: list[str] | None) -> list[Row]:
+def run(shape: str, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
+        only: list[str] | None) -> list[Row]:
     model = build(shape, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"shape {shape}: {n_params / 1e6:.1f}M parameters, {dtype}, {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+             else f", {torch.get_num_threads()} threads"))
     optimizers = {}
     for name, make in candidates(model, device).items():
         if only and not any(key in name for key in only):
@@ -113,7 +116,8 @@ def run(shape: str, device: torch.device, dtype: torch.dtype, warmup: int, steps
     for name, optimizer in optimizers.items():
         median, fastest = statistics.median(times[name]) * 1e3, min(times[name]) * 1e3
         rows.append(Row(name, median, state_memory(optimizer).bytes_per_param))
-        print(f"  {name:28s} {median:9.2f} ms/step (min {fastest:8.2f})   {rows[-1].bytes_per_param:5.2f} state bytes/param")
+        print(f"  {name:28s} {median:9.2f} ms/step (min {fastest:8.2f})   {rows[-1].bytes_per_param:5.2f} state "
+              "bytes/param")
     return rows
 
 
@@ -140,7 +144,8 @@ def _option_value(text: str) -> object:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="model shape (default: small; quick with --quick)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="model shape (default: small; quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="CPU CI mode: the quick shape, few steps")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, cpu with --quick)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

@@ -37,13 +37,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+import optim
 from analysis.experiments.training import run_steps
 from hessian_blocks import Partition, Rule, build_model, make_batches
 from hessian_blocks.models import ModelSpec, cross_entropy_loss
 from hessian_blocks.partitions.coupling import load_couplings, measure_coupling, save_couplings
 from hessian_blocks.partitions.measured import decide_rule
-from optim import AdamMini
-
 
 SIZES = {  # (model config, steps, training batches) of the default and the --quick runs
     "gpt2-nano": ((dict(n_layer=4, n_embd=128, n_head=4, vocab_size=256, context=64), 600, 200),
@@ -99,7 +98,7 @@ def paper_rules(kind: str, model: torch.nn.Module, head_dim: int) -> list[Rule]:
 def train(kind: str, config: dict, partition: Partition, batches, lr: float, steps: int, seed: int) -> list[float]:
     spec = build(kind, config, seed)
     model = spec.model.train()
-    optimizer = AdamMini(model, partition=partition, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = optim.make("adam_mini", model, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, partition=partition)
     return run_steps(model, spec.loss_fn, optimizer, batches, steps)[0]
 
 
@@ -131,10 +130,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model, short runs")
     parser.add_argument("--lrs", type=float, nargs=2, default=[1e-3, 1e-2], help="two learning rates")
     parser.add_argument("--seed", type=int, default=0, help="seed of the measured model and of the first run")
-    parser.add_argument("--seeds", type=int, default=1, help="training runs per partition and lr, seeds SEED, SEED+1, ...")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training runs per partition and lr, seeds SEED, SEED+1, ...")
     parser.add_argument("--ablate", action="store_true", help="also train the derived partition with the paper's rules "
                                                                 "on 1-D tensors, and on the others")
-    parser.add_argument("--remeasure", action="store_true", help="measure the couplings even if OUT/couplings-seed<N>.npz exists")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure the couplings even if OUT/couplings-seed<N>.npz exists")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -152,7 +153,8 @@ def main() -> None:
         source = f"re-used from {cache}"
     else:
         measure_spec = build(args.model, config, args.seed, dtype=torch.float64)
-        measure_batches = make_batches(measure_spec, "text", batch_size=8, n_batches=1, seed=args.seed + 1, dtype=torch.float64)
+        measure_batches = make_batches(measure_spec, "text", batch_size=8, n_batches=1, seed=args.seed + 1,
+                                       dtype=torch.float64)
         couplings = measure_coupling(measure_spec.model, measure_spec.loss_fn, measure_batches, dtype=torch.float32,
                                      probes=2, strategy="vmap", seed=args.seed)
         save_couplings(couplings, cache, settings=measurement)

@@ -8,20 +8,44 @@ The engine in a few names::
     hessian = BlockHessian(spec.model, spec.loss_fn, make_batches(spec), Partition.per_tensor(spec.model))
     spectrum = block_spectra(hessian, steps=100, probes=10)     # SpectrumResult
     density = spectrum.density()                                  # DensityResult on a common grid
+
+The names load on first use (``import hessian_blocks`` imports no torch), so that the command line
+answers ``--help`` at once.
 """
 
-from .blocks import Block, Partition, Rule, sample_layers, select_blocks
-from .partitions import derive_partition
-from .data import DATA_SOURCES, make_batches
-from .guards import HessianSetupError
-from .hvp import STRATEGIES, BlockHessian
-from .lanczos import LanczosResult, lanczos, make_probes
-from .models import MODEL_NAMES, ModelSpec, build_model
-from .results import DensityResult, SpectrumResult
-from .slq import block_spectra
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .choices import DATA_SOURCES, MODEL_NAMES, STRATEGIES
+from .lazy import lazy_exports
 
 __all__ = [
     "Block", "BlockHessian", "DATA_SOURCES", "DensityResult", "HessianSetupError", "LanczosResult", "MODEL_NAMES",
     "ModelSpec", "Partition", "Rule", "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "lanczos",
     "make_batches", "make_probes", "sample_layers", "select_blocks", "derive_partition",
 ]
+
+_EXPORTS = {
+    **dict.fromkeys(("Block", "Partition", "Rule", "sample_layers", "select_blocks"), ".blocks"),
+    "derive_partition": ".partitions",
+    "make_batches": ".data",
+    "HessianSetupError": ".guards",
+    "BlockHessian": ".hvp",
+    **dict.fromkeys(("LanczosResult", "lanczos", "make_probes"), ".lanczos"),
+    **dict.fromkeys(("ModelSpec", "build_model"), ".models"),
+    **dict.fromkeys(("DensityResult", "SpectrumResult"), ".results"),
+    "block_spectra": ".slq",
+}
+lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # what type checkers and editors see
+    from .blocks import Block, Partition, Rule, sample_layers, select_blocks
+    from .data import make_batches
+    from .guards import HessianSetupError
+    from .hvp import BlockHessian
+    from .lanczos import LanczosResult, lanczos, make_probes
+    from .models import ModelSpec, build_model
+    from .partitions import derive_partition
+    from .results import DensityResult, SpectrumResult
+    from .slq import block_spectra

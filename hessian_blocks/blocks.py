@@ -147,7 +147,8 @@ class Rule:
         blocks, start = [], 0
         for size in self.group_sizes(shape):
             label = _axis_label(axis, len(shape))
-            blocks.append(Block(f"{self.param}[{label} {start}:{start + size}]", self.param, shape, axis, start, start + size))
+            blocks.append(Block(f"{self.param}[{label} {start}:{start + size}]", self.param, shape, axis, start,
+                                start + size))
             start += size
         return blocks
 
@@ -202,11 +203,13 @@ class Partition:
             if rule.param in seen:
                 raise ValueError(f"partition has two rules for parameter '{rule.param}': keep exactly one")
             if rule.param not in self.param_shapes:
-                raise ValueError(f"partition has a rule for '{rule.param}', which is not a trainable parameter of the model")
+                raise ValueError(f"partition has a rule for '{rule.param}', which is not a trainable parameter of the "
+                                 "model")
             seen.add(rule.param)
         missing = [name for name in self.param_shapes if name not in seen]
         if missing:
-            raise ValueError(f"partition has no rule for parameter(s) {missing}: every parameter needs exactly one rule")
+            raise ValueError(f"partition has no rule for parameter(s) {missing}: every parameter needs exactly one "
+                             "rule")
         by_param = {rule.param: rule for rule in self.rules}
         self.rules = [by_param[name] for name in self.param_shapes]
         self.blocks = [block for rule in self.rules for block in rule.resolve(self.param_shapes[rule.param])]
@@ -312,7 +315,8 @@ def select_blocks(blocks: Sequence[Block], patterns: Sequence[str]) -> list[Bloc
     chosen = []
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(b.name, pattern) or fnmatch.fnmatchcase(b.param, pattern) for b in blocks):
-            raise ValueError(f"block pattern {pattern!r} matches no block; parameter names look like {_examples(blocks)}")
+            raise ValueError(f"block pattern {pattern!r} matches no block; parameter names look like "
+                             f"{_examples(blocks)}")
     for block in blocks:
         if any(fnmatch.fnmatchcase(block.name, p) or fnmatch.fnmatchcase(block.param, p) for p in patterns):
             chosen.append(block)

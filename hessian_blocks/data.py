@@ -38,11 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .batching import batch_to, call_model
+from .choices import DATA_SOURCES
 from .models import IGNORE_INDEX, ModelSpec
 
 __all__ = ["DATA_SOURCES", "SPLITS", "batch_to", "call_model", "make_batches", "samples_available"]
 
-DATA_SOURCES: tuple[str, ...] = ("digits", "text", "synthetic")
 SPLITS: tuple[str, ...] = ("all", "train", "validation")
 # offset of the validation draws' seed: torch's CPU generator keeps 32 bits of a seed, and seeds below
 # 2**31 then never meet a validation stream
@@ -235,7 +235,8 @@ def _digits(spec: ModelSpec, n: int, gen: torch.Generator, part: _Part) -> tuple
     if spec.task == "vector":
         (in_features, num_classes) = _need(spec, "in_features", "num_classes")
         if in_features != 64:
-            raise ValueError(f"digits gives 64 features (8x8 pixels); model {spec.name!r} takes in_features={in_features}")
+            raise ValueError(f"digits gives 64 features (8x8 pixels); model {spec.name!r} takes "
+                             f"in_features={in_features}")
         _check_classes(spec, num_classes)
         return images.reshape(n, 64), labels
     if spec.task == "image":
@@ -276,7 +277,7 @@ def _bytes_to_tokens(data: bytes) -> torch.Tensor:
 def _text_windows(
     spec: ModelSpec, tokens: torch.Tensor, n: int, gen: torch.Generator, what: str, random_offsets: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` windows of byte tokens: at seeded random offsets, or consecutive from the start."""
+    """``n`` windows of byte tokens: at seeded random offsets, or consecutive from the start."""
     _check_text_model(spec, what)
     vocab_size, context = _need(spec, "vocab_size", "context")
     masked = spec.task == "masked-text"
@@ -323,7 +324,7 @@ def _check_text_model(spec: ModelSpec, what: str) -> None:
 
 def _mask_tokens(tokens: torch.Tensor, mask_id: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-LM pairs: in each row the same number (15%, at least 1) of seeded random positions is
-    replaced by `mask_id` in the inputs; targets hold the original id there and IGNORE_INDEX elsewhere."""
+    replaced by ``mask_id`` in the inputs; targets hold the original id there and IGNORE_INDEX elsewhere."""
     n, T = tokens.shape
     k = max(1, round(MASK_FRACTION * T))
     chosen = torch.rand(n, T, generator=gen).argsort(dim=1)[:, :k]
@@ -350,10 +351,12 @@ def _synthetic(spec: ModelSpec, n: int, gen: torch.Generator) -> tuple[torch.Ten
     if spec.task == "masked-text":
         vocab_size, context = _need(spec, "vocab_size", "context")
         if vocab_size < 2:
-            raise ValueError(f"masked-LM data needs vocab_size >= 2 (one id is [MASK]); model {spec.name!r} has {vocab_size}")
+            raise ValueError(f"masked-LM data needs vocab_size >= 2 (one id is [MASK]); model {spec.name!r} has "
+                             f"{vocab_size}")
         tokens = torch.randint(0, vocab_size - 1, (n, context), generator=gen)
         return _mask_tokens(tokens, vocab_size - 1, gen)
-    raise ValueError(f"synthetic data does not know the shapes of task {spec.task!r} (model {spec.name!r}); pass a data file")
+    raise ValueError(f"synthetic data does not know the shapes of task {spec.task!r} (model {spec.name!r}); pass a "
+                     "data file")
 
 
 # ---------------------------------------------------------------- files
@@ -411,7 +414,8 @@ def _tensor(value: object, path: Path, name: str) -> torch.Tensor:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(
-            f"{path}: {name} is not numeric (torch: {_first_sentence(err)}); save numbers (tensors or arrays) as x and y"
+            f"{path}: {name} is not numeric (torch: {_first_sentence(err)}); save numbers (tensors or arrays) as x "
+            "and y"
         ) from err
 
 

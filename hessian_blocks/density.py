@@ -12,7 +12,8 @@ import math
 import numpy as np
 from scipy.integrate import trapezoid
 
-__all__ = ["DEFAULT_GRID_POINTS", "MAX_GRID_POINTS", "gaussian_density", "grid_points", "kth_largest_eigenvalue", "spectral_grid"]
+__all__ = ["DEFAULT_GRID_POINTS", "MAX_GRID_POINTS", "gaussian_density", "grid_points", "kth_largest_eigenvalue",
+           "spectral_grid"]
 
 DEFAULT_GRID_POINTS = 50_000    # the papers' grid
 MAX_GRID_POINTS = 2_000_000     # the most grid_points() chooses: ~16 MB per density

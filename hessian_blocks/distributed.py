@@ -35,7 +35,7 @@ from torch import nn
 
 from .blocks import Block, Partition
 from .hvp import Batch, BlockHessian, LossFn
-from .lanczos import LanczosResult, lanczos, make_probes
+from .lanczos import LanczosResult, make_probes
 from .results import SpectrumResult
 from .slq import block_spectra
 

@@ -36,7 +36,8 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from .blocks import Block, Partition
-from .data import batch_to
+from .batching import batch_to
+from .choices import STRATEGIES
 from .guards import (
     HessianSetupError,
     check_eval_mode,
@@ -46,7 +47,6 @@ from .guards import (
     twice_differentiable_attention,
 )
 
-STRATEGIES = ("auto", "loop", "vmap")
 # How autograd reports an operation without a second (or forward-mode) derivative.
 # An operation that drops out of the graph under create_graph (once_differentiable) leaves the
 # gradient with no path back to the parameters: autograd reports the parameter as unused.
@@ -285,7 +285,8 @@ class BlockHessian:
         single = vectors.dim() == 1
         vectors = vectors.reshape(-1, self.size) if single else vectors
         if vectors.shape[-1] != self.size:
-            raise ValueError(f"vectors must have {self.size} columns (selected coordinates), got shape {tuple(vectors.shape)}")
+            raise ValueError(f"vectors must have {self.size} columns (selected coordinates), got shape "
+                             f"{tuple(vectors.shape)}")
         vectors = vectors.to(self.device, self.dtype)
         if block_diagonal:
             run = self._loop_block_diagonal if self.strategy == "loop" else self._vmap_block_diagonal
@@ -329,9 +330,11 @@ class BlockHessian:
         names = layout.params
         for weight, (inputs, targets) in zip(weights, batches):
             leaves = self._leaves(names)
-            grads = torch.autograd.grad(self._loss(leaves, inputs, targets), [leaves[n] for n in names], create_graph=True)
+            grads = torch.autograd.grad(self._loss(leaves, inputs, targets), [leaves[n] for n in names],
+                                        create_graph=True)
             for k in range(vectors.shape[0]):
-                dot = sum((g.reshape(-1) * layout.scatter(vectors[k : k + 1], n)[0]).sum() for n, g in zip(names, grads))
+                dot = sum((g.reshape(-1) * layout.scatter(vectors[k : k + 1], n)[0]).sum() for n,
+                          g in zip(names, grads))
                 hvs = torch.autograd.grad(dot, [leaves[n] for n in names], retain_graph=True)
                 for name, hv in zip(names, hvs):
                     layout.add_gathered(result[k : k + 1], name, weight * hv.reshape(1, -1))

@@ -11,6 +11,8 @@ from .hvp import BlockHessian
 from .lanczos import lanczos, make_probes
 from .results import SpectrumResult
 
+__all__ = ["block_spectra", "total_steps"]
+
 
 def block_spectra(
     hessian: BlockHessian,
@@ -46,7 +48,8 @@ def block_spectra(
         raise ValueError(f"steps and probes must be >= 1, got steps={steps}, probes={probes}")
     on_step = (lambda _step: progress(1)) if progress is not None else None
     if start is None:
-        start = make_probes(probes, hessian.size, kind=probe_kind, seed=seed, dtype=hessian.dtype, device=hessian.device)
+        start = make_probes(probes, hessian.size, kind=probe_kind, seed=seed, dtype=hessian.dtype,
+                            device=hessian.device)
     elif tuple(start.shape) != (probes, hessian.size):
         raise ValueError(f"start must be [probes, P] = [{probes}, {hessian.size}], got {tuple(start.shape)}")
     blocks = lanczos(

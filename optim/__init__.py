@@ -9,15 +9,40 @@ on a low-rank projection of matrix gradients) and a small factory.
     state_memory(opt).bytes_per_param                                     # ~4 in float32 (AdamW: 8)
 """
 
-from .adam_mini import AdamMini
-from hessian_blocks.partitions.structural import AttentionLayout, default_partition, default_rules, register_attention
-from .factory import OPTIMIZERS, PARTITIONED, make
-from .galore_mini import GaLoreMini, Projection
-from .layout import BlockLayout
-from .memory import StateMemory, state_memory
-from .param_groups import param_groups_no_decay
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hessian_blocks.lazy import lazy_exports
+
+from .choices import OPTIMIZERS, PARTITIONED
 
 __all__ = [
-    "AdamMini", "AttentionLayout", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory", "default_partition", "default_rules", "make",
+    "AdamMini", "AttentionLayout", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory",
+    "default_partition", "default_rules", "make",
     "param_groups_no_decay", "register_attention", "state_memory",
 ]
+
+_EXPORTS = {
+    "AdamMini": ".adam_mini",
+    **dict.fromkeys(("AttentionLayout", "default_partition", "default_rules", "register_attention"),
+                    "hessian_blocks.partitions.structural"),
+    "make": ".factory",
+    **dict.fromkeys(("GaLoreMini", "Projection"), ".galore_mini"),
+    "BlockLayout": ".layout",
+    **dict.fromkeys(("StateMemory", "state_memory"), ".memory"),
+    "param_groups_no_decay": ".param_groups",
+}
+lazy_exports(__name__, _EXPORTS)  # torch loads on first use of one of these names
+
+if TYPE_CHECKING:
+    from hessian_blocks.partitions.structural import (
+        AttentionLayout, default_partition, default_rules, register_attention,
+    )
+
+    from .adam_mini import AdamMini
+    from .factory import make
+    from .galore_mini import GaLoreMini, Projection
+    from .layout import BlockLayout
+    from .memory import StateMemory, state_memory
+    from .param_groups import param_groups_no_decay

@@ -55,7 +55,8 @@ class FusedStep:
     def __init__(self, layouts: Sequence[BlockLayout]):
         self.layouts = tuple(layouts)
         self.ran = False  # whether a call has completed (so the graph compiled)
-        self._compiled = torch.compile(self._update, fullgraph=True, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
+        self._compiled = torch.compile(self._update, fullgraph=True, dynamic=False,
+                                       options=dict(COMPILE_OPTIONS) or None)
 
     def __call__(
         self,

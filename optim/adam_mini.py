@@ -21,12 +21,14 @@ import torch
 import torch.nn as nn
 
 from hessian_blocks.blocks import Partition, Rule
+from hessian_blocks.partitions.structural import default_rules
 
 from . import _fused
-from hessian_blocks.partitions.structural import default_rules
 from .distributed import ShardedBlockLayout, block_layout, local_tensor, reduce_block_mean_squares
 from .layout import BlockLayout
 from .update import Batch, StepScalars, foreach_update, reference_update
+
+__all__ = ["STATE_KEYS", "AdamMini"]
 
 Params = Union[nn.Module, Iterable[tuple[str, torch.Tensor]], Iterable[dict]]
 PartitionArg = Union[Partition, str, Path]
@@ -111,7 +113,8 @@ class AdamMini(torch.optim.Optimizer):
         for name, param in pairs:
             rule = self._rules.get(name)
             if rule is None:
-                raise ValueError(f"the partition has no rule for parameter '{name}': every parameter needs exactly one rule")
+                raise ValueError(f"the partition has no rule for parameter '{name}': every parameter needs exactly "
+                                 "one rule")
             if tuple(param.shape) != self._rule_shapes[name]:
                 raise ValueError(
                     f"parameter '{name}' has shape {list(param.shape)} but the partition's rule was made for "
@@ -179,7 +182,8 @@ class AdamMini(torch.optim.Optimizer):
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}'): use a dense embedding")
+                raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}'): use a dense "
+                                   "embedding")
             state = self.state[param]
             if not state:
                 _check_param(name, param)
@@ -201,7 +205,8 @@ class AdamMini(torch.optim.Optimizer):
         return {
             "step": torch.tensor(0.0, dtype=torch.float32),
             "exp_avg": torch.zeros_like(param, dtype=self._exp_avg_dtype(param), memory_format=torch.contiguous_format),
-            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param), device=param.device),
+            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param),
+                                            device=param.device),
         }
 
     def _exp_avg_dtype(self, param: torch.Tensor) -> torch.dtype:
@@ -220,7 +225,8 @@ class AdamMini(torch.optim.Optimizer):
         restored = dict(saved)
         restored["step"] = saved["step"].to(dtype=torch.float32, device="cpu", copy=True)
         restored["exp_avg"] = saved["exp_avg"].to(dtype=self._exp_avg_dtype(param), device=param.device, copy=True)
-        restored["block_exp_avg_sq"] = saved["block_exp_avg_sq"].to(dtype=_block_dtype(param), device=param.device, copy=True)
+        restored["block_exp_avg_sq"] = saved["block_exp_avg_sq"].to(
+            dtype=_block_dtype(param), device=param.device, copy=True)
         return restored
 
     def _check_saved_rules(self, saved_groups: list[dict[str, Any]]) -> None:
@@ -242,7 +248,8 @@ class AdamMini(torch.optim.Optimizer):
             if _fused.available(params):
                 return "fused"
             if not self._warned_fallback:
-                warnings.warn(f"AdamMini(fused=True): {_fused.unavailable_reason(params)}; using the foreach path", stacklevel=3)
+                warnings.warn(f"AdamMini(fused=True): {_fused.unavailable_reason(params)}; using the foreach path",
+                              stacklevel=3)
                 self._warned_fallback = True
             return "foreach"
         return "foreach" if foreach or foreach is None else "reference"
@@ -314,7 +321,8 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
 
 def _check_param(name: str, param: torch.Tensor) -> None:
     if not param.is_floating_point():
-        raise TypeError(f"parameter '{name}' has dtype {param.dtype}: AdamMini updates real floating-point tensors only")
+        raise TypeError(f"parameter '{name}' has dtype {param.dtype}: AdamMini updates real floating-point tensors "
+                        "only")
     if not param.is_contiguous():
         raise ValueError(f"parameter '{name}' is not contiguous (channels_last?): AdamMini needs contiguous parameters")
 
@@ -326,7 +334,10 @@ def _named_groups(params: Iterable, model: nn.Module | None) -> list[dict[str, A
     items = list(params)
     if not items:
         raise ValueError("AdamMini got an empty parameter list")
-    groups = [{**g, "params": list(g["params"])} for g in items] if all(isinstance(g, dict) for g in items) else [{"params": items}]
+    if all(isinstance(g, dict) for g in items):
+        groups = [{**g, "params": list(g["params"])} for g in items]
+    else:
+        groups = [{"params": items}]
     if model is not None:
         names = {id(p): name for name, p in model.named_parameters()}
         for group in groups:
@@ -396,7 +407,8 @@ def _resolve_partition(
         rules = default_rules(model, n_heads)
         unknown = [name for name in shapes if name not in rules]
         if unknown:
-            raise ValueError(f"parameter(s) {unknown} are not parameters of the given model: the default partition has no rule for them")
+            raise ValueError(f"parameter(s) {unknown} are not parameters of the given model: the default partition "
+                             "has no rule for them")
         return None, rules, {name: tuple(p.shape) for name, p in model.named_parameters()}
     if n_heads is not None:
         raise ValueError("n_heads only applies to partition='default'; a given partition already fixes the heads")
@@ -406,7 +418,8 @@ def _resolve_partition(
     elif isinstance(partition, Partition):
         source = "partition"
     else:
-        raise TypeError(f"partition must be a Partition, a partition file path or 'default', got {type(partition).__name__}")
+        raise TypeError("partition must be a Partition, a partition file path or 'default', got "
+                        f"{type(partition).__name__}")
     for name, shape in partition.param_shapes.items():
         if name in shapes and shapes[name] != shape:
             raise ValueError(

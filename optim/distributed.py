@@ -125,7 +125,8 @@ class ShardedBlockLayout:
         dist.all_gather(rows_per_rank, torch.tensor([local_rows], device=device), group=group)
         counts = [int(r) for r in rows_per_rank]
         if sum(counts) != layout.shape[0]:
-            raise ValueError(f"parameter '{name}': the ranks hold {sum(counts)} rows of dim 0, the tensor has {layout.shape[0]}")
+            raise ValueError(f"parameter '{name}': the ranks hold {sum(counts)} rows of dim 0, the tensor has "
+                             f"{layout.shape[0]}")
         start = sum(counts[: dist.get_rank(group)])
         numels = torch.tensor(
             [seg.block_numel for seg in layout.segments for _ in range(seg.groups)], dtype=torch.float64
@@ -175,8 +176,8 @@ class ShardedBlockLayout:
             return
         if outer != 1 or row % inner:
             raise ValueError(
-                f"parameter '{self.name}': its blocks (outer {outer}, length {length}, inner {inner}) do not align with "
-                "rows of dim 0; shard it on dim 0 with Shard(0) (the FSDP2 default)"
+                f"parameter '{self.name}': its blocks (outer {outer}, length {length}, inner {inner}) do not align "
+                "with rows of dim 0; shard it on dim 0 with Shard(0) (the FSDP2 default)"
             )
         low, high = start // inner, stop // inner                # local range along the blocks' axis
         held = []
@@ -205,8 +206,8 @@ class ShardedBlockLayout:
         dist.all_reduce(counts, group=self.group)
         if not torch.equal(counts.cpu(), self.block_numels):
             raise ValueError(
-                f"parameter '{self.name}': its shards cover the blocks with {counts.tolist()} elements, the blocks have "
-                f"{self.block_numels.tolist()}; every rank must hold a contiguous range of rows, in rank order"
+                f"parameter '{self.name}': its shards cover the blocks with {counts.tolist()} elements, the blocks "
+                f"have {self.block_numels.tolist()}; every rank must hold a contiguous range of rows, in rank order"
             )
 
 

@@ -11,11 +11,11 @@ import torch.nn as nn
 from hessian_blocks.blocks import Partition
 
 from .adam_mini import AdamMini
+from .choices import OPTIMIZERS, PARTITIONED
 from .galore_mini import GaLoreMini
 from .param_groups import param_groups_no_decay
 
-OPTIMIZERS = ("adam_mini", "galore_mini", "adamw", "sgd")
-PARTITIONED = ("adam_mini", "galore_mini")  # the optimizers that take a partition (one v per block)
+__all__ = ["make"]
 
 
 def make(
@@ -31,9 +31,9 @@ def make(
     bias parameters (:func:`param_groups_no_decay`).
 
     "adam_mini": :class:`AdamMini` over ``partition``; "galore_mini": :class:`GaLoreMini` over
-    ``partition`` (rank, update_proj_gap, scale, ... as keyword arguments); "adamw": ``torch.optim.AdamW`` (decoupled weight
-    decay); "sgd": ``torch.optim.SGD`` with momentum 0.9 unless given (its weight decay is L2, added to
-    the gradient). Further keyword arguments go to the optimizer (betas, eps, foreach, ...).
+    ``partition`` (rank, update_proj_gap, scale, ... as keyword arguments); "adamw": ``torch.optim.AdamW``
+    (decoupled weight decay); "sgd": ``torch.optim.SGD`` with momentum 0.9 unless given (its weight decay is
+    L2, added to the gradient). Further keyword arguments go to the optimizer (betas, eps, foreach, ...).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")

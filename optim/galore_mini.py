@@ -60,6 +60,11 @@ from .adam_mini import AdamMini, Params, PartitionArg, _block_dtype
 from .layout import BlockLayout
 from .update import Batch, foreach_update, reference_update
 
+__all__ = [
+    "PROJECTION_DEFAULTS", "PROJECTORS", "RANDOMIZED_OVERSAMPLE", "RANDOMIZED_POWER_ITERATIONS", "choose_projection",
+    "GaLoreMini", "Projection", "randomized_basis", "svd_basis"
+]
+
 PROJECTORS = ("svd", "randomized")
 PROJECTION_DEFAULTS = dict(rank=0.25, update_proj_gap=200, scale=0.25, projector="svd", projector_seed=0)
 RANDOMIZED_OVERSAMPLE = 8
@@ -178,7 +183,8 @@ class GaLoreMini(AdamMini):
         types_from = params if isinstance(params, nn.Module) else model
         if not project_embeddings and types_from is None:
             raise ValueError(
-                "project_embeddings=False finds embeddings by module type and needs the model: pass it as params or model="
+                "project_embeddings=False finds embeddings by module type and needs the model: pass it as params or "
+                "model="
             )
         self._unprojected = set() if project_embeddings else {
             id(p)
@@ -266,7 +272,8 @@ class GaLoreMini(AdamMini):
             self._pending.append((projected, group["foreach"] is False and not group["fused"], back))
         return plain
 
-    def _basis(self, group: dict[str, Any], name: str, projection: Projection, grad: torch.Tensor, step: int) -> torch.Tensor:
+    def _basis(self, group: dict[str, Any], name: str, projection: Projection, grad: torch.Tensor,
+               step: int) -> torch.Tensor:
         matrix = projection.oriented(grad).to(torch.promote_types(grad.dtype, torch.float32))
         if group["projector"] == "svd":
             return svd_basis(matrix, projection.rank)
@@ -282,7 +289,8 @@ class GaLoreMini(AdamMini):
         return {
             "step": torch.tensor(0.0, dtype=torch.float32),
             "exp_avg": torch.zeros(projection.projected_shape, dtype=dtype, device=param.device),
-            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param), device=param.device),
+            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param),
+                                            device=param.device),
             "projector": torch.zeros(projection.projector_shape, dtype=dtype, device=param.device),
         }
 

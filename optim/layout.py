@@ -19,6 +19,8 @@ import torch
 
 from hessian_blocks.blocks import Rule
 
+__all__ = ["BlockLayout", "Segment"]
+
 
 @dataclass(frozen=True)
 class Segment:

@@ -7,6 +7,8 @@ from typing import Iterable
 
 import torch
 
+__all__ = ["state_memory", "StateMemory"]
+
 
 @dataclass(frozen=True)
 class StateMemory:

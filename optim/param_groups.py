@@ -6,6 +6,8 @@ import torch.nn as nn
 
 from hessian_blocks.partitions.structural import is_norm
 
+__all__ = ["param_groups_no_decay"]
+
 
 def param_groups_no_decay(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two param groups of ``model``'s trainable parameters, as (name, tensor) pairs.

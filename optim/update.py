@@ -19,6 +19,8 @@ import torch
 
 from .layout import BlockLayout
 
+__all__ = ["Batch", "foreach_update", "reference_update", "StepScalars", "update_param"]
+
 
 @dataclass(frozen=True)
 class StepScalars:
@@ -74,14 +76,16 @@ def update_param(
 ) -> None:
     """The update of one parameter, in place. ``scalars`` is a :class:`StepScalars` or, for the compiled
     path, a float64 tensor row in :meth:`StepScalars.as_row` order."""
-    decay, beta1, beta2, inv_bc2, step_size, eps = scalars.as_row() if isinstance(scalars, StepScalars) else scalars.unbind()
+    row = scalars.as_row() if isinstance(scalars, StepScalars) else scalars.unbind()
+    decay, beta1, beta2, inv_bc2, step_size, eps = row
     if not isinstance(decay, float) or decay != 1.0:
         param.mul_(_as(decay, param))
     exp_avg.lerp_(grad, _as(1 - beta1, exp_avg))
     for segment in layout.segments:
         blocks = segment.blocks(block_avg)
         blocks.mul_(_as(beta2, blocks)).add_(segment.mean_square(grad, blocks.dtype) * _as(1 - beta2, blocks))
-        scale = blocks.mul(_as(inv_bc2, blocks)).sqrt_().add_(_as(eps, blocks)).reciprocal_().mul_(_as(step_size, blocks))
+        scale = blocks.mul(_as(inv_bc2,
+                               blocks)).sqrt_().add_(_as(eps, blocks)).reciprocal_().mul_(_as(step_size, blocks))
         segment.view(param).addcmul_(segment.view(exp_avg), scale.view(1, -1, 1), value=-1)
 
 
@@ -105,7 +109,8 @@ def foreach_update(batch: Batch) -> None:
     if group.decay != 1.0:
         torch._foreach_mul_(batch.params, group.decay)
     torch._foreach_lerp_(batch.exp_avgs, batch.grads, 1 - group.beta1)
-    means = [_block_means(layout, grad, v.dtype) for layout, grad, v in zip(batch.layouts, batch.grads, batch.block_avgs)]
+    means = [_block_means(layout, grad, v.dtype) for layout, grad,
+             v in zip(batch.layouts, batch.grads, batch.block_avgs)]
     torch._foreach_mul_(batch.block_avgs, group.beta2)
     torch._foreach_mul_(means, 1 - group.beta2)
     torch._foreach_add_(batch.block_avgs, means)

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import optim._fused
+from analysis.experiments.training import run_steps
 from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition, Rule, trainable_shapes
-import optim._fused
 from optim import AdamMini, param_groups_no_decay, state_memory
 
 PATHS = {"reference": dict(foreach=False), "foreach": dict(foreach=True)}
@@ -64,7 +65,8 @@ def random_grads(model, steps, seed=1):
 
 def groups_of(model):
     named = dict(model.named_parameters())
-    return [{"params": [(n, named[n]) for n in h["names"]], **{k: v for k, v in h.items() if k != "names"}} for h in GROUP_HYPER]
+    return [{"params": [(n, named[n]) for n in h["names"]],
+             **{k: v for k, v in h.items() if k != "names"}} for h in GROUP_HYPER]
 
 
 def run_adam_mini(model, grads, lrs=None, scheduler=None, **flags):
@@ -125,7 +127,8 @@ def test_matches_float64_reference_on_random_blocks(path):
         blocks = [b for b in partition.blocks if b.param == name]
         ours = optimizer.state[p]["block_exp_avg_sq"]
         assert ours.shape == (len(blocks),) and ours.dtype == torch.float64
-        assert torch.allclose(ours, torch.tensor([expected_v[b.name] for b in blocks], dtype=torch.float64), rtol=1e-12, atol=0)
+        assert torch.allclose(ours, torch.tensor([expected_v[b.name] for b in blocks], dtype=torch.float64), rtol=1e-12,
+                              atol=0)
     assert optimizer.state[model.e]["step"].item() == 5  # no gradient at one step: skipped, like torch
 
 
@@ -165,7 +168,8 @@ def test_failed_compilation_falls_back_to_foreach(monkeypatch):
 def test_lr_scheduler_drives_the_update():
     model = Tensors()
     grads = random_grads(model, steps=8)
-    schedule = lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[2e-2, 5e-3], total_steps=8, cycle_momentum=False)  # noqa: E731
+    schedule = lambda opt: torch.optim.lr_scheduler.OneCycleLR(  # noqa: E731
+        opt, max_lr=[2e-2, 5e-3], total_steps=8, cycle_momentum=False)
     _, lrs = run_adam_mini(model, grads, scheduler=schedule)
     assert len({tuple(x) for x in lrs}) == 8  # the learning rate changed every step
     expected, _ = reference_adam_mini(Tensors(), grads, lrs)
@@ -193,12 +197,8 @@ def tiny_gpt(dtype=torch.float32, seed=0):
 def train(spec, optimizer, steps, scheduler=None, seed=1, start=0):
     generator = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, 64, (4, 9), generator=generator) for _ in range(start + steps)][start:]
-    for tokens in batches:
-        optimizer.zero_grad()
-        spec.loss_fn(spec.model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+    run_steps(spec.model, spec.loss_fn, optimizer, [(t[:, :-1], t[:, 1:]) for t in batches], steps,
+              on_step=None if scheduler is None else lambda _: scheduler.step())
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
@@ -319,7 +319,8 @@ def test_parameters_without_grad_are_skipped():
 def test_partition_with_an_extra_parameter_is_refused():
     spec = tiny_gpt()
     shapes = trainable_shapes(spec.model)
-    partition = Partition([Rule(n, "whole") for n in shapes] + [Rule("extra.weight", "whole")], {**shapes, "extra.weight": (2, 2)})
+    partition = Partition([Rule(n, "whole") for n in shapes] + [Rule("extra.weight", "whole")],
+                          {**shapes, "extra.weight": (2, 2)})
     with pytest.raises(ValueError, match="rule for 'extra.weight', which is not a trainable parameter"):
         AdamMini(spec.model, partition)
 
@@ -347,7 +348,8 @@ def test_group_size_that_does_not_divide_the_axis_is_refused(tmp_path):
     data["rules"][4] = {"param": "blocks.0.attn.q_proj.weight", "split": "groups", "axis": 0, "size": 5}
     path = tmp_path / "partition.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="'blocks.0.attn.q_proj.weight': group size 5 does not divide axis 0 of length 32"):
+    with pytest.raises(ValueError,
+                       match="'blocks.0.attn.q_proj.weight': group size 5 does not divide axis 0 of length 32"):
         AdamMini(spec.model, path)
 
 

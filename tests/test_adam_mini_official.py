@@ -25,6 +25,7 @@ import torch
 pytest.importorskip("adam_mini")
 from adam_mini import Adam_mini  # noqa: E402
 
+from analysis.experiments.training import run_steps
 from hessian_blocks import build_model  # noqa: E402
 from hessian_blocks.blocks import Partition, Rule  # noqa: E402
 from optim import AdamMini, param_groups_no_decay  # noqa: E402
@@ -61,11 +62,8 @@ def official_equivalent_partition(model) -> Partition:
 
 def train(spec, optimizer, steps=STEPS):
     generator = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        tokens = torch.randint(0, VOCAB, (4, CONTEXT + 1), generator=generator)
-        optimizer.zero_grad()
-        spec.loss_fn(spec.model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        optimizer.step()
+    batches = [torch.randint(0, VOCAB, (4, CONTEXT + 1), generator=generator) for _ in range(steps)]
+    run_steps(spec.model, spec.loss_fn, optimizer, [(t[:, :-1], t[:, 1:]) for t in batches], steps)
     return {name: p.detach().clone() for name, p in spec.model.named_parameters()}
 
 
@@ -81,7 +79,8 @@ def test_official_no_decay_set_is_ours():
     official = Adam_mini(spec.model.named_parameters(), dim=N_EMBD, n_heads=N_HEAD, verbose=False, **HYPER)
     official_no_decay = {g["name"] for g in official.param_groups if g["weight_decay"] == 0.0}
     ours = {name for g in param_groups_no_decay(spec.model, 0.1) if g["weight_decay"] == 0.0 for name, _ in g["params"]}
-    assert ours == official_no_decay and len(ours) == 2 * (4 + 5) + 2  # per layer: 2 LN x (w, b), 5 trainable biases; ln_f w, b
+    # per layer: 2 LN x (w, b), 5 trainable biases; ln_f w, b
+    assert ours == official_no_decay and len(ours) == 2 * (4 + 5) + 2
 
 
 @pytest.mark.parametrize("path", ["reference", "foreach", "fused"])

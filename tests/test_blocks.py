@@ -118,7 +118,8 @@ def test_select_blocks_by_glob_and_sample_layers():
         ("emb.weight", (10, 4)), *[(f"h.{i}.fc.weight", (4, 4)) for i in range(12)],
         *[(f"h.{i}.fc.bias", (4,)) for i in range(12)], ("head.weight", (3, 4)),
     ]]
-    assert [b.name for b in select_blocks(blocks, ["h.1.*", "head.*"])] == ["h.1.fc.weight", "h.1.fc.bias", "head.weight"]
+    assert [b.name for b in select_blocks(blocks,
+                                          ["h.1.*", "head.*"])] == ["h.1.fc.weight", "h.1.fc.bias", "head.weight"]
     with pytest.raises(ValueError, match="matches no block"):
         select_blocks(blocks, ["encoder.*"])
     sampled = [b.name for b in sample_layers(blocks, 3)]

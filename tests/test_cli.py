@@ -21,7 +21,8 @@ def test_js_end_to_end_writes_consistent_files_and_is_reproducible(tmp_path, cap
     assert main(["js", *TINY, "--blocks", "blocks.0.attn.*", "--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     folder = tmp_path / "a" / "gpt2-nano"
-    for name in ("spectrum.npz", "density.npz", "blocks.csv", "js_matrix.csv", "summary.json", "js_heatmap.png", "densities.png"):
+    for name in ("spectrum.npz", "density.npz", "blocks.csv", "js_matrix.csv", "summary.json", "js_heatmap.png",
+                 "densities.png"):
         assert (folder / name).stat().st_size > 0, name
     spectrum = SpectrumResult.load(folder / "spectrum.npz")
     density = DensityResult.load(folder / "density.npz")
@@ -54,8 +55,10 @@ def test_spectrum_command_and_console_script(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     table = pd.read_csv(tmp_path / "gpt2-nano" / "blocks.csv")
-    assert list(table["block"]) == ["wte.weight", "wpe.weight", "blocks.0.attn.q_proj.weight", "blocks.0.attn.k_proj.weight",
-                                    "blocks.0.attn.v_proj.weight", "blocks.0.attn.o_proj.weight", "blocks.0.mlp.fc.weight",
+    assert list(table["block"]) == ["wte.weight", "wpe.weight", "blocks.0.attn.q_proj.weight",
+                                    "blocks.0.attn.k_proj.weight",
+                                    "blocks.0.attn.v_proj.weight", "blocks.0.attn.o_proj.weight",
+                                    "blocks.0.mlp.fc.weight",
                                     "blocks.0.mlp.proj.weight", "lm_head.weight"]
     assert (table["lambda_min"] <= table["lambda_max"]).all()
     assert SpectrumResult.load(tmp_path / "gpt2-nano" / "spectrum.npz").full is not None

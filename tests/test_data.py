@@ -1,10 +1,11 @@
 """Offline data: seeded batches from the bundled digits and text, synthetic data, and data files."""
 
+from pydoc_data.topics import topics
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from pydoc_data.topics import topics
 from sklearn.datasets import load_digits
 
 from hessian_blocks.data import DATA_SOURCES, make_batches, samples_available
@@ -316,7 +317,8 @@ def test_unreadable_data_files_name_the_file_and_the_fix(tmp_path):
     np.savez(tmp_path / "strings.npz", x=np.zeros((2, 64)), y=np.array(["a", "b"]))
     torch.save({"x": "not numbers", "y": torch.zeros(2)}, tmp_path / "strings.pt")
     cases = {
-        "junk.pt": "is not a file of tensors written by torch.save .*save \\{'x': inputs, 'y': targets\\} with torch.save",
+        "junk.pt": "is not a file of tensors written by torch.save .*save \\{'x': inputs, 'y': targets\\} with "
+                   "torch.save",
         "empty.pt": "is not a file of tensors written by torch.save \\(torch: EOFError\\)",
         "junk.npz": "is not an .npz archive of numeric arrays .*numpy.savez\\(path, x=inputs, y=targets\\)",
         "single.npz": "holds a single array .*numpy.savez",

@@ -20,7 +20,12 @@ from torch import nn
 
 from hessian_blocks import BlockHessian, Partition, block_spectra
 from hessian_blocks.distributed import (
-    DataParallelBlockHessian, get_rank, get_world_size, shard_batches, split_block_spectra, split_blocks,
+    DataParallelBlockHessian,
+    get_rank,
+    get_world_size,
+    shard_batches,
+    split_block_spectra,
+    split_blocks,
 )
 
 from .spawn import spawn_ranks
@@ -111,7 +116,8 @@ def test_every_rank_holds_identical_coefficients(ranks, name):
 def test_loss_gradient_and_sample_counts_are_global(ranks, name):
     hessian, _ = single_process(name)
     sizes = DATASETS[name]
-    assert [got[name]["local_samples"] for got in ranks] == [sum(s) for s in (sizes[: (len(sizes) + 1) // 2], sizes[(len(sizes) + 1) // 2:])]
+    half = (len(sizes) + 1) // 2
+    assert [got[name]["local_samples"] for got in ranks] == [sum(sizes[:half]), sum(sizes[half:])]
     for got in ranks:
         assert got[name]["loss"] == pytest.approx(hessian.loss(), rel=1e-12)
         np.testing.assert_allclose(got[name]["gradient"], hessian.gradient().numpy(), rtol=1e-10, atol=1e-13)
@@ -162,7 +168,8 @@ def test_process_group_from_env_outside_torchrun_and_without_cuda(monkeypatch):
     with process_group_from_env("cpu") as distributed:
         assert distributed is False and get_world_size() == 1
     if not torch.cuda.is_available():
-        torchrun_variables = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29999"}
+        torchrun_variables = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost",
+                              "MASTER_PORT": "29999"}
         for name, value in torchrun_variables.items():
             monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match="cuda:0: CUDA is not available"):

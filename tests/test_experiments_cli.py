@@ -99,7 +99,8 @@ COMPARE = ["compare", "--size", "small", "--steps", "2", "--seeds", "1", "--opti
     (["--set", "n_layer=0"], "GPTConfig.n_layer must be a positive integer, got 0"),
     (["--data", "nosuch"], "'nosuch' is neither one of auto, digits, text, synthetic nor an existing file"),
     (["--partition", "derived"], "--partition derived: only adam_mini and galore_mini take a partition, and the "
-                                 "chosen optimizers (adamw) include neither; add --optimizer adam_mini or drop --partition"),
+                                 "chosen optimizers (adamw) include neither; add --optimizer adam_mini or drop "
+                                 "--partition"),
 ])
 def test_compare_refuses_bad_options_with_the_fix(extra, message, tmp_path, capsys):
     assert main([*COMPARE, *extra, "--out", str(tmp_path)]) == 2
@@ -110,7 +111,8 @@ def test_compare_refuses_bad_options_with_the_fix(extra, message, tmp_path, caps
 
 def test_compare_refuses_a_partition_file_when_no_optimizer_takes_one(tmp_path, capsys):
     (tmp_path / "part.json").write_text("{}")
-    assert main(["compare", "--optimizer", "sgd", "--partition", str(tmp_path / "part.json"), "--out", str(tmp_path)]) == 2
+    assert main(["compare", "--optimizer", "sgd", "--partition", str(tmp_path / "part.json"), "--out",
+                 str(tmp_path)]) == 2
     assert "only adam_mini and galore_mini take a partition" in capsys.readouterr().err
 
 

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from analysis.experiments.quadratics import (
-    BlockQuadratic, QuadraticConfig, heterogeneous_eigenvalues, homogeneous_eigenvalues, quadratic_experiment,
-    run_quadratic, spectrum_eigenvalues, summarize_quadratics,
+    BlockQuadratic,
+    QuadraticConfig,
+    heterogeneous_eigenvalues,
+    homogeneous_eigenvalues,
+    quadratic_experiment,
+    run_quadratic,
+    spectrum_eigenvalues,
+    summarize_quadratics,
 )
 from analysis.experiments.spectra import measure_spectrum
 from analysis.experiments.zoo import zoo_models
@@ -40,6 +46,24 @@ def test_gd_matches_closed_form():
     expected = [np.linalg.norm(lam * (1 - lr * lam) ** t * c) for t in range(steps + 1)]
     np.testing.assert_allclose(norms, expected, rtol=1e-10)
     np.testing.assert_allclose(np.sort(lam), np.sort(np.concatenate(eigs)), rtol=1e-12)
+
+
+def test_adam_is_the_registrys_adamw_without_decay_and_equals_torch_adam():
+    """The quadratics take their optimizers from optim.make: 'adam' is AdamW with no weight decay,
+    step for step the same numbers as torch.optim.Adam written out here."""
+    eigs = heterogeneous_eigenvalues(3, 5, 50.0, seed=6)
+    lr, betas, steps = 0.03, (0.9, 0.99), 25
+    norms = run_quadratic(eigs, "adam", lr, steps, seed=7, betas=betas)
+    problem = BlockQuadratic(eigs, seed=7)
+    adam = torch.optim.Adam([problem.w], lr=lr, betas=betas, eps=1e-12)
+    expected = []
+    for _ in range(steps):
+        expected.append(problem.set_gradient())
+        adam.step()
+    expected.append(problem.set_gradient())
+    np.testing.assert_array_equal(norms, expected)
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd': choose one of gd, adam, adam-mini"):
+        run_quadratic(eigs, "sgd", lr, 1)
 
 
 def test_adam_mini_is_one_learning_rate_per_quadratic_block():

@@ -4,7 +4,11 @@ import numpy as np
 
 from analysis import js0, js_matrix
 from analysis.experiments.spectra import (
-    measure_spectrum, plot_sampled_densities, sampled_blocks, spectra_table, subset,
+    measure_spectrum,
+    plot_sampled_densities,
+    sampled_blocks,
+    spectra_table,
+    subset,
 )
 from analysis.experiments.store import ResultStore
 from analysis.experiments.zoo import zoo_models
@@ -28,4 +32,5 @@ def test_sampled_blocks_subset_and_figure(tmp_path):
     table = spectra_table({"vgg16": spectrum, "vgg16 again": part}).set_index("model")
     assert table["family"].tolist() == ["CNN", "other"] and table.loc["vgg16", "blocks"] == len(spectrum.names)
     assert table.loc["vgg16", "JS0"] == js0(js_matrix(spectrum.density().densities))
-    assert table.loc["vgg16 again", "JS0_ratio_to_max_CNN"] == table.loc["vgg16 again", "JS0"] / table.loc["vgg16", "JS0"]
+    assert table.loc["vgg16 again",
+                     "JS0_ratio_to_max_CNN"] == table.loc["vgg16 again", "JS0"] / table.loc["vgg16", "JS0"]

@@ -11,7 +11,11 @@ import torch.nn as nn
 from matplotlib.colors import to_rgba
 
 from analysis.experiments.comparison import (
-    ComparisonConfig, comparison_experiment, comparison_summary, plot_loss_curves, plot_lr_sweep,
+    ComparisonConfig,
+    comparison_experiment,
+    comparison_summary,
+    plot_loss_curves,
+    plot_lr_sweep,
     plot_state_memory,
 )
 from analysis.experiments.store import ResultStore

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import optim.galore_mini as galore
+from analysis.experiments.training import run_steps
 from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition, Rule
 from optim import AdamMini, GaLoreMini, make, param_groups_no_decay, state_memory
@@ -43,7 +44,8 @@ def partition_of(model):
 
 def groups_of(model):
     named = dict(model.named_parameters())
-    return [{"params": [(n, named[n]) for n in h["names"]], **{k: v for k, v in h.items() if k != "names"}} for h in GROUP_HYPER]
+    return [{"params": [(n, named[n]) for n in h["names"]],
+             **{k: v for k, v in h.items() if k != "names"}} for h in GROUP_HYPER]
 
 
 def run(optimizer, model, steps, seed=1):
@@ -64,7 +66,8 @@ def test_full_rank_identity_projector_is_adam_mini(monkeypatch, flags):
     ours_model, mini_model = Tensors(), Tensors()
     ours = GaLoreMini(groups_of(ours_model), partition_of(ours_model), rank=4, scale=1.0, update_proj_gap=2, **flags)
     mini = AdamMini(groups_of(mini_model), partition_of(mini_model), **flags)
-    assert {n: ours.projection(p).side for n, p in ours_model.named_parameters() if ours.projection(p)} == EXPECTED_SIDES
+    assert {n: ours.projection(p).side for n,
+            p in ours_model.named_parameters() if ours.projection(p)} == EXPECTED_SIDES
     run(ours, ours_model, steps=6)
     run(mini, mini_model, steps=6)
     for (name, a), b in zip(ours_model.named_parameters(), mini_model.parameters()):
@@ -96,7 +99,8 @@ def test_low_rank_steps_match_a_from_scratch_oracle():
     w0 = model.w.detach().clone()
     partition = Partition.from_rules(model, [Rule("w", "groups", axis=0, size=2)])
     lr, beta1, beta2, eps, wd, scale = 1e-2, 0.9, 0.99, 1e-8, 0.1, 0.5
-    ours = GaLoreMini(model, partition, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd, rank=2, scale=scale, update_proj_gap=3)
+    ours = GaLoreMini(model, partition, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd, rank=2, scale=scale,
+                      update_proj_gap=3)
     generator = torch.Generator().manual_seed(1)
     grads = [torch.randn(6, 4, generator=generator, dtype=torch.float64) for _ in range(5)]
     w, m, v = w0.clone(), torch.zeros(6, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
@@ -129,7 +133,8 @@ def test_projectors_refresh_on_schedule(monkeypatch):
     history = []
     for _ in range(7):
         run(optimizer, model, steps=1, seed=len(history))
-        history.append({n: optimizer.state[p]["projector"].clone() for n, p in model.named_parameters() if optimizer.projection(p)})
+        history.append({n: optimizer.state[p]["projector"].clone() for n,
+                        p in model.named_parameters() if optimizer.projection(p)})
     assert len(calls) == 3 * len(EXPECTED_SIDES)  # steps 1, 4 and 7
     changed = [step for step in range(1, 7) if not torch.equal(history[step]["rows"], history[step - 1]["rows"])]
     assert changed == [3, 6]  # 0-based: the 4th and 7th steps
@@ -145,12 +150,8 @@ def tiny_gpt(dtype=torch.float32):
 def train(spec, optimizer, steps, scheduler=None, start=0):
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 64, (4, 9), generator=generator) for _ in range(start + steps)][start:]
-    for tokens in batches:
-        optimizer.zero_grad()
-        spec.loss_fn(spec.model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+    run_steps(spec.model, spec.loss_fn, optimizer, [(t[:, :-1], t[:, 1:]) for t in batches], steps,
+              on_step=None if scheduler is None else lambda _: scheduler.step())
 
 
 def checkpoint(*objects) -> list:
@@ -201,7 +202,8 @@ def test_checkpoint_of_another_rank_is_refused():
     optimizer = GaLoreMini(spec.model, lr=1e-2, rank=4)
     train(spec, optimizer, steps=1)
     other = GaLoreMini(spec.model, lr=1e-2, rank=8)
-    with pytest.raises(ValueError, match=r"projects parameter 'wte.weight' as \['right', 4\] but this optimizer as \['right', 8\]"):
+    with pytest.raises(ValueError,
+                       match=r"projects parameter 'wte.weight' as \['right', 4\] but this optimizer as \['right', 8\]"):
         other.load_state_dict(optimizer.state_dict())
     assert not other.state
 
@@ -217,9 +219,11 @@ def test_state_bytes_match_the_closed_form_and_a_quarter_of_adamw():
     adamw.step()
     projected = [p for p in spec.model.parameters() if ours.projection(p)]
     assert len(projected) == 9  # wte, wpe, q, k, v, o, fc, proj, lm_head
-    expected = sum(4 * ((p.shape[0] + p.shape[1]) * 16 + ours.state[p]["block_exp_avg_sq"].numel() + 1) for p in projected)
+    expected = sum(4 * ((p.shape[0] + p.shape[1]) * 16 + ours.state[p]["block_exp_avg_sq"].numel() + 1)
+                   for p in projected)
     mine, theirs = state_memory(ours, projected), state_memory(adamw, projected)
-    assert mine.total_bytes == expected and mine.by_key["projector"] == 4 * sum(p.shape[1] * 16 for p in projected)  # all right: rows kept
+    assert mine.total_bytes == expected
+    assert mine.by_key["projector"] == 4 * sum(p.shape[1] * 16 for p in projected)  # all right: rows kept
     assert mine.total_bytes / theirs.total_bytes <= 0.25
     whole = state_memory(ours).total_bytes / state_memory(adamw).total_bytes
     assert 0.15 < whole <= 0.25  # plus the 1-D parameters at Adam-mini's cost
@@ -229,9 +233,11 @@ def test_options_and_factory():
     spec = tiny_gpt()
     optimizer = make("galore_mini", spec.model, lr=1e-3, weight_decay=0.1, rank=4, update_proj_gap=10)
     assert isinstance(optimizer, GaLoreMini) and optimizer.param_groups[0]["update_proj_gap"] == 10
-    assert optimizer.projection(spec.model.lm_head.weight).rank == 4 and optimizer.projection(spec.model.ln_f.weight) is None
+    assert optimizer.projection(spec.model.lm_head.weight).rank == 4
+    assert optimizer.projection(spec.model.ln_f.weight) is None
     no_embeddings = GaLoreMini(spec.model, rank=4, project_embeddings=False)
-    assert no_embeddings.projection(spec.model.wte.weight) is None and no_embeddings.projection(spec.model.lm_head.weight)
+    assert no_embeddings.projection(spec.model.wte.weight) is None
+    assert no_embeddings.projection(spec.model.lm_head.weight)
     named = [(n, p) for n, p in spec.model.named_parameters() if p.requires_grad]
     opted_out = GaLoreMini([{"params": named[:1], "rank": None}, {"params": named[1:]}], model=spec.model, rank=4)
     assert opted_out.projection(spec.model.wte.weight) is None and opted_out.param_groups[0]["projections"] == [None]

@@ -22,7 +22,8 @@ def tiny():
 def test_hessian_map_matches_the_dense_oracle_in_block_order(tiny):
     spec, batches = tiny
     q, w = "blocks.0.attn.q_proj.weight", "lm_head.weight"
-    rules = [Rule(q, "groups", axis=1, size=2) if n == q else Rule(n, "whole") for n, _ in spec.model.named_parameters()]
+    rules = [Rule(q, "groups", axis=1, size=2) if n == q else Rule(n, "whole") for n,
+             _ in spec.model.named_parameters()]
     partition = Partition.from_rules(spec.model, rules)
     hmap = hessian_map(spec.model, spec.loss_fn, batches, partition, params=[q, w])
     oracle = dense_hessian(spec.model, spec.loss_fn, batches)

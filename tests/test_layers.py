@@ -54,7 +54,8 @@ def imported_modules(path: Path, source: str | None = None) -> list[tuple[int, s
             found.append((node.lineno, target))
             # `from . import x` / `from package import module`: each imported name may be a module
             found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names
-                      if layer_of(f"{target}.{alias.name}") is not None and (ROOT / Path(*f"{target}.{alias.name}".split("."))).exists()]
+                      if layer_of(f"{target}.{alias.name}") is not None
+                      and (ROOT / Path(*f"{target}.{alias.name}".split("."))).exists()]
     return found
 
 

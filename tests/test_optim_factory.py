@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import optim._fused
+from analysis.experiments.training import run_steps
 from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition
-import optim._fused
 from optim import OPTIMIZERS, AdamMini, make, param_groups_no_decay, state_memory
 
 
@@ -20,9 +21,7 @@ def tiny_gpt():
 
 def one_step(spec, optimizer):
     tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-    optimizer.zero_grad()
-    spec.loss_fn(spec.model(tokens[:, :-1]), tokens[:, 1:]).backward()
-    optimizer.step()
+    run_steps(spec.model, spec.loss_fn, optimizer, [(tokens[:, :-1], tokens[:, 1:])], 1)
 
 
 def test_no_decay_groups_by_type_and_ndim():
@@ -41,8 +40,10 @@ def test_make_builds_each_optimizer():
     adamw = make("adamw", spec.model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     sgd = make("sgd", spec.model, lr=1e-2)
     assert isinstance(adam_mini, AdamMini) and type(adamw) is torch.optim.AdamW and type(sgd) is torch.optim.SGD
-    assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0] and adamw.param_groups[0]["betas"] == (0.9, 0.95)
-    assert sgd.param_groups[0]["momentum"] == 0.9 and make("sgd", spec.model, lr=1e-2, momentum=0.5).param_groups[0]["momentum"] == 0.5
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
+    assert adamw.param_groups[0]["betas"] == (0.9, 0.95)
+    assert sgd.param_groups[0]["momentum"] == 0.9
+    assert make("sgd", spec.model, lr=1e-2, momentum=0.5).param_groups[0]["momentum"] == 0.5
     assert set(OPTIMIZERS) == {"adam_mini", "galore_mini", "adamw", "sgd"}
 
 
@@ -51,7 +52,8 @@ def test_make_adamw_is_torch_adamw_with_no_decay_groups():
     ours = make("adamw", spec_a.model, lr=1e-2, weight_decay=0.1)
     decay = [p for p in spec_b.model.parameters() if p.ndim >= 2]
     no_decay = [p for p in spec_b.model.parameters() if p.ndim < 2]
-    torch_adamw = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
+    torch_adamw = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                    lr=1e-2)
     for _ in range(3):
         one_step(spec_a, ours)
         one_step(spec_b, torch_adamw)
@@ -64,7 +66,8 @@ def test_make_adam_mini_takes_a_partition():
     one_step(spec, per_tensor)
     assert all(s["block_exp_avg_sq"].numel() == 1 for s in per_tensor.state.values())
     memory = state_memory(per_tensor)
-    assert memory.by_key["block_exp_avg_sq"] == 4 * len(per_tensor.state) and memory.n_params == sum(p.numel() for p in spec.model.parameters())
+    assert memory.by_key["block_exp_avg_sq"] == 4 * len(per_tensor.state)
+    assert memory.n_params == sum(p.numel() for p in spec.model.parameters())
 
 
 def test_make_refuses_bad_requests():

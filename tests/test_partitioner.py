@@ -19,7 +19,13 @@ from torch import nn
 from analysis.experiments.training import run_steps
 from hessian_blocks import Partition, Rule, build_model, make_batches
 from hessian_blocks.cli import main
-from hessian_blocks.partitions.coupling import TensorCoupling, load_couplings, measure_coupling, save_couplings, slice_coupling
+from hessian_blocks.partitions.coupling import (
+    TensorCoupling,
+    load_couplings,
+    measure_coupling,
+    save_couplings,
+    slice_coupling,
+)
 from hessian_blocks.partitions.measured import decide_rule, derive_decisions, derive_partition, group_axis, map_rules
 
 FAST = dict(dtype=torch.float32, strategy="vmap", probes=2, dense_max=256)
@@ -57,7 +63,8 @@ class Planted(nn.Module):
         self.matrices = {
             "heads": _block_diagonal(60, heads_groups, gen),
             "fused": _block_diagonal(42, [g.reshape(-1) for g in column_groups], gen),
-            "diagonal": torch.diag(10.0 ** torch.linspace(-1.5, 1.5, 10, dtype=torch.float64)[torch.randperm(10, generator=gen)]),
+            "diagonal": torch.diag(10.0 ** torch.linspace(-1.5, 1.5, 10,
+                                                          dtype=torch.float64)[torch.randperm(10, generator=gen)]),
             "even": torch.diag(1.0 + 0.1 * torch.rand(8, generator=gen, dtype=torch.float64)),
             "dense": _block_diagonal(6, [torch.arange(6)], gen),
             "output": torch.block_diag(*(scale * (torch.eye(8, dtype=torch.float64) + 0.45) for scale in
@@ -170,7 +177,8 @@ def test_group_axis_runs_zero_mass_and_background():
     assert grouping.sizes == [4, 4, 1, 1, 1, 1, 1, 1]
     assert grouping.runs == [(4, 2), (1, 6)]
     assert grouping.zero_slices == 1
-    off = (coupling.sum() - sum(coupling[a:b, a:b].sum() for a, b in [(0, 4), (4, 8)] + [(i, i + 1) for i in range(8, 14)]))
+    off = (coupling.sum() - sum(coupling[a:b, a:b].sum() for a,
+                                b in [(0, 4), (4, 8)] + [(i, i + 1) for i in range(8, 14)]))
     assert grouping.off_block_mass == pytest.approx(off / coupling.sum())
     uniform = np.full((6, 6), 0.9) + 0.1 * np.eye(6)  # every slice couples to every other: one block
     assert group_axis(uniform).sizes == [6]
@@ -257,7 +265,8 @@ def paper_rule(name: str, head_dim: int) -> Rule | None:
         return Rule(name, "groups", axis=1, size=1)  # one block per token (position)
     if name == "cls_token" or "ln" in name.split(".")[-2]:
         return Rule(name, "whole")
-    return Rule(name, "groups", axis=0, size=1)  # per neuron (v, o, MLP, patch conv), per token/class (embeddings, heads)
+    return Rule(name, "groups", axis=0,
+                size=1)  # per neuron (v, o, MLP, patch conv), per token/class (embeddings, heads)
 
 
 CONFIGS = {
@@ -296,7 +305,8 @@ def test_scrambled_bundled_models_get_the_paper_partition(name, measured):
     for original, rule in derived.items():
         expected = paper_rule(original, head_dim)
         if expected is not None and _key(rule) != _key(expected):
-            mismatches[original] = rule.split if rule.split != "groups" else f"groups axis {rule.axis} {rule.size or rule.runs}"
+            mismatches[original] = (rule.split if rule.split != "groups"
+                                    else f"groups axis {rule.axis} {rule.size or rule.runs}")
     assert mismatches == {}
     assert all(d.rule.why and "axis" in d.rule.why and "HVPs" in d.rule.why for d in decisions)
 
@@ -311,7 +321,8 @@ def test_adam_mini_with_the_derived_partition_trains_like_the_paper_partition(me
         paper_rule(n, head_dim) or Rule(n, "elements") for n, _ in spec.model.named_parameters()
     ])
     train = make_batches(spec, "synthetic", batch_size=16, n_batches=4, seed=3)
-    losses = {label: _train(spec, partition, train, AdamMini) for label, partition in (("derived", derived), ("paper", paper))}
+    losses = {label: _train(spec, partition, train, AdamMini) for label,
+              partition in (("derived", derived), ("paper", paper))}
     assert losses["paper"] < 0.85 * np.log(spec.config.vocab_size)  # it did train (from log V at init)
     assert losses["derived"] == pytest.approx(losses["paper"], rel=0.01)
 
@@ -332,7 +343,8 @@ def test_cli_partition_keeps_and_reuses_couplings(tmp_path, capsys, monkeypatch)
 
     couplings = tmp_path / "couplings.npz"
     args = ["partition", "--model", "gpt2-nano", "--set", "n_layer=1", "--set", "n_embd=16", "--set", "n_head=2",
-            "--set", "vocab_size=32", "--set", "context=8", "--data", "synthetic", "--probes", "1", "--dtype", "float32",
+            "--set", "vocab_size=32", "--set", "context=8", "--data", "synthetic", "--probes", "1", "--dtype",
+            "float32",
             "--strategy", "vmap", "--no-progress", "--couplings", str(couplings)]
     assert main(args + ["--out", str(tmp_path / "first.json")]) == 0
     assert couplings.exists()

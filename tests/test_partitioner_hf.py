@@ -88,7 +88,8 @@ def test_hf_gpt2_embedding_is_per_token_unless_tied():
 
 def test_hf_bert_linear_layout():
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=4 * WIDTH,
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
+        intermediate_size=4 * WIDTH,
         max_position_embeddings=CONTEXT, attn_implementation="eager", hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )

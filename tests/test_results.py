@@ -117,7 +117,8 @@ def test_density_grid_grows_with_the_eigenvalue_range():
     rng = np.random.default_rng(1)
     narrow, _ = spectrum([sym_with_spectrum(np.linspace(-1.0, 3.0, 12), rng)], steps=12, n_probes=2)
     assert narrow.density().grid.size == 50_000
-    wide_blocks = [sym_with_spectrum(np.linspace(0.0, 500.0, 12), rng), sym_with_spectrum(np.linspace(0.5, 2.0, 8), rng)]
+    wide_blocks = [sym_with_spectrum(np.linspace(0.0, 500.0, 12), rng),
+                   sym_with_spectrum(np.linspace(0.5, 2.0, 8), rng)]
     wide, _ = spectrum(wide_blocks, steps=12, n_probes=2)
     dens = wide.density()
     nodes, weights = wide.ritz()
@@ -131,7 +132,9 @@ def test_density_grid_grows_with_the_eigenvalue_range():
 
 def test_density_rescaled_by_kth_largest(blocks, tmp_path):
     res, _ = spectrum(blocks, steps=20, n_probes=4, full=True)
-    with pytest.raises(ValueError, match=r"rescale_rank=10 needs blocks of at least 10 coordinates; 'layer.0.weight\[rows 0:6\]' \(6\) have"):
+    with pytest.raises(ValueError,
+                       match=r"rescale_rank=10 needs blocks of at least 10 coordinates; 'layer.0.weight\[rows 0:6\]' "
+                             r"\(6\) have"):
         res.density(rescale_rank=10)
     dens = res.density(rescale_rank=3, n_points=10_000)
     nodes, weights = res.ritz()

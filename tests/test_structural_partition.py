@@ -45,8 +45,10 @@ def test_names_play_no_part():
     """The same modules under misleading attribute names get the same blocks."""
     torch.manual_seed(0)
     plain = nn.ModuleDict({"a": SelfAttention(16, 2), "b": nn.Embedding(5, 16), "c": nn.Linear(16, 3)})
-    misleading = nn.ModuleDict({"lm_head_bias": SelfAttention(16, 2), "q_proj": nn.Embedding(5, 16), "norm_wte": nn.Linear(16, 3)})
-    strip = lambda rules: [(r["split"], r.get("axis"), r.get("size"), r.get("runs")) for r in rules.values()]  # noqa: E731
+    misleading = nn.ModuleDict({"lm_head_bias": SelfAttention(16, 2), "q_proj": nn.Embedding(5, 16),
+                                "norm_wte": nn.Linear(16, 3)})
+    strip = lambda rules: [(r["split"], r.get("axis"), r.get("size"), r.get("runs"))  # noqa: E731
+                           for r in rules.values()]
     assert strip(rules_by_name(plain)) == strip(rules_by_name(misleading))
 
 
@@ -61,7 +63,8 @@ def test_torch_multihead_attention():
     fused = nn.MultiheadAttention(12, 3)
     rules = rules_by_name(fused)
     assert rules["in_proj_weight"]["runs"] == [[4, 6], [1, 12]]  # q, k: 3 heads of 4 rows each; v: rows
-    assert rules["in_proj_bias"]["split"] == "elements" and rules["out_proj.weight"] == {"param": "out_proj.weight", **rows()}
+    assert rules["in_proj_bias"]["split"] == "elements"
+    assert rules["out_proj.weight"] == {"param": "out_proj.weight", **rows()}
     separate = rules_by_name(nn.MultiheadAttention(12, 3, kdim=5, vdim=7))
     assert separate["q_proj_weight"]["size"] == separate["k_proj_weight"]["size"] == 4
     assert separate["v_proj_weight"] == {"param": "v_proj_weight", **rows()}
@@ -91,8 +94,10 @@ def test_registered_attention_type():
 
 def test_hf_gpt2_conv1d_layout():
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50, n_positions=8, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50, n_positions=8, bos_token_id=0,
+                                     eos_token_id=0)
     rules = rules_by_name(transformers.GPT2Model(config))
     assert rules["h.0.attn.c_attn.weight"]["axis"] == 1 and rules["h.0.attn.c_attn.weight"]["runs"] == [[8, 8], [1, 32]]
-    assert rules["h.0.mlp.c_fc.weight"] == {"param": "h.0.mlp.c_fc.weight", "split": "groups", "axis": 1, "size": 1, "why": None}
+    assert rules["h.0.mlp.c_fc.weight"] == {"param": "h.0.mlp.c_fc.weight", "split": "groups", "axis": 1, "size": 1,
+                                            "why": None}
     assert rules["h.0.attn.c_attn.bias"]["split"] == "elements"

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .store import check_size
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["FIGURE_GROUPS", "GroupResult", "run_group"]
 
@@ -70,7 +72,11 @@ def heterogeneity_group(size: str, results: Path | None, progress: bool, device:
 
 def comparison_group(size: str, results: Path | None, progress: bool, device: str) -> GroupResult:
     from .comparison import (
-        ComparisonConfig, comparison_experiment, comparison_summary, plot_loss_curves, plot_lr_sweep,
+        ComparisonConfig,
+        comparison_experiment,
+        comparison_summary,
+        plot_loss_curves,
+        plot_lr_sweep,
         plot_state_memory,
     )
 

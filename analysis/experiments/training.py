@@ -39,7 +39,7 @@ from .store import ResultStore, model_fingerprint, params_key, progress_bar
 __all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "TrainSetup", "best_runs", "make_optimizer", "run_steps",
            "train_grid", "train_run"]
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "adam_mini", "galore_mini")
+OPTIMIZERS: tuple[str, ...] = optim.OPTIMIZERS  # the one registry (optim.make), re-exported for the experiments
 PARTITIONED: tuple[str, ...] = optim.PARTITIONED  # the optimizers that take a partition
 
 

@@ -31,7 +31,8 @@ _MEDIUM = {
     "gpt2-nano": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, context=32),
     "bert-mini": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=257, context=32),
     "vit-tiny": dict(image_size=16, patch_size=4, channels=1, n_layer=2, n_embd=64, n_head=4),
-    "mlp-mixer": dict(image_size=16, patch_size=4, channels=1, n_layer=2, n_embd=64, token_hidden=32, channel_hidden=128),
+    "mlp-mixer": dict(image_size=16, patch_size=4, channels=1, n_layer=2, n_embd=64, token_hidden=32,
+                      channel_hidden=128),
     "resnet18": dict(width=8, channels=1, image_size=16),
     "vgg16": dict(widths=(8, 16, 32, 64, 64), fc_width=64, channels=1),
 }

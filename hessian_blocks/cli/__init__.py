@@ -18,10 +18,9 @@ __all__ = ["build_parser", "main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    from ..guards import HessianSetupError
+    args = build_parser().parse_args(argv)
+    from ..guards import HessianSetupError  # torch loads here, after parsing (--help answers without it)
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"hessian-blocks {args.command}: warning: {message}", file=sys.stderr)

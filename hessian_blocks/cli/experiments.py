@@ -24,7 +24,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``compare`` and ``figures`` on the CLI's subparsers."""
     from analysis.experiments.groups import FIGURE_GROUPS
     from analysis.experiments.store import SIZES
-    from analysis.experiments.training import OPTIMIZERS, PARTITIONED
+    from optim.choices import OPTIMIZERS, PARTITIONED
 
     compare = commands.add_parser(
         "compare", help="train with SGD-momentum, AdamW, Adam-mini and GaLore-mini: loss curves, best lr, memory",
@@ -65,7 +65,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "their tables as CSV into --results (where finished work is kept, so a stopped run resumes).",
     )
     figures.add_argument("--size", choices=SIZES, default="medium",
-                         help="small (seconds), medium (the committed figures, CPU), paper (GPU / long) (default: medium)")
+                         help="small (seconds), medium (the committed figures, CPU), paper (GPU / long) (default: "
+                              "medium)")
     figures.add_argument("--only", action="append", choices=tuple(FIGURE_GROUPS), metavar="GROUP",
                          help=f"run only this group ({', '.join(FIGURE_GROUPS)}); repeatable")
     figures.add_argument("--results", type=Path, help="work-unit and table folder (default: OUT/results)")
@@ -113,7 +114,8 @@ def _lr_grids(pairs: list[str]) -> dict[str, tuple[float, ...]]:
         if not sep or not name or not grid or not all(math.isfinite(lr) and lr > 0 for lr in grid):
             raise ValueError(f"--lr expects NAME=LR[,LR...] with finite positive rates, got {pair!r}")
         if len(set(grid)) != len(grid):
-            raise ValueError(f"--lr {pair}: a rate is listed twice (it would train the same runs twice); list each once")
+            raise ValueError(f"--lr {pair}: a rate is listed twice (it would train the same runs twice); list each "
+                             "once")
         if name in grids:
             raise ValueError(f"--lr given twice for {name}: list all its rates in one option, "
                              f"e.g. --lr {name}=1e-3,3e-3")
@@ -124,14 +126,17 @@ def _lr_grids(pairs: list[str]) -> dict[str, tuple[float, ...]]:
 @_resumable(lambda args: args.out / "results")
 def run_compare(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
-
-    from ..guards import check_device
-
     from analysis.experiments.comparison import (
-        ComparisonConfig, comparison_experiment, comparison_summary, plot_loss_curves, plot_lr_sweep,
+        ComparisonConfig,
+        comparison_experiment,
+        comparison_summary,
+        plot_loss_curves,
+        plot_lr_sweep,
         plot_state_memory,
     )
-    from analysis.experiments.training import PARTITIONED
+    from optim.choices import PARTITIONED
+
+    from ..guards import check_device
 
     check_device(args.device)
     preset = ComparisonConfig.preset(args.size, model=args.model)
@@ -178,10 +183,10 @@ def run_compare(args: argparse.Namespace) -> int:
 @_resumable(lambda args: args.out / "results")
 def run_figures(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
-    from ..guards import check_device
-
     from analysis.experiments.groups import FIGURE_GROUPS, run_group
     from analysis.experiments.store import atomic_write_text
+
+    from ..guards import check_device
 
     check_device(args.device)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -9,21 +9,23 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..blocks import Partition, sample_layers, select_blocks
-from ..distributed import (
-    DataParallelBlockHessian, device_for_rank, get_world_size, is_main_process, process_group_from_env, shard_batches,
-    split_block_spectra,
-)
 from ..files import PARTIAL_SUFFIX, atomic_write_text, staged_folder
-from ..guards import check_batches, check_device
-from ..hvp import BlockHessian
-from ..results import DensityResult, SpectrumResult
-from ..slq import block_spectra, total_steps
 from .options import (
-    add_compute_options, add_model_options, add_output_options, check_output_folder, exit_on_interrupt, folder_name,
-    note_eval_mode, parse_overrides, torch_dtype,
+    add_compute_options,
+    add_model_options,
+    add_output_options,
+    check_output_folder,
+    exit_on_interrupt,
+    folder_name,
+    note_eval_mode,
+    parse_overrides,
+    torch_dtype,
 )
+
+if TYPE_CHECKING:
+    from ..results import DensityResult, SpectrumResult
 
 __all__ = ["add_commands", "measure_model", "run_js", "run_spectrum"]
 
@@ -37,14 +39,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--blocks", action="append", default=[], metavar="GLOB",
                        help="keep blocks whose block or parameter name matches GLOB (repeatable)")
     group.add_argument("--sample-layers", type=int, metavar="N",
-                       help="keep the matrix blocks of N evenly spaced layers plus embeddings/head (the papers' sample)")
+                       help="keep the matrix blocks of N evenly spaced layers plus embeddings/head (the papers' "
+                            "sample)")
     group = measure.add_argument_group("SLQ")
     group.add_argument("--steps", type=int, default=100, help="Lanczos steps per block and probe (default: 100)")
     group.add_argument("--probes", type=int, default=10, help="random probe vectors per block (default: 10)")
     group.add_argument("--probe-kind", choices=("rademacher", "gaussian"), default="rademacher")
-    group.add_argument("--reorthogonalize", action="store_true", help="full reorthogonalisation (default: plain recurrence, as the papers)")
+    group.add_argument("--reorthogonalize", action="store_true",
+                       help="full reorthogonalisation (default: plain recurrence, as the papers)")
     group.add_argument("--full-model", action="store_true", help="also estimate the full-model spectrum")
-    group.add_argument("--seed", type=int, default=0, help="seed for the model init, the data and the probes (default: 0)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed for the model init, the data and the probes (default: 0)")
     group = add_compute_options(measure)
     group.add_argument("--split-blocks", action="store_true",
                        help="under torchrun: give each process a share of the blocks and all the data "
@@ -53,14 +58,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     density = argparse.ArgumentParser(add_help=False)
     group = density.add_argument_group("density")
-    group.add_argument("--sigma2", type=float, default=1e-5, help="Gaussian broadening variance on the eigenvalue axis (default: 1e-5)")
+    group.add_argument("--sigma2", type=float, default=1e-5,
+                       help="Gaussian broadening variance on the eigenvalue axis (default: 1e-5)")
     group.add_argument("--grid-points", type=int, default=None,
-                       help="points of the common density grid (default: 50000, more where the eigenvalues span a range "
-                            "so wide that the Gaussians would fall between grid points)")
+                       help="points of the common density grid (default: 50000, more where the eigenvalues span "
+                            "a range so wide that the Gaussians would fall between grid points)")
     group.add_argument("--rescale-rank", type=int, metavar="K",
-                       help="divide each block's eigenvalues by its K-th largest before the densities, so that blocks "
-                            "of very different scales are compared by shape (the papers' figures use 10; default: no "
-                            "rescaling)")
+                       help="divide each block's eigenvalues by its K-th largest before the densities, so that "
+                            "blocks of very different scales are compared by shape (the papers' figures use 10; "
+                            "default: no rescaling)")
 
     spectrum = commands.add_parser(
         "spectrum", parents=[measure, density], help="per-block spectral densities (SLQ)",
@@ -75,6 +81,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     js.add_argument("--from-results", type=Path, action="append", default=[], metavar="NPZ",
                     help="reuse a saved spectrum.npz instead of measuring (repeatable)")
+    js.add_argument("--top", type=int, metavar="N",
+                    help="print only the N blocks with the largest mean JS distance per model (blocks.csv keeps "
+                         "every block; default: print every block)")
     js.set_defaults(run=run_js)
 
 
@@ -84,10 +93,13 @@ def _torchrun_aware(run):
     command with one line saying what it left (exit code 130)."""
 
     @exit_on_interrupt(lambda args: f"every model finished before it has all its files in {args.out}/MODEL; the "
-                                    f"files of the model being written, if any, are in {args.out}/MODEL{PARTIAL_SUFFIX}; "
-                                    "rerun the same command to measure again")
+                                    "files of the model being written, if any, are in "
+                                    f"{args.out}/MODEL{PARTIAL_SUFFIX}; rerun the same command to measure again")
     @functools.wraps(run)
     def run_on_every_rank(args: argparse.Namespace) -> int:
+        from ..distributed import is_main_process, process_group_from_env
+        from ..guards import check_device
+
         check_device(args.device)
         check_output_folder(args.out)
         with process_group_from_env(args.device):
@@ -111,7 +123,8 @@ def run_spectrum(args: argparse.Namespace) -> int:
             table = block_table(spectrum)
             table.to_csv(staged / "blocks.csv", index=False)
             density.save(staged / "density.npz")
-            save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label), staged / "densities.png")
+            save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label),
+                        staged / "densities.png")
         print(f"\n{label}: {len(spectrum.names)} blocks\n{format_table(table)}")
         print(f"wrote {args.out / folder_name(label)}/(spectrum.npz, density.npz, blocks.csv, densities.png)")
     return 0
@@ -120,9 +133,18 @@ def run_spectrum(args: argparse.Namespace) -> int:
 @_torchrun_aware
 def run_js(args: argparse.Namespace) -> int:
     from analysis import (
-        block_table, format_table, js0, js0_table, js_matrix, plot_block_densities, plot_js_heatmap, save_figure,
+        block_table,
+        format_table,
+        js0,
+        js0_table,
+        js_matrix,
+        plot_block_densities,
+        plot_js_heatmap,
+        save_figure,
     )
 
+    if args.top is not None and args.top < 1:
+        raise ValueError(f"--top must be >= 1, got {args.top}")
     summary = {}
     for label, spectrum, measured in _spectra(args):
         if len(spectrum.names) < 2:
@@ -142,9 +164,13 @@ def run_js(args: argparse.Namespace) -> int:
             save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label),
                         staged / "densities.png")
             (staged / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
-        print(f"\n{label}: {len(spectrum.names)} blocks, JS0 = {summary[label]:.4g}\n{format_table(table)}")
-        print(f"wrote {args.out / folder_name(label)}/(spectrum.npz, density.npz, blocks.csv, js_matrix.csv, summary.json, "
-              "js_heatmap.png, densities.png)")
+        shown, which = table, ""
+        if args.top is not None and args.top < len(table):
+            shown = table.nlargest(args.top, "mean_js")
+            which = f"; the {args.top} most heterogeneous (largest mean JS distance), all in blocks.csv"
+        print(f"\n{label}: {len(spectrum.names)} blocks, JS0 = {summary[label]:.4g}{which}\n{format_table(shown)}")
+        print(f"wrote {args.out / folder_name(label)}/(spectrum.npz, density.npz, blocks.csv, js_matrix.csv, "
+              "summary.json, js_heatmap.png, densities.png)")
 
     order = sorted(summary, key=summary.get)
     table = js0_table(summary, baseline=order[0] if len(summary) > 1 else None)
@@ -162,6 +188,8 @@ def _spectra(args: argparse.Namespace):
         raise ValueError("give at least one --model (or --from-results for js)")
     if args.rescale_rank is not None and args.rescale_rank < 1:
         raise ValueError(f"--rescale-rank must be >= 1, got {args.rescale_rank}")
+    from ..results import SpectrumResult
+
     for path in sources:
         spectrum = SpectrumResult.load(path)
         yield str(spectrum.settings.get("model", Path(path).stem)), spectrum, False
@@ -195,8 +223,20 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
     """
     from tqdm.auto import tqdm
 
+    from ..blocks import Partition, sample_layers, select_blocks
     from ..data import make_batches
+    from ..distributed import (
+        DataParallelBlockHessian,
+        device_for_rank,
+        get_world_size,
+        is_main_process,
+        shard_batches,
+        split_block_spectra,
+    )
+    from ..guards import check_batches
+    from ..hvp import BlockHessian
     from ..models import build_model
+    from ..slq import block_spectra, total_steps
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--steps", args.steps),
                         ("--probes", args.probes), ("--grid-points", args.grid_points),
@@ -206,13 +246,15 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
     if args.blocks and args.sample_layers:
         raise ValueError("use either --blocks or --sample-layers, not both")
     if args.split_blocks and args.full_model:
-        raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the batches)")
+        raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the "
+                         "batches)")
     dtype, device, world_size = torch_dtype(args.dtype), device_for_rank(args.device), get_world_size()
     spec = build_model(name, seed=args.seed, **parse_overrides(args.set))
     if is_main_process():
         note_eval_mode(name, spec.model)
     partition = Partition.load(args.partition, spec.model) if args.partition else Partition.per_tensor(spec.model)
-    batches = make_batches(spec, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
+    batches = make_batches(spec, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed,
+                           dtype=dtype)
     check_batches(spec.model, spec.loss_fn, batches, f"{name} on data {args.data}: batch")
     blocks = partition.blocks
     if args.blocks:
@@ -228,9 +270,11 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
     with tqdm(total=total_steps(args.steps, args.full_model), desc=f"{name}: SLQ on {len(blocks)} blocks",
               unit="step", disable=args.no_progress or not is_main_process(), file=sys.stderr) as bar:
         if args.split_blocks:
-            spectrum = split_block_spectra(spec.model, spec.loss_fn, batches, blocks, progress=bar.update, **slq, **hessian_options)
+            spectrum = split_block_spectra(spec.model, spec.loss_fn, batches, blocks, progress=bar.update, **slq,
+                                           **hessian_options)
         elif world_size > 1:
-            hessian = DataParallelBlockHessian(spec.model, spec.loss_fn, shard_batches(batches), blocks, **hessian_options)
+            hessian = DataParallelBlockHessian(spec.model, spec.loss_fn, shard_batches(batches), blocks,
+                                               **hessian_options)
             spectrum = block_spectra(hessian, full_model=args.full_model, progress=bar.update, **slq)
         else:
             hessian = BlockHessian(spec.model, spec.loss_fn, batches, blocks, **hessian_options)

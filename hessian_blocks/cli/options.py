@@ -27,8 +27,7 @@ def torch_dtype(name: str):
 def add_model_options(parser: argparse.ArgumentParser, *, repeatable: bool = False, default: str | None = None,
                       required: bool = False, batches: bool = True) -> argparse._ArgumentGroup:
     """``--model``, ``--set``, ``--data`` (and ``--batches``, ``--batch-size`` where ``batches``)."""
-    from ..data import DATA_SOURCES
-    from ..models import MODEL_NAMES
+    from ..choices import DATA_SOURCES, MODEL_NAMES
 
     group = parser.add_argument_group("model and data")
     what = (f"bundled model ({', '.join(MODEL_NAMES)}), a Hugging Face model built from its config with random "
@@ -52,18 +51,20 @@ def add_model_options(parser: argparse.ArgumentParser, *, repeatable: bool = Fal
 
 def add_compute_options(parser: argparse.ArgumentParser, *, products: bool = True) -> argparse._ArgumentGroup:
     """``--device`` (and ``--dtype``, ``--strategy`` of the Hessian-vector products where ``products``)."""
-    from ..hvp import STRATEGIES
+    from ..choices import STRATEGIES
 
     group = parser.add_argument_group("compute")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     if products:
-        group.add_argument("--dtype", choices=DTYPE_NAMES, default="float64", help="precision of the products (default: float64)")
+        group.add_argument("--dtype", choices=DTYPE_NAMES, default="float64",
+                           help="precision of the products (default: float64)")
         group.add_argument("--strategy", choices=STRATEGIES, default="auto",
                            help="block Hessian-vector product strategy (default: auto)")
     return group
 
 
-def add_output_options(parser: argparse.ArgumentParser, default_out: Path, what: str = "output folder") -> argparse._ArgumentGroup:
+def add_output_options(parser: argparse.ArgumentParser, default_out: Path,
+                       what: str = "output folder") -> argparse._ArgumentGroup:
     """``--out`` and ``--no-progress``."""
     group = parser.add_argument_group("output")
     group.add_argument("--out", type=Path, default=default_out, help=f"{what} (default: {default_out})")

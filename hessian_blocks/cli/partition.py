@@ -6,11 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..blocks import Partition
-from ..guards import check_device
 from .options import (
-    add_compute_options, add_model_options, add_output_options, check_output_file, folder_name, note_eval_mode,
-    parse_overrides, torch_dtype,
+    add_compute_options,
+    add_model_options,
+    add_output_options,
+    check_output_file,
+    folder_name,
+    note_eval_mode,
+    parse_overrides,
+    torch_dtype,
 )
 
 __all__ = ["add_commands", "run_partition"]
@@ -18,7 +22,13 @@ __all__ = ["add_commands", "run_partition"]
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """``hessian-blocks partition``: derive an Adam-mini partition file from the measured Hessian."""
-    from ..partitions.measured import DEFAULT_CONTRAST, DEFAULT_MASS_THRESHOLD, DEFAULT_MAX_RUNS, DEFAULT_MAX_SPREAD, DEFAULT_THRESHOLD
+    from ..choices import (
+        DEFAULT_CONTRAST,
+        DEFAULT_MASS_THRESHOLD,
+        DEFAULT_MAX_RUNS,
+        DEFAULT_MAX_SPREAD,
+        DEFAULT_THRESHOLD,
+    )
 
     command = commands.add_parser(
         "partition", help="derive Adam-mini's blocks from the measured Hessian structure",
@@ -30,30 +40,35 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          help="measure a smaller instance built with these extra overrides (e.g. --small n_layer=2 "
                               "--small n_embd=128, same head size) and map its rules to the full model")
     command.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                         help=f"coupling between blocks above which an axis stays one block (default: {DEFAULT_THRESHOLD})")
+                         help="coupling between blocks above which an axis stays one block (default: "
+                              f"{DEFAULT_THRESHOLD})")
     command.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST,
-                         help=f"distinct groups couple inside this many times more than to their neighbours; the finest grouping "
-                              f"wins that cuts no distinct group at links above threshold/contrast (default: {DEFAULT_CONTRAST})")
+                         help="distinct groups couple inside this many times more than to their neighbours; the "
+                              "finest grouping wins that cuts no distinct group at links above threshold/contrast "
+                              f"(default: {DEFAULT_CONTRAST})")
     command.add_argument("--max-runs", type=int, choices=(1, 2), default=DEFAULT_MAX_RUNS,
-                         help=f"1: equal groups only; 2: also single slices before or after them (default: {DEFAULT_MAX_RUNS})")
+                         help="1: equal groups only; 2: also single slices before or after them (default: "
+                              f"{DEFAULT_MAX_RUNS})")
     command.add_argument("--max-spread", type=float, default=DEFAULT_MAX_SPREAD,
-                         help=f"near-diagonal Hessians with an even diagonal (90th/10th percentile at most this) are one "
-                              f"block (default: {DEFAULT_MAX_SPREAD})")
+                         help="near-diagonal Hessians with an even diagonal (90th/10th percentile at most this) are "
+                              f"one block (default: {DEFAULT_MAX_SPREAD})")
     command.add_argument("--mass-threshold", type=float, default=DEFAULT_MASS_THRESHOLD,
                          help=f"largest off-diagonal mass fraction of a near-diagonal Hessian ('whole' or 'elements' "
                               f"instead of slices; default: {DEFAULT_MASS_THRESHOLD})")
-    command.add_argument("--method", choices=("auto", "dense", "probes"), default="auto", help="how to measure (default: auto)")
+    command.add_argument("--method", choices=("auto", "dense", "probes"), default="auto",
+                         help="how to measure (default: auto)")
     command.add_argument("--probes", type=int, default=4, help="Rademacher probes per slice (default: 4)")
     command.add_argument("--dense-max", type=int, default=1024, help="largest tensor measured densely (default: 1024)")
     command.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the probes (default: 0)")
     add_compute_options(command)
     add_output_options(command, Path("partition.json"), what="partition file to write")
     command.add_argument("--couplings", type=Path, metavar="NPZ",
-                         help="keep the measured couplings in this file: read when it exists (deciding again with other "
-                              "--threshold/--contrast/... measures nothing), else measured and written; refused when it was "
-                              "measured with another model, data or measurement setting")
+                         help="keep the measured couplings in this file: read when it exists (deciding again with "
+                              "other --threshold/--contrast/... measures nothing), else measured and written; refused "
+                              "when it was measured with another model, data or measurement setting")
     command.add_argument("--heatmap", action="append", default=[], metavar="PARAM",
-                         help="also draw the measured Hessian of this tensor with its derived blocks (PNG next to --out; repeatable)")
+                         help="also draw the measured Hessian of this tensor with its derived blocks (PNG next to "
+                              "--out; repeatable)")
     command.set_defaults(run=run_partition)
 
 
@@ -61,7 +76,9 @@ def run_partition(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from ..blocks import Partition
     from ..data import make_batches
+    from ..guards import check_device
     from ..models import build_model
     from ..partitions.coupling import load_couplings, measure_coupling, save_couplings
     from ..partitions.measured import check_settings, decide_rule, map_rules
@@ -75,22 +92,27 @@ def run_partition(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     spec = build_model(args.model, seed=args.seed, **overrides)
     note_eval_mode(args.model, spec.model)
-    measured = build_model(args.model, seed=args.seed, **{**overrides, **parse_overrides(args.small)}) if args.small else spec
-    batches = make_batches(measured, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
+    measured = build_model(args.model, seed=args.seed,
+                           **{**overrides, **parse_overrides(args.small)}) if args.small else spec
+    batches = make_batches(measured, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed,
+                           dtype=dtype)
     shapes = {name: tuple(p.shape) for name, p in measured.model.named_parameters() if p.requires_grad}
-    measurement = {key: getattr(args, key) for key in ("model", "set", "small", "data", "batches", "batch_size", "method",
-                                                       "probes", "dense_max", "seed", "dtype")}
+    measurement = {key: getattr(args, key) for key in ("model", "set", "small", "data", "batches", "batch_size",
+                                                       "method", "probes", "dense_max", "seed", "dtype")}
     if args.couplings is not None and args.couplings.exists():
         couplings = load_couplings(args.couplings, settings=measurement)
         if {name: c.shape for name, c in couplings.items()} != shapes:
-            raise ValueError(f"{args.couplings} does not hold the tensors of this model; delete it or give another path")
+            raise ValueError(f"{args.couplings} does not hold the tensors of this model; delete it or give another "
+                             "path")
         print(f"couplings read from {args.couplings} (nothing measured)", file=sys.stderr)
     else:
         with tqdm(total=len(shapes), desc=f"{args.model}: measuring {len(shapes)} tensors", unit="tensor",
                   disable=args.no_progress, file=sys.stderr) as bar:
             couplings = measure_coupling(
-                measured.model, measured.loss_fn, batches, method=args.method, probes=args.probes, dense_max=args.dense_max,
-                seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy, progress=lambda _: bar.update(1),
+                measured.model, measured.loss_fn, batches, method=args.method, probes=args.probes,
+                dense_max=args.dense_max,
+                seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy,
+                progress=lambda _: bar.update(1),
             )
         if args.couplings is not None:
             save_couplings(couplings, args.couplings, settings=measurement)
@@ -108,7 +130,8 @@ def run_partition(args: argparse.Namespace) -> int:
         hmap = hessian_map(measured.model, measured.loss_fn, batches, measured_partition, params=[param],
                            dtype=dtype, device=args.device, strategy=args.strategy)
         path = args.out.with_name(f"{args.out.stem}_{folder_name(param)}.png")
-        save_figure(plot_hessian_blocks(hmap.matrix, hmap.boundaries, title=f"{param}: Hessian and derived blocks"), path)
+        save_figure(plot_hessian_blocks(hmap.matrix, hmap.boundaries, title=f"{param}: Hessian and derived blocks"),
+                    path)
         print(f"wrote {path}")
     table = pd.DataFrame({
         "parameter": [d.rule.param for d in decisions],

@@ -1,4 +1,4 @@
-"""The bundled model zoo and `build_model`, the one way to get a model for the engine.
+"""The bundled model zoo and ``build_model``, the one way to get a model for the engine.
 
     spec = build_model("gpt2-nano", seed=0, dtype=torch.float64, n_layer=2)
     loss = spec.loss_fn(spec.model(x), y)
@@ -7,8 +7,8 @@ A name is one of MODEL_NAMES (config fields can be overridden by keyword), a Hug
 "hf:ModelClass" or "hf:path/to/config.json" built from its config (see :mod:`.hf`), or a user model
 "package.module:factory": the factory is called with the overrides and returns a ModelSpec or an
 nn.Module (an nn.Module gets task "custom" and :func:`cross_entropy_loss`). Models come back in eval
-mode, initialised from `seed` without touching the global RNG, in their own dtype (the zoo's and
-Hugging Face's: float32; a user factory's: whatever it built) unless `dtype` is given.
+mode, initialised from ``seed`` without touching the global RNG, in their own dtype (the zoo's and
+Hugging Face's: float32; a user factory's: whatever it built) unless ``dtype`` is given.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..choices import MODEL_NAMES
 from .bert import BERT, BERTConfig
 from .gpt import GPT, GPTConfig
 from .mixer import MixerConfig, MLPMixer
@@ -66,7 +67,7 @@ class ModelSpec:
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the last dimension of `logits` ([..., n_classes]) against `targets` ([...]).
+    """Mean cross-entropy over the last dimension of ``logits`` ([..., n_classes]) against ``targets`` ([...]).
 
     Serves classifiers ([B, C] vs [B]) and language models ([B, T, V] vs [B, T]) alike; targets equal
     to IGNORE_INDEX are left out of the mean.
@@ -93,12 +94,13 @@ _REGISTRY: dict[str, _Entry] = {
     "mlp": _Entry(MLPConfig, MLP, "vector", ("in_features", "num_classes")),
     "mlp-mixer": _Entry(MixerConfig, MLPMixer, "image", _IMAGE),
 }
-MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+if tuple(_REGISTRY) != MODEL_NAMES:  # the CLI offers the names from hessian_blocks.choices before torch loads
+    raise ImportError(f"hessian_blocks.choices.MODEL_NAMES {MODEL_NAMES} does not list the zoo {tuple(_REGISTRY)}")
 
 
 def build_model(name: str, *, seed: int = 0, dtype: torch.dtype | None = None, **overrides) -> ModelSpec:
     """Build a zoo model, a Hugging Face model ("hf:ModelClass" or "hf:config.json") or a user model
-    ("package.module:factory"), seeded, in eval mode; cast to `dtype` when given (else it keeps its own)."""
+    ("package.module:factory"), seeded, in eval mode; cast to ``dtype`` when given (else it keeps its own)."""
     if name in _REGISTRY:
         spec = _build_registered(name, seed, overrides)
     elif name.startswith("hf:"):
@@ -171,4 +173,5 @@ def _build_user_model(name: str, seed: int, overrides: dict) -> ModelSpec:
         return result
     if isinstance(result, nn.Module):
         return ModelSpec(name, result, cross_entropy_loss, "custom", {}, None)
-    raise TypeError(f"user model {name!r}: the factory returned {type(result).__name__}; expected a ModelSpec or an nn.Module")
+    raise TypeError(f"user model {name!r}: the factory returned {type(result).__name__}; expected a ModelSpec or an "
+                    "nn.Module")

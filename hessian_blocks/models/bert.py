@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from .checks import check_positive
 from .gpt import FeedForward, LayerNorm, SelfAttention, check_heads, init_normal, positions
 
+__all__ = ["BERT", "BERTConfig", "EncoderLayer", "MLMHead"]
+
 
 @dataclass
 class BERTConfig:

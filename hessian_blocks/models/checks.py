@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 
+__all__ = ["check_positive"]
+
 
 def check_positive(config: object, *names: str, sequences: Sequence[str] = ()) -> None:
     """Refuse a config whose size fields are not positive, naming the field: each of ``names`` must

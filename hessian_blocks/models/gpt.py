@@ -19,6 +19,11 @@ import torch.nn.functional as F
 
 from .checks import check_positive
 
+__all__ = [
+    "GPT", "Block", "check_heads", "FeedForward", "GPTConfig", "init_normal", "LayerNorm", "positions",
+    "SelfAttention"
+]
+
 
 @dataclass
 class GPTConfig:
@@ -116,7 +121,7 @@ class Block(nn.Module):
 
 
 def init_normal(module: nn.Module, std: float = 0.02) -> None:
-    """GPT-2/BERT initialisation, for use with `Module.apply`: N(0, std) weights, zero biases.
+    """GPT-2/BERT initialisation, for use with ``Module.apply``: N(0, std) weights, zero biases.
 
     Linear and Embedding layers only; LayerNorm keeps its (1, 0) initialisation.
     """

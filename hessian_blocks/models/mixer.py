@@ -16,6 +16,8 @@ from .checks import check_positive
 from .gpt import FeedForward, LayerNorm
 from .vit import PatchEmbed, check_patches
 
+__all__ = ["MixerBlock", "MixerConfig", "MLPMixer"]
+
 
 @dataclass
 class MixerConfig:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from .checks import check_positive
 
+__all__ = ["ACTIVATIONS", "MLP", "MLPConfig"]
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu}
 
 

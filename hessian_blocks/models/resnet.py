@@ -1,6 +1,6 @@
 """ResNet18-style network for small images ("resnet18"; CIFAR-style stem, 10 classes).
 
-BasicBlocks in four stages of `layers` = (2, 2, 2, 2) blocks with widths width * (1, 2, 4, 8);
+BasicBlocks in four stages of ``layers`` = (2, 2, 2, 2) blocks with widths width * (1, 2, 4, 8);
 stride 2 at the start of stages 2-4; 1x1 conv + BatchNorm shortcuts where the shape changes;
 global average pooling and a linear head. In eval mode (as the registry returns it) BatchNorm uses
 its running statistics, so the network is a fixed, deterministic function of its parameters.
@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import check_positive
+
+__all__ = ["BasicBlock", "conv3x3", "ResNet", "ResNetConfig"]
 
 
 @dataclass

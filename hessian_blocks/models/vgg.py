@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from .checks import check_positive
 
+__all__ = ["CONVS_PER_STAGE", "VGG", "VGG16_CLASSIFIER_FAN_IN", "VGGConfig"]
+
 CONVS_PER_STAGE = (2, 2, 3, 3, 3)
 VGG16_CLASSIFIER_FAN_IN = (512 * 7 * 7, 4096, 4096)  # VGG16's three linear layers at 224x224 inputs
 

@@ -15,6 +15,8 @@ import torch.nn as nn
 from .checks import check_positive
 from .gpt import Block, LayerNorm, check_heads, init_normal
 
+__all__ = ["check_patches", "PatchEmbed", "ViT", "ViTConfig"]
+
 
 @dataclass
 class ViTConfig:

@@ -90,13 +90,15 @@ def measure_coupling(
     names = list(shapes) if params is None else list(params)
     unknown = [n for n in names if n not in shapes]
     if unknown:
-        raise ValueError(f"{unknown} are not trainable parameters of {type(model).__name__}; it has {list(shapes)[:6]} ...")
+        raise ValueError(f"{unknown} are not trainable parameters of {type(model).__name__}; it has "
+                         f"{list(shapes)[:6]} ...")
     generator = torch.Generator().manual_seed(seed)
     results: dict[str, TensorCoupling] = {}
     for index, name in enumerate(names):
         shape = shapes[name]
         block = Rule(name, "whole").resolve(shape)
-        hessian = BlockHessian(model, loss_fn, batches, block, dtype=dtype, device=device, strategy=strategy, check=index == 0)
+        hessian = BlockHessian(model, loss_fn, batches, block, dtype=dtype, device=device, strategy=strategy,
+                               check=index == 0)
         chosen = _choose_method(shape, method, probes, dense_max)
         if chosen == "dense":
             results[name] = _dense(hessian, name, shape)
@@ -153,7 +155,8 @@ def load_couplings(path: str | Path, settings: dict | None = None) -> dict[str, 
                                  f"delete it or give another path to measure again")
         return {
             entry["param"]: TensorCoupling(entry["param"], tuple(entry["shape"]), entry["method"],
-                                           {axis: data[f"t{i}_axis{axis}"] for axis in entry["axes"]}, entry["products"])
+                                           {axis: data[f"t{i}_axis{axis}"] for axis in entry["axes"]},
+                                           entry["products"])
             for i, entry in enumerate(header["tensors"])
         }
 
@@ -185,7 +188,8 @@ def _dense(hessian: BlockHessian, name: str, shape: tuple[int, ...]) -> TensorCo
     return TensorCoupling(name, shape, "dense", axes, numel, matrix)
 
 
-def _probed(hessian: BlockHessian, name: str, shape: tuple[int, ...], probes: int, generator: torch.Generator) -> TensorCoupling:
+def _probed(hessian: BlockHessian, name: str, shape: tuple[int, ...], probes: int,
+            generator: torch.Generator) -> TensorCoupling:
     numel = int(np.prod(shape))
     axes, products = {}, 0
     for axis, n in enumerate(shape):

@@ -62,13 +62,15 @@ import torch
 from torch import nn
 
 from ..blocks import Partition, Rule, trainable_shapes
+from ..choices import (  # noqa: F401 (re-exported: the thresholds live where the CLI reads them without torch)
+    DEFAULT_CONTRAST,
+    DEFAULT_MASS_THRESHOLD,
+    DEFAULT_MAX_RUNS,
+    DEFAULT_MAX_SPREAD,
+    DEFAULT_THRESHOLD,
+)
 from .coupling import TensorCoupling, measure_coupling
 
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_MASS_THRESHOLD = 0.2
-DEFAULT_CONTRAST = 4.0
-DEFAULT_MAX_RUNS = 2
-DEFAULT_MAX_SPREAD = 10.0
 Batch = tuple[Any, torch.Tensor]
 
 
@@ -296,7 +298,8 @@ def decide_rule(
     """The split of one tensor from its measured slice couplings (shapes and numbers only)."""
     check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
     shape = coupling.shape
-    groupings = [group_axis(matrix, threshold, contrast, max_runs, axis) for axis, matrix in sorted(coupling.axes.items())]
+    groupings = [group_axis(matrix, threshold, contrast, max_runs, axis) for axis,
+                 matrix in sorted(coupling.axes.items())]
     method = f"{coupling.method}, {coupling.products} HVPs"
     if not groupings:  # a single entry
         rule = Rule(coupling.param, "whole", why=f"one entry ({method})")
@@ -311,8 +314,9 @@ def decide_rule(
     if not split:
         rule = Rule(coupling.param, "whole", why=f"slices couple along every axis: {evidence} ({method})")
     elif single_slices and near_diagonal and spread <= max_spread:
-        rule = Rule(coupling.param, "whole", why=f"Hessian near diagonal ({off_diagonal:.0%} off) with an even diagonal "
-                                                 f"(spread {spread:.3g}, one learning rate fits): {evidence} ({method})")
+        rule = Rule(coupling.param, "whole",
+                    why=f"Hessian near diagonal ({off_diagonal:.0%} off) with an even diagonal (spread {spread:.3g}, "
+                                                 f"one learning rate fits): {evidence} ({method})")
     elif single_slices and near_diagonal:
         rule = Rule(coupling.param, "elements", why=f"Hessian near diagonal ({off_diagonal:.0%} off), uneven diagonal "
                                                     f"(spread {spread:.3g}): {evidence} ({method})")
@@ -450,8 +454,8 @@ def _scaled_rule(rule: Rule, small_shape: tuple[int, ...], name: str, shape: tup
         if covered % small_shape[axis] or (covered // small_shape[axis]) % size:
             raise ValueError(
                 f"cannot map run-length groups {list(map(list, rule.runs))} of '{rule.param}' (axis {axis} of length "
-                f"{small_shape[axis]}) to '{name}' (length {shape[axis]}): the run of {count} groups of {size} does not "
-                "scale to whole groups. Choose a small instance whose widths divide the full model's."
+                f"{small_shape[axis]}) to '{name}' (length {shape[axis]}): the run of {count} groups of {size} does "
+                "not scale to whole groups. Choose a small instance whose widths divide the full model's."
             )
         runs.append((size, covered // small_shape[axis] // size))
     return Rule(name, "groups", axis=axis, runs=tuple(runs), why=why)

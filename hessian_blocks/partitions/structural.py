@@ -38,7 +38,7 @@ from hessian_blocks.blocks import Partition, Rule
 from hessian_blocks.models.gpt import LayerNorm as BundledLayerNorm
 from hessian_blocks.models.gpt import SelfAttention as BundledSelfAttention
 
-__all__ = ["AttentionLayout", "default_partition", "default_rules", "is_norm", "register_attention"]
+__all__ = ["NORM_TYPES", "AttentionLayout", "default_partition", "default_rules", "is_norm", "register_attention"]
 
 # What a rule does, without the parameter's name: keyword arguments of Rule (split, axis, size, runs, why).
 RuleSpec = dict

@@ -1,0 +1,31 @@
+"""The names and defaults the command line offers before anything heavy is imported.
+
+This module imports nothing (no torch, numpy or pandas), so ``hessian-blocks --help`` stays fast.
+The registries themselves live next to the code they name and take their names from here:
+:data:`MODEL_NAMES` (:mod:`hessian_blocks.models`), :data:`DATA_SOURCES` (:mod:`hessian_blocks.data`),
+:data:`STRATEGIES` (:mod:`hessian_blocks.hvp`) and the partitioner's ``DEFAULT_*`` thresholds
+(:mod:`hessian_blocks.partitions.measured`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DATA_SOURCES", "DEFAULT_CONTRAST", "DEFAULT_MASS_THRESHOLD", "DEFAULT_MAX_RUNS", "DEFAULT_MAX_SPREAD",
+    "DEFAULT_THRESHOLD", "MODEL_NAMES", "STRATEGIES",
+]
+
+MODEL_NAMES: tuple[str, ...] = ("gpt2-nano", "bert-mini", "vit-tiny", "resnet18", "vgg16", "mlp", "mlp-mixer")
+"""The bundled models, in the order of the zoo's registry."""
+
+DATA_SOURCES: tuple[str, ...] = ("digits", "text", "synthetic")
+"""The offline data sources (besides ``auto`` and data files)."""
+
+STRATEGIES: tuple[str, ...] = ("auto", "loop", "vmap")
+"""How block Hessian-vector products are computed."""
+
+# the Hessian-derived partitioner's decision thresholds (see hessian_blocks.partitions.measured)
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_MASS_THRESHOLD = 0.2
+DEFAULT_CONTRAST = 4.0
+DEFAULT_MAX_RUNS = 2
+DEFAULT_MAX_SPREAD = 10.0
