@@ -6,9 +6,10 @@ plain AdamW for that tensor.
 
 Three implementations, chosen like torch's AdamW: a plain per-parameter loop (``foreach=False``),
 a ``foreach`` path that batches the elementwise work over all tensors (the default off CUDA), and a
-fused CUDA path (``fused=True``, the default when every parameter is on CUDA and Triton is present)
-that compiles the whole update with ``torch.compile``; without CUDA or Triton ``fused=True`` falls
-back to ``foreach`` with a warning.
+compiled path (``fused=True``; the default when every parameter is on CUDA and Triton is present)
+that compiles the whole update with ``torch.compile``: Triton kernels on CUDA, Inductor's C++
+backend on CPU (only when asked for: the first step then takes seconds to minutes). Without Triton
+(CUDA) or a C++ compiler (CPU), ``fused=True`` falls back to ``foreach`` with a warning.
 """
 
 from __future__ import annotations
@@ -84,8 +85,6 @@ class AdamMini(torch.optim.Optimizer):
         self._layouts: dict[torch.Tensor, BlockLayout | ShardedBlockLayout] = {}
         self._state_dtype = state_dtype
         self._warned_fallback = False
-        self._fused_steps: dict[tuple, _fused.FusedStep] = {}
-        self._fused_failed = False
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(groups, defaults)
 
@@ -230,11 +229,9 @@ class AdamMini(torch.optim.Optimizer):
 
     def _implementation(self, group: dict[str, Any], params: list[torch.Tensor]) -> str:
         foreach, fused = group["foreach"], group["fused"]
-        if fused is None and foreach is None:
-            return "fused" if not self._fused_failed and _fused.available(params) else "foreach"
+        if fused is None and foreach is None:  # torch's choice: compiled on CUDA (compiling on CPU takes long)
+            return "fused" if all(p.device.type == "cuda" for p in params) and _fused.available(params) else "foreach"
         if fused:
-            if self._fused_failed:  # warned when compiling failed
-                return "foreach"
             if _fused.available(params):
                 return "fused"
             if not self._warned_fallback:
@@ -246,23 +243,8 @@ class AdamMini(torch.optim.Optimizer):
     def _fused_update(self, group_batches: list[Batch]) -> None:
         """All groups' fused parameters in one compiled call (foreach, per group, if compiling fails)."""
         batch = Batch.concatenate(group_batches)
-        key = tuple(map(id, batch.params))  # the parameters fix the layouts
-        if key not in self._fused_steps:
-            self._fused_steps[key] = _fused.FusedStep(batch.layouts)
-        fused_step = self._fused_steps[key]
         coefficients = torch.tensor([s.as_row() for s in batch.scalars], dtype=torch.float64)
-        try:
-            fused_step(batch.params, batch.grads, batch.exp_avgs, batch.block_avgs, coefficients)
-        except torch._dynamo.exc.TorchDynamoException as err:
-            if fused_step.ran:  # compiled and ran before: not a compilation problem
-                raise
-            # compilation fails before any kernel runs: nothing was updated yet
-            warnings.warn(
-                f"AdamMini(fused): compiling the update failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                "using the foreach path from now on",
-                stacklevel=3,
-            )
-            self._fused_failed = True
+        if not _fused.compiled_update(batch.layouts)(batch.params, batch.grads, batch.exp_avgs, batch.block_avgs, coefficients):
             for group_batch in group_batches:
                 foreach_update(group_batch)
 

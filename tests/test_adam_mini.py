@@ -4,8 +4,8 @@ torch.optim.AdamW (partition = "elements"), and itself (checkpoint resume, imple
 import io
 import json
 import math
-import os
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -109,14 +109,12 @@ def reference_adam_mini(model, grads, lrs):
     return {n: p.reshape(model.get_parameter(n).shape) for n, p in params.items()}, v
 
 
-@pytest.mark.parametrize("path", [*PATHS, "fused"])
+@pytest.mark.parametrize("path", PATHS)
 def test_matches_float64_reference_on_random_blocks(path):
+    """(The compiled path: tests/test_compiled.py.)"""
     model = Tensors()
     grads = random_grads(model, steps=6)
-    flags = PATHS.get(path, dict(fused=True))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fused=True on CPU warns (tested separately)
-        optimizer, lrs = run_adam_mini(model, grads, **flags)
+    optimizer, lrs = run_adam_mini(model, grads, **PATHS[path])
     expected, expected_v = reference_adam_mini(Tensors(), grads, lrs)
     for name, p in model.named_parameters():
         assert torch.allclose(p.detach(), expected[name], rtol=0, atol=1e-12), name
@@ -129,35 +127,21 @@ def test_matches_float64_reference_on_random_blocks(path):
     assert optimizer.state[model.e]["step"].item() == 5  # no gradient at one step: skipped, like torch
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() or os.environ.get("OPTIM_COMPILE_TESTS")),
-    reason="the fused path compiles (minutes on CPU): runs on CUDA, or on CPU with OPTIM_COMPILE_TESTS=1",
-)
-def test_compiled_fused_path_matches_float64_reference(monkeypatch):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setattr(optim._fused, "available", lambda params: True)  # compile on CPU too
-    model = Tensors().to(device)
-    grads = random_grads(Tensors(), steps=4)
-    grads = [{n: g.to(device) for n, g in step.items()} for step in grads]
-    optimizer, lrs = run_adam_mini(model, grads, fused=True)
-    assert optimizer._fused_steps  # the compiled path ran
-    expected, _ = reference_adam_mini(Tensors(), [{n: g.cpu() for n, g in step.items()} for step in grads], lrs)
-    for name, p in model.named_parameters():
-        assert torch.allclose(p.detach().cpu(), expected[name], rtol=0, atol=1e-12), name
-
-
 def test_failed_compilation_falls_back_to_foreach(monkeypatch):
     class CompileError(torch._dynamo.exc.TorchDynamoException):
         pass
 
     calls = []
 
-    def broken(self, *args):
-        calls.append(1)
-        raise CompileError("inductor could not compile")
+    def broken_compile(function, **options):
+        def compiled(*args):
+            calls.append(1)
+            raise CompileError("inductor could not compile")
 
-    monkeypatch.setattr(optim._fused, "available", lambda params: True)
-    monkeypatch.setattr(optim._fused.FusedStep, "__call__", broken)
+        return compiled
+
+    monkeypatch.setattr(optim._fused, "_COMPILED", OrderedDict())  # nothing compiled yet
+    monkeypatch.setattr(torch, "compile", broken_compile)
     assert_fused_falls_back_to_foreach("compiling the update failed (CompileError")
     assert len(calls) == 1  # tried once, then foreach for good
 
@@ -285,10 +269,6 @@ def test_state_memory_of_gpt2_width_model_is_half_of_adamw():
     assert mini.by_key["exp_avg"] == 4 * mini.n_params
 
 
-def test_fused_on_cpu_warns_once_and_equals_foreach():
-    assert_fused_falls_back_to_foreach("using the foreach path")
-
-
 def assert_fused_falls_back_to_foreach(warning: str) -> None:
     """fused=True warns once (a message containing ``warning``) and gives foreach's parameters exactly."""
     results = []
@@ -296,7 +276,7 @@ def assert_fused_falls_back_to_foreach(warning: str) -> None:
         model = Tensors(dtype=torch.float32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            run_adam_mini(model, random_grads(model, steps=3), **flags)
+            run_adam_mini(model, random_grads(model, steps=2), **flags)
         fallbacks = [w for w in caught if warning in str(w.message)]
         assert len(fallbacks) == (1 if "fused" in flags else 0)
         results.append([p.detach().clone() for p in model.parameters()])
