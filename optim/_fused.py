@@ -119,7 +119,7 @@ class CompiledUpdate:
             warnings.warn(
                 f"AdamMini(fused): compiling the update failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
                 "using the foreach path for these parameters from now on",
-                stacklevel=4,
+                stacklevel=2,
             )
             self.failed = True
             return False
