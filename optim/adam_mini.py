@@ -6,9 +6,10 @@ plain AdamW for that tensor.
 
 Three implementations, chosen like torch's AdamW: a plain per-parameter loop (``foreach=False``),
 a ``foreach`` path that batches the elementwise work over all tensors (the default off CUDA), and a
-fused CUDA path (``fused=True``, the default when every parameter is on CUDA and Triton is present)
-that compiles the whole update with ``torch.compile``; without CUDA or Triton ``fused=True`` falls
-back to ``foreach`` with a warning.
+compiled path (``fused=True``; the default when every parameter is on CUDA and Triton is present)
+that compiles the whole update with ``torch.compile``: Triton kernels on CUDA, Inductor's C++
+backend on CPU (only when asked for: the first step then takes seconds to minutes). Without Triton
+(CUDA) or a C++ compiler (CPU), ``fused=True`` falls back to ``foreach`` with a warning.
 """
 
 from __future__ import annotations
@@ -22,17 +23,20 @@ import torch.nn as nn
 
 from hessian_blocks.blocks import Partition, Rule
 
-from . import _fused
 from hessian_blocks.partitions.structural import default_rules
-from .distributed import ShardedBlockLayout, block_layout, local_tensor, reduce_block_mean_squares
+from .distributed import ShardedBlockLayout, block_layout, local_tensor
 from .layout import BlockLayout
-from .update import Batch, StepScalars, foreach_update, reference_update
+from .functional import advance_steps, choose_implementation, run_updates
+from .update import Batch
 
 Params = Union[nn.Module, Iterable[tuple[str, torch.Tensor]], Iterable[dict]]
 PartitionArg = Union[Partition, str, Path]
 
 STATE_KEYS = ("step", "exp_avg", "block_exp_avg_sq")
-_ONE = torch.tensor(1.0)
+# Version of AdamMini's state dicts, saved in every param group under "version" (param-group keys
+# survive torch.distributed.checkpoint, top-level keys do not); older ones are upgraded on load.
+# 1: no "version" key, no "maximize"; 2: "maximize".
+STATE_DICT_VERSION = 2
 
 
 class AdamMini(torch.optim.Optimizer):
@@ -50,7 +54,13 @@ class AdamMini(torch.optim.Optimizer):
         n_heads: head count for the default partition's attention modules (default: each module's own).
         state_dtype: dtype of the first moment (default: the parameter's). Second moments are float32
             (float64 for float64 parameters) whatever the parameter dtype.
-        foreach, fused: implementation flags, as in ``torch.optim.AdamW``.
+        foreach, fused: implementation flags, as in ``torch.optim.AdamW`` (``fused=True``: compiled).
+        maximize: ascend the objective instead of descending it, as in ``torch.optim.AdamW``.
+        amsgrad, capturable, differentiable: accepted for ``torch.optim.AdamW``'s signature; True is
+            refused (Adam-mini has no per-coordinate maximum to keep, reads step counts on the host
+            and updates in place without autograd).
+
+    Unlike ``torch.optim.AdamW`` (0.01), ``weight_decay`` defaults to 0.
 
     State per parameter: ``step`` (0-d float32 tensor), ``exp_avg`` (parameter shape) and
     ``block_exp_avg_sq`` (one entry per block, in block order of the partition).
@@ -70,9 +80,14 @@ class AdamMini(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        maximize: bool = False,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         if foreach and fused:
             raise ValueError("foreach and fused cannot both be True: pick one implementation")
+        _refuse_unsupported(dict(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable))
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("pass the model once: either as params or as model=")
@@ -84,9 +99,7 @@ class AdamMini(torch.optim.Optimizer):
         self._layouts: dict[torch.Tensor, BlockLayout | ShardedBlockLayout] = {}
         self._state_dtype = state_dtype
         self._warned_fallback = False
-        self._fused_steps: dict[tuple, _fused.FusedStep] = {}
-        self._fused_failed = False
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
         super().__init__(groups, defaults)
 
     @property
@@ -100,6 +113,7 @@ class AdamMini(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of (name, tensor) pairs; each name needs a rule in the optimizer's partition."""
+        _refuse_unsupported(param_group)
         pairs = list(param_group.get("params", []))
         if not all(isinstance(item, tuple) and len(item) == 2 for item in pairs):
             raise TypeError("AdamMini needs named parameters: pass (name, tensor) pairs, e.g. model.named_parameters()")
@@ -131,25 +145,32 @@ class AdamMini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches: dict[str, list[Batch]] = {"reference": [], "foreach": [], "fused": []}
+        batches: dict[str, list[Batch]] = {}
         for group in self.param_groups:
             batch = self._gather(group)
             if batch.params:
-                kind = self._implementation(group, batch.params)
-                sharded = any(isinstance(layout, ShardedBlockLayout) for layout in batch.layouts)
-                batches["foreach" if sharded and kind == "fused" else kind].append(batch)
-        reduce_block_mean_squares(batch for kind in batches.values() for batch in kind)
-        for batch in batches["reference"]:
-            reference_update(batch)
-        for batch in batches["foreach"]:
-            foreach_update(batch)
-        if batches["fused"]:
-            self._fused_update(batches["fused"])
+                kind, fallback = choose_implementation(batch.params, foreach=group["foreach"], fused=group["fused"])
+                if fallback and not self._warned_fallback:
+                    warnings.warn(f"AdamMini(fused=True): {fallback}; using the foreach path", stacklevel=3)
+                    self._warned_fallback = True
+                batches.setdefault(kind, []).append(batch)
+        run_updates(batches)
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; every param group also records its ``block_rules`` and the
+        :data:`STATE_DICT_VERSION` (under ``"version"``)."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            group["version"] = STATE_DICT_VERSION
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; state tensors keep AdamMini's dtypes (torch would cast them to the
-        parameter dtype) and must match this optimizer's partition. Nothing changes on an error."""
+        parameter dtype) and must match this optimizer's partition. State dicts of older versions
+        are upgraded; one without block rules (not saved by AdamMini) is refused. Nothing changes on
+        an error."""
+        state_dict = _upgraded(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
@@ -182,15 +203,13 @@ class AdamMini(torch.optim.Optimizer):
                 state.update(self._initial_state(param))
             if grad.dtype != state["exp_avg"].dtype or not grad.is_contiguous():
                 grad = grad.to(dtype=state["exp_avg"].dtype, memory_format=torch.contiguous_format)
+            if group["maximize"]:
+                grad = grad.neg()
             local_state = {**state, "exp_avg": local_tensor(state["exp_avg"])}
             batch.add(local_tensor(param), local_tensor(grad), local_state, self._layouts[param])
         if batch.steps:
-            torch._foreach_add_(batch.steps, _ONE, alpha=1.0)  # a tensor 1, wrapped once (torch's AdamW trick)
-            by_step: dict[float, StepScalars] = {}
-            for t in torch.stack(batch.steps).tolist():
-                if t not in by_step:
-                    by_step[t] = _step_scalars(group, t)
-                batch.scalars.append(by_step[t])
+            beta1, beta2 = group["betas"]
+            advance_steps(batch, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         return batch
 
     def _initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -221,62 +240,37 @@ class AdamMini(torch.optim.Optimizer):
 
     def _check_saved_rules(self, saved_groups: list[dict[str, Any]]) -> None:
         for saved, group in zip(saved_groups, self.param_groups):
-            for name, ours, theirs in zip(group["param_names"], group["block_rules"], saved.get("block_rules", [])):
+            for name, ours, theirs in zip(group["param_names"], group["block_rules"], saved["block_rules"]):
                 if ours != theirs:
                     raise ValueError(
                         f"the checkpoint was saved with rule {theirs} for parameter '{name}' but this optimizer "
                         f"uses {ours}: build the optimizer with the checkpoint's partition"
                     )
 
-    def _implementation(self, group: dict[str, Any], params: list[torch.Tensor]) -> str:
-        foreach, fused = group["foreach"], group["fused"]
-        if fused is None and foreach is None:
-            return "fused" if not self._fused_failed and _fused.available(params) else "foreach"
-        if fused:
-            if self._fused_failed:  # warned when compiling failed
-                return "foreach"
-            if _fused.available(params):
-                return "fused"
-            if not self._warned_fallback:
-                warnings.warn(f"AdamMini(fused=True): {_fused.unavailable_reason(params)}; using the foreach path", stacklevel=3)
-                self._warned_fallback = True
-            return "foreach"
-        return "foreach" if foreach or foreach is None else "reference"
-
-    def _fused_update(self, group_batches: list[Batch]) -> None:
-        """All groups' fused parameters in one compiled call (foreach, per group, if compiling fails)."""
-        batch = Batch.concatenate(group_batches)
-        key = tuple(map(id, batch.params))  # the parameters fix the layouts
-        if key not in self._fused_steps:
-            self._fused_steps[key] = _fused.FusedStep(batch.layouts)
-        fused_step = self._fused_steps[key]
-        coefficients = torch.tensor([s.as_row() for s in batch.scalars], dtype=torch.float64)
-        try:
-            fused_step(batch.params, batch.grads, batch.exp_avgs, batch.block_avgs, coefficients)
-        except torch._dynamo.exc.TorchDynamoException as err:
-            if fused_step.ran:  # compiled and ran before: not a compilation problem
-                raise
-            # compilation fails before any kernel runs: nothing was updated yet
-            warnings.warn(
-                f"AdamMini(fused): compiling the update failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                "using the foreach path from now on",
-                stacklevel=3,
+def _upgraded(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (not modified) with param groups of :data:`STATE_DICT_VERSION`, without their
+    "version" key; an error for a newer version or a group without one block rule per parameter."""
+    groups = []
+    for index, saved in enumerate(state_dict["param_groups"]):
+        group = dict(saved)
+        version = group.pop("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= STATE_DICT_VERSION:
+            raise ValueError(
+                f"param group {index} of the state dict has version {version!r}; this AdamMini reads versions 1 to "
+                f"{STATE_DICT_VERSION}: load it with the (newer) hessian-blocks that saved it"
             )
-            self._fused_failed = True
-            for group_batch in group_batches:
-                foreach_update(group_batch)
-
-
-def _step_scalars(group: dict[str, Any], t: float) -> StepScalars:
-    beta1, beta2 = group["betas"]
-    return StepScalars(
-        decay=1.0 - group["lr"] * group["weight_decay"],
-        beta1=beta1,
-        beta2=beta2,
-        inv_bias_correction2=1.0 / (1.0 - beta2**t),
-        step_size=group["lr"] / (1.0 - beta1**t),
-        eps=group["eps"],
-    )
+        rules = group.get("block_rules")
+        if not isinstance(rules, list) or len(rules) != len(group["params"]):
+            found = "no 'block_rules'" if rules is None else f"{len(rules) if isinstance(rules, list) else rules!r} block rules"
+            raise ValueError(
+                f"param group {index} of the state dict has {found} for its {len(group['params'])} parameters: "
+                "it was not saved by AdamMini (or was edited), so its per-block state cannot be checked against this "
+                "optimizer's partition; load a state dict written by AdamMini.state_dict()"
+            )
+        if version < 2:
+            group.setdefault("maximize", False)
+        groups.append(group)
+    return {**state_dict, "param_groups": groups}
 
 
 def _block_dtype(param: torch.Tensor) -> torch.dtype:
@@ -306,6 +300,23 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
             f"invalid AdamMini hyperparameter(s) {bad}: need lr >= 0, 0 <= betas < 1, eps >= 0, weight_decay >= 0; "
             f"got lr={group['lr']}, betas={group['betas']}, eps={group['eps']}, weight_decay={group['weight_decay']}"
         )
+
+
+_UNSUPPORTED = {
+    "amsgrad": "Adam-mini keeps one running average of g^2 per block, no per-coordinate maximum; "
+    "use torch.optim.AdamW(amsgrad=True) for AMSGrad",
+    "capturable": "its step reads the step counts on the host, which CUDA graph capture does not allow; "
+    "fused=True (the default on CUDA) already runs the update as a few compiled kernels",
+    "differentiable": "it updates in place under torch.no_grad; use torch.optim.AdamW(differentiable=True) "
+    "to differentiate through optimizer steps",
+}
+
+
+def _refuse_unsupported(options: dict[str, Any]) -> None:
+    """A clear error for torch.optim.AdamW options AdamMini accepts only as False."""
+    for key, why in _UNSUPPORTED.items():
+        if options.get(key):
+            raise ValueError(f"AdamMini does not support {key}=True: {why}")
 
 
 def _check_param(name: str, param: torch.Tensor) -> None:
