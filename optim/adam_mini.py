@@ -14,18 +14,21 @@ backend on CPU (only when asked for: the first step then takes seconds to minute
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from hessian_blocks.blocks import Partition, Rule
 
 from hessian_blocks.partitions.structural import default_rules
 from .distributed import ShardedBlockLayout, block_layout, local_tensor
 from .layout import BlockLayout
+from .low_precision import dequantize_blockwise, quantize_blockwise_, quantized_scale_count, stochastic_round_
 from .functional import advance_steps, choose_implementation, run_updates
 from .update import Batch
 
@@ -52,8 +55,15 @@ class AdamMini(torch.optim.Optimizer):
         model: the module the parameters belong to: names bare tensors, and ``partition="default"``
             derives its rules from it.
         n_heads: head count for the default partition's attention modules (default: each module's own).
-        state_dtype: dtype of the first moment (default: the parameter's). Second moments are float32
-            (float64 for float64 parameters) whatever the parameter dtype.
+        state_dtype: dtype of the first moment (default: the parameter's): a floating dtype (e.g.
+            ``torch.bfloat16``), or ``torch.int8`` for an 8-bit block-quantized first moment (int8 codes
+            and one float32 scale per 256 coordinates: :mod:`optim.low_precision`). Second moments are
+            float32 (float64 for float64 parameters) whatever the parameter dtype.
+        stochastic_rounding: write the updates of bfloat16 parameters with stochastic rounding
+            (computed in float32, rounded up or down at random without bias), so that updates smaller
+            than bfloat16's spacing are not lost. The draws depend only on ``rounding_seed``, the
+            parameter's position and its step count: a resumed run draws what an uninterrupted one does.
+        rounding_seed: seed of the stochastic rounding.
         foreach, fused: implementation flags, as in ``torch.optim.AdamW`` (``fused=True``: compiled).
         maximize: ascend the objective instead of descending it, as in ``torch.optim.AdamW``.
         amsgrad, capturable, differentiable: accepted for ``torch.optim.AdamW``'s signature; True is
@@ -78,6 +88,8 @@ class AdamMini(torch.optim.Optimizer):
         model: nn.Module | None = None,
         n_heads: int | None = None,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
         maximize: bool = False,
@@ -97,7 +109,9 @@ class AdamMini(torch.optim.Optimizer):
         self._partition, self._rules, self._rule_shapes = _resolve_partition(partition, shapes, model, n_heads)
         self._model_class = type(model).__name__ if model is not None else None
         self._layouts: dict[torch.Tensor, BlockLayout | ShardedBlockLayout] = {}
-        self._state_dtype = state_dtype
+        self._state_dtype = _checked_state_dtype(state_dtype)
+        self._stochastic_rounding = bool(stochastic_rounding)
+        self._rounding_seed = int(rounding_seed)
         self._warned_fallback = False
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
         super().__init__(groups, defaults)
@@ -146,8 +160,9 @@ class AdamMini(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batches: dict[str, list[Batch]] = {}
+        write_backs: list[Callable[[], None]] = []
         for group in self.param_groups:
-            batch = self._gather(group)
+            batch = self._gather(group, write_backs)
             if batch.params:
                 kind, fallback = choose_implementation(batch.params, foreach=group["foreach"], fused=group["fused"])
                 if fallback and not self._warned_fallback:
@@ -155,6 +170,8 @@ class AdamMini(torch.optim.Optimizer):
                     self._warned_fallback = True
                 batches.setdefault(kind, []).append(batch)
         run_updates(batches)
+        for write_back in write_backs:
+            write_back()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -188,8 +205,12 @@ class AdamMini(torch.optim.Optimizer):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _gather(self, group: dict[str, Any]) -> Batch:
-        """The group's parameters that have gradients, their state (created on first use) and scalars."""
+    def _gather(self, group: dict[str, Any], write_backs: list[Callable[[], None]]) -> Batch:
+        """The group's parameters that have gradients, their state (created on first use) and scalars.
+
+        Low-precision state and parameters enter the batch as float32 working copies; ``write_backs``
+        gets what writes them back after the update (quantizing the first moment again, rounding the
+        parameter stochastically)."""
         batch = Batch()
         for name, param in zip(group["param_names"], group["params"]):
             grad = param.grad
@@ -201,23 +222,56 @@ class AdamMini(torch.optim.Optimizer):
             if not state:
                 _check_param(name, param)
                 state.update(self._initial_state(param))
-            if grad.dtype != state["exp_avg"].dtype or not grad.is_contiguous():
-                grad = grad.to(dtype=state["exp_avg"].dtype, memory_format=torch.contiguous_format)
+            exp_avg, target = self._working_tensors(name, param, state, write_backs)
+            if grad.dtype != exp_avg.dtype or not grad.is_contiguous():
+                grad = grad.to(dtype=exp_avg.dtype, memory_format=torch.contiguous_format)
             if group["maximize"]:
                 grad = grad.neg()
-            local_state = {**state, "exp_avg": local_tensor(state["exp_avg"])}
-            batch.add(local_tensor(param), local_tensor(grad), local_state, self._layouts[param])
+            batch.add(target, local_tensor(grad), {**state, "exp_avg": exp_avg}, self._layouts[param])
         if batch.steps:
             beta1, beta2 = group["betas"]
             advance_steps(batch, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         return batch
 
+    def _working_tensors(
+        self, name: str, param: torch.Tensor, state: dict[str, torch.Tensor], write_backs: list[Callable[[], None]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first moment, parameter) as the update sees them: the stored tensors, or float32 working
+        copies of an 8-bit first moment and of a bfloat16 parameter under stochastic rounding, with
+        the write-backs that store them after the update."""
+        quantized = self._state_dtype == torch.int8
+        rounded = self._stochastic_rounding and param.dtype == torch.bfloat16
+        if (quantized or rounded) and isinstance(param, DTensor):
+            raise NotImplementedError(
+                f"parameter '{name}' is sharded (DTensor): an 8-bit first moment and stochastic rounding run on "
+                "unsharded parameters only; use state_dtype=torch.bfloat16 without stochastic rounding under FSDP"
+            )
+        exp_avg, target = local_tensor(state["exp_avg"]), local_tensor(param)
+        if quantized:
+            codes, scales = exp_avg, state["exp_avg_scale"]
+            exp_avg = dequantize_blockwise(codes, scales)
+            write_backs.append(functools.partial(quantize_blockwise_, exp_avg, codes, scales))
+        if rounded:
+            target = param.float()
+            generator = torch.Generator(param.device)
+            # the draws of a step depend on the seed, the parameter's position and the step, not on history
+            generator.manual_seed(hash((self._rounding_seed, self._position(param), int(state["step"]) + 1)) % (1 << 63))
+            write_backs.append(functools.partial(stochastic_round_, param, target, generator))
+        return exp_avg, target
+
+    def _position(self, param: torch.Tensor) -> int:
+        """The parameter's index among all of the optimizer's parameters (stable across a resume)."""
+        return next(i for i, p in enumerate(p for g in self.param_groups for p in g["params"]) if p is param)
+
     def _initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
+        state = {
             "step": torch.tensor(0.0, dtype=torch.float32),
             "exp_avg": torch.zeros_like(param, dtype=self._exp_avg_dtype(param), memory_format=torch.contiguous_format),
             "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param), device=param.device),
         }
+        if self._state_dtype == torch.int8:
+            state["exp_avg_scale"] = torch.zeros(quantized_scale_count(param.numel()), dtype=torch.float32, device=param.device)
+        return state
 
     def _exp_avg_dtype(self, param: torch.Tensor) -> torch.dtype:
         return self._state_dtype or param.dtype
@@ -236,6 +290,18 @@ class AdamMini(torch.optim.Optimizer):
         restored["step"] = saved["step"].to(dtype=torch.float32, device="cpu", copy=True)
         restored["exp_avg"] = saved["exp_avg"].to(dtype=self._exp_avg_dtype(param), device=param.device, copy=True)
         restored["block_exp_avg_sq"] = saved["block_exp_avg_sq"].to(dtype=_block_dtype(param), device=param.device, copy=True)
+        quantized = self._state_dtype == torch.int8
+        if quantized != ("exp_avg_scale" in saved):
+            raise ValueError(
+                f"saved state of parameter '{name}' has {'an 8-bit' if not quantized else 'a floating'} first moment but this "
+                f"optimizer keeps {'an 8-bit' if quantized else 'a floating'} one: build it with the checkpoint's state_dtype"
+            )
+        if quantized:
+            count = quantized_scale_count(param.numel())
+            if tuple(saved["exp_avg_scale"].shape) != (count,):
+                raise ValueError(f"saved state of parameter '{name}' has {saved['exp_avg_scale'].numel()} first-moment "
+                                 f"scales, expected {count}: it was saved for another shape")
+            restored["exp_avg_scale"] = saved["exp_avg_scale"].to(dtype=torch.float32, device=param.device, copy=True)
         return restored
 
     def _check_saved_rules(self, saved_groups: list[dict[str, Any]]) -> None:
@@ -271,6 +337,14 @@ def _upgraded(state_dict: dict[str, Any]) -> dict[str, Any]:
             group.setdefault("maximize", False)
         groups.append(group)
     return {**state_dict, "param_groups": groups}
+
+
+def _checked_state_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """``state_dtype`` when AdamMini can keep a first moment in it: a floating dtype, or int8 (quantized)."""
+    if dtype is None or dtype == torch.int8 or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    raise ValueError(f"state_dtype={dtype!r}: use a floating dtype (torch.float32, torch.bfloat16, ...) or torch.int8 "
+                     "for an 8-bit block-quantized first moment")
 
 
 def _block_dtype(param: torch.Tensor) -> torch.dtype:

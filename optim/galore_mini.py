@@ -175,6 +175,12 @@ class GaLoreMini(AdamMini):
         model: nn.Module | None = None,
         **adam_mini_options: Any,
     ):
+        if adam_mini_options.get("state_dtype") == torch.int8 or adam_mini_options.get("stochastic_rounding"):
+            raise ValueError(
+                "GaLoreMini keeps its first moments in the low-rank space (already a fraction of the parameter's size) "
+                "and writes projected updates itself: state_dtype=torch.int8 and stochastic_rounding are AdamMini "
+                "options; use state_dtype=torch.bfloat16 here, or AdamMini"
+            )
         types_from = params if isinstance(params, nn.Module) else model
         if not project_embeddings and types_from is None:
             raise ValueError(
@@ -242,10 +248,10 @@ class GaLoreMini(AdamMini):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _gather(self, group: dict[str, Any]) -> Batch:
+    def _gather(self, group: dict[str, Any], write_backs: list) -> Batch:
         """AdamMini's batch of the group, less the projected parameters, which go to ``_pending``
         as a batch on their projected gradients (projectors refreshed when due)."""
-        batch = super()._gather(group)
+        batch = super()._gather(group, write_backs)
         plain, projected, back = Batch(), Batch(), []
         names = dict(zip(map(id, group["params"]), group["param_names"]))
         for param, grad, layout, scalars in zip(batch.params, batch.grads, batch.layouts, batch.scalars):
