@@ -27,7 +27,7 @@ bench: install
 	$(BIN)/python benchmarks/block_hvp.py
 
 figures: install
-	$(BIN)/hessian-blocks figures --out figures
+	$(BIN)/hessian-blocks figures --out figures --results runs/figures-medium
 
 # the paper-size groups whose work units are committed (figures/paper/results): seconds, no recomputation
 figures-paper: install

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,17 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+__all__ = ["FORMAT", "SPLITS", "VERSION", "Block", "Partition", "PartitionFileError", "Rule", "sample_layers",
+           "select_blocks", "trainable_shapes"]
+
 FORMAT = "hessian-blocks/partition"
 VERSION = 1
 SPLITS = ("whole", "elements", "groups")
+
+
+class PartitionFileError(ValueError):
+    """A partition file (or its dict) is malformed or does not fit the model; the message names the file,
+    the parameter or rule, and the fix."""
 
 
 @dataclass(frozen=True)
@@ -84,19 +93,24 @@ class Rule:
     why: str | None = None
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
+        if not isinstance(self.param, str) or not self.param:
+            raise TypeError(f"rule {self.param!r}: 'param' must be a parameter name (a non-empty string)")
+        if not isinstance(self.split, str) or self.split not in SPLITS:
             raise ValueError(f"rule for '{self.param}': split must be one of {SPLITS}, got {self.split!r}")
+        if self.why is not None and not isinstance(self.why, str):
+            raise TypeError(f"rule for '{self.param}': 'why' must be a string, got {self.why!r}")
         if self.split == "groups":
             if self.axis is None:
                 raise ValueError(f"rule for '{self.param}': split 'groups' needs an 'axis'")
+            object.__setattr__(self, "axis", _integer(self.axis, f"rule for '{self.param}': 'axis'"))
             if (self.size is None) == (self.runs is None):
                 raise ValueError(f"rule for '{self.param}': split 'groups' needs exactly one of 'size' or 'runs'")
-            if self.size is not None and self.size < 1:
-                raise ValueError(f"rule for '{self.param}': group size must be >= 1, got {self.size}")
+            if self.size is not None:
+                object.__setattr__(self, "size", _integer(self.size, f"rule for '{self.param}': 'size'"))
+                if self.size < 1:
+                    raise ValueError(f"rule for '{self.param}': group size must be >= 1, got {self.size}")
             if self.runs is not None:
-                object.__setattr__(self, "runs", tuple((int(s), int(c)) for s, c in self.runs))
-                if not self.runs or any(s < 1 or c < 1 for s, c in self.runs):
-                    raise ValueError(f"rule for '{self.param}': runs must be non-empty [group_size, count] pairs of positive integers")
+                object.__setattr__(self, "runs", _runs(self.runs, self.param))
         elif self.axis is not None or self.size is not None or self.runs is not None:
             raise ValueError(f"rule for '{self.param}': split '{self.split}' takes no axis, size or runs")
 
@@ -151,20 +165,16 @@ class Rule:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Rule:
+        """A rule from its JSON object (the inverse of :meth:`to_dict`)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"each rule must be a JSON object like {{\"param\": ..., \"split\": ...}}, got {data!r}")
         unknown = set(data) - {"param", "split", "axis", "size", "runs", "why"}
         if unknown:
-            raise ValueError(f"rule {dict(data)!r}: unknown keys {sorted(unknown)}")
+            raise ValueError(f"rule {dict(data)!r}: unknown keys {sorted(map(str, unknown))}")
         if "param" not in data or "split" not in data:
             raise ValueError(f"rule {dict(data)!r}: 'param' and 'split' are required")
-        runs = data.get("runs")
-        return cls(
-            param=data["param"],
-            split=data["split"],
-            axis=data.get("axis"),
-            size=data.get("size"),
-            runs=tuple(tuple(r) for r in runs) if runs is not None else None,
-            why=data.get("why"),
-        )
+        return cls(param=data["param"], split=data["split"], axis=data.get("axis"), size=data.get("size"),
+                   runs=data.get("runs"), why=data.get("why"))
 
     def _checked_axis(self, shape: Sequence[int]) -> int:
         if not -len(shape) <= self.axis < len(shape):
@@ -227,39 +237,66 @@ class Partition:
 
     @classmethod
     def load(cls, path: str | Path, model: torch.nn.Module | None = None) -> Partition:
-        """Read a partition file; with ``model``, check that it fits the model's parameters."""
+        """Read a partition file; with ``model``, check that it fits the model's parameters.
+
+        A file that is not valid JSON, is malformed, or does not fit ``model`` raises
+        :class:`PartitionFileError` naming the file and the problem.
+        """
         path = Path(path)
+        if path.is_dir():
+            raise PartitionFileError(f"partition file '{path}' is a folder: pass the JSON file itself")
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"partition file '{path}' does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"partition file '{path}' is not valid JSON: {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PartitionFileError(f"partition file '{path}' is not valid JSON: {err}") from None
         return cls.from_dict(data, model, source=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping, model: torch.nn.Module | None = None, *, source: str = "partition") -> Partition:
+        """A partition from the JSON object of a partition file (``source`` names it in errors);
+        malformed data raise :class:`PartitionFileError`."""
+        try:
+            return cls._from_dict(data, model, source)
+        except PartitionFileError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise PartitionFileError(f"{source}: {err}") from None
+
+    @classmethod
+    def _from_dict(cls, data: object, model: torch.nn.Module | None, source: str) -> Partition:
+        layout = '{"format": ..., "version": ..., "model": {"param_shapes": ...}, "rules": [...]}'
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a partition file holds one JSON object {layout}, got {type(data).__name__}")
         if data.get("format") != FORMAT:
-            raise ValueError(f"{source}: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
+            raise ValueError(f"'format' must be {FORMAT!r}, got {data.get('format')!r}")
         if data.get("version") != VERSION:
-            raise ValueError(f"{source}: unsupported version {data.get('version')!r} (this release reads version {VERSION})")
-        recorded = {k: tuple(v) for k, v in data.get("model", {}).get("param_shapes", {}).items()}
-        rules = [Rule.from_dict(r) for r in data.get("rules", [])]
+            raise ValueError(f"unsupported version {data.get('version')!r} (this release reads version {VERSION})")
+        described = data.get("model", {})
+        if not isinstance(described, Mapping):
+            raise TypeError(f"'model' must be an object {{\"class\": ..., \"param_shapes\": ...}}, got {described!r}")
+        recorded = _param_shapes(described.get("param_shapes", {}))
+        rules = data.get("rules", [])
+        if not isinstance(rules, list):
+            raise TypeError(f"'rules' must be a list of rule objects, got {type(rules).__name__}")
+        rules = [Rule.from_dict(r) for r in rules]
+        model_class = described.get("class")
         if model is None:
             if not recorded:
-                raise ValueError(f"{source}: 'model.param_shapes' is missing; pass the model to check the rules against")
-            return cls(rules, recorded, data.get("model", {}).get("class"))
+                raise ValueError("'model.param_shapes' is missing; pass the model to check the rules against")
+            return cls(rules, recorded, model_class if isinstance(model_class, str) else None)
         actual = trainable_shapes(model)
         for name, shape in recorded.items():
             if name in actual and actual[name] != shape:
                 raise ValueError(
-                    f"{source}: parameter '{name}' has shape {list(shape)} in the file but {list(actual[name])} in the model; "
+                    f"parameter '{name}' has shape {list(shape)} in the file but {list(actual[name])} in the model; "
                     "the partition was made for another model size: derive it again for this model"
                 )
         try:
             return cls(rules, actual, type(model).__name__)
         except ValueError as err:
-            raise ValueError(f"{source} does not fit {type(model).__name__}: {err}") from None
+            raise PartitionFileError(f"{source} does not fit {type(model).__name__}: {err}") from None
 
 
 def trainable_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -301,6 +338,47 @@ def sample_layers(blocks: Sequence[Block], n_layers: int = 3) -> list[Block]:
         positions = torch.linspace(0, len(layers) - 1, n_layers).round().long().tolist()
         kept = {layers[i] for i in positions}
     return [b for b in matrices if layer_of[b.param] is None or layer_of[b.param] in kept]
+
+
+def _integer(value: object, what: str) -> int:
+    """``value`` as an int; booleans, floats and strings are refused (JSON ``true`` is not 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__}); write a number "
+                        "without quotes, e.g. 8")
+    return int(value)
+
+
+def _runs(runs: object, param: str) -> tuple[tuple[int, int], ...]:
+    """Run-length ``runs`` as a tuple of (group_size, count) pairs of positive integers."""
+    what = f"rule for '{param}': 'runs'"
+    if isinstance(runs, (str, bytes, Mapping)) or not isinstance(runs, Iterable):
+        raise TypeError(f"{what} must be a list of [group_size, count] pairs, got {runs!r}")
+    pairs = []
+    for run in runs:
+        entries = None if isinstance(run, (str, bytes, Mapping)) or not isinstance(run, Iterable) else list(run)
+        if entries is None or len(entries) != 2:
+            raise TypeError(f"{what} must be a list of [group_size, count] pairs, got the entry {run!r}")
+        pairs.append((_integer(entries[0], f"{what} group size"), _integer(entries[1], f"{what} count")))
+    if not pairs or any(s < 1 or c < 1 for s, c in pairs):
+        raise ValueError(f"{what} must be non-empty [group_size, count] pairs of positive integers, got "
+                         f"{[list(p) for p in pairs]}")
+    return tuple(pairs)
+
+
+def _param_shapes(shapes: object) -> dict[str, tuple[int, ...]]:
+    """The ``model.param_shapes`` object of a partition file: parameter name -> list of sizes."""
+    if not isinstance(shapes, Mapping):
+        raise TypeError(f"'model.param_shapes' must map each parameter name to its shape, e.g. "
+                        f"{{\"fc.weight\": [16, 8]}}, got {shapes!r}")
+    checked = {}
+    for name, shape in shapes.items():
+        if isinstance(shape, (str, bytes, Mapping)) or not isinstance(shape, Iterable):
+            raise TypeError(f"'model.param_shapes' of '{name}' must be a list of sizes, got {shape!r}")
+        sizes = tuple(_integer(s, f"a size in 'model.param_shapes' of '{name}'") for s in shape)
+        if any(s < 0 for s in sizes):
+            raise ValueError(f"'model.param_shapes' of '{name}' has a negative size: {list(sizes)}")
+        checked[name] = sizes
+    return checked
 
 
 def _layer_index(param: str) -> int | None:

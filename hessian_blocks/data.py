@@ -5,11 +5,18 @@ Sources (nothing is downloaded):
   normalised, resized bilinearly to the model's image size and repeated over its channels; for
   vector models the 64 pixels as features.
 - "text": byte-level tokens of the English documentation bundled with Python (`pydoc_data`), windows
-  at seeded random offsets; next-token targets, or a seeded 15% [MASK] for masked-LM models.
+  at seeded random offsets; next-token targets, or a seeded 15% [MASK] for masked-LM models. A vocabulary
+  smaller than the 256 byte values (257 with [MASK]) takes byte b as token b mod its size, with a warning.
 - "synthetic": seeded Gaussian inputs and uniform random labels/tokens of the right shapes.
 - a path to a .pt file (dict with "x" and "y" tensors, or a list of (x, y) batches), an .npz file
   (arrays "x" and "y") or a .txt file (UTF-8 text, byte-level tokens): samples taken in file order.
+  For models with keyword inputs, a .pt / .npz file may hold an "attention_mask" of x's shape (1: token,
+  0: padding): the model gets it, and targets at padding become -100 (no loss).
 "auto" picks digits for image models, text for (masked) language models, synthetic for vectors.
+
+Batches are (inputs, targets) pairs. Inputs are one tensor, except for models whose ModelSpec has
+``keyword_inputs`` (Hugging Face models): a dict ``{"input_ids": ..., "attention_mask": ...}`` passed
+as keywords. :func:`call_model` and :func:`batch_to` handle both forms.
 
 ``split="train"`` / ``"validation"`` draw from disjoint parts of a source, so that validation data is
 held out: the last ``validation_fraction`` of the bundled text, of a text file's bytes or of a data
@@ -21,15 +28,19 @@ from __future__ import annotations
 
 import functools
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from .batching import batch_to, call_model
 from .models import IGNORE_INDEX, ModelSpec
 
-__all__ = ["DATA_SOURCES", "SPLITS", "make_batches", "samples_available"]
+__all__ = ["DATA_SOURCES", "SPLITS", "batch_to", "call_model", "make_batches", "samples_available"]
 
 DATA_SOURCES: tuple[str, ...] = ("digits", "text", "synthetic")
 SPLITS: tuple[str, ...] = ("all", "train", "validation")
@@ -62,22 +73,25 @@ def make_batches(
     batch_size: int = 8,
     n_batches: int = 4,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     last_batch_size: int | None = None,
     split: str = "all",
     validation_fraction: float = 0.1,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[tuple[Any, torch.Tensor]]:
     """`n_batches` batches of `batch_size` samples (the last one `last_batch_size` if given) for `spec`.
 
-    The same arguments always give identical tensors. Float inputs and targets are cast to `dtype`;
-    token ids and class labels are torch.long. ``split`` ("all", "train" or "validation") and
-    ``validation_fraction`` choose the part of the source drawn from (see the module docstring).
+    The same arguments always give identical tensors. Float inputs and targets are cast to `dtype`
+    (default: the dtype of the model's parameters); token ids and class labels are torch.long.
+    ``split`` ("all", "train" or "validation") and ``validation_fraction`` choose the part of the
+    source drawn from (see the module docstring). Inputs are a dict of keyword tensors for a spec
+    with ``keyword_inputs``, else one tensor.
     """
     part = _Part(split, validation_fraction)
     sizes = _batch_sizes(batch_size, n_batches, last_batch_size)
     n = sum(sizes)
     gen = torch.Generator().manual_seed(seed + (_VALIDATION_STREAM if split == "validation" else 0))
     source = _resolve(spec, source)
+    mask = None  # attention mask (text files only)
     if source == "digits":
         x, y = _digits(spec, n, gen, part)
     elif source == "text":
@@ -86,10 +100,20 @@ def make_batches(
     elif source == "synthetic":
         x, y = _synthetic(spec, n, gen)
     else:
-        x, y = _from_file(spec, _data_file(source), n, gen, part)
+        x, y, mask = _from_file(spec, _data_file(source), n, gen, part)
 
+    dtype = dtype or _model_dtype(spec.model)
     x, y = _cast(x, dtype), _cast(y, dtype)
-    return [(xb.clone(), yb.clone()) for xb, yb in zip(x.split(sizes), y.split(sizes))]
+    if not spec.keyword_inputs:
+        return [(xb.clone(), yb.clone()) for xb, yb in zip(x.split(sizes), y.split(sizes))]
+    mask = torch.ones_like(x) if mask is None else mask.long()
+    return [({"input_ids": xb.clone(), "attention_mask": mb.clone()}, yb.clone())
+            for xb, mb, yb in zip(x.split(sizes), mask.split(sizes), y.split(sizes))]
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 for a model without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def samples_available(
@@ -109,7 +133,7 @@ def samples_available(
         (context,) = _need(spec, "context")
         extra = 0 if spec.task == "masked-text" else 1  # next-token targets read one token past a window
         return max(0, (len(part.of(_bytes_to_tokens(path.read_bytes()))) - extra) // context)
-    x, _ = _load_samples(path)
+    x, _, _ = _load_samples(path)
     return len(part.of(x))
 
 
@@ -244,6 +268,8 @@ def _bundled_text() -> torch.Tensor:
 
 
 def _bytes_to_tokens(data: bytes) -> torch.Tensor:
+    if not data:  # torch.frombuffer refuses an empty buffer; the caller says how many bytes it needs
+        return torch.zeros(0, dtype=torch.long)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 
@@ -254,12 +280,12 @@ def _text_windows(
     _check_text_model(spec, what)
     vocab_size, context = _need(spec, "vocab_size", "context")
     masked = spec.task == "masked-text"
-    smallest = 257 if masked else 256  # 256 byte values, plus the [MASK] id for masked-LM
-    if vocab_size < smallest:
-        raise ValueError(
-            f"byte-level text needs vocab_size >= {smallest}"
-            f"{' (256 bytes + [MASK])' if masked else ''}; model {spec.name!r} has {vocab_size}"
-        )
+    byte_ids = vocab_size - 1 if masked else vocab_size  # the [MASK] id is vocab_size - 1
+    if byte_ids < 2:
+        raise ValueError(f"byte-level text needs vocab_size >= {3 if masked else 2}; model {spec.name!r} has {vocab_size}")
+    if byte_ids < 256:
+        _warn_folded_bytes(spec.name, vocab_size, byte_ids, masked)
+        tokens = tokens % byte_ids
 
     length = context if masked else context + 1  # next-token targets need one token more
     needed = length if random_offsets else n * context + (length - context)
@@ -275,6 +301,16 @@ def _text_windows(
     if masked:
         return _mask_tokens(windows, vocab_size - 1, gen)
     return windows[:, :-1], windows[:, 1:]
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_folded_bytes(name: str, vocab_size: int, byte_ids: int, masked: bool) -> None:
+    """Warn once per model and vocabulary that byte tokens are folded into a small vocabulary."""
+    warnings.warn(
+        f"model {name!r} has vocab_size {vocab_size}{' (one id is [MASK])' if masked else ''}, fewer ids than the 256 "
+        f"byte values of the text: byte b is token b mod {byte_ids}. Set vocab_size >= {257 if masked else 256} "
+        "for one token per byte", stacklevel=4,
+    )
 
 
 def _check_text_model(spec: ModelSpec, what: str) -> None:
@@ -323,30 +359,44 @@ def _synthetic(spec: ModelSpec, n: int, gen: torch.Generator) -> tuple[torch.Ten
 # ---------------------------------------------------------------- files
 
 
-def _from_file(spec: ModelSpec, path: Path, n: int, gen: torch.Generator, part: _Part) -> tuple[torch.Tensor, torch.Tensor]:
+def _from_file(
+    spec: ModelSpec, path: Path, n: int, gen: torch.Generator, part: _Part
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x, y, attention mask or None) of ``n`` samples of a data file."""
     if path.suffix.lower() == ".txt":
-        return _text_windows(spec, part.of(_bytes_to_tokens(path.read_bytes())), n, gen, f"file {path}{part.label}",
+        x, y = _text_windows(spec, part.of(_bytes_to_tokens(path.read_bytes())), n, gen, f"file {path}{part.label}",
                              random_offsets=False)
-    x, y = (part.of(t) for t in _load_samples(path))
+        return x, y, None
+    x, y, mask = (None if t is None else part.of(t) for t in _load_samples(path))
     if len(x) < n:
         raise ValueError(
             f"{path}{part.label} holds {len(x)} samples; {n} are needed: {_FEWER_SAMPLES}, or pass a larger file"
         )
     x, y = x[:n], y[:n]
     _check_file_shapes(spec, x, y, path)
-    return x, y
+    if mask is None:
+        return x, y, None
+    mask = mask[:n]
+    if not spec.keyword_inputs:
+        raise ValueError(f"{path} holds an attention_mask, but model {spec.name!r} takes one tensor of inputs and no "
+                         "mask: drop attention_mask from the file, or give the model keyword inputs "
+                         "(a ModelSpec with keyword_inputs=True, as hf: models have)")
+    if mask.shape != x.shape or not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"{path}: attention_mask must hold 0 (padding) and 1 (token) in x's shape {tuple(x.shape)}; "
+                         f"got shape {tuple(mask.shape)}")
+    return x, y.long().masked_fill(mask == 0, IGNORE_INDEX), mask
 
 
-def _load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples (x, y) of a .pt or .npz file: one sample per entry along dim 0 of each."""
-    x, y = _load_pt(path) if path.suffix.lower() == ".pt" else _load_npz(path)
+def _load_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The samples (x, y, attention mask or None) of a .pt or .npz file: one sample per entry along dim 0."""
+    x, y, mask = _load_pt(path) if path.suffix.lower() == ".pt" else _load_npz(path)
     if x.dim() == 0 or y.dim() == 0:
         raise ValueError(
             f"{path}: x and y must have a leading sample dimension; got shapes {tuple(x.shape)} and {tuple(y.shape)}"
         )
     if len(x) != len(y):
         raise ValueError(f"{path}: x has {len(x)} samples but y has {len(y)}")
-    return x, y
+    return x, y, mask
 
 
 def _first_sentence(err: BaseException) -> str:
@@ -365,7 +415,7 @@ def _tensor(value: object, path: Path, name: str) -> torch.Tensor:
         ) from err
 
 
-def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
@@ -377,16 +427,17 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         missing = {"x", "y"} - set(obj)
         if missing:
             raise ValueError(f"{path}: the saved dict has no {', '.join(sorted(missing))} (keys: {', '.join(map(str, obj))})")
-        return _tensor(obj["x"], path, "x"), _tensor(obj["y"], path, "y")
+        mask = _tensor(obj["attention_mask"], path, "attention_mask") if "attention_mask" in obj else None
+        return _tensor(obj["x"], path, "x"), _tensor(obj["y"], path, "y"), mask
     if isinstance(obj, (list, tuple)) and obj and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in obj):
         xs, ys = [_tensor(p[0], path, "x") for p in obj], [_tensor(p[1], path, "y") for p in obj]
         if any(t.dim() == 0 for t in xs + ys):
             raise ValueError(f"{path}: each (x, y) pair must be a batch with a leading batch dimension")
-        return torch.cat(xs), torch.cat(ys)
+        return torch.cat(xs), torch.cat(ys), None
     raise ValueError(f"{path}: expected a dict with 'x' and 'y' tensors or a list of (x, y) batches")
 
 
-def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     import numpy as np
 
     fix = "write one with numpy.savez(path, x=inputs, y=targets), or pass a .pt or .txt file"
@@ -404,9 +455,10 @@ def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(f"{path}: no array {', '.join(sorted(missing))} (arrays: {', '.join(archive.files)})")
         try:
             x, y = archive["x"], archive["y"]
+            mask = archive["attention_mask"] if "attention_mask" in archive.files else None
         except ValueError as err:  # object arrays need pickle, which a data file may not run
             raise ValueError(f"{path}: x and y must be numeric arrays (numpy: {_first_sentence(err)}): {fix}") from err
-    return _tensor(x, path, "x"), _tensor(y, path, "y")
+    return _tensor(x, path, "x"), _tensor(y, path, "y"), None if mask is None else _tensor(mask, path, "attention_mask")
 
 
 def _check_file_shapes(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:

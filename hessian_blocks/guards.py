@@ -7,15 +7,29 @@ parameters. Each check raises :class:`HessianSetupError` naming the problem and 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import math
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .batching import batch_tensors, batch_to, call_model, describe_batch
+
+
+__all__ = [
+    "DataFaultError", "HessianSetupError", "check_batches", "check_device", "check_eval_mode",
+    "check_gradients", "check_same_loss", "explain_double_backward_failure", "train_mode_modules",
+    "twice_differentiable_attention",
+]
+
 
 class HessianSetupError(ValueError):
     """The model or data cannot give exact Hessian-vector products as they are."""
+
+
+class DataFaultError(ValueError):
+    """The data hold NaN or infinite values: a fault of the data, not of the model or the optimizer."""
 
 
 # Module types whose output depends on the batch or on random numbers in train mode.
@@ -46,6 +60,16 @@ def check_device(device: str | torch.device) -> torch.device:
     return target
 
 
+def train_mode_modules(model: nn.Module) -> list[str]:
+    """``'name' (Type)`` of every BatchNorm / InstanceNorm / active Dropout module in train mode: the
+    modules whose output changes between evaluations of the loss in train mode."""
+    return [
+        f"'{name}' ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if module.training and isinstance(module, _TRAIN_MODE_SENSITIVE) and getattr(module, "p", 1.0) != 0
+    ]
+
+
 def check_eval_mode(model: nn.Module) -> None:
     """Refuse BatchNorm / Dropout modules left in train mode.
 
@@ -53,17 +77,73 @@ def check_eval_mode(model: nn.Module) -> None:
     buffers on every pass); Dropout draws a new mask on every pass. Either way the HVP would not be
     the Hessian of one loss.
     """
-    offending = [
-        f"'{name}' ({type(module).__name__})"
-        for name, module in model.named_modules()
-        if module.training and isinstance(module, _TRAIN_MODE_SENSITIVE) and getattr(module, "p", 1.0) != 0
-    ]
+    offending = train_mode_modules(model)
     if offending:
         listed = ", ".join(offending[:5]) + (f" and {len(offending) - 5} more" if len(offending) > 5 else "")
         raise HessianSetupError(
             f"{listed} in train mode: batch statistics / random masks change the loss between evaluations. "
             "Call model.eval() before measuring the Hessian (the papers measure in eval mode)."
         )
+
+
+def check_batches(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batches: Sequence[tuple[Any, Any]],
+                  what: str = "batch") -> None:
+    """Refuse batches that cannot give a meaningful loss, naming the batch (``what`` names the batches,
+    e.g. "training batch"), before any training step or Hessian-vector product:
+
+    * NaN or infinite inputs or targets: :class:`DataFaultError` (else every loss and product is NaN,
+      which looks like a diverging model);
+    * data that do not fit the model (input shapes, labels out of range, negative or fractional): the
+      model or the loss fails on the batch, a ValueError with the shapes and the fix;
+    * a loss that is not one finite number: ValueError.
+
+    The losses are evaluated without gradients in eval mode (no dropout draws, no BatchNorm buffer
+    updates); the model's mode is restored afterwards.
+    """
+    for index, (inputs, targets) in enumerate(batches):
+        _check_finite(inputs, targets, f"{what} {index + 1} of {len(batches)}")
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device, dtype = (weight.device, weight.dtype) if weight is not None else ("cpu", None)
+    was_training = model.training
+    model.eval()
+    try:
+        for index, (inputs, targets) in enumerate(batches):
+            _check_loss(model, loss_fn, batch_to(inputs, device, dtype), targets, f"{what} {index + 1} of {len(batches)}")
+    finally:
+        model.train(was_training)
+
+
+def _check_finite(inputs: Any, targets: Any, where: str) -> None:
+    for part, value in (("inputs", inputs), ("targets", targets)):
+        for key, tensor in batch_tensors(value):
+            if tensor.is_floating_point() or tensor.is_complex():
+                bad = ~torch.isfinite(tensor.reshape(len(tensor), -1) if tensor.dim() else tensor.reshape(1, 1))
+                rows = torch.nonzero(bad.any(dim=1)).flatten()
+                if rows.numel():
+                    field = f" '{key}'" if key else ""
+                    raise DataFaultError(
+                        f"the data hold NaN or infinite values: {where}, {part}{field}, sample {int(rows[0])} (and "
+                        f"{rows.numel() - 1} more in that batch). This is a fault of the data, not of the model or "
+                        "the optimizer: clean the data source (drop those samples or replace the values, e.g. "
+                        "numpy.nan_to_num) or use another one"
+                    )
+
+
+def _check_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], inputs: Any, targets: Any,
+                where: str) -> None:
+    try:
+        with torch.no_grad():
+            loss = loss_fn(call_model(model, inputs), targets)
+    except (RuntimeError, IndexError, TypeError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"the model fails on {where} (inputs {describe_batch(inputs)}, targets {describe_batch(targets)}): "
+                         f"{first_line}. Check that the data source fits the model's input and that the labels "
+                         "fit its output (integer class indices in [0, classes))") from err
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not math.isfinite(float(loss)):
+        shown = loss.detach().cpu().numpy() if isinstance(loss, torch.Tensor) else repr(loss)
+        raise ValueError(f"the loss on {where} is {shown} at the initial parameters: it must be one finite number; "
+                         "look for a loss function that does not reduce to a scalar, or for an initialisation or "
+                         "targets (e.g. every label ignored) that make it NaN")
 
 
 @contextlib.contextmanager

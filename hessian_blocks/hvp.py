@@ -36,6 +36,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from .blocks import Block, Partition
+from .data import batch_to
 from .guards import (
     HessianSetupError,
     check_eval_mode,
@@ -184,7 +185,7 @@ class BlockHessian:
                 )
         self.layout = Layout.of(block_list, self.device)
         self.params = {name: p.detach().to(self.device, dtype) for name, p in model.named_parameters()}
-        self.buffers = {name: self._to_device(b.detach()) for name, b in model.named_buffers()}
+        self.buffers = {name: batch_to(b.detach(), self.device, dtype) for name, b in model.named_buffers()}
         self.strategy = self._resolve_strategy(strategy)
         self._chunk_size = chunk_size
         self._memory_budget = memory_budget
@@ -241,9 +242,19 @@ class BlockHessian:
                     self.layout.add_gathered(result, name, weight * grad.reshape(1, -1))
         return result[0]
 
-    def linear_operator(self, *, block_diagonal: bool = True) -> LinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) of the product."""
-        apply = self.block_matvec if block_diagonal else self.matvec
+    def linear_operator(self, kind: str = "full") -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) for ``eigsh`` and friends.
+
+        ``kind="full"`` (default): the Hessian on all selected coordinates (:meth:`matvec`; the
+        full-model Hessian when every parameter is selected). ``kind="block_diagonal"``: only its
+        diagonal blocks H_bb (:meth:`block_matvec`), whose eigenvalues are those of the blocks, not
+        of the Hessian.
+        """
+        products = {"full": self.matvec, "block_diagonal": self.block_matvec}
+        if kind not in products:
+            raise ValueError(f"kind must be 'full' (the Hessian) or 'block_diagonal' (its diagonal blocks only), "
+                             f"got {kind!r}")
+        apply = products[kind]
 
         def matmat(x: np.ndarray) -> np.ndarray:
             vectors = torch.as_tensor(np.asarray(x).T, dtype=self.dtype, device=self.device)
@@ -440,16 +451,7 @@ class BlockHessian:
             raise ValueError(f"batch {index}: targets must be a tensor with a leading sample dimension")
         if targets.shape[0] == 0:
             raise ValueError(f"batch {index} is empty")
-        return self._to_device(inputs), self._to_device(targets)
-
-    def _to_device(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
-        if isinstance(value, dict):
-            return {k: self._to_device(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return tuple(self._to_device(v) for v in value)
-        return value
+        return batch_to(inputs, self.device, self.dtype), batch_to(targets, self.device, self.dtype)
 
     def _resolve_strategy(self, strategy: str) -> str:
         if strategy != "auto":

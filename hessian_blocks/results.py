@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from .density import gaussian_density, grid_points, kth_largest_eigenvalue, spectral_grid
+from .files import atomic_write
 from .lanczos import LanczosResult
 
-__all__ = ["DensityResult", "SpectrumResult"]
+__all__ = ["BroadeningWarning", "DensityResult", "SpectrumResult"]
+
+
+class BroadeningWarning(UserWarning):
+    """Some blocks' whole spectra are narrower than the Gaussian broadening: their densities are the
+    broadening kernel itself, and JS distances between them measure only where they sit."""
 
 _FORMAT_VERSION = 1
 
@@ -23,23 +33,87 @@ def _npz_path(path: str | Path) -> Path:
 
 
 def _write_npz(path: str | Path, fmt: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
-    path = _npz_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"format": fmt, "version": _FORMAT_VERSION, **meta})
-    with open(path, "wb") as fh:
-        np.savez(fh, meta=np.array(header), **arrays)
-    return path
+    return atomic_write(_npz_path(path), lambda fh: np.savez(fh, meta=np.array(header), **arrays))
 
 
 def _read_npz(path: str | Path, fmt: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    with np.load(Path(path), allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
-    meta = json.loads(str(arrays.pop("meta")))
+    """The JSON metadata and the arrays of a ``fmt`` file; anything else (a folder, bytes that are no
+    .npz archive, a truncated archive, an .npz of other arrays, another format) is a ValueError."""
+    path = Path(path)
+    fix = f"pass a {fmt.split('/')[-1]} .npz file written by hessian-blocks (its save method)"
+    if path.is_dir():
+        raise ValueError(f"'{path}' is a folder: {fix}")
+    if not path.exists():
+        raise FileNotFoundError(f"'{path}' does not exist: {fix}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # numpy's ValueError asks for pickle
+        with open(path, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"  # the start of an archive whose end is missing or damaged
+        problem = "is a truncated or damaged .npz archive" if zipped else "is not an .npz archive"
+        raise ValueError(f"'{path}' {problem} ({type(err).__name__}): {fix}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"'{path}' holds a single array (an .npy file), not an .npz archive: {fix}")
+    try:
+        with archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(f"'{path}' is truncated or damaged ({type(err).__name__}: {err}): write it again, or {fix}") from None
+    if "meta" not in arrays:
+        raise ValueError(f"'{path}' is an .npz archive of other arrays ({', '.join(sorted(arrays)) or 'none'}), "
+                         f"not a {fmt} file: {fix}")
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"'{path}': its 'meta' array is not the JSON header of a {fmt} file: {fix}")
     if meta.get("format") != fmt:
-        raise ValueError(f"{path}: expected a {fmt!r} file, found format {meta.get('format')!r}")
+        raise ValueError(f"'{path}': expected a {fmt!r} file, found format {meta.get('format')!r}: {fix}")
     if meta.get("version") != _FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported {fmt} version {meta.get('version')!r}")
+        raise ValueError(f"'{path}': unsupported {fmt} version {meta.get('version')!r}")
     return meta, arrays
+
+
+_Loaded = TypeVar("_Loaded")
+
+
+def _build_loaded(path: str | Path, fmt: str, build: Callable[[], _Loaded]) -> _Loaded:
+    """``build()`` from a file's arrays and metadata; a missing or malformed entry names the file."""
+    try:
+        return build()
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"'{path}' is a damaged {fmt} file ({type(err).__name__}: {err}); write it again") from None
+
+
+def _warn_if_narrower_than_broadening(names: list[str], nodes: np.ndarray, weights: np.ndarray, sigma2: float,
+                                      rescaled: bool) -> None:
+    """One :class:`BroadeningWarning` naming the blocks whose spectrum (the span of their Ritz values of
+    nonzero weight) is narrower than 2 sigma, and what to change (sigma2, rescaling)."""
+    if not (math.isfinite(sigma2) and sigma2 > 0):
+        return  # the grid and the density refuse it with a message
+    weighted = np.isfinite(nodes) & (weights > 1e-12)
+    lows = np.where(weighted, nodes, np.inf).min(axis=(1, 2))
+    highs = np.where(weighted, nodes, -np.inf).max(axis=(1, 2))
+    widths = highs - lows
+    sigma = math.sqrt(sigma2)
+    narrow = np.flatnonzero(widths < 2 * sigma)
+    if narrow.size == 0:
+        return
+    single = widths[narrow] <= 1e-9 * max(float(np.abs(highs[np.isfinite(highs)]).max(initial=0.0)), 1e-300)
+    listed = ", ".join(f"'{names[i]}' ({0.0 if one else widths[i]:.2g})" for i, one in zip(narrow[:6], single[:6]))
+    rescale = "" if rescaled else (" or rescale each block's eigenvalues by its 10th largest (rescale_rank=10, "
+                                   "--rescale-rank 10) so that the blocks' shapes are compared, not their scales")
+    warnings.warn(
+        f"{narrow.size} of {len(names)} blocks have a whole spectrum narrower than the Gaussian broadening "
+        f"(2 sigma = {2 * sigma:.2g} with sigma2 = {sigma2:g}): {listed}{' ...' if narrow.size > 6 else ''} "
+        "(widths in parentheses). Their densities are each about one Gaussian, so their JS distances say only how "
+        "far apart they sit (about 0 when within sigma of each other), not how their spectra differ. Use a sigma2 "
+        f"well below (width / 2)^2 of the blocks to compare (--sigma2){';' if rescale else ''}{rescale}"
+        f"{'; a block of width 0 has one eigenvalue and stays one Gaussian at any sigma2' if single.any() else ''}",
+        BroadeningWarning, stacklevel=3,
+    )
 
 
 def _lanczos_arrays(prefix: str, result: LanczosResult) -> dict[str, np.ndarray]:
@@ -105,8 +179,9 @@ class DensityResult:
 
     @classmethod
     def load(cls, path: str | Path) -> DensityResult:
+        """Read a file written by :meth:`save` (ValueError naming the file for anything else)."""
         meta, arrays = _read_npz(path, "hessian-blocks/density")
-        return cls(
+        return _build_loaded(path, "hessian-blocks/density", lambda: cls(
             grid=arrays["grid"],
             densities=arrays["densities"],
             names=meta["names"],
@@ -114,7 +189,7 @@ class DensityResult:
             scales=arrays.get("scales"),
             full=arrays.get("full"),
             full_scale=meta["full_scale"],
-        )
+        ))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DensityResult):
@@ -206,6 +281,11 @@ class SpectrumResult:
         ``n_points`` is built over all (rescaled) nodes, the full model's included; ``n_points=None``
         takes the papers' 50,000, or more where the nodes span so wide a range that the Gaussians
         would fall between grid points (:func:`~hessian_blocks.density.grid_points`).
+
+        Blocks whose whole spectrum (largest minus smallest Ritz value) is narrower than two standard
+        deviations of the broadening raise a :class:`BroadeningWarning` naming them and the fix: their
+        densities are all about the same Gaussian, and their JS distances near 0 say nothing of their
+        spectra.
         """
         nodes, weights = self.ritz()
         scales = full_scale = None
@@ -223,6 +303,7 @@ class SpectrumResult:
             if full_nodes is not None:
                 full_scale = float(kth_largest_eigenvalue(full_nodes, full_weights, self.sizes.sum(), rescale_rank)[0])
                 full_nodes = full_nodes / full_scale
+        _warn_if_narrower_than_broadening(self.names, nodes, weights, sigma2, rescaled=rescale_rank is not None)
         if grid is None:
             pooled = [nodes.ravel()] + ([full_nodes.ravel()] if full_nodes is not None else [])
             pooled = np.concatenate(pooled)
@@ -249,8 +330,9 @@ class SpectrumResult:
 
     @classmethod
     def load(cls, path: str | Path) -> SpectrumResult:
+        """Read a file written by :meth:`save` (ValueError naming the file for anything else)."""
         meta, arrays = _read_npz(path, "hessian-blocks/spectrum")
-        return cls(
+        return _build_loaded(path, "hessian-blocks/spectrum", lambda: cls(
             names=meta["names"],
             params=meta["params"],
             shapes=[tuple(s) for s in meta["shapes"]],
@@ -258,7 +340,7 @@ class SpectrumResult:
             lanczos=_lanczos_from("lanczos", arrays),
             settings=meta["settings"],
             full=_lanczos_from("full", arrays),
-        )
+        ))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SpectrumResult):

@@ -11,7 +11,7 @@ on a low-rank projection of matrix gradients) and a small factory.
 """
 
 from .adam_mini import AdamMini
-from hessian_blocks.partitions.structural import default_partition, default_rules, register_attention
+from hessian_blocks.partitions.structural import AttentionLayout, default_partition, default_rules, register_attention
 from .factory import OPTIMIZERS, PARTITIONED, make
 from .functional import adam_mini
 from .galore_mini import GaLoreMini, Projection
@@ -20,7 +20,7 @@ from .memory import StateMemory, state_memory
 from .param_groups import param_groups_no_decay
 
 __all__ = [
-    "AdamMini", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory", "adam_mini",
-    "default_partition", "default_rules", "make",
+    "AdamMini", "AttentionLayout", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory",
+    "adam_mini", "default_partition", "default_rules", "make",
     "param_groups_no_decay", "register_attention", "state_memory",
 ]

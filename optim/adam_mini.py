@@ -48,7 +48,8 @@ class AdamMini(torch.optim.Optimizer):
     Args:
         params: an ``nn.Module`` (its trainable parameters), an iterable of (name, tensor) pairs, or
             param-group dicts whose ``"params"`` are (name, tensor) pairs; names tie tensors to rules.
-            Bare tensors work too when they are parameters of ``model``.
+            Bare tensors work too when they are parameters of ``model``. A ``torch.compile``'d module
+            is named as its original module, so partition files and checkpoints carry between the two.
         partition: a ``Partition``, the path of a partition file, or ``"default"`` (needs the model:
             pass it as ``params`` or as ``model``). It must hold exactly one rule per parameter.
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (decoupled weight decay).
@@ -103,7 +104,10 @@ class AdamMini(torch.optim.Optimizer):
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("pass the model once: either as params or as model=")
-            model, params = params, [(name, p) for name, p in params.named_parameters() if p.requires_grad]
+            model = _uncompiled(params)
+            params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        elif model is not None:
+            model = _uncompiled(model)
         groups = _named_groups(params, model)
         shapes = _named_shapes(groups)
         self._partition, self._rules, self._rule_shapes = _resolve_partition(partition, shapes, model, n_heads)
@@ -401,8 +405,9 @@ def _check_param(name: str, param: torch.Tensor) -> None:
 
 
 def _named_groups(params: Iterable, model: nn.Module | None) -> list[dict[str, Any]]:
-    """Param groups whose "params" are lists of (name, tensor) pairs; bare tensors are named after
-    ``model``'s parameters when the model is given."""
+    """Param groups whose "params" are lists of (name, tensor) pairs. When the (uncompiled) model is
+    given, bare tensors are named after its parameters, and pairs named as its torch.compile wrapper
+    names them (e.g. ``param_groups_no_decay(compiled_model)``) get the original names."""
     items = list(params)
     if not items:
         raise ValueError("AdamMini got an empty parameter list")
@@ -410,11 +415,29 @@ def _named_groups(params: Iterable, model: nn.Module | None) -> list[dict[str, A
     if model is not None:
         names = {id(p): name for name, p in model.named_parameters()}
         for group in groups:
-            group["params"] = [
-                (names[id(item)], item) if isinstance(item, torch.Tensor) and id(item) in names else item
-                for item in group["params"]
-            ]
+            group["params"] = [_model_named(item, names) for item in group["params"]]
     return groups
+
+
+def _model_named(item: Any, names: dict[int, str]) -> Any:
+    """``item`` (a tensor or a (name, tensor) pair) named after the model's parameter it is, if it is one."""
+    if isinstance(item, torch.Tensor):
+        return (names[id(item)], item) if id(item) in names else item
+    if isinstance(item, tuple) and len(item) == 2 and id(item[1]) in names:
+        original = names[id(item[1])]
+        if item[0] == _COMPILED_PREFIX + original:
+            return original, item[1]
+    return item
+
+
+_COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before its module's parameter names
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (its parameters are the same tensors), else ``module``."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
 
 
 def _named_shapes(groups: list[dict[str, Any]]) -> dict[str, tuple[int, ...]]:
@@ -423,12 +446,22 @@ def _named_shapes(groups: list[dict[str, Any]]) -> dict[str, tuple[int, ...]]:
         for item in group["params"]:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
                 raise TypeError(
-                    f"AdamMini needs named parameters, got {type(item).__name__}: pass the model, "
-                    "model.named_parameters(), groups of (name, tensor) pairs, or tensors of the model given as model="
+                    f"AdamMini needs named parameters (names tie tensors to partition rules), got "
+                    f"{type(item).__name__}: pass the model, model.named_parameters(), groups of (name, tensor) pairs, "
+                    "or bare tensors together with model=the module they belong to. In the Hugging Face Trainer "
+                    "(which passes bare tensors, and takes a 'model' key of optimizer_cls_and_kwargs as the parameters, "
+                    "dropping TrainingArguments.weight_decay) use optim.hf.adam_mini_from_training_args(model, args) "
+                    "or optimizer_cls_and_kwargs=optim.hf.trainer_optimizer_cls_and_kwargs(model, args)"
                 )
             name, tensor = item
             if name in shapes:
                 raise ValueError(f"parameter name '{name}' appears twice: names must identify parameters uniquely")
+            if name.startswith(_COMPILED_PREFIX):
+                raise ValueError(
+                    f"parameter name '{name}' is a torch.compile wrapper's name: partition files and checkpoints use "
+                    "the original module's names; pass the compiled module itself (AdamMini(compiled_model)), or "
+                    "model=compiled_model with bare tensors, or the original module's named_parameters()"
+                )
             shapes[name] = tuple(tensor.shape)
     return shapes
 

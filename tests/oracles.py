@@ -43,9 +43,12 @@ def dense_hessian(model, loss_fn, batches) -> DenseHessian:
             state[name] = piece.reshape(params[name].shape)
         value = 0.0
         for x, y in batches:
-            x = x.double() if x.is_floating_point() else x
             y = y.double() if y.is_floating_point() else y
-            value = value + y.shape[0] * loss_fn(torch.func.functional_call(model, state, (x,)), y)
+            if isinstance(x, dict):  # keyword inputs (Hugging Face models)
+                output = torch.func.functional_call(model, state, (), x)
+            else:
+                output = torch.func.functional_call(model, state, (x.double() if x.is_floating_point() else x,))
+            value = value + y.shape[0] * loss_fn(output, y)
         return value / total
 
     flat = torch.cat([params[n].reshape(-1) for n in names])

@@ -76,10 +76,10 @@ def test_dropout_runs_are_seeded_per_run_and_evaluated_without_dropout():
 
 def test_a_model_that_does_not_fit_its_data_fails_before_training(tmp_path):
     bad_labels = _digits_file(tmp_path / "labels.npz", labels_offset=5)  # labels up to 14 for 10 classes
-    with pytest.raises(ValueError, match=r"fails on its first training batch .*labels fit its output"):
+    with pytest.raises(ValueError, match=r"fails on .*: training batch 1 of 4 .*labels fit its output"):
         train_run(_setup("tests.test_experiments_training:plain_net", data=bad_labels), "adamw", 1e-3, 3)
     with_nan = _digits_file(tmp_path / "nan.npz", nan=True)
-    with pytest.raises(ValueError, match=r"first training batch is nan before any step.*NaN or infinite"):
+    with pytest.raises(ValueError, match=r"the data hold NaN or infinite values: .*training batch 1 of 4, inputs, sample 0"):
         train_run(_setup("tests.test_experiments_training:plain_net", data=with_nan), "adamw", 1e-3, 3)
 
 

@@ -129,16 +129,23 @@ def test_model_is_left_untouched():
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_scipy_linear_operator_finds_the_dense_extreme_eigenvalues():
+def test_scipy_linear_operator_is_the_full_hessian_by_default_and_block_diagonal_on_request():
+    from scipy.linalg import block_diag
     from scipy.sparse.linalg import eigsh
 
     model, loss_fn, batches = tiny_mlp()
     dense = cached_dense_hessian("mlp")
     hessian = BlockHessian(model, loss_fn, batches)
-    operator = hessian.linear_operator(block_diagonal=False)
-    top = eigsh(operator, k=2, which="LA", return_eigenvectors=False)
-    expected = np.linalg.eigvalsh(dense.restrict(hessian.blocks, False).numpy())[-2:]
-    np.testing.assert_allclose(np.sort(top), expected, rtol=1e-8)
+    full = dense.restrict(hessian.blocks, False).numpy()
+    for operator in (hessian.linear_operator(), hessian.linear_operator("full")):
+        top = eigsh(operator, k=2, which="LA", return_eigenvectors=False)
+        np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh(full)[-2:], rtol=1e-8)
+    blocks = [full[np.ix_(r, r)] for r in np.split(np.arange(hessian.size), np.cumsum([b.numel for b in hessian.blocks])[:-1])]
+    top_blocks = eigsh(hessian.linear_operator("block_diagonal"), k=1, which="LA", return_eigenvectors=False)[0]
+    assert top_blocks == pytest.approx(np.linalg.eigvalsh(block_diag(*blocks)).max(), rel=1e-8)
+    assert abs(top_blocks - np.linalg.eigvalsh(full).max()) > 1e-3  # the two operators really differ here
+    with pytest.raises(ValueError, match="kind must be 'full' .* got 'diagonal'"):
+        hessian.linear_operator("diagonal")
 
 
 def test_bad_vectors_and_arguments_raise():

@@ -20,7 +20,7 @@ def test_top_eigenvalue_matches_pyhessian_and_the_dense_hessian():
     top_theirs = theirs.eigenvalues(maxIter=500, tol=1e-8, top_n=1)[0][0]
 
     ours = BlockHessian(model, criterion, [(x, y)])
-    operator = ours.linear_operator(block_diagonal=False)
+    operator = ours.linear_operator("full")
     from scipy.sparse.linalg import eigsh
 
     top_ours = eigsh(operator, k=1, which="LA", return_eigenvectors=False)[0]

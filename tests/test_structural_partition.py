@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from hessian_blocks import build_model
 from hessian_blocks.models.gpt import SelfAttention
+from hessian_blocks.partitions.structural import AttentionLayout
 from optim import AdamMini, default_partition, default_rules, register_attention
 
 
@@ -79,9 +80,11 @@ def test_registered_attention_type():
     class FusedQK(nn.Module):
         def __init__(self):
             super().__init__()
+            self.heads = 2
             self.qk = nn.Linear(8, 16)  # [q; k], 2 heads of 4 each
+            self.v = nn.Linear(8, 8)
 
-    register_attention(FusedQK, lambda m, n_heads: [(m.qk.weight, {"split": "groups", "axis": 0, "size": 4})])
+    register_attention(FusedQK, AttentionLayout({"qk": "q|k", "v": "v"}, heads="heads"))
     assert rules_by_name(FusedQK())["qk.weight"]["size"] == 4
     assert default_rules(nn.Linear(8, 16))["weight"].size == 1
 

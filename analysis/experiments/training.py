@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 
 import optim
 from hessian_blocks import build_model, make_batches
-from hessian_blocks.data import DATA_SOURCES, samples_available
-from hessian_blocks.guards import check_device
+from hessian_blocks.data import DATA_SOURCES, batch_to, call_model, samples_available
+from hessian_blocks.guards import check_batches, check_device
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
 
-__all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "TrainSetup", "best_runs", "make_optimizer", "run_steps",
+__all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "TrainSetup", "best_runs", "make_optimizer", "mean_loss", "run_steps",
            "train_grid", "train_run"]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "adam_mini", "galore_mini")
@@ -114,7 +114,7 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _mean_loss(spec, batches) -> float:
+def mean_loss(spec, batches) -> float:
     """Sample-weighted mean loss without dropout: eval mode, except BatchNorm keeps batch statistics."""
     model = spec.model
     model.eval()
@@ -123,28 +123,10 @@ def _mean_loss(spec, batches) -> float:
             module.train()
     try:
         with torch.no_grad():
-            total = sum(float(spec.loss_fn(model(x), y)) * len(x) for x, y in batches)
+            total = sum(float(spec.loss_fn(call_model(model, x), y)) * len(y) for x, y in batches)
     finally:
         model.train()
-    return total / sum(len(x) for x, _ in batches)
-
-
-def _first_loss(spec, batch) -> None:
-    """Evaluate the loss of the first training batch before any step, so that a model that does not fit
-    its data, or data that give a non-finite loss, fails with a message instead of deep in training."""
-    x, y = batch
-    try:
-        with torch.no_grad():
-            loss = spec.loss_fn(spec.model(x), y)
-    except (RuntimeError, IndexError, TypeError, ValueError) as err:
-        raise ValueError(f"the model fails on its first training batch (inputs {tuple(x.shape)} {x.dtype}, "
-                         f"targets {tuple(y.shape)} {y.dtype}): {err}. Check that the data source fits the "
-                         "model's input and that the labels fit its output (class indices in [0, classes))"
-                         ) from err
-    if loss.numel() != 1 or not math.isfinite(float(loss)):
-        raise ValueError(f"the loss of the first training batch is {loss.detach().cpu().numpy()} before any "
-                         "step: it must be one finite number; look for NaN or infinite values in the data "
-                         "and for a loss function that does not reduce to a scalar")
+    return total / sum(len(y) for _, y in batches)
 
 
 def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, batches: list, steps: int, *,
@@ -162,7 +144,7 @@ def run_steps(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
         x, y = batches[step % len(batches)]
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(call_model(model, x), y)
         loss.backward()
         optimizer.step()
         if synchronize is not None:
@@ -185,19 +167,22 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     target = check_device(device)
     spec, train, val = setup.build(seed)
     spec.model.to(target).train()
-    train = [(x.to(target), y.to(target)) for x, y in train]
-    val = [(x.to(target), y.to(target)) for x, y in val]
+    train = [(batch_to(x, target), batch_to(y, target)) for x, y in train]
+    val = [(batch_to(x, target), batch_to(y, target)) for x, y in val]
+    # every batch is checked before any step: NaN in a later training batch would otherwise look like a
+    # diverging optimizer, in a validation batch like a NaN loss; labels that do not fit fail here, not mid-run
+    check_batches(spec.model, spec.loss_fn, train, f"{setup.data}: training batch")
+    check_batches(spec.model, spec.loss_fn, val, f"{setup.data}: validation batch")
     opt = make_optimizer(optimizer, spec.model, lr=lr, weight_decay=weight_decay, partition=partition)
     synchronize = torch.cuda.synchronize if target.type == "cuda" else None
     with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout masks and other draws while training: the same in every rerun
-        _first_loss(spec, train[0])
         with tqdm(total=steps, desc=f"{optimizer} lr {lr:g} seed {seed}", unit="step", disable=not progress,
                   file=sys.stderr, leave=False) as bar:
             losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize,
                                       on_step=bar.update)
         diverged = any(not math.isfinite(loss) for loss in losses)
-        finals = (math.nan, math.nan) if diverged else (_mean_loss(spec, train), _mean_loss(spec, val))
+        finals = (math.nan, math.nan) if diverged else (mean_loss(spec, train), mean_loss(spec, val))
     return {"losses": losses, "train_loss": finals[0], "val_loss": finals[1],
             "state_bytes": optim.state_memory(opt).total_bytes,
             "seconds_per_step": sum(times[1:]) / (len(times) - 1) if len(times) > 1 else math.nan,

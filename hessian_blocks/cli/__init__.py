@@ -3,13 +3,14 @@
 One module per command family (:mod:`.measure`, :mod:`.partition`, :mod:`.experiments`), the shared
 option groups in :mod:`.options`. Every command prints a table, writes CSV / JSON / NPZ / PNG files
 into ``--out``, shows a progress bar on long work, and gives the same numbers for the same ``--seed``.
-Bad input ends a command with one line naming the problem and exit code 2.
+Bad input ends a command with one line naming the problem and exit code 2; a warning is one line too.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 __all__ = ["build_parser", "main"]
@@ -21,8 +22,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"hessian-blocks {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning  # one line per warning, without the source line
+            return args.run(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, HessianSetupError) as err:
         print(f"hessian-blocks {args.command}: error: {err}", file=sys.stderr)
         return 2

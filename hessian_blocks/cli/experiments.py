@@ -10,11 +10,12 @@ import argparse
 import functools
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .options import add_compute_options, add_model_options, add_output_options, parse_overrides
+from .options import (
+    add_compute_options, add_model_options, add_output_options, check_output_folder, exit_on_interrupt, parse_overrides,
+)
 
 __all__ = ["add_commands", "run_compare", "run_figures"]
 
@@ -67,7 +68,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          help="small (seconds), medium (the committed figures, CPU), paper (GPU / long) (default: medium)")
     figures.add_argument("--only", action="append", choices=tuple(FIGURE_GROUPS), metavar="GROUP",
                          help=f"run only this group ({', '.join(FIGURE_GROUPS)}); repeatable")
-    figures.add_argument("--results", type=Path, help="work-unit folder (default: runs/figures-SIZE)")
+    figures.add_argument("--results", type=Path, help="work-unit and table folder (default: OUT/results)")
     figures.add_argument("--device", default="cpu",
                          help="cpu, cuda, cuda:1, ...: where spectra, Hessian maps and training runs compute; "
                          "finished spectra and maps resume on any device, training runs are kept per device "
@@ -79,19 +80,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _resumable(default_results: Callable[[argparse.Namespace], Path]):
     """Decorate a runner that keeps its finished work units under ``--results``: the runner finds
     ``args.results`` filled in (``default_results(args)`` when not given), and Ctrl-C ends it with one
-    line naming that folder and how to resume, exit code 130, instead of a traceback."""
+    line naming that folder and how to resume, exit code 130, instead of a traceback. ``--out`` and
+    ``--results`` are checked to be folders (or missing) before any work."""
 
     def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        interruptible = exit_on_interrupt(
+            lambda args: f"finished units are kept in {args.results}; rerun the same command to resume")(run)
+
         @functools.wraps(run)
         def run_resumably(args: argparse.Namespace) -> int:
+            check_output_folder(args.out)
             if args.results is None:
                 args.results = default_results(args)
-            try:
-                return run(args)
-            except KeyboardInterrupt:
-                print(f"\nhessian-blocks {args.command}: interrupted; finished units are kept in {args.results}; "
-                      "rerun the same command to resume", file=sys.stderr)
-                return 130
+            check_output_folder(args.results, "--results")
+            return interruptible(args)
 
         return run_resumably
 
@@ -173,7 +175,7 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-@_resumable(lambda args: Path(f"runs/figures-{args.size}"))
+@_resumable(lambda args: args.out / "results")
 def run_figures(args: argparse.Namespace) -> int:
     from analysis import format_table, save_figure
     from ..guards import check_device

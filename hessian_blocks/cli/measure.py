@@ -15,11 +15,15 @@ from ..distributed import (
     DataParallelBlockHessian, device_for_rank, get_world_size, is_main_process, process_group_from_env, shard_batches,
     split_block_spectra,
 )
-from ..guards import check_device
+from ..files import PARTIAL_SUFFIX, atomic_write_text, staged_folder
+from ..guards import check_batches, check_device
 from ..hvp import BlockHessian
-from ..results import SpectrumResult
+from ..results import DensityResult, SpectrumResult
 from ..slq import block_spectra, total_steps
-from .options import add_compute_options, add_model_options, add_output_options, folder_name, parse_overrides, torch_dtype
+from .options import (
+    add_compute_options, add_model_options, add_output_options, check_output_folder, exit_on_interrupt, folder_name,
+    note_eval_mode, parse_overrides, torch_dtype,
+)
 
 __all__ = ["add_commands", "measure_model", "run_js", "run_spectrum"]
 
@@ -53,6 +57,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--grid-points", type=int, default=None,
                        help="points of the common density grid (default: 50000, more where the eigenvalues span a range "
                             "so wide that the Gaussians would fall between grid points)")
+    group.add_argument("--rescale-rank", type=int, metavar="K",
+                       help="divide each block's eigenvalues by its K-th largest before the densities, so that blocks "
+                            "of very different scales are compared by shape (the papers' figures use 10; default: no "
+                            "rescaling)")
 
     spectrum = commands.add_parser(
         "spectrum", parents=[measure, density], help="per-block spectral densities (SLQ)",
@@ -72,11 +80,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def _torchrun_aware(run):
     """Under torchrun every process measures (its share of the work); only rank 0 reports and writes files.
-    ``--device`` is checked first, before a process group is set up on it."""
+    ``--device`` and ``--out`` are checked first, before a process group is set up; Ctrl-C ends the
+    command with one line saying what it left (exit code 130)."""
 
+    @exit_on_interrupt(lambda args: f"every model finished before it has all its files in {args.out}/MODEL; the "
+                                    f"files of the model being written, if any, are in {args.out}/MODEL{PARTIAL_SUFFIX}; "
+                                    "rerun the same command to measure again")
     @functools.wraps(run)
     def run_on_every_rank(args: argparse.Namespace) -> int:
         check_device(args.device)
+        check_output_folder(args.out)
         with process_group_from_env(args.device):
             if is_main_process():
                 return run(args)
@@ -91,14 +104,16 @@ def _torchrun_aware(run):
 def run_spectrum(args: argparse.Namespace) -> int:
     from analysis import block_table, format_table, plot_block_densities, save_figure
 
-    for label, spectrum, folder in _measured(args):
-        density = spectrum.density(sigma2=args.sigma2, n_points=args.grid_points)
-        table = block_table(spectrum)
-        table.to_csv(folder / "blocks.csv", index=False)
-        density.save(folder / "density.npz")
-        save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label), folder / "densities.png")
+    for label, spectrum, measured in _spectra(args):
+        with staged_folder(args.out / folder_name(label)) as staged:
+            spectrum.save(staged / "spectrum.npz")
+            density = _density(spectrum, args, staged / "spectrum.npz" if measured else None)
+            table = block_table(spectrum)
+            table.to_csv(staged / "blocks.csv", index=False)
+            density.save(staged / "density.npz")
+            save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label), staged / "densities.png")
         print(f"\n{label}: {len(spectrum.names)} blocks\n{format_table(table)}")
-        print(f"wrote {folder}/(spectrum.npz, density.npz, blocks.csv, densities.png)")
+        print(f"wrote {args.out / folder_name(label)}/(spectrum.npz, density.npz, blocks.csv, densities.png)")
     return 0
 
 
@@ -109,48 +124,67 @@ def run_js(args: argparse.Namespace) -> int:
     )
 
     summary = {}
-    for label, spectrum, folder in _measured(args):
+    for label, spectrum, measured in _spectra(args):
         if len(spectrum.names) < 2:
             raise ValueError(f"{label}: JS distances need at least two blocks, the selection has {len(spectrum.names)}")
-        density = spectrum.density(sigma2=args.sigma2, n_points=args.grid_points)
-        matrix = js_matrix(density.densities)
-        table = block_table(spectrum, matrix)
-        summary[label] = js0(matrix)
-        table.to_csv(folder / "blocks.csv", index=False)
-        _matrix_frame(matrix, spectrum.names).to_csv(folder / "js_matrix.csv")
-        density.save(folder / "density.npz")
-        save_figure(plot_js_heatmap(matrix, spectrum.names, title=f"{label}: JS distance between block spectra"),
-                    folder / "js_heatmap.png")
-        save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label), folder / "densities.png")
-        (folder / "summary.json").write_text(json.dumps({"model": label, "js0": summary[label], **spectrum.settings}, indent=1) + "\n")
+        with staged_folder(args.out / folder_name(label)) as staged:
+            spectrum.save(staged / "spectrum.npz")
+            density = _density(spectrum, args, staged / "spectrum.npz" if measured else None)
+            matrix = js_matrix(density.densities)
+            table = block_table(spectrum, matrix)
+            summary[label] = js0(matrix)
+            record = {"model": label, "js0": summary[label], **_density_settings(density, args), **spectrum.settings}
+            table.to_csv(staged / "blocks.csv", index=False)
+            _matrix_frame(matrix, spectrum.names).to_csv(staged / "js_matrix.csv")
+            density.save(staged / "density.npz")
+            save_figure(plot_js_heatmap(matrix, spectrum.names, title=f"{label}: JS distance between block spectra"),
+                        staged / "js_heatmap.png")
+            save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label),
+                        staged / "densities.png")
+            (staged / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
         print(f"\n{label}: {len(spectrum.names)} blocks, JS0 = {summary[label]:.4g}\n{format_table(table)}")
-        print(f"wrote {folder}/(spectrum.npz, density.npz, blocks.csv, js_matrix.csv, summary.json, js_heatmap.png, densities.png)")
+        print(f"wrote {args.out / folder_name(label)}/(spectrum.npz, density.npz, blocks.csv, js_matrix.csv, summary.json, "
+              "js_heatmap.png, densities.png)")
 
     order = sorted(summary, key=summary.get)
     table = js0_table(summary, baseline=order[0] if len(summary) > 1 else None)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "js0.csv", index=False)
+    atomic_write_text(args.out / "js0.csv", table.to_csv(index=False))
     print(f"\nJS0 (mean Jensen-Shannon distance between block spectra at initialisation)\n{format_table(table)}")
     print(f"wrote {args.out / 'js0.csv'}")
     return 0
 
 
-def _measured(args: argparse.Namespace):
-    """Yield (label, SpectrumResult, output folder) for every --from-results file and --model."""
-    for path in getattr(args, "from_results", []):
-        spectrum = SpectrumResult.load(path)
-        label = str(spectrum.settings.get("model", Path(path).stem))
-        folder = args.out / folder_name(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        yield label, spectrum, folder
-    if not args.model and not getattr(args, "from_results", []):
+def _spectra(args: argparse.Namespace):
+    """Yield (label, SpectrumResult, measured) for every --from-results file (read whole, so that its
+    folder may be rewritten) and every --model (measured when its turn comes)."""
+    sources = getattr(args, "from_results", [])
+    if not args.model and not sources:
         raise ValueError("give at least one --model (or --from-results for js)")
+    if args.rescale_rank is not None and args.rescale_rank < 1:
+        raise ValueError(f"--rescale-rank must be >= 1, got {args.rescale_rank}")
+    for path in sources:
+        spectrum = SpectrumResult.load(path)
+        yield str(spectrum.settings.get("model", Path(path).stem)), spectrum, False
     for name in args.model or []:
-        spectrum = measure_model(name, args)
-        folder = args.out / folder_name(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        spectrum.save(folder / "spectrum.npz")
-        yield name, spectrum, folder
+        yield name, measure_model(name, args), True
+
+
+def _density(spectrum: SpectrumResult, args: argparse.Namespace, kept: Path | None) -> DensityResult:
+    """The densities with the command's --sigma2, --grid-points and --rescale-rank. When they cannot be
+    made, the error says where the measured spectrum is ``kept``, to try other settings without measuring."""
+    try:
+        return spectrum.density(sigma2=args.sigma2, n_points=args.grid_points, rescale_rank=args.rescale_rank)
+    except ValueError as err:
+        if kept is None:
+            raise
+        raise ValueError(f"{err}. The measured spectrum is kept: hessian-blocks js --from-results {kept} "
+                         "(with other density settings) uses it without measuring again") from err
+
+
+def _density_settings(density: DensityResult, args: argparse.Namespace) -> dict:
+    """What the densities (and so JS0) depend on beyond the spectrum, for summary.json."""
+    return {"sigma2": density.sigma2, "grid_points": int(density.grid.size),
+            "grid_range": [float(density.grid[0]), float(density.grid[-1])], "rescale_rank": args.rescale_rank}
 
 
 def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
@@ -165,7 +199,8 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
     from ..models import build_model
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--steps", args.steps),
-                        ("--probes", args.probes), ("--grid-points", args.grid_points)):
+                        ("--probes", args.probes), ("--grid-points", args.grid_points),
+                        ("--rescale-rank", args.rescale_rank)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.blocks and args.sample_layers:
@@ -174,8 +209,11 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
         raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the batches)")
     dtype, device, world_size = torch_dtype(args.dtype), device_for_rank(args.device), get_world_size()
     spec = build_model(name, seed=args.seed, **parse_overrides(args.set))
-    batches = make_batches(spec, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
+    if is_main_process():
+        note_eval_mode(name, spec.model)
     partition = Partition.load(args.partition, spec.model) if args.partition else Partition.per_tensor(spec.model)
+    batches = make_batches(spec, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
+    check_batches(spec.model, spec.loss_fn, batches, f"{name} on data {args.data}: batch")
     blocks = partition.blocks
     if args.blocks:
         blocks = select_blocks(blocks, args.blocks)

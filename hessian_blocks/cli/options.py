@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 __all__ = [
-    "DTYPE_NAMES", "add_compute_options", "add_model_options", "add_output_options", "folder_name", "parse_overrides",
-    "torch_dtype",
+    "DTYPE_NAMES", "add_compute_options", "add_model_options", "add_output_options", "check_output_file",
+    "check_output_folder", "exit_on_interrupt", "folder_name", "note_eval_mode", "parse_overrides", "torch_dtype",
 ]
 
 DTYPE_NAMES = ("float64", "float32")
@@ -29,14 +31,16 @@ def add_model_options(parser: argparse.ArgumentParser, *, repeatable: bool = Fal
     from ..models import MODEL_NAMES
 
     group = parser.add_argument_group("model and data")
-    what = f"bundled model ({', '.join(MODEL_NAMES)}) or 'package.module:factory'"
+    what = (f"bundled model ({', '.join(MODEL_NAMES)}), a Hugging Face model built from its config with random "
+            "weights ('hf:LlamaForCausalLM', 'hf:path/to/config.json'), or 'package.module:factory'")
     if repeatable:
         group.add_argument("--model", action="append", metavar="NAME", help=f"{what}; repeat to compare models")
     else:
         suffix = f" (default: {default})" if default else ""
         group.add_argument("--model", default=default, required=required, metavar="NAME", help=what + suffix)
     group.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="override a model config field, e.g. --set n_layer=2" +
+                       help="override a model config field, e.g. --set n_layer=2 (hf: models: their config's fields, "
+                            "e.g. --set num_hidden_layers=2, and context=N tokens per sample)" +
                             (" (applies to every --model)" if repeatable else ""))
     group.add_argument("--data", default="auto",
                        help=f"data source: auto, {', '.join(DATA_SOURCES)}, or a .pt/.npz/.txt file (default: auto)")
@@ -84,3 +88,62 @@ def parse_overrides(pairs: Sequence[str]) -> dict:
 def folder_name(label: str) -> str:
     """``label`` made safe as a file or folder name."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def check_output_folder(path: Path, flag: str = "--out") -> Path:
+    """Refuse an output folder that is an existing file or lies under one (checked before any work)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is an existing file, not a folder: give a folder (it is created if missing)")
+    _check_parents(path, flag)
+    return path
+
+
+def check_output_file(path: Path, flag: str = "--out") -> Path:
+    """Refuse an output file path that is an existing folder or lies under a file."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give the path of the file to write, e.g. {path / 'partition.json'}")
+    _check_parents(path, flag)
+    return path
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: '{parent}' is a file, so nothing can be written under it; "
+                                 "give a path in a folder")
+            return
+
+
+def exit_on_interrupt(kept: Callable[[argparse.Namespace], str]):
+    """Decorate a runner so that Ctrl-C ends it with one line, ``interrupted; <kept(args)>``, and exit
+    code 130 instead of a traceback; ``kept`` says what the interrupted run left and how to go on."""
+
+    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(run)
+        def run_interruptibly(args: argparse.Namespace) -> int:
+            try:
+                return run(args)
+            except KeyboardInterrupt:
+                print(f"\nhessian-blocks {args.command}: interrupted; {kept(args)}", file=sys.stderr)
+                return 130
+
+        return run_interruptibly
+
+    return wrap
+
+
+def note_eval_mode(label: str, model) -> None:
+    """One line on stderr when the model has modules that behave differently in train mode (Dropout,
+    BatchNorm): the commands measure the Hessian in eval mode, where they are deterministic."""
+    from ..guards import train_mode_modules
+
+    was_training = model.training
+    model.train()
+    modules = train_mode_modules(model)
+    model.train(was_training)
+    if modules:
+        listed = ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
+        print(f"note: {label}: measured in eval mode, so {listed} use running statistics / no dropout "
+              "(the papers' setting; in the library, BlockHessian refuses such modules in train mode)",
+              file=sys.stderr)

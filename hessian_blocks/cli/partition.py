@@ -8,7 +8,10 @@ from pathlib import Path
 
 from ..blocks import Partition
 from ..guards import check_device
-from .options import add_compute_options, add_model_options, add_output_options, folder_name, parse_overrides, torch_dtype
+from .options import (
+    add_compute_options, add_model_options, add_output_options, check_output_file, folder_name, note_eval_mode,
+    parse_overrides, torch_dtype,
+)
 
 __all__ = ["add_commands", "run_partition"]
 
@@ -64,12 +67,14 @@ def run_partition(args: argparse.Namespace) -> int:
     from ..partitions.measured import check_settings, decide_rule, map_rules
 
     check_device(args.device)
+    check_output_file(args.out)
     decision = dict(threshold=args.threshold, contrast=args.contrast, max_runs=args.max_runs,
                     mass_threshold=args.mass_threshold, max_spread=args.max_spread)
     check_settings(**decision)
     dtype = torch_dtype(args.dtype)
     overrides = parse_overrides(args.set)
     spec = build_model(args.model, seed=args.seed, **overrides)
+    note_eval_mode(args.model, spec.model)
     measured = build_model(args.model, seed=args.seed, **{**overrides, **parse_overrides(args.small)}) if args.small else spec
     batches = make_batches(measured, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed, dtype=dtype)
     shapes = {name: tuple(p.shape) for name, p in measured.model.named_parameters() if p.requires_grad}

@@ -3,9 +3,12 @@
     spec = build_model("gpt2-nano", seed=0, dtype=torch.float64, n_layer=2)
     loss = spec.loss_fn(spec.model(x), y)
 
-A name is either one of MODEL_NAMES (config fields can be overridden by keyword) or a user model
+A name is one of MODEL_NAMES (config fields can be overridden by keyword), a Hugging Face model
+"hf:ModelClass" or "hf:path/to/config.json" built from its config (see :mod:`.hf`), or a user model
 "package.module:factory": the factory is called with the overrides and returns a ModelSpec or an
-nn.Module. Models come back in eval mode, initialised from `seed` without touching the global RNG.
+nn.Module (an nn.Module gets task "custom" and :func:`cross_entropy_loss`). Models come back in eval
+mode, initialised from `seed` without touching the global RNG, in their own dtype (the zoo's and
+Hugging Face's: float32; a user factory's: whatever it built) unless `dtype` is given.
 """
 
 from __future__ import annotations
@@ -35,12 +38,31 @@ IGNORE_INDEX = -100  # targets equal to this (unmasked tokens of masked-LM data)
 
 @dataclass
 class ModelSpec:
+    """A model and what the engine needs to know to feed it and score it.
+
+    Attributes:
+        name: the label of the model in tables and folders.
+        model: the module, in eval mode.
+        loss_fn: ``loss_fn(model_output, targets) -> scalar``, the mean loss over the batch.
+        task: the kind of data it takes, which decides the default data and the batches' shapes:
+            "image" (x [N, C, H, W] floats, class labels y), "vector" (x [N, F], labels y), "text"
+            (token ids x [N, T], next-token targets y [N, T]), "masked-text" (token ids with [MASK] =
+            vocab_size - 1, targets the original ids at masked positions and -100 elsewhere) or
+            "custom" (data from a file only).
+        data_shape: what batches must look like: {"channels", "image_size", "num_classes"} for
+            images, {"in_features", "num_classes"} for vectors, {"vocab_size", "context"} for text.
+        config: the config the model was built from (None for user factories that return a module).
+        keyword_inputs: text batches pass ``input_ids=`` and ``attention_mask=`` keywords (Hugging
+            Face style) instead of one positional tensor of token ids.
+    """
+
     name: str
     model: nn.Module
-    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]  # (model output, targets) -> scalar mean loss
-    task: str  # "image" | "text" | "masked-text" | "vector" | "custom"
-    data_shape: dict  # what batches must look like, e.g. {"vocab_size": 512, "context": 64}
-    config: Any  # the config dataclass instance used (None for user factories)
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]
+    task: str
+    data_shape: dict
+    config: Any
+    keyword_inputs: bool = False
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -74,15 +96,23 @@ _REGISTRY: dict[str, _Entry] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def build_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> ModelSpec:
-    """Build a zoo model (or a user model "package.module:factory"), seeded, cast to `dtype`, in eval mode."""
+def build_model(name: str, *, seed: int = 0, dtype: torch.dtype | None = None, **overrides) -> ModelSpec:
+    """Build a zoo model, a Hugging Face model ("hf:ModelClass" or "hf:config.json") or a user model
+    ("package.module:factory"), seeded, in eval mode; cast to `dtype` when given (else it keeps its own)."""
     if name in _REGISTRY:
         spec = _build_registered(name, seed, overrides)
+    elif name.startswith("hf:"):
+        from .hf import build_hf_model
+
+        spec = build_hf_model(name[len("hf:"):], seed=seed, **overrides)
     elif ":" in name:
         spec = _build_user_model(name, seed, overrides)
     else:
-        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)} or 'package.module:factory'")
-    spec.model.to(dtype).eval()
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}, 'hf:ModelClass' "
+                         "or 'package.module:factory'")
+    if dtype is not None:
+        spec.model.to(dtype)
+    spec.model.eval()
     return spec
 
 
@@ -124,8 +154,19 @@ def _build_user_model(name: str, seed: int, overrides: dict) -> ModelSpec:
     if not callable(factory):
         raise TypeError(f"user model {name!r}: {attr_path!r} is not callable")
 
-    with _seeded(seed):
-        result = factory(**overrides)
+    try:
+        with _seeded(seed):
+            result = factory(**overrides)
+    except (TypeError, ValueError, RuntimeError) as err:
+        if not overrides:
+            raise
+        shown = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+        raise ValueError(
+            f"user model {name!r}: the factory failed when called with the config overrides {shown} "
+            f"({type(err).__name__}: {err}); check their names and values (on the command line: --set FIELD=VALUE, "
+            "where VALUE is read as JSON when it parses, so --set hidden=8 gives the number 8 and --set hidden=abc "
+            "the string 'abc')"
+        ) from err
     if isinstance(result, ModelSpec):
         return result
     if isinstance(result, nn.Module):

@@ -6,6 +6,6 @@
 """
 
 from .measured import derive_decisions, derive_partition, map_rules
-from .structural import default_partition, default_rules, register_attention
+from .structural import AttentionLayout, default_partition, default_rules, register_attention
 
-__all__ = ["default_partition", "default_rules", "derive_decisions", "derive_partition", "map_rules", "register_attention"]
+__all__ = ["AttentionLayout", "default_partition", "default_rules", "derive_decisions", "derive_partition", "map_rules", "register_attention"]

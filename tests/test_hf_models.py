@@ -1,0 +1,203 @@
+"""Hugging Face models through ``build_model("hf:...")``: built from configs (random weights, no network),
+keyword batches, the models' own loss, exact float64 Hessians, and every command of the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from hessian_blocks import BlockHessian, Partition, build_model, make_batches
+from hessian_blocks.cli import main
+from hessian_blocks.data import call_model
+from hessian_blocks.models import ModelSpec, cross_entropy_loss
+from hessian_blocks.models.hf import DEFAULT_CONTEXT, spec_from_config
+
+from .oracles import dense_hessian
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA = dict(num_hidden_layers=1, hidden_size=8, intermediate_size=12, num_attention_heads=2, num_key_value_heads=1,
+             vocab_size=16, context=5)
+# a few hundred parameters: the dense oracle takes one backward per parameter
+GPT2 = dict(n_layer=1, n_embd=4, n_head=2, n_inner=6, n_positions=5, vocab_size=8, bos_token_id=0, eos_token_id=0,
+            context=4)
+BERT = dict(num_hidden_layers=1, hidden_size=4, intermediate_size=6, num_attention_heads=2, vocab_size=8,
+            max_position_embeddings=5, type_vocab_size=1, context=4)
+LLAMA_CLI = ["--model", "hf:LlamaForCausalLM", "--set", "num_hidden_layers=1", "--set", "hidden_size=16",
+             "--set", "intermediate_size=32", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2",
+             "--set", "vocab_size=256", "--set", "context=8", "--batch-size", "2", "--no-progress"]
+
+
+def float64_factory(width: int = 3) -> ModelSpec:
+    """A user factory that builds its model in float64 (a test for build_model's dtype)."""
+    model = nn.Sequential(nn.Linear(6, width, dtype=torch.float64), nn.Tanh(), nn.Linear(width, 4, dtype=torch.float64))
+    return ModelSpec("float64-mlp", model, cross_entropy_loss, "vector", {"in_features": 6, "num_classes": 4}, None)
+
+
+def test_built_from_the_config_class_seeded_eval_eager_without_cache():
+    spec = build_model("hf:LlamaForCausalLM", seed=1, **LLAMA)
+    model = spec.model
+    assert isinstance(model, transformers.LlamaForCausalLM) and isinstance(spec.config, transformers.LlamaConfig)
+    assert spec.name == "hf:LlamaForCausalLM" and spec.task == "text" and spec.keyword_inputs
+    assert not model.training and model.config._attn_implementation == "eager" and model.config.use_cache is False
+    assert spec.data_shape == {"vocab_size": 16, "context": 5} and model.config.num_key_value_heads == 1
+    assert next(model.parameters()).dtype == torch.float32
+    state = torch.random.get_rng_state()
+    again = build_model("hf:LlamaForCausalLM", seed=1, **LLAMA).model
+    other = build_model("hf:LlamaForCausalLM", seed=2, **LLAMA).model
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded without touching the global generator
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
+    # GPT-2's own field names and the common aliases both work; the context defaults to the positions' cap
+    gpt2 = build_model("hf:GPT2LMHeadModel", num_hidden_layers=1, n_embd=8, n_head=2, vocab_size=16, n_positions=32)
+    assert gpt2.config.n_layer == 1 and gpt2.data_shape["context"] == min(32, DEFAULT_CONTEXT)
+    assert build_model("hf:BertForMaskedLM", **BERT).task == "masked-text"
+
+
+def test_config_file_and_config_object(tmp_path):
+    config = transformers.LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "context"},
+                                      architectures=["LlamaForCausalLM"])
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    from_file = build_model(f"hf:{path}", seed=0, context=5, num_hidden_layers=2)  # --set still overrides
+    assert isinstance(from_file.model, transformers.LlamaForCausalLM) and from_file.config.num_hidden_layers == 2
+    from_object = spec_from_config(config, seed=0, context=5)
+    assert from_object.model.config.num_hidden_layers == 1 and from_object.task == "text"
+    assert all(torch.equal(a, b) for a, b in zip(from_object.model.parameters(),
+                                                build_model("hf:LlamaForCausalLM", **LLAMA).model.parameters()))
+    full_size = spec_from_config(transformers.LlamaConfig(), transformers.LlamaForCausalLM, device="meta")
+    assert full_size.model.lm_head.weight.shape == (32000, 4096) and full_size.model.lm_head.weight.is_meta
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(ValueError, match='names no model class: add "architectures"'):
+        build_model(f"hf:{path}")
+
+
+def test_clear_errors_for_big_defaults_typos_and_other_heads():
+    with pytest.raises(ValueError, match=r"6\.74 billion parameters .*--set num_hidden_layers=2 --set hidden_size=64"):
+        build_model("hf:LlamaForCausalLM")  # the default config: refused before any weight is allocated
+    with pytest.raises(ValueError, match="no field.*num_hiden_layers \\(did you mean num_hidden_layers\\?\\)"):
+        build_model("hf:LlamaForCausalLM", num_hiden_layers=1)
+    with pytest.raises(ValueError, match="neither a causal nor a masked language model"):
+        build_model("hf:LlamaModel", **{k: v for k, v in LLAMA.items() if k != "context"})
+    with pytest.raises(ValueError, match="transformers has no model class 'LlamaForCausalLMM'"):
+        build_model("hf:LlamaForCausalLMM")
+    with pytest.raises(ValueError, match="context 9 exceeds the model's 5 positions"):
+        build_model("hf:BertForMaskedLM", **{**BERT, "context": 9})
+
+
+def test_keyword_batches_and_the_models_own_loss():
+    spec = build_model("hf:LlamaForCausalLM", **LLAMA)
+    (inputs, targets), = make_batches(spec, "synthetic", batch_size=3, n_batches=1)
+    assert set(inputs) == {"input_ids", "attention_mask"} and inputs["attention_mask"].eq(1).all()
+    ids = inputs["input_ids"]
+    assert torch.equal(targets[:, :-1], ids[:, 1:])  # next-token targets
+    # the model's own loss (labels shifted inside the model) scores the first T-1 targets
+    own = spec.model(**inputs, labels=ids).loss
+    ours = spec.loss_fn(call_model(spec.model, inputs), targets.masked_fill(torch.arange(5) == 4, -100))
+    assert ours.item() == pytest.approx(own.item(), rel=1e-6)
+
+    masked = build_model("hf:BertForMaskedLM", **BERT)
+    (inputs, targets), = make_batches(masked, "synthetic", batch_size=3, n_batches=1)
+    own = masked.model(**inputs, labels=targets).loss
+    assert masked.loss_fn(call_model(masked.model, inputs), targets).item() == pytest.approx(own.item(), rel=1e-6)
+
+
+def test_padding_from_a_data_file_is_masked(tmp_path):
+    spec = build_model("hf:LlamaForCausalLM", **LLAMA)
+    x = torch.randint(0, 16, (4, 5))
+    y = torch.roll(x, -1, dims=1)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[1, 3:] = 0  # right padding of sample 1
+    torch.save({"x": x, "y": y, "attention_mask": mask}, tmp_path / "padded.pt")
+    (inputs, targets), = make_batches(spec, str(tmp_path / "padded.pt"), batch_size=4, n_batches=1)
+    assert torch.equal(inputs["attention_mask"], mask) and (targets[1, 3:] == -100).all()
+    assert torch.equal(targets[mask == 1], y[mask == 1])
+    padded = x.clone()
+    padded[1, 3:] = 7  # whatever stands in the padding changes nothing
+    again = spec.loss_fn(spec.model(input_ids=padded, attention_mask=mask), targets)
+    assert again.item() == pytest.approx(spec.loss_fn(call_model(spec.model, inputs), targets).item(), rel=1e-6)
+    torch.save({"x": x, "y": y, "attention_mask": mask[:, :3]}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="attention_mask must hold 0 \\(padding\\) and 1"):
+        make_batches(spec, str(tmp_path / "bad.pt"), batch_size=4, n_batches=1)
+    with pytest.raises(ValueError, match="takes one tensor of inputs and no mask: drop attention_mask"):
+        make_batches(build_model("gpt2-nano", vocab_size=16, context=5), str(tmp_path / "padded.pt"), batch_size=4,
+                     n_batches=1)
+
+
+@pytest.mark.parametrize("name, overrides", [("hf:GPT2LMHeadModel", GPT2), ("hf:BertForMaskedLM", BERT)])
+def test_float64_block_hessian_of_keyword_batches_equals_the_dense_hessian(name, overrides):
+    spec = build_model(name, dtype=torch.float64, **overrides)
+    batches = make_batches(spec, "synthetic", batch_size=3, n_batches=2, last_batch_size=2)
+    dense = dense_hessian(spec.model, spec.loss_fn, batches)
+    hessian = BlockHessian(spec.model, spec.loss_fn, batches, Partition.per_tensor(spec.model))
+    vectors = torch.randn(2, hessian.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = vectors @ dense.restrict(hessian.blocks, block_diagonal=True).T
+    torch.testing.assert_close(hessian.block_matvec(vectors), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_sdpa_attention_asked_for_is_run_on_its_twice_differentiable_backend():
+    """--set attn_implementation=sdpa overrides the eager default; the engine's SDPA guard (math backend)
+    still gives the eager model's products (GPT-2: float64 throughout)."""
+    eager = build_model("hf:GPT2LMHeadModel", dtype=torch.float64, **GPT2)
+    sdpa = build_model("hf:GPT2LMHeadModel", dtype=torch.float64, attn_implementation="sdpa", **GPT2)
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    batches = make_batches(eager, "synthetic", batch_size=2, n_batches=1)
+    hessians = [BlockHessian(spec.model, spec.loss_fn, batches) for spec in (eager, sdpa)]
+    vectors = torch.randn(1, hessians[0].size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(hessians[1].block_matvec(vectors), hessians[0].block_matvec(vectors), rtol=1e-10, atol=1e-13)
+
+
+def test_llama_computes_norms_and_softmax_in_float32():
+    """Transformers' Llama casts activations to float32 inside RMSNorm and the eager softmax: its float64
+    products agree with the dense float64 Hessian to float32 accuracy only (documented)."""
+    spec = build_model("hf:LlamaForCausalLM", dtype=torch.float64, **{**LLAMA, "vocab_size": 8, "intermediate_size": 4})
+    batches = make_batches(spec, "synthetic", batch_size=2, n_batches=1)
+    dense = dense_hessian(spec.model, spec.loss_fn, batches)
+    hessian = BlockHessian(spec.model, spec.loss_fn, batches)
+    vectors = torch.randn(1, hessian.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = vectors @ dense.restrict(hessian.blocks, block_diagonal=True).T
+    error = ((hessian.block_matvec(vectors) - expected).abs().max() / expected.abs().max()).item()
+    assert 1e-12 < error < 1e-5
+
+
+def test_a_float64_user_model_is_measured_in_float64():
+    spec = build_model("tests.test_hf_models:float64_factory", seed=0)
+    assert next(spec.model.parameters()).dtype == torch.float64  # no longer cast to float32
+    (x, _), = make_batches(spec, "synthetic", batch_size=2, n_batches=1)
+    assert x.dtype == torch.float64  # the data follows the model
+    weight = spec.model[0].weight
+    assert not torch.equal(weight, weight.float().double())  # float64 values, not float32 ones cast up
+    assert build_model("tests.test_hf_models:float64_factory", dtype=torch.float32).model[0].weight.dtype == torch.float32
+
+
+def test_cli_js_partition_and_compare_on_a_llama_from_config(tmp_path, capsys):
+    assert main(["spectrum", *LLAMA_CLI, "--steps", "4", "--probes", "1", "--grid-points", "4000", "--sigma2", "1e-3",
+                 "--sample-layers", "1", "--out", str(tmp_path / "spectrum")]) == 0
+    assert (tmp_path / "spectrum" / "hf_LlamaForCausalLM" / "density.npz").stat().st_size > 0
+    assert main(["js", *LLAMA_CLI, "--steps", "6", "--probes", "2", "--grid-points", "4000", "--sigma2", "1e-3",
+                 "--blocks", "model.layers.0.self_attn.*", "--out", str(tmp_path / "js")]) == 0
+    table = pd.read_csv(tmp_path / "js" / "hf_LlamaForCausalLM" / "blocks.csv")
+    assert list(table["block"]) == [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"]
+    assert "JS0 = " in capsys.readouterr().out
+
+    out = tmp_path / "partition.json"
+    assert main(["partition", *LLAMA_CLI, "--method", "probes", "--probes", "2", "--out", str(out)]) == 0
+    model = build_model("hf:LlamaForCausalLM", num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256).model
+    partition = Partition.load(out, model)
+    assert set(partition.param_shapes) == {n for n, _ in model.named_parameters()}
+
+    assert main(["compare", *LLAMA_CLI[:-3], "--size", "small", "--optimizer", "adam_mini", "--lr", "adam_mini=1e-2",
+                 "--steps", "3", "--val-batches", "1", "--batch-size", "2", "--no-progress",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    runs = pd.read_csv(tmp_path / "cmp" / "runs.csv")
+    assert len(runs) == 1 and runs["train_loss"].between(0, 10).all() and not runs["diverged"].any()
+
+
+def test_cli_refuses_a_full_size_default_with_the_fix(capsys):
+    assert main(["js", "--model", "hf:LlamaForCausalLM", "--no-progress"]) == 2
+    assert "billion parameters" in capsys.readouterr().err
