@@ -1,16 +1,23 @@
-"""The fused CUDA path of AdamMini: the update of all parameters compiled into one graph.
+"""The compiled path of AdamMini: the update of all parameters compiled into one graph.
 
 ``torch.compile`` (Inductor) turns the per-parameter update of :mod:`optim.update` into Triton
-kernels, fusing each segment's block reduction with its pointwise update and batching the
-elementwise work, instead of one eager kernel launch per operation and tensor. The graph is traced
-once per list of layouts (once per optimizer); learning rates, betas and bias corrections enter as a
-float64 tensor, so schedulers and the step count never trigger a recompile.
+kernels on CUDA and into C++/OpenMP loops on CPU (Inductor's C++ backend, built with the system's
+C++ compiler), fusing each segment's block reduction with its pointwise update and batching the
+elementwise work, instead of one eager kernel launch per operation and tensor.
+
+One graph is traced per list of parameter layouts (:func:`compiled_update` keeps one
+:class:`CompiledUpdate` per list, shared by every optimizer whose parameters have those layouts);
+learning rates, betas and bias corrections enter as a float64 tensor, so schedulers and the step
+count never trigger a recompile.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import types
+import warnings
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -18,25 +25,36 @@ import torch
 from .layout import BlockLayout
 from .update import update_param
 
-# Inductor options for the compiled update, read when an optimizer compiles (its first fused step),
-# e.g. {"combo_kernels": True} to batch the per-tensor kernels into fewer launches. A tuning hook for
+__all__ = ["COMPILE_OPTIONS", "CompiledUpdate", "available", "compiled_update", "unavailable_reason"]
+
+# Inductor options for the compiled update, read when a list of layouts is first compiled, e.g.
+# {"combo_kernels": True} to batch the per-tensor kernels into fewer launches. A tuning hook for
 # CUDA measurements (benchmarks/optim_step.py --compile-option); empty means Inductor's defaults.
 COMPILE_OPTIONS: dict[str, object] = {}
 
+# Distinct layout lists whose compiled update is kept per process (least recently used dropped).
+MAX_COMPILED_LAYOUTS = 64
+
 
 def unavailable_reason(params: Sequence[torch.Tensor]) -> str:
-    """Why the fused path cannot run on ``params`` ("" when it can)."""
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if any(p.device.type != "cuda" for p in params):
-        return "not every parameter is on a CUDA device"
-    if not _has_triton():
-        return "Triton is not installed"
-    return ""
+    """Why the compiled path cannot run on ``params`` ("" when it can)."""
+    device_types = sorted({p.device.type for p in params})
+    if len(device_types) != 1:
+        return f"the parameters are on several device types ({', '.join(device_types)})"
+    device_type = device_types[0]
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if not _has_triton():
+            return "Triton is not installed"
+        return ""
+    if device_type == "cpu":
+        return "" if _has_cpp_compiler() else "Inductor finds no C++ compiler (install g++, or set CXX)"
+    return f"the compiled path runs on CUDA and CPU parameters, not on {device_type}"
 
 
 def available(params: Sequence[torch.Tensor]) -> bool:
-    """Whether the fused path can run on ``params``."""
+    """Whether the compiled path can run on ``params``."""
     return unavailable_reason(params) == ""
 
 
@@ -49,14 +67,33 @@ def _has_triton() -> bool:
     return has_triton()
 
 
-class FusedStep:
-    """The compiled update for one fixed list of parameter layouts."""
+@functools.cache
+def _has_cpp_compiler() -> bool:
+    from torch._inductor import cpp_builder, exc
 
-    def __init__(self, layouts: Sequence[BlockLayout]):
+    try:
+        cpp_builder.get_cpp_compiler()
+    except (exc.InvalidCxxCompiler, OSError):
+        return False
+    return True
+
+
+class CompiledUpdate:
+    """The compiled update for one fixed list of parameter layouts.
+
+    Dynamo keeps its compiled graphs on the Python *code object* of the compiled function and
+    allows ``torch._dynamo.config.recompile_limit`` (8) of them per code object; a process that
+    builds optimizers for more than 8 different parameter lists would then fail. So every
+    instance compiles its own copy of the update's code: its graphs are its own (one per
+    dtype/device of the tensors it sees), however many other lists a process compiles.
+    """
+
+    def __init__(self, layouts: Sequence[BlockLayout], options: dict[str, object] | None = None):
         self.layouts = tuple(layouts)
         self.ran = False  # whether a call has completed (so the graph compiled)
-        self._compiled = torch.compile(self._update, fullgraph=True, dynamic=False,
-                                       options=dict(COMPILE_OPTIONS) or None)
+        self.failed = False  # whether compiling failed (the caller then uses the foreach path)
+        update = types.FunctionType(_update_all.__code__.replace(), _update_all.__globals__, _update_all.__name__)
+        self._compiled = torch.compile(update, fullgraph=True, dynamic=False, options=dict(options or {}) or None)
 
     def __call__(
         self,
@@ -65,12 +102,45 @@ class FusedStep:
         exp_avgs: list[torch.Tensor],
         block_avgs: list[torch.Tensor],
         coefficients: torch.Tensor,
-    ) -> None:
-        """Update in place; ``coefficients`` holds one :meth:`StepScalars.as_row` row per parameter."""
-        coefficients = coefficients.to(params[0].device, non_blocking=True)
-        self._compiled(params, grads, exp_avgs, block_avgs, coefficients)
-        self.ran = True
+    ) -> bool:
+        """Update in place; ``coefficients`` holds one :meth:`StepScalars.as_row` row per parameter.
 
-    def _update(self, params, grads, exp_avgs, block_avgs, coefficients) -> None:
-        for i, layout in enumerate(self.layouts):
-            update_param(layout, params[i], grads[i], exp_avgs[i], block_avgs[i], coefficients[i])
+        Returns False, having changed nothing, when the update could not be compiled (warned once:
+        the caller should use the foreach path); compilation fails before any kernel runs.
+        """
+        if self.failed:
+            return False
+        coefficients = coefficients.to(params[0].device, non_blocking=True)
+        try:
+            self._compiled(self.layouts, params, grads, exp_avgs, block_avgs, coefficients)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
+            if self.ran:  # compiled and ran before: not a compilation problem
+                raise
+            warnings.warn(
+                f"AdamMini(fused): compiling the update failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                "using the foreach path for these parameters from now on",
+                stacklevel=2,
+            )
+            self.failed = True
+            return False
+        self.ran = True
+        return True
+
+
+def _update_all(layouts, params, grads, exp_avgs, block_avgs, coefficients) -> None:
+    for i, layout in enumerate(layouts):
+        update_param(layout, params[i], grads[i], exp_avgs[i], block_avgs[i], coefficients[i])
+
+
+def compiled_update(layouts: Sequence[BlockLayout]) -> CompiledUpdate:
+    """The compiled update of ``layouts`` under the current :data:`COMPILE_OPTIONS`: built and
+    compiled once per process, list and options; the :data:`MAX_COMPILED_LAYOUTS` last used are kept."""
+    key = (tuple(layouts), repr(sorted(COMPILE_OPTIONS.items())))
+    update = _COMPILED.pop(key, None) or CompiledUpdate(key[0], COMPILE_OPTIONS)
+    _COMPILED[key] = update  # now the most recently used
+    while len(_COMPILED) > MAX_COMPILED_LAYOUTS:
+        _COMPILED.popitem(last=False)
+    return update
+
+
+_COMPILED: OrderedDict[tuple[tuple[BlockLayout, ...], str], CompiledUpdate] = OrderedDict()

@@ -6,27 +6,31 @@ plain AdamW for that tensor.
 
 Three implementations, chosen like torch's AdamW: a plain per-parameter loop (``foreach=False``),
 a ``foreach`` path that batches the elementwise work over all tensors (the default off CUDA), and a
-fused CUDA path (``fused=True``, the default when every parameter is on CUDA and Triton is present)
-that compiles the whole update with ``torch.compile``; without CUDA or Triton ``fused=True`` falls
-back to ``foreach`` with a warning.
+compiled path (``fused=True``; the default when every parameter is on CUDA and Triton is present)
+that compiles the whole update with ``torch.compile``: Triton kernels on CUDA, Inductor's C++
+backend on CPU (only when asked for: the first step then takes seconds to minutes). Without Triton
+(CUDA) or a C++ compiler (CPU), ``fused=True`` falls back to ``foreach`` with a warning.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from hessian_blocks.blocks import Partition, Rule
 from hessian_blocks.partitions.structural import default_rules
 
-from . import _fused
-from .distributed import ShardedBlockLayout, block_layout, local_tensor, reduce_block_mean_squares
+from .distributed import ShardedBlockLayout, block_layout, local_tensor
 from .layout import BlockLayout
-from .update import Batch, StepScalars, foreach_update, reference_update
+from .low_precision import dequantize_blockwise, quantize_blockwise_, quantized_scale_count, stochastic_round_
+from .functional import advance_steps, choose_implementation, run_updates
+from .update import Batch
 
 __all__ = ["STATE_KEYS", "AdamMini"]
 
@@ -34,7 +38,10 @@ Params = Union[nn.Module, Iterable[tuple[str, torch.Tensor]], Iterable[dict]]
 PartitionArg = Union[Partition, str, Path]
 
 STATE_KEYS = ("step", "exp_avg", "block_exp_avg_sq")
-_ONE = torch.tensor(1.0)
+# Version of AdamMini's state dicts, saved in every param group under "version" (param-group keys
+# survive torch.distributed.checkpoint, top-level keys do not); older ones are upgraded on load.
+# 1: no "version" key, no "maximize"; 2: "maximize".
+STATE_DICT_VERSION = 2
 
 
 class AdamMini(torch.optim.Optimizer):
@@ -51,9 +58,22 @@ class AdamMini(torch.optim.Optimizer):
         model: the module the parameters belong to: names bare tensors, and ``partition="default"``
             derives its rules from it.
         n_heads: head count for the default partition's attention modules (default: each module's own).
-        state_dtype: dtype of the first moment (default: the parameter's). Second moments are float32
-            (float64 for float64 parameters) whatever the parameter dtype.
-        foreach, fused: implementation flags, as in ``torch.optim.AdamW``.
+        state_dtype: dtype of the first moment (default: the parameter's): a floating dtype (e.g.
+            ``torch.bfloat16``), or ``torch.int8`` for an 8-bit block-quantized first moment (int8 codes
+            and one float32 scale per 256 coordinates: :mod:`optim.low_precision`). Second moments are
+            float32 (float64 for float64 parameters) whatever the parameter dtype.
+        stochastic_rounding: write the updates of bfloat16 parameters with stochastic rounding
+            (computed in float32, rounded up or down at random without bias), so that updates smaller
+            than bfloat16's spacing are not lost. The draws depend only on ``rounding_seed``, the
+            parameter's position and its step count: a resumed run draws what an uninterrupted one does.
+        rounding_seed: seed of the stochastic rounding.
+        foreach, fused: implementation flags, as in ``torch.optim.AdamW`` (``fused=True``: compiled).
+        maximize: ascend the objective instead of descending it, as in ``torch.optim.AdamW``.
+        amsgrad, capturable, differentiable: accepted for ``torch.optim.AdamW``'s signature; True is
+            refused (Adam-mini has no per-coordinate maximum to keep, reads step counts on the host
+            and updates in place without autograd).
+
+    Unlike ``torch.optim.AdamW`` (0.01), ``weight_decay`` defaults to 0.
 
     State per parameter: ``step`` (0-d float32 tensor), ``exp_avg`` (parameter shape) and
     ``block_exp_avg_sq`` (one entry per block, in block order of the partition).
@@ -71,11 +91,18 @@ class AdamMini(torch.optim.Optimizer):
         model: nn.Module | None = None,
         n_heads: int | None = None,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
         foreach: bool | None = None,
         fused: bool | None = None,
+        maximize: bool = False,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         if foreach and fused:
             raise ValueError("foreach and fused cannot both be True: pick one implementation")
+        _refuse_unsupported(dict(amsgrad=amsgrad, capturable=capturable, differentiable=differentiable))
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("pass the model once: either as params or as model=")
@@ -88,11 +115,11 @@ class AdamMini(torch.optim.Optimizer):
         self._partition, self._rules, self._rule_shapes = _resolve_partition(partition, shapes, model, n_heads)
         self._model_class = type(model).__name__ if model is not None else None
         self._layouts: dict[torch.Tensor, BlockLayout | ShardedBlockLayout] = {}
-        self._state_dtype = state_dtype
+        self._state_dtype = _checked_state_dtype(state_dtype)
+        self._stochastic_rounding = bool(stochastic_rounding)
+        self._rounding_seed = int(rounding_seed)
         self._warned_fallback = False
-        self._fused_steps: dict[tuple, _fused.FusedStep] = {}
-        self._fused_failed = False
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
         super().__init__(groups, defaults)
 
     @property
@@ -106,6 +133,7 @@ class AdamMini(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of (name, tensor) pairs; each name needs a rule in the optimizer's partition."""
+        _refuse_unsupported(param_group)
         pairs = list(param_group.get("params", []))
         if not all(isinstance(item, tuple) and len(item) == 2 for item in pairs):
             raise TypeError("AdamMini needs named parameters: pass (name, tensor) pairs, e.g. model.named_parameters()")
@@ -138,25 +166,35 @@ class AdamMini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches: dict[str, list[Batch]] = {"reference": [], "foreach": [], "fused": []}
+        batches: dict[str, list[Batch]] = {}
+        write_backs: list[Callable[[], None]] = []
         for group in self.param_groups:
-            batch = self._gather(group)
+            batch = self._gather(group, write_backs)
             if batch.params:
-                kind = self._implementation(group, batch.params)
-                sharded = any(isinstance(layout, ShardedBlockLayout) for layout in batch.layouts)
-                batches["foreach" if sharded and kind == "fused" else kind].append(batch)
-        reduce_block_mean_squares(batch for kind in batches.values() for batch in kind)
-        for batch in batches["reference"]:
-            reference_update(batch)
-        for batch in batches["foreach"]:
-            foreach_update(batch)
-        if batches["fused"]:
-            self._fused_update(batches["fused"])
+                kind, fallback = choose_implementation(batch.params, foreach=group["foreach"], fused=group["fused"])
+                if fallback and not self._warned_fallback:
+                    warnings.warn(f"AdamMini(fused=True): {fallback}; using the foreach path", stacklevel=3)
+                    self._warned_fallback = True
+                batches.setdefault(kind, []).append(batch)
+        run_updates(batches)
+        for write_back in write_backs:
+            write_back()
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; every param group also records its ``block_rules`` and the
+        :data:`STATE_DICT_VERSION` (under ``"version"``)."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            group["version"] = STATE_DICT_VERSION
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; state tensors keep AdamMini's dtypes (torch would cast them to the
-        parameter dtype) and must match this optimizer's partition. Nothing changes on an error."""
+        parameter dtype) and must match this optimizer's partition. State dicts of older versions
+        are upgraded; one without block rules (not saved by AdamMini) is refused. Nothing changes on
+        an error."""
+        state_dict = _upgraded(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
@@ -174,8 +212,12 @@ class AdamMini(torch.optim.Optimizer):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _gather(self, group: dict[str, Any]) -> Batch:
-        """The group's parameters that have gradients, their state (created on first use) and scalars."""
+    def _gather(self, group: dict[str, Any], write_backs: list[Callable[[], None]]) -> Batch:
+        """The group's parameters that have gradients, their state (created on first use) and scalars.
+
+        Low-precision state and parameters enter the batch as float32 working copies; ``write_backs``
+        gets what writes them back after the update (quantizing the first moment again, rounding the
+        parameter stochastically)."""
         batch = Batch()
         for name, param in zip(group["param_names"], group["params"]):
             grad = param.grad
@@ -188,26 +230,57 @@ class AdamMini(torch.optim.Optimizer):
             if not state:
                 _check_param(name, param)
                 state.update(self._initial_state(param))
-            if grad.dtype != state["exp_avg"].dtype or not grad.is_contiguous():
-                grad = grad.to(dtype=state["exp_avg"].dtype, memory_format=torch.contiguous_format)
-            local_state = {**state, "exp_avg": local_tensor(state["exp_avg"])}
-            batch.add(local_tensor(param), local_tensor(grad), local_state, self._layouts[param])
+            exp_avg, target = self._working_tensors(name, param, state, write_backs)
+            if grad.dtype != exp_avg.dtype or not grad.is_contiguous():
+                grad = grad.to(dtype=exp_avg.dtype, memory_format=torch.contiguous_format)
+            if group["maximize"]:
+                grad = grad.neg()
+            batch.add(target, local_tensor(grad), {**state, "exp_avg": exp_avg}, self._layouts[param])
         if batch.steps:
-            torch._foreach_add_(batch.steps, _ONE, alpha=1.0)  # a tensor 1, wrapped once (torch's AdamW trick)
-            by_step: dict[float, StepScalars] = {}
-            for t in torch.stack(batch.steps).tolist():
-                if t not in by_step:
-                    by_step[t] = _step_scalars(group, t)
-                batch.scalars.append(by_step[t])
+            beta1, beta2 = group["betas"]
+            advance_steps(batch, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         return batch
 
+    def _working_tensors(
+        self, name: str, param: torch.Tensor, state: dict[str, torch.Tensor], write_backs: list[Callable[[], None]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first moment, parameter) as the update sees them: the stored tensors, or float32 working
+        copies of an 8-bit first moment and of a bfloat16 parameter under stochastic rounding, with
+        the write-backs that store them after the update."""
+        quantized = self._state_dtype == torch.int8
+        rounded = self._stochastic_rounding and param.dtype == torch.bfloat16
+        if (quantized or rounded) and isinstance(param, DTensor):
+            raise NotImplementedError(
+                f"parameter '{name}' is sharded (DTensor): an 8-bit first moment and stochastic rounding run on "
+                "unsharded parameters only; use state_dtype=torch.bfloat16 without stochastic rounding under FSDP"
+            )
+        exp_avg, target = local_tensor(state["exp_avg"]), local_tensor(param)
+        if quantized:
+            codes, scales = exp_avg, state["exp_avg_scale"]
+            exp_avg = dequantize_blockwise(codes, scales)
+            write_backs.append(functools.partial(quantize_blockwise_, exp_avg, codes, scales))
+        if rounded:
+            target = param.float()
+            generator = torch.Generator(param.device)
+            # the draws of a step depend on the seed, the parameter's position and the step, not on history
+            generator.manual_seed(hash((self._rounding_seed, self._position(param), int(state["step"]) + 1)) % (1 << 63))
+            write_backs.append(functools.partial(stochastic_round_, param, target, generator))
+        return exp_avg, target
+
+    def _position(self, param: torch.Tensor) -> int:
+        """The parameter's index among all of the optimizer's parameters (stable across a resume)."""
+        return next(i for i, p in enumerate(p for g in self.param_groups for p in g["params"]) if p is param)
+
     def _initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
+        state = {
             "step": torch.tensor(0.0, dtype=torch.float32),
             "exp_avg": torch.zeros_like(param, dtype=self._exp_avg_dtype(param), memory_format=torch.contiguous_format),
             "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param),
                                             device=param.device),
         }
+        if self._state_dtype == torch.int8:
+            state["exp_avg_scale"] = torch.zeros(quantized_scale_count(param.numel()), dtype=torch.float32, device=param.device)
+        return state
 
     def _exp_avg_dtype(self, param: torch.Tensor) -> torch.dtype:
         return self._state_dtype or param.dtype
@@ -225,69 +298,62 @@ class AdamMini(torch.optim.Optimizer):
         restored = dict(saved)
         restored["step"] = saved["step"].to(dtype=torch.float32, device="cpu", copy=True)
         restored["exp_avg"] = saved["exp_avg"].to(dtype=self._exp_avg_dtype(param), device=param.device, copy=True)
-        restored["block_exp_avg_sq"] = saved["block_exp_avg_sq"].to(
-            dtype=_block_dtype(param), device=param.device, copy=True)
+        restored["block_exp_avg_sq"] = saved["block_exp_avg_sq"].to(dtype=_block_dtype(param), device=param.device, copy=True)
+        quantized = self._state_dtype == torch.int8
+        if quantized != ("exp_avg_scale" in saved):
+            raise ValueError(
+                f"saved state of parameter '{name}' has {'an 8-bit' if not quantized else 'a floating'} first moment but this "
+                f"optimizer keeps {'an 8-bit' if quantized else 'a floating'} one: build it with the checkpoint's state_dtype"
+            )
+        if quantized:
+            count = quantized_scale_count(param.numel())
+            if tuple(saved["exp_avg_scale"].shape) != (count,):
+                raise ValueError(f"saved state of parameter '{name}' has {saved['exp_avg_scale'].numel()} first-moment "
+                                 f"scales, expected {count}: it was saved for another shape")
+            restored["exp_avg_scale"] = saved["exp_avg_scale"].to(dtype=torch.float32, device=param.device, copy=True)
         return restored
 
     def _check_saved_rules(self, saved_groups: list[dict[str, Any]]) -> None:
         for saved, group in zip(saved_groups, self.param_groups):
-            for name, ours, theirs in zip(group["param_names"], group["block_rules"], saved.get("block_rules", [])):
+            for name, ours, theirs in zip(group["param_names"], group["block_rules"], saved["block_rules"]):
                 if ours != theirs:
                     raise ValueError(
                         f"the checkpoint was saved with rule {theirs} for parameter '{name}' but this optimizer "
                         f"uses {ours}: build the optimizer with the checkpoint's partition"
                     )
 
-    def _implementation(self, group: dict[str, Any], params: list[torch.Tensor]) -> str:
-        foreach, fused = group["foreach"], group["fused"]
-        if fused is None and foreach is None:
-            return "fused" if not self._fused_failed and _fused.available(params) else "foreach"
-        if fused:
-            if self._fused_failed:  # warned when compiling failed
-                return "foreach"
-            if _fused.available(params):
-                return "fused"
-            if not self._warned_fallback:
-                warnings.warn(f"AdamMini(fused=True): {_fused.unavailable_reason(params)}; using the foreach path",
-                              stacklevel=3)
-                self._warned_fallback = True
-            return "foreach"
-        return "foreach" if foreach or foreach is None else "reference"
-
-    def _fused_update(self, group_batches: list[Batch]) -> None:
-        """All groups' fused parameters in one compiled call (foreach, per group, if compiling fails)."""
-        batch = Batch.concatenate(group_batches)
-        key = tuple(map(id, batch.params))  # the parameters fix the layouts
-        if key not in self._fused_steps:
-            self._fused_steps[key] = _fused.FusedStep(batch.layouts)
-        fused_step = self._fused_steps[key]
-        coefficients = torch.tensor([s.as_row() for s in batch.scalars], dtype=torch.float64)
-        try:
-            fused_step(batch.params, batch.grads, batch.exp_avgs, batch.block_avgs, coefficients)
-        except torch._dynamo.exc.TorchDynamoException as err:
-            if fused_step.ran:  # compiled and ran before: not a compilation problem
-                raise
-            # compilation fails before any kernel runs: nothing was updated yet
-            warnings.warn(
-                f"AdamMini(fused): compiling the update failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                "using the foreach path from now on",
-                stacklevel=3,
+def _upgraded(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (not modified) with param groups of :data:`STATE_DICT_VERSION`, without their
+    "version" key; an error for a newer version or a group without one block rule per parameter."""
+    groups = []
+    for index, saved in enumerate(state_dict["param_groups"]):
+        group = dict(saved)
+        version = group.pop("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= STATE_DICT_VERSION:
+            raise ValueError(
+                f"param group {index} of the state dict has version {version!r}; this AdamMini reads versions 1 to "
+                f"{STATE_DICT_VERSION}: load it with the (newer) hessian-blocks that saved it"
             )
-            self._fused_failed = True
-            for group_batch in group_batches:
-                foreach_update(group_batch)
+        rules = group.get("block_rules")
+        if not isinstance(rules, list) or len(rules) != len(group["params"]):
+            found = "no 'block_rules'" if rules is None else f"{len(rules) if isinstance(rules, list) else rules!r} block rules"
+            raise ValueError(
+                f"param group {index} of the state dict has {found} for its {len(group['params'])} parameters: "
+                "it was not saved by AdamMini (or was edited), so its per-block state cannot be checked against this "
+                "optimizer's partition; load a state dict written by AdamMini.state_dict()"
+            )
+        if version < 2:
+            group.setdefault("maximize", False)
+        groups.append(group)
+    return {**state_dict, "param_groups": groups}
 
 
-def _step_scalars(group: dict[str, Any], t: float) -> StepScalars:
-    beta1, beta2 = group["betas"]
-    return StepScalars(
-        decay=1.0 - group["lr"] * group["weight_decay"],
-        beta1=beta1,
-        beta2=beta2,
-        inv_bias_correction2=1.0 / (1.0 - beta2**t),
-        step_size=group["lr"] / (1.0 - beta1**t),
-        eps=group["eps"],
-    )
+def _checked_state_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """``state_dtype`` when AdamMini can keep a first moment in it: a floating dtype, or int8 (quantized)."""
+    if dtype is None or dtype == torch.int8 or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    raise ValueError(f"state_dtype={dtype!r}: use a floating dtype (torch.float32, torch.bfloat16, ...) or torch.int8 "
+                     "for an 8-bit block-quantized first moment")
 
 
 def _block_dtype(param: torch.Tensor) -> torch.dtype:
@@ -317,6 +383,23 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
             f"invalid AdamMini hyperparameter(s) {bad}: need lr >= 0, 0 <= betas < 1, eps >= 0, weight_decay >= 0; "
             f"got lr={group['lr']}, betas={group['betas']}, eps={group['eps']}, weight_decay={group['weight_decay']}"
         )
+
+
+_UNSUPPORTED = {
+    "amsgrad": "Adam-mini keeps one running average of g^2 per block, no per-coordinate maximum; "
+    "use torch.optim.AdamW(amsgrad=True) for AMSGrad",
+    "capturable": "its step reads the step counts on the host, which CUDA graph capture does not allow; "
+    "fused=True (the default on CUDA) already runs the update as a few compiled kernels",
+    "differentiable": "it updates in place under torch.no_grad; use torch.optim.AdamW(differentiable=True) "
+    "to differentiate through optimizer steps",
+}
+
+
+def _refuse_unsupported(options: dict[str, Any]) -> None:
+    """A clear error for torch.optim.AdamW options AdamMini accepts only as False."""
+    for key, why in _UNSUPPORTED.items():
+        if options.get(key):
+            raise ValueError(f"AdamMini does not support {key}=True: {why}")
 
 
 def _check_param(name: str, param: torch.Tensor) -> None:

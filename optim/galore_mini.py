@@ -23,9 +23,11 @@ How the partition's blocks map to ``R``: the side is chosen so that the partitio
 So no block is ever lost or invented. The state is ``(m + n) * r`` numbers either way (moment plus
 projector), and at a refresh both sides span the same best rank-``r`` approximation of ``G``.
 
-Which parameters are projected: 2-D ones whose projected side has at least ``rank`` entries
-(``rank`` an int), or every 2-D one (``rank`` a fraction in (0, 1]: ``r = round(fraction * min(m, n))``,
-at least 1). Parameter groups may set their own ``rank``; ``rank=None`` there means plain Adam-mini.
+Which parameters are projected: 2-D ones whose sides both have at least ``rank`` entries (``rank``
+an int: a rank-``r`` basis of ``G`` needs ``r <= min(m, n)``, and for a smaller matrix any projection
+would keep more numbers than plain Adam-mini, which it gets instead, e.g. a 10-class output head
+under ``rank=32``), or every 2-D one (``rank`` a fraction in (0, 1]:
+``r = round(fraction * min(m, n))``, at least 1). Parameter groups may set their own ``rank``; ``rank=None`` there means plain Adam-mini.
 With ``project_embeddings=False`` the weights of ``nn.Embedding`` / ``nn.EmbeddingBag`` modules (found
 by type, so the model is needed) are not projected. Everything else gets plain Adam-mini.
 
@@ -106,7 +108,7 @@ class Projection:
 
 def choose_projection(rule: Rule, shape: tuple[int, ...], rank: int | float | None) -> Projection | None:
     """The projection of a parameter of ``shape`` under ``rule`` (see the module docstring), or None
-    for plain Adam-mini (not 2-D, ``rank`` None, or an int ``rank`` above the projected side)."""
+    for plain Adam-mini (not 2-D, ``rank`` None, or an int ``rank`` above ``min(shape)``)."""
     if rank is None or len(shape) != 2:
         return None
     m, n = shape
@@ -114,14 +116,11 @@ def choose_projection(rule: Rule, shape: tuple[int, ...], rank: int | float | No
         side = "right" if rule.axis % 2 == 0 else "left"  # keep the grouped axis
     else:
         side = "right" if m >= n else "left"
-    reduced = n if side == "right" else m
     if isinstance(rank, float):
-        r = max(1, round(rank * min(m, n)))
-    else:
-        if rank > reduced:
-            return None
-        r = rank
-    return Projection(side, r, (m, n))
+        rank = max(1, round(rank * min(m, n)))
+    elif rank > min(m, n):
+        return None
+    return Projection(side, rank, (m, n))
 
 
 def svd_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:
@@ -149,8 +148,9 @@ class GaLoreMini(AdamMini):
 
     Args: those of :class:`~optim.AdamMini`, and
 
-        rank: directions kept per projected weight: an int, or a fraction in (0, 1] of the
-            weight's smaller dimension (default 0.25). A group may set ``rank=None``: plain Adam-mini.
+        rank: directions kept per projected weight: an int (weights with a side shorter than
+            ``rank`` stay plain Adam-mini), or a fraction in (0, 1] of the weight's smaller
+            dimension (default 0.25). A group may set ``rank=None``: plain Adam-mini.
         update_proj_gap: steps between projector refreshes (GaLore's T, default 200).
         scale: factor on the projected-back update (GaLore's alpha, default 0.25).
         projector: "svd" or "randomized".
@@ -180,6 +180,12 @@ class GaLoreMini(AdamMini):
         model: nn.Module | None = None,
         **adam_mini_options: Any,
     ):
+        if adam_mini_options.get("state_dtype") == torch.int8 or adam_mini_options.get("stochastic_rounding"):
+            raise ValueError(
+                "GaLoreMini keeps its first moments in the low-rank space (already a fraction of the parameter's size) "
+                "and writes projected updates itself: state_dtype=torch.int8 and stochastic_rounding are AdamMini "
+                "options; use state_dtype=torch.bfloat16 here, or AdamMini"
+            )
         types_from = params if isinstance(params, nn.Module) else model
         if not project_embeddings and types_from is None:
             raise ValueError(
@@ -248,10 +254,10 @@ class GaLoreMini(AdamMini):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _gather(self, group: dict[str, Any]) -> Batch:
+    def _gather(self, group: dict[str, Any], write_backs: list) -> Batch:
         """AdamMini's batch of the group, less the projected parameters, which go to ``_pending``
         as a batch on their projected gradients (projectors refreshed when due)."""
-        batch = super()._gather(group)
+        batch = super()._gather(group, write_backs)
         plain, projected, back = Batch(), Batch(), []
         names = dict(zip(map(id, group["params"]), group["param_names"]))
         for param, grad, layout, scalars in zip(batch.params, batch.grads, batch.layouts, batch.scalars):

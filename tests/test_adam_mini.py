@@ -4,8 +4,8 @@ torch.optim.AdamW (partition = "elements"), and itself (checkpoint resume, imple
 import io
 import json
 import math
-import os
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -15,7 +15,8 @@ import optim._fused
 from analysis.experiments.training import run_steps
 from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition, Rule, trainable_shapes
-from optim import AdamMini, param_groups_no_decay, state_memory
+from optim import AdamMini, BlockLayout, adam_mini, param_groups_no_decay, state_memory
+from optim.adam_mini import STATE_DICT_VERSION
 
 PATHS = {"reference": dict(foreach=False), "foreach": dict(foreach=True)}
 
@@ -111,14 +112,12 @@ def reference_adam_mini(model, grads, lrs):
     return {n: p.reshape(model.get_parameter(n).shape) for n, p in params.items()}, v
 
 
-@pytest.mark.parametrize("path", [*PATHS, "fused"])
+@pytest.mark.parametrize("path", PATHS)
 def test_matches_float64_reference_on_random_blocks(path):
+    """(The compiled path: tests/test_compiled.py.)"""
     model = Tensors()
     grads = random_grads(model, steps=6)
-    flags = PATHS.get(path, dict(fused=True))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fused=True on CPU warns (tested separately)
-        optimizer, lrs = run_adam_mini(model, grads, **flags)
+    optimizer, lrs = run_adam_mini(model, grads, **PATHS[path])
     expected, expected_v = reference_adam_mini(Tensors(), grads, lrs)
     for name, p in model.named_parameters():
         assert torch.allclose(p.detach(), expected[name], rtol=0, atol=1e-12), name
@@ -132,35 +131,21 @@ def test_matches_float64_reference_on_random_blocks(path):
     assert optimizer.state[model.e]["step"].item() == 5  # no gradient at one step: skipped, like torch
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() or os.environ.get("OPTIM_COMPILE_TESTS")),
-    reason="the fused path compiles (minutes on CPU): runs on CUDA, or on CPU with OPTIM_COMPILE_TESTS=1",
-)
-def test_compiled_fused_path_matches_float64_reference(monkeypatch):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setattr(optim._fused, "available", lambda params: True)  # compile on CPU too
-    model = Tensors().to(device)
-    grads = random_grads(Tensors(), steps=4)
-    grads = [{n: g.to(device) for n, g in step.items()} for step in grads]
-    optimizer, lrs = run_adam_mini(model, grads, fused=True)
-    assert optimizer._fused_steps  # the compiled path ran
-    expected, _ = reference_adam_mini(Tensors(), [{n: g.cpu() for n, g in step.items()} for step in grads], lrs)
-    for name, p in model.named_parameters():
-        assert torch.allclose(p.detach().cpu(), expected[name], rtol=0, atol=1e-12), name
-
-
 def test_failed_compilation_falls_back_to_foreach(monkeypatch):
     class CompileError(torch._dynamo.exc.TorchDynamoException):
         pass
 
     calls = []
 
-    def broken(self, *args):
-        calls.append(1)
-        raise CompileError("inductor could not compile")
+    def broken_compile(function, **options):
+        def compiled(*args):
+            calls.append(1)
+            raise CompileError("inductor could not compile")
 
-    monkeypatch.setattr(optim._fused, "available", lambda params: True)
-    monkeypatch.setattr(optim._fused.FusedStep, "__call__", broken)
+        return compiled
+
+    monkeypatch.setattr(optim._fused, "_COMPILED", OrderedDict())  # nothing compiled yet
+    monkeypatch.setattr(torch, "compile", broken_compile)
     assert_fused_falls_back_to_foreach("compiling the update failed (CompileError")
     assert len(calls) == 1  # tried once, then foreach for good
 
@@ -285,10 +270,6 @@ def test_state_memory_of_gpt2_width_model_is_half_of_adamw():
     assert mini.by_key["exp_avg"] == 4 * mini.n_params
 
 
-def test_fused_on_cpu_warns_once_and_equals_foreach():
-    assert_fused_falls_back_to_foreach("using the foreach path")
-
-
 def assert_fused_falls_back_to_foreach(warning: str) -> None:
     """fused=True warns once (a message containing ``warning``) and gives foreach's parameters exactly."""
     results = []
@@ -296,7 +277,7 @@ def assert_fused_falls_back_to_foreach(warning: str) -> None:
         model = Tensors(dtype=torch.float32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            run_adam_mini(model, random_grads(model, steps=3), **flags)
+            run_adam_mini(model, random_grads(model, steps=2), **flags)
         fallbacks = [w for w in caught if warning in str(w.message)]
         assert len(fallbacks) == (1 if "fused" in flags else 0)
         results.append([p.detach().clone() for p in model.parameters()])
@@ -389,3 +370,108 @@ def test_param_group_added_later_uses_the_partition():
     assert len(optimizer.state) == len(named) and len(optimizer.partition.rules) == len(named)
     q = spec.model.blocks[0].attn.q_proj.weight
     assert optimizer.state[q]["block_exp_avg_sq"].shape == (4,)  # default rule: one block per head
+
+
+# -- functional API, torch.optim.AdamW drop-in, state-dict versions --------------------------------
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("path", PATHS)
+def test_functional_adam_mini_is_the_optimizers_step(path, maximize):
+    """adam_mini(...) per param group, on hand-made state: bit for bit the optimizer's parameters
+    and moments (maximize: the same as minimizing with negated gradients)."""
+    grads = random_grads(Tensors(), steps=4)
+    model = Tensors()
+    flipped = [{n: -g for n, g in step.items()} for step in grads] if maximize else grads
+    optimizer, lrs = run_adam_mini(model, flipped, **PATHS[path])
+
+    functional = Tensors()
+    partition = random_partition(functional)
+    named = dict(functional.named_parameters())
+    layouts = {rule.param: BlockLayout.from_rule(rule, named[rule.param].shape) for rule in partition.rules}
+    state = {
+        n: dict(exp_avg=torch.zeros_like(p), v=torch.zeros(layouts[n].n_blocks, dtype=torch.float64), step=torch.tensor(0.0))
+        for n, p in named.items()
+    }
+    with torch.no_grad():
+        for step_grads, step_lrs in zip(grads, lrs):
+            for hyper, lr in zip(GROUP_HYPER, step_lrs):
+                names = [n for n in hyper["names"] if n in step_grads]
+                adam_mini(
+                    [named[n] for n in names], [step_grads[n] for n in names], [state[n]["exp_avg"] for n in names],
+                    [state[n]["v"] for n in names], [state[n]["step"] for n in names], [layouts[n] for n in names],
+                    lr=lr, beta1=hyper["betas"][0], beta2=hyper["betas"][1], eps=hyper["eps"],
+                    weight_decay=hyper["weight_decay"], maximize=maximize, **PATHS[path],
+                )
+    for name, p in model.named_parameters():
+        assert torch.equal(p, named[name]), name
+        assert torch.equal(optimizer.state[p]["block_exp_avg_sq"], state[name]["v"]), name
+        assert optimizer.state[p]["step"].item() == state[name]["step"].item()
+
+
+def test_functional_adam_mini_refuses_lists_of_other_lengths():
+    p = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"one entry per parameter \(1\): got exp_avgs \(0\), layouts \(2\)"):
+        adam_mini([p], [p], [], [p], [torch.tensor(0.0)], [None, None], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    with pytest.raises(ValueError, match="foreach and fused cannot both be True"):
+        adam_mini([], [], [], [], [], [], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, foreach=True, fused=True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_maximize_is_adamw_maximize(path):
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, maximize=True)
+    spec_a, spec_b = tiny_gpt(torch.float64), tiny_gpt(torch.float64)
+    elements = Partition.from_rules(spec_a.model, [Rule(n, "elements") for n in trainable_shapes(spec_a.model)])
+    ours = AdamMini(param_groups_no_decay(spec_a.model, 0.1), elements, **hyper, **PATHS[path])
+    adamw = torch.optim.AdamW(param_groups_no_decay(spec_b.model, 0.1), **hyper, foreach=False)
+    initial = spec_a.model.wte.weight.detach().clone()
+    train(spec_a, ours, steps=5)
+    train(spec_b, adamw, steps=5)
+    assert (spec_a.model.wte.weight - initial).abs().max() > 1e-2
+    for (name, a), b in zip(spec_a.model.named_parameters(), spec_b.model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), name
+
+
+def test_adamw_options_it_cannot_honour_are_refused():
+    spec = tiny_gpt()
+    for option, why in (("amsgrad", "no per-coordinate maximum"), ("capturable", "CUDA graph capture"),
+                        ("differentiable", "torch.no_grad")):
+        with pytest.raises(ValueError, match=f"AdamMini does not support {option}=True: .*{why}"):
+            AdamMini(spec.model, **{option: True})
+        optimizer = AdamMini(list(spec.model.named_parameters())[:2], model=spec.model, **{option: False})
+        with pytest.raises(ValueError, match=f"does not support {option}=True"):
+            optimizer.add_param_group({"params": list(spec.model.named_parameters())[2:4], option: True})
+        assert len(optimizer.param_groups) == 1
+
+
+def test_state_dict_version_is_saved_and_old_versions_are_upgraded():
+    spec = tiny_gpt()
+    optimizer = AdamMini(spec.model, lr=1e-2)
+    train(spec, optimizer, steps=2)
+    saved = checkpoint(optimizer)[0]
+    assert [g["version"] for g in saved["param_groups"]] == [STATE_DICT_VERSION] == [2]
+    version_1 = {**saved, "param_groups": [{k: v for k, v in g.items() if k not in ("version", "maximize")} for g in saved["param_groups"]]}
+    resumed = AdamMini(spec.model, lr=1e-2, maximize=True)
+    resumed.load_state_dict(version_1)
+    assert resumed.param_groups[0]["maximize"] is False and "version" not in resumed.param_groups[0]
+    assert "version" not in version_1["param_groups"][0] and "maximize" not in version_1["param_groups"][0]  # not modified
+    train(spec, resumed, steps=1, start=2)
+    assert resumed.state[spec.model.wte.weight]["step"].item() == 3
+
+
+def test_state_dict_of_a_newer_version_or_without_block_rules_is_refused():
+    spec = tiny_gpt()
+    optimizer = AdamMini(spec.model, lr=1e-2)
+    train(spec, optimizer, steps=1)
+    saved = optimizer.state_dict()
+    newer = {**saved, "param_groups": [{**saved["param_groups"][0], "version": 3}]}
+    fresh = AdamMini(spec.model, lr=1e-2)
+    with pytest.raises(ValueError, match="param group 0 of the state dict has version 3; this AdamMini reads versions 1 to 2"):
+        fresh.load_state_dict(newer)
+    no_rules = {**saved, "param_groups": [{k: v for k, v in saved["param_groups"][0].items() if k != "block_rules"}]}
+    with pytest.raises(ValueError, match="param group 0 of the state dict has no 'block_rules' for its 20 parameters: it was not saved by AdamMini"):
+        fresh.load_state_dict(no_rules)
+    short = {**saved, "param_groups": [{**saved["param_groups"][0], "block_rules": saved["param_groups"][0]["block_rules"][:3]}]}
+    with pytest.raises(ValueError, match="has 3 block rules for its 20 parameters"):
+        fresh.load_state_dict(short)
+    assert not fresh.state

@@ -257,3 +257,23 @@ def test_comparison_experiment_builds_galore_mini_with_its_partition():
     assert "galore_mini" in OPTIMIZERS and isinstance(optimizer, GaLoreMini)
     train(spec, optimizer, steps=1)
     assert optimizer.state[spec.model.lm_head.weight]["block_exp_avg_sq"].shape == (1,)  # whole: one block of R
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "vit-tiny"])
+def test_int_rank_above_a_matrix_side_leaves_that_matrix_to_adam_mini(model_name):
+    """make("galore_mini", model, rank=32) on the bundled 10-class models: the [10, 64] head (rows
+    grouped, so right projection, 64 >= 32 columns, but only 10 rows) once crashed its first step.
+    Now it is not projected: its trajectory is plain Adam-mini's, the 64-wide matrices' rank is 32."""
+    spec, plain = build_model(model_name, seed=0), build_model(model_name, seed=0)
+    ours = make("galore_mini", spec.model, lr=1e-2, weight_decay=0.1, rank=32)
+    reference = make("adam_mini", plain.model, lr=1e-2, weight_decay=0.1)
+    head, plain_head = spec.model.get_parameter(HEADS[model_name]), plain.model.get_parameter(HEADS[model_name])
+    assert head.shape == (10, 64) and ours.projection(head) is None
+    projected = [p for p in spec.model.parameters() if ours.projection(p)]
+    assert projected and all(ours.projection(p).rank == 32 for p in projected)
+    run(ours, spec.model, steps=3)
+    run(reference, plain.model, steps=3)
+    assert torch.equal(head, plain_head) and not torch.equal(head, build_model(model_name, seed=0).model.get_parameter(HEADS[model_name]))
+
+
+HEADS = {"mlp": "out.weight", "vit-tiny": "head.weight"}

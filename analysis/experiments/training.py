@@ -36,7 +36,7 @@ from hessian_blocks.guards import check_batches, check_device
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
 
-__all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "TrainSetup", "best_runs", "make_optimizer", "run_steps",
+__all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "TrainSetup", "best_runs", "make_optimizer", "mean_loss", "run_steps",
            "train_grid", "train_run"]
 
 OPTIMIZERS: tuple[str, ...] = optim.OPTIMIZERS  # the one registry (optim.make), re-exported for the experiments
@@ -114,7 +114,7 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _mean_loss(spec, batches) -> float:
+def mean_loss(spec, batches) -> float:
     """Sample-weighted mean loss without dropout: eval mode, except BatchNorm keeps batch statistics."""
     model = spec.model
     model.eval()
@@ -182,7 +182,7 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
             losses, times = run_steps(spec.model, spec.loss_fn, opt, train, steps, synchronize=synchronize,
                                       on_step=bar.update)
         diverged = any(not math.isfinite(loss) for loss in losses)
-        finals = (math.nan, math.nan) if diverged else (_mean_loss(spec, train), _mean_loss(spec, val))
+        finals = (math.nan, math.nan) if diverged else (mean_loss(spec, train), mean_loss(spec, val))
     return {"losses": losses, "train_loss": finals[0], "val_loss": finals[1],
             "state_bytes": optim.state_memory(opt).total_bytes,
             "seconds_per_step": sum(times[1:]) / (len(times) - 1) if len(times) > 1 else math.nan,
