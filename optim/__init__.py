@@ -6,7 +6,7 @@ on a low-rank projection of matrix gradients) and a small factory.
     opt = AdamMini(model, partition="default", lr=3e-4, weight_decay=0.1)  # or a Partition / file
     opt = GaLoreMini(model, lr=1e-3, rank=0.25, update_proj_gap=200, scale=0.25)  # low-rank states
     opt = make("adam_mini" | "galore_mini" | "adamw" | "sgd", model, lr=3e-4, weight_decay=0.1)
-    adam_mini(params, grads, exp_avgs, block_exp_avg_sqs, steps, layouts, lr=..., ...)  # functional, one group
+    optim.functional.adam_mini(params, grads, exp_avgs, block_exp_avg_sqs, steps, layouts, lr=...)  # one group
     state_memory(opt).bytes_per_param                                     # ~4 in float32 (AdamW: 8)
 """
 
@@ -20,7 +20,7 @@ from .choices import OPTIMIZERS, PARTITIONED
 
 __all__ = [
     "AdamMini", "AttentionLayout", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory",
-    "adam_mini", "default_partition", "default_rules", "make",
+    "default_partition", "default_rules", "make",
     "param_groups_no_decay", "register_attention", "state_memory",
 ]
 
@@ -29,7 +29,6 @@ _EXPORTS = {
     **dict.fromkeys(("AttentionLayout", "default_partition", "default_rules", "register_attention"),
                     "hessian_blocks.partitions.structural"),
     "make": ".factory",
-    "adam_mini": ".functional",
     **dict.fromkeys(("GaLoreMini", "Projection"), ".galore_mini"),
     "BlockLayout": ".layout",
     **dict.fromkeys(("StateMemory", "state_memory"), ".memory"),
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 
     from .adam_mini import AdamMini
     from .factory import make
-    from .functional import adam_mini
     from .galore_mini import GaLoreMini, Projection
     from .layout import BlockLayout
     from .memory import StateMemory, state_memory

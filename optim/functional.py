@@ -1,7 +1,8 @@
 """Functional Adam-mini, shaped like ``torch.optim.adam.adam``: one call updates one param group's
 tensors in place, dispatching to the plain, foreach or compiled implementation.
 
-    from optim import BlockLayout, adam_mini
+    from optim import BlockLayout
+    from optim.functional import adam_mini   # like torch.optim.adam.adam: the package name optim.adam_mini is the module
 
     layouts = [BlockLayout.from_rule(rule, p.shape) for rule, p in zip(rules, params)]
     adam_mini(params, grads, exp_avgs, block_exp_avg_sqs, state_steps, layouts,

@@ -15,8 +15,9 @@ import optim._fused
 from analysis.experiments.training import run_steps
 from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition, Rule, trainable_shapes
-from optim import AdamMini, BlockLayout, adam_mini, param_groups_no_decay, state_memory
+from optim import AdamMini, BlockLayout, param_groups_no_decay, state_memory
 from optim.adam_mini import STATE_DICT_VERSION
+from optim.functional import adam_mini
 
 PATHS = {"reference": dict(foreach=False), "foreach": dict(foreach=True)}
 
