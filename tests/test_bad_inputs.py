@@ -260,6 +260,13 @@ def test_an_out_path_of_the_wrong_kind_exits_2_before_any_work(tmp_path, capsys,
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_partition_couplings_that_is_a_folder_exits_2(tmp_path, capsys):
+    assert main(["partition", "--model", "mlp", "--couplings", str(tmp_path), "--out", str(tmp_path / "p.json"),
+                 "--no-progress"]) == 2
+    assert f"--couplings {tmp_path} is a folder: give the path of the file to write, e.g. {tmp_path / 'couplings.npz'}" \
+        in capsys.readouterr().err
+
+
 def test_empty_text_data_and_bad_set_values_on_a_user_factory_exit_2_with_the_fix(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert main(["js", "--model", "gpt2-nano", "--data", str(tmp_path / "empty.txt"), *FAST, "--out", str(tmp_path)]) == 2
