@@ -10,18 +10,18 @@ The engine in a few names::
     density = spectrum.density()                                  # DensityResult on a common grid
 """
 
-from .blocks import Block, Partition, Rule, sample_layers, select_blocks
+from .blocks import Block, Partition, PartitionFileError, Rule, sample_layers, select_blocks
 from .partitions import derive_partition
 from .data import DATA_SOURCES, make_batches
-from .guards import HessianSetupError
+from .guards import DataFaultError, HessianSetupError
 from .hvp import STRATEGIES, BlockHessian
 from .lanczos import LanczosResult, lanczos, make_probes
 from .models import MODEL_NAMES, ModelSpec, build_model
-from .results import DensityResult, SpectrumResult
+from .results import BroadeningWarning, DensityResult, SpectrumResult
 from .slq import block_spectra
 
 __all__ = [
-    "Block", "BlockHessian", "DATA_SOURCES", "DensityResult", "HessianSetupError", "LanczosResult", "MODEL_NAMES",
-    "ModelSpec", "Partition", "Rule", "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "lanczos",
+    "Block", "BlockHessian", "BroadeningWarning", "DATA_SOURCES", "DataFaultError", "DensityResult", "HessianSetupError",
+    "LanczosResult", "MODEL_NAMES", "ModelSpec", "Partition", "PartitionFileError", "Rule", "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "lanczos",
     "make_batches", "make_probes", "sample_layers", "select_blocks", "derive_partition",
 ]
