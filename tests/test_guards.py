@@ -203,3 +203,20 @@ def test_check_batches_names_the_batch_the_field_and_the_sample_of_a_data_fault(
     state = torch.random.get_rng_state()
     check_batches(dropout, F.cross_entropy, [batch])
     assert dropout.training and torch.equal(torch.random.get_rng_state(), state)  # eval mode inside, mode restored
+
+
+def test_check_batches_checks_later_targets_without_running_the_model():
+    from hessian_blocks.guards import check_batches
+
+    calls = []
+    model = nn.Linear(6, 3)
+    model.register_forward_hook(lambda *_: calls.append(1))
+    batches = [(torch.randn(4, 6), torch.tensor([0, 1, 2, 0])) for _ in range(5)]
+    check_batches(model, F.cross_entropy, batches, forward_batches=1)
+    assert len(calls) == 1
+    batches[3] = (torch.randn(2, 6), torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match=r"fails on batch 4 of 5 .*Target -1 is out of bounds"):
+        check_batches(model, F.cross_entropy, batches, forward_batches=1)
+    batches[3] = (torch.randn(2, 6), torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"fails on batch 4 of 5 .*labels fit its output"):
+        check_batches(model, F.cross_entropy, batches, forward_batches=1)
