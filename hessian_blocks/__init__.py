@@ -21,31 +21,32 @@ from .choices import DATA_SOURCES, MODEL_NAMES, STRATEGIES
 from .lazy import lazy_exports
 
 __all__ = [
-    "Block", "BlockHessian", "DATA_SOURCES", "DensityResult", "HessianSetupError", "LanczosResult", "MODEL_NAMES",
-    "ModelSpec", "Partition", "Rule", "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "lanczos",
-    "make_batches", "make_probes", "sample_layers", "select_blocks", "derive_partition",
+    "Block", "BlockHessian", "BroadeningWarning", "DATA_SOURCES", "DataFaultError", "DensityResult",
+    "HessianSetupError", "LanczosResult", "MODEL_NAMES", "ModelSpec", "Partition", "PartitionFileError", "Rule",
+    "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "lanczos", "make_batches", "make_probes",
+    "sample_layers", "select_blocks", "derive_partition",
 ]
 
 _EXPORTS = {
-    **dict.fromkeys(("Block", "Partition", "Rule", "sample_layers", "select_blocks"), ".blocks"),
+    **dict.fromkeys(("Block", "Partition", "PartitionFileError", "Rule", "sample_layers", "select_blocks"), ".blocks"),
     "derive_partition": ".partitions",
     "make_batches": ".data",
-    "HessianSetupError": ".guards",
+    **dict.fromkeys(("DataFaultError", "HessianSetupError"), ".guards"),
     "BlockHessian": ".hvp",
     **dict.fromkeys(("LanczosResult", "lanczos", "make_probes"), ".lanczos"),
     **dict.fromkeys(("ModelSpec", "build_model"), ".models"),
-    **dict.fromkeys(("DensityResult", "SpectrumResult"), ".results"),
+    **dict.fromkeys(("BroadeningWarning", "DensityResult", "SpectrumResult"), ".results"),
     "block_spectra": ".slq",
 }
 lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and editors see
-    from .blocks import Block, Partition, Rule, sample_layers, select_blocks
+    from .blocks import Block, Partition, PartitionFileError, Rule, sample_layers, select_blocks
     from .data import make_batches
-    from .guards import HessianSetupError
+    from .guards import DataFaultError, HessianSetupError
     from .hvp import BlockHessian
     from .lanczos import LanczosResult, lanczos, make_probes
     from .models import ModelSpec, build_model
     from .partitions import derive_partition
-    from .results import DensityResult, SpectrumResult
+    from .results import BroadeningWarning, DensityResult, SpectrumResult
     from .slq import block_spectra

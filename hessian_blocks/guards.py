@@ -87,7 +87,7 @@ def check_eval_mode(model: nn.Module) -> None:
 
 
 def check_batches(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batches: Sequence[tuple[Any, Any]],
-                  what: str = "batch") -> None:
+                  what: str = "batch", *, forward_batches: int | None = None) -> None:
     """Refuse batches that cannot give a meaningful loss, naming the batch (``what`` names the batches,
     e.g. "training batch"), before any training step or Hessian-vector product:
 
@@ -97,20 +97,33 @@ def check_batches(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],
       model or the loss fails on the batch, a ValueError with the shapes and the fix;
     * a loss that is not one finite number: ValueError.
 
-    The losses are evaluated without gradients in eval mode (no dropout draws, no BatchNorm buffer
-    updates); the model's mode is restored afterwards.
+    The model runs on the first ``forward_batches`` batches (default: all), without gradients, in eval
+    mode (no dropout draws, no BatchNorm buffer updates; the mode is restored afterwards). The targets of
+    the other batches are checked by the loss on zero outputs shaped like the first batch's (no forward
+    pass: for training on thousands of batches), when that output is one tensor per sample.
     """
     for index, (inputs, targets) in enumerate(batches):
         _check_finite(inputs, targets, f"{what} {index + 1} of {len(batches)}")
+    run = len(batches) if forward_batches is None else max(1, min(forward_batches, len(batches)))
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     device, dtype = (weight.device, weight.dtype) if weight is not None else ("cpu", None)
     was_training = model.training
     model.eval()
     try:
-        for index, (inputs, targets) in enumerate(batches):
-            _check_loss(model, loss_fn, batch_to(inputs, device, dtype), targets, f"{what} {index + 1} of {len(batches)}")
+        with torch.no_grad():
+            outputs = [_checked_loss(lambda x=inputs: call_model(model, batch_to(x, device, dtype)), loss_fn, inputs,
+                                     targets, f"{what} {index + 1} of {len(batches)}")
+                       for index, (inputs, targets) in enumerate(batches[:run])]
     finally:
         model.train(was_training)
+    first, first_targets = outputs[0], batches[0][1]
+    if run == len(batches) or not isinstance(first, torch.Tensor) or not isinstance(first_targets, torch.Tensor) \
+            or first.dim() == 0 or len(first) != len(first_targets):
+        return
+    for index, (inputs, targets) in enumerate(batches[run:], start=run):
+        if isinstance(targets, torch.Tensor):
+            zeros = first.new_zeros((len(targets), *first.shape[1:]))
+            _checked_loss(lambda z=zeros: z, loss_fn, inputs, targets, f"{what} {index + 1} of {len(batches)}")
 
 
 def _check_finite(inputs: Any, targets: Any, where: str) -> None:
@@ -129,14 +142,16 @@ def _check_finite(inputs: Any, targets: Any, where: str) -> None:
                     )
 
 
-def _check_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], inputs: Any, targets: Any,
-                where: str) -> None:
+def _checked_loss(output_of: Callable[[], Any], loss_fn: Callable[[Any, Any], torch.Tensor], inputs: Any, targets: Any,
+                  where: str) -> Any:
+    """``output_of()`` (the model's output on the batch), after checking that the loss on it is one finite number."""
     try:
-        with torch.no_grad():
-            loss = loss_fn(call_model(model, inputs), targets)
+        output = output_of()
+        loss = loss_fn(output, targets)
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"the model fails on {where} (inputs {describe_batch(inputs)}, targets {describe_batch(targets)}): "
+        raise ValueError(f"the model fails on {where} (inputs {describe_batch(inputs)}, targets "
+                         f"{describe_batch(targets)}): "
                          f"{first_line}. Check that the data source fits the model's input and that the labels "
                          "fit its output (integer class indices in [0, classes))") from err
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not math.isfinite(float(loss)):
@@ -144,6 +159,7 @@ def _check_loss(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], i
         raise ValueError(f"the loss on {where} is {shown} at the initial parameters: it must be one finite number; "
                          "look for a loss function that does not reduce to a scalar, or for an initialisation or "
                          "targets (e.g. every label ignored) that make it NaN")
+    return output
 
 
 @contextlib.contextmanager

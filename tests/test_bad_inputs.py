@@ -260,6 +260,13 @@ def test_an_out_path_of_the_wrong_kind_exits_2_before_any_work(tmp_path, capsys,
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_partition_couplings_that_is_a_folder_exits_2(tmp_path, capsys):
+    assert main(["partition", "--model", "mlp", "--couplings", str(tmp_path), "--out", str(tmp_path / "p.json"),
+                 "--no-progress"]) == 2
+    assert f"--couplings {tmp_path} is a folder: give the path of the file to write, e.g. {tmp_path / 'couplings.npz'}" \
+        in capsys.readouterr().err
+
+
 def test_empty_text_data_and_bad_set_values_on_a_user_factory_exit_2_with_the_fix(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert main(["js", "--model", "gpt2-nano", "--data", str(tmp_path / "empty.txt"), *FAST, "--out", str(tmp_path)]) == 2
@@ -396,3 +403,18 @@ def test_density_settings_that_fail_after_measuring_keep_the_measured_spectrum(t
     assert "rescale_rank=50 needs blocks of at least 50 coordinates" in err and f"--from-results {kept}" in err
     assert main(["js", "--from-results", str(kept), "--grid-points", "2000", "--sigma2", "1e-3",
                  "--out", str(tmp_path / "again")]) == 0
+
+
+def test_labels_out_of_range_in_a_later_training_batch_fail_before_training(tmp_path):
+    from sklearn.datasets import load_digits
+
+    from analysis.experiments.training import TrainSetup, train_run
+
+    digits = load_digits()
+    x, y = digits.data[:400].astype(np.float32) / 16.0, digits.target[:400].astype(np.int64)
+    y[40] = 14  # 10 classes
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    setup = TrainSetup("tests.test_experiments_training:plain_net", {}, str(tmp_path / "d.npz"), batch_size=16,
+                       train_batches=4, val_batches=1)
+    with pytest.raises(ValueError, match=r"fails on .*: training batch 3 of 4 .*Target 14 is out of bounds"):
+        train_run(setup, "adamw", 1e-3, 6)

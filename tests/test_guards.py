@@ -171,3 +171,52 @@ def test_check_device_accepts_cpu_and_names_the_accepted_forms_otherwise():
     else:
         with pytest.raises(ValueError, match="CUDA is not available on this machine; use device 'cpu'"):
             check_device("cuda:0")
+
+
+class KeywordModel(nn.Module):
+    """Takes a dict batch as keyword arguments, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, features, mask):
+        return self.fc(features * mask)
+
+
+def test_check_batches_names_the_batch_the_field_and_the_sample_of_a_data_fault():
+    from hessian_blocks.guards import DataFaultError, check_batches
+
+    model = KeywordModel()
+    good = [({"features": torch.randn(4, 6), "mask": torch.ones(4, 6)}, torch.tensor([0, 1, 2, 0]))]
+    check_batches(model, F.cross_entropy, good)  # fits: no error
+    bad = good + [({"features": torch.randn(4, 6), "mask": torch.ones(4, 6)}, torch.tensor([0, 1, 2, 0]))]
+    bad[1][0]["mask"][3, 5] = float("inf")
+    with pytest.raises(DataFaultError, match=r"training batch 2 of 2, inputs 'mask', sample 3 \(and 0 more"):
+        check_batches(model, F.cross_entropy, bad, "training batch")
+    labels = good + [({"features": torch.randn(4, 6), "mask": torch.ones(4, 6)}, torch.tensor([0, 3, 2, 0]))]
+    with pytest.raises(ValueError, match=r"fails on batch 2 of 2 \(inputs \{features: \(4, 6\) torch.float32, mask: "
+                                         r"\(4, 6\) torch.float32\}, targets \(4,\) torch.int64\): Target 3 is out of bounds"):
+        check_batches(model, F.cross_entropy, labels)
+    dropout = nn.Sequential(nn.Linear(6, 3), nn.Dropout(0.5)).train()
+    batch = (torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
+    state = torch.random.get_rng_state()
+    check_batches(dropout, F.cross_entropy, [batch])
+    assert dropout.training and torch.equal(torch.random.get_rng_state(), state)  # eval mode inside, mode restored
+
+
+def test_check_batches_checks_later_targets_without_running_the_model():
+    from hessian_blocks.guards import check_batches
+
+    calls = []
+    model = nn.Linear(6, 3)
+    model.register_forward_hook(lambda *_: calls.append(1))
+    batches = [(torch.randn(4, 6), torch.tensor([0, 1, 2, 0])) for _ in range(5)]
+    check_batches(model, F.cross_entropy, batches, forward_batches=1)
+    assert len(calls) == 1
+    batches[3] = (torch.randn(2, 6), torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match=r"fails on batch 4 of 5 .*Target -1 is out of bounds"):
+        check_batches(model, F.cross_entropy, batches, forward_batches=1)
+    batches[3] = (torch.randn(2, 6), torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"fails on batch 4 of 5 .*labels fit its output"):
+        check_batches(model, F.cross_entropy, batches, forward_batches=1)

@@ -171,7 +171,8 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
     val = [(batch_to(x, target), batch_to(y, target)) for x, y in val]
     # every batch is checked before any step: NaN in a later training batch would otherwise look like a
     # diverging optimizer, in a validation batch like a NaN loss; labels that do not fit fail here, not mid-run
-    check_batches(spec.model, spec.loss_fn, train, f"{setup.data}: training batch")
+    # (the model runs on the first training batch only: a comparison draws one batch per step)
+    check_batches(spec.model, spec.loss_fn, train, f"{setup.data}: training batch", forward_batches=1)
     check_batches(spec.model, spec.loss_fn, val, f"{setup.data}: validation batch")
     opt = make_optimizer(optimizer, spec.model, lr=lr, weight_decay=weight_decay, partition=partition)
     synchronize = torch.cuda.synchronize if target.type == "cuda" else None

@@ -99,10 +99,11 @@ def check_output_folder(path: Path, flag: str = "--out") -> Path:
     return path
 
 
-def check_output_file(path: Path, flag: str = "--out") -> Path:
-    """Refuse an output file path that is an existing folder or lies under a file."""
+def check_output_file(path: Path, flag: str, example: str) -> Path:
+    """Refuse an output file path that is an existing folder (``example``: a file name to suggest in it)
+    or lies under a file."""
     if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder: give the path of the file to write, e.g. {path / 'partition.json'}")
+        raise ValueError(f"{flag} {path} is a folder: give the path of the file to write, e.g. {path / example}")
     _check_parents(path, flag)
     return path
 

@@ -84,7 +84,9 @@ def run_partition(args: argparse.Namespace) -> int:
     from ..partitions.measured import check_settings, decide_rule, map_rules
 
     check_device(args.device)
-    check_output_file(args.out)
+    check_output_file(args.out, "--out", "partition.json")
+    if args.couplings is not None:
+        check_output_file(args.couplings, "--couplings", "couplings.npz")
     decision = dict(threshold=args.threshold, contrast=args.contrast, max_runs=args.max_runs,
                     mass_threshold=args.mass_threshold, max_spread=args.max_spread)
     check_settings(**decision)
