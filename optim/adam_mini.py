@@ -32,6 +32,7 @@ Params = Union[nn.Module, Iterable[tuple[str, torch.Tensor]], Iterable[dict]]
 PartitionArg = Union[Partition, str, Path]
 
 STATE_KEYS = ("step", "exp_avg", "block_exp_avg_sq")
+_COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before its module's parameter names
 _ONE = torch.tensor(1.0)
 
 
@@ -343,9 +344,6 @@ def _model_named(item: Any, names: dict[int, str]) -> Any:
         if item[0] == _COMPILED_PREFIX + original:
             return original, item[1]
     return item
-
-
-_COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before its module's parameter names
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
