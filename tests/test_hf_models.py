@@ -187,7 +187,8 @@ def test_a_float64_user_model_is_measured_in_float64():
     assert build_model("tests.test_hf_models:float64_factory", dtype=torch.float32).model[0].weight.dtype == torch.float32
 
 
-def test_cli_js_partition_and_compare_on_a_llama_from_config(tmp_path, capsys):
+@pytest.mark.slow
+def test_cli_spectrum_js_partition_and_compare_on_a_llama_from_config(tmp_path, capsys):
     assert main(["spectrum", *LLAMA_CLI, "--steps", "4", "--probes", "1", "--grid-points", "4000", "--sigma2", "1e-3",
                  "--sample-layers", "1", "--out", str(tmp_path / "spectrum")]) == 0
     assert (tmp_path / "spectrum" / "hf_LlamaForCausalLM" / "density.npz").stat().st_size > 0
