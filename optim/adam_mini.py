@@ -42,6 +42,7 @@ STATE_KEYS = ("step", "exp_avg", "block_exp_avg_sq")
 # survive torch.distributed.checkpoint, top-level keys do not); older ones are upgraded on load.
 # 1: no "version" key, no "maximize"; 2: "maximize".
 STATE_DICT_VERSION = 2
+_COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before its module's parameter names
 
 
 class AdamMini(torch.optim.Optimizer):
@@ -437,9 +438,6 @@ def _model_named(item: Any, names: dict[int, str]) -> Any:
         if item[0] == _COMPILED_PREFIX + original:
             return original, item[1]
     return item
-
-
-_COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before its module's parameter names
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:

@@ -106,6 +106,19 @@ def test_keyword_batches_and_the_models_own_loss():
     assert masked.loss_fn(call_model(masked.model, inputs), targets).item() == pytest.approx(own.item(), rel=1e-6)
 
 
+def test_dict_batches_with_labels_and_the_output_loss_work_in_block_hessian():
+    """A user's own batches ({"input_ids", "attention_mask", "labels"}, labels) with loss_fn = output.loss
+    (shifted inside the model) give the products of the spec's loss on the same T-1 targets."""
+    spec = build_model("hf:LlamaForCausalLM", **LLAMA)
+    (inputs, targets), = make_batches(spec, "synthetic", batch_size=3, n_batches=1)
+    labelled = {**inputs, "labels": inputs["input_ids"]}
+    own = BlockHessian(spec.model, lambda output, labels: output.loss, [(labelled, inputs["input_ids"])], dtype=torch.float32)
+    ours = BlockHessian(spec.model, spec.loss_fn, [(inputs, targets.masked_fill(torch.arange(5) == 4, -100))],
+                        dtype=torch.float32)
+    vectors = torch.randn(2, own.size, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(own.block_matvec(vectors), ours.block_matvec(vectors), rtol=1e-4, atol=1e-6)
+
+
 def test_padding_from_a_data_file_is_masked(tmp_path):
     spec = build_model("hf:LlamaForCausalLM", **LLAMA)
     x = torch.randint(0, 16, (4, 5))
@@ -174,7 +187,8 @@ def test_a_float64_user_model_is_measured_in_float64():
     assert build_model("tests.test_hf_models:float64_factory", dtype=torch.float32).model[0].weight.dtype == torch.float32
 
 
-def test_cli_js_partition_and_compare_on_a_llama_from_config(tmp_path, capsys):
+@pytest.mark.slow
+def test_cli_spectrum_js_partition_and_compare_on_a_llama_from_config(tmp_path, capsys):
     assert main(["spectrum", *LLAMA_CLI, "--steps", "4", "--probes", "1", "--grid-points", "4000", "--sigma2", "1e-3",
                  "--sample-layers", "1", "--out", str(tmp_path / "spectrum")]) == 0
     assert (tmp_path / "spectrum" / "hf_LlamaForCausalLM" / "density.npz").stat().st_size > 0

@@ -75,7 +75,8 @@ def build_hf_model(source: str, *, seed: int = 0, **overrides: Any) -> ModelSpec
 def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 0, context: int | None = None,
                      name: str | None = None, device: str | torch.device | None = None) -> ModelSpec:
     """A :class:`ModelSpec` of ``model_cls`` (default: the config's ``architectures[0]``) built from the
-    Transformers config object ``config``: seeded, eval mode, eager attention; refused above
+    Transformers config object ``config``: seeded, eval mode, eager attention (unless the config names
+    another implementation; the engine then still runs SDPA on its math backend); refused above
     :data:`MAX_PARAMETERS`. ``context``: tokens per sample (default: :data:`DEFAULT_CONTEXT`, at most
     the model's ``max_position_embeddings``). ``device="meta"`` builds the parameters' shapes only (no
     memory, no values, any size): enough to map a partition measured on a smaller instance."""
@@ -84,16 +85,12 @@ def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 
         architectures = getattr(config, "architectures", None) or []
         if not architectures:
             raise ValueError(f"{type(config).__name__} names no model class (architectures is empty): pass model_cls")
-        model_cls = getattr(transformers, architectures[0])
+        model_cls = getattr(transformers, architectures[0], None)
+        if model_cls is None:
+            raise ValueError(f"transformers {transformers.__version__} has no model class {architectures[0]!r} "
+                             f"(the architectures of {type(config).__name__}): pass model_cls")
     label = name or f"{HF_PREFIX}{model_cls.__name__}"
     task = _task(model_cls, label)
-    config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
-    meta = device is not None and torch.device(device).type == "meta"
-    if not meta:
-        _check_size(model_cls, config, label)
-    with _seeded(seed), (torch.device(device) if device is not None else contextlib.nullcontext()):
-        model = model_cls(config)
-    model.eval()
     positions = getattr(config, "max_position_embeddings", None)
     if context is None:
         context = min(DEFAULT_CONTEXT, positions) if positions else DEFAULT_CONTEXT
@@ -102,6 +99,13 @@ def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 
     if positions and context > positions:
         raise ValueError(f"{label}: context {context} exceeds the model's {positions} positions "
                          f"(max_position_embeddings): use --set context={positions} or less")
+    config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
+    meta = device is not None and torch.device(device).type == "meta"
+    if not meta:
+        _check_size(model_cls, config, label)
+    with _seeded(seed), (torch.device(device) if device is not None else contextlib.nullcontext()):
+        model = model_cls(config)
+    model.eval()
     data_shape = {"vocab_size": config.vocab_size, "context": context}
     return ModelSpec(label, model, logits_cross_entropy, task, data_shape, config, keyword_inputs=True)
 
