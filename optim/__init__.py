@@ -15,12 +15,13 @@ from hessian_blocks.partitions.structural import default_partition, default_rule
 from .factory import OPTIMIZERS, PARTITIONED, make
 from .functional import adam_mini
 from .galore_mini import GaLoreMini, Projection
+from .hooks import ParamTransform, UpdateHook
 from .layout import BlockLayout
 from .memory import StateMemory, state_memory
 from .param_groups import param_groups_no_decay
 
 __all__ = [
-    "AdamMini", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory", "adam_mini",
-    "default_partition", "default_rules", "make",
+    "AdamMini", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "ParamTransform", "Projection", "StateMemory",
+    "UpdateHook", "adam_mini", "default_partition", "default_rules", "make",
     "param_groups_no_decay", "register_attention", "state_memory",
 ]

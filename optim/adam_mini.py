@@ -15,6 +15,7 @@ backend on CPU (only when asked for: the first step then takes seconds to minute
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -25,6 +26,7 @@ from hessian_blocks.blocks import Partition, Rule
 
 from hessian_blocks.partitions.structural import default_rules
 from .distributed import ShardedBlockLayout, block_layout, local_tensor
+from .hooks import ParamTransform, UpdateHook
 from .layout import BlockLayout
 from .functional import advance_steps, choose_implementation, run_updates
 from .update import Batch
@@ -56,6 +58,8 @@ class AdamMini(torch.optim.Optimizer):
             (float64 for float64 parameters) whatever the parameter dtype.
         foreach, fused: implementation flags, as in ``torch.optim.AdamW`` (``fused=True``: compiled).
         maximize: ascend the objective instead of descending it, as in ``torch.optim.AdamW``.
+        hook: an :class:`~optim.hooks.UpdateHook`, the declared extension point (extra param-group
+            options, per-parameter transforms of the update; GaLore-mini is AdamMini with one).
         amsgrad, capturable, differentiable: accepted for ``torch.optim.AdamW``'s signature; True is
             refused (Adam-mini has no per-coordinate maximum to keep, reads step counts on the host
             and updates in place without autograd).
@@ -81,6 +85,7 @@ class AdamMini(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         maximize: bool = False,
+        hook: UpdateHook | None = None,
         amsgrad: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
@@ -99,7 +104,10 @@ class AdamMini(torch.optim.Optimizer):
         self._layouts: dict[torch.Tensor, BlockLayout | ShardedBlockLayout] = {}
         self._state_dtype = state_dtype
         self._warned_fallback = False
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
+        self._hook = hook or UpdateHook()
+        self._transforms: dict[torch.Tensor, ParamTransform] = {}
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused,
+                        **self._hook.defaults)
         super().__init__(groups, defaults)
 
     @property
@@ -131,11 +139,22 @@ class AdamMini(torch.optim.Optimizer):
             layouts[param] = block_layout(rule, param, name)
             rules.append(_rule_key(rule))
         super().add_param_group({**param_group, "params": pairs, "block_rules": rules})
+        added = self.param_groups[-1]
         try:
-            _check_hyperparameters(self.param_groups[-1])
+            _check_hyperparameters(added)
+            self._hook.check_group(added)
         except ValueError:
             self.param_groups.pop()
             raise
+        transforms = []
+        for name, param in pairs:
+            transform = self._hook.transform(added, name, param, self._rules[name])
+            if transform is not None:
+                self._transforms[param] = transform
+                layouts[param] = BlockLayout.from_rule(self._rules[name], transform.shape)
+            transforms.append(None if transform is None else transform.key())
+        if self._hook.group_key is not None:
+            added[self._hook.group_key] = transforms
         self._layouts.update(layouts)
 
     @torch.no_grad()
@@ -146,15 +165,22 @@ class AdamMini(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batches: dict[str, list[Batch]] = {}
+        transformed: list[tuple[dict[str, Any], Batch, list[tuple[torch.Tensor, float]]]] = []
         for group in self.param_groups:
-            batch = self._gather(group)
+            batch, low_rank, params = self._gather(group)
             if batch.params:
                 kind, fallback = choose_implementation(batch.params, foreach=group["foreach"], fused=group["fused"])
                 if fallback and not self._warned_fallback:
                     warnings.warn(f"AdamMini(fused=True): {fallback}; using the foreach path", stacklevel=3)
                     self._warned_fallback = True
                 batches.setdefault(kind, []).append(batch)
+            if low_rank.params:
+                transformed.append((group, low_rank, params))
         run_updates(batches)
+        for group, batch, params in transformed:  # never compiled: their tensors are new every step
+            run_updates({"reference" if group["foreach"] is False and not group["fused"] else "foreach": [batch]})
+            for (param, decay), step in zip(params, batch.params):
+                self._transforms[param].apply(param, self.state[param], step, decay, group)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -177,6 +203,7 @@ class AdamMini(torch.optim.Optimizer):
         ):
             super().load_state_dict(state_dict)  # raises torch's error for a state dict of other groups
         self._check_saved_rules(saved_groups)
+        self._check_saved_transforms(saved_groups)
         restored = {}
         for saved, group in zip(saved_groups, self.param_groups):
             for pid, param, name in zip(saved["params"], group["params"], group["param_names"]):
@@ -188,8 +215,10 @@ class AdamMini(torch.optim.Optimizer):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _gather(self, group: dict[str, Any]) -> Batch:
-        """The group's parameters that have gradients, their state (created on first use) and scalars."""
+    def _gather(self, group: dict[str, Any]) -> tuple[Batch, Batch, list[tuple[torch.Tensor, float]]]:
+        """The group's parameters that have gradients, their state (created on first use) and scalars;
+        then the transformed ones split off: a batch of their zero step tensors and transformed
+        gradients (no weight decay), and the parameters with the decay factor their transform applies."""
         batch = Batch()
         for name, param in zip(group["param_names"], group["params"]):
             grad = param.grad
@@ -210,13 +239,28 @@ class AdamMini(torch.optim.Optimizer):
         if batch.steps:
             beta1, beta2 = group["betas"]
             advance_steps(batch, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        return batch
+        if not self._transforms:
+            return batch, Batch(), []
+        plain, transformed, params = Batch(), Batch(), []
+        names = dict(zip(map(id, group["params"]), group["param_names"]))
+        for param, grad, layout, scalars in zip(batch.params, batch.grads, batch.layouts, batch.scalars):
+            state, transform, target = self.state[param], self._transforms.get(param), plain
+            if transform is not None:
+                params.append((param, scalars.decay))
+                grad = transform.gradient(group, names[id(param)], state, grad)
+                param, scalars, target = torch.zeros_like(grad), replace(scalars, decay=1.0), transformed
+            target.add(param, grad, state, layout)
+            target.scalars.append(scalars)
+        return plain, transformed, params
 
     def _initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        dtype, transform = self._exp_avg_dtype(param), self._transforms.get(param)
         return {
             "step": torch.tensor(0.0, dtype=torch.float32),
-            "exp_avg": torch.zeros_like(param, dtype=self._exp_avg_dtype(param), memory_format=torch.contiguous_format),
+            "exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+            if transform is None else torch.zeros(transform.shape, dtype=dtype, device=param.device),
             "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param), device=param.device),
+            **({} if transform is None else transform.extra_state(param, dtype)),
         }
 
     def _exp_avg_dtype(self, param: torch.Tensor) -> torch.dtype:
@@ -232,11 +276,35 @@ class AdamMini(torch.optim.Optimizer):
                 f"saved state of parameter '{name}' has {saved['block_exp_avg_sq'].numel()} blocks but this "
                 f"optimizer's partition gives it {n_blocks}: load with the partition the checkpoint was made with"
             )
+        dtype, transform = self._exp_avg_dtype(param), self._transforms.get(param)
+        extras = {} if transform is None else transform.extra_state(param, dtype)
+        expected = {} if transform is None else {"exp_avg": transform.shape, **{k: tuple(v.shape) for k, v in extras.items()}}
+        for key, shape in expected.items():
+            if key not in saved or tuple(saved[key].shape) != shape:
+                found = list(saved[key].shape) if key in saved else "nothing"
+                raise ValueError(
+                    f"saved state of parameter '{name}' has {key} {found}, expected {list(shape)}: "
+                    "load with the settings (rank, partition, ...) the checkpoint was made with"
+                )
         restored = dict(saved)
         restored["step"] = saved["step"].to(dtype=torch.float32, device="cpu", copy=True)
-        restored["exp_avg"] = saved["exp_avg"].to(dtype=self._exp_avg_dtype(param), device=param.device, copy=True)
+        restored["exp_avg"] = saved["exp_avg"].to(dtype=dtype, device=param.device, copy=True)
         restored["block_exp_avg_sq"] = saved["block_exp_avg_sq"].to(dtype=_block_dtype(param), device=param.device, copy=True)
+        for key, template in extras.items():
+            restored[key] = saved[key].to(dtype=template.dtype, device=template.device, copy=True)
         return restored
+
+    def _check_saved_transforms(self, saved_groups: list[dict[str, Any]]) -> None:
+        key = self._hook.group_key
+        if key is None:
+            return
+        for saved, group in zip(saved_groups, self.param_groups):
+            for name, ours, theirs in zip(group["param_names"], group[key], saved.get(key, [None] * len(group["params"]))):
+                if ours != theirs:
+                    raise ValueError(
+                        f"the checkpoint's {key} entry for parameter '{name}' is {theirs} but this optimizer's is {ours}: "
+                        "build the optimizer with the settings (rank, partition, ...) the checkpoint was made with"
+                    )
 
     def _check_saved_rules(self, saved_groups: list[dict[str, Any]]) -> None:
         for saved, group in zip(saved_groups, self.param_groups):
