@@ -226,6 +226,11 @@ class AdamMini(torch.optim.Optimizer):
                 continue
             if grad.is_sparse:
                 raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}'): use a dense embedding")
+            if tuple(param.shape) != self._rule_shapes[name]:
+                raise ValueError(
+                    f"parameter '{name}' now has shape {list(param.shape)}, not the {list(self._rule_shapes[name])} its "
+                    "block layout was made for: build a new optimizer (and partition) for the resized model"
+                )
             state = self.state[param]
             if not state:
                 _check_param(name, param)

@@ -533,3 +533,14 @@ def test_an_update_hook_that_changes_nothing_is_adam_mini(path):
         )
     with pytest.raises(ValueError, match="gain must be > 0, got 0"):
         AdamMini(groups_of(Tensors()), random_partition(hooked), hook=IdentityHook({"gain": 0}))
+
+
+@pytest.mark.parametrize("path", [*PATHS, "compiled"])
+def test_a_parameter_resized_after_construction_is_refused(path):
+    model = nn.Linear(3, 2)
+    optimizer = AdamMini(model, lr=1e-2, **PATHS.get(path, dict(fused=True)))
+    model.weight.data = torch.zeros(4, 3)  # e.g. a vocabulary grown in place
+    model.weight.grad, model.bias.grad = torch.ones(4, 3), torch.ones(2)
+    with pytest.raises(ValueError, match=r"parameter 'weight' now has shape \[4, 3\], not the \[2, 3\] its block layout"):
+        optimizer.step()
+    assert not optimizer.state
