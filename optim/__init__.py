@@ -19,8 +19,8 @@ from hessian_blocks.lazy import lazy_exports
 from .choices import OPTIMIZERS, PARTITIONED
 
 __all__ = [
-    "AdamMini", "AttentionLayout", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "Projection", "StateMemory",
-    "default_partition", "default_rules", "make",
+    "AdamMini", "AttentionLayout", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "ParamTransform", "Projection",
+    "StateMemory", "UpdateHook", "default_partition", "default_rules", "make",
     "param_groups_no_decay", "register_attention", "state_memory",
 ]
 
@@ -30,6 +30,7 @@ _EXPORTS = {
                     "hessian_blocks.partitions.structural"),
     "make": ".factory",
     **dict.fromkeys(("GaLoreMini", "Projection"), ".galore_mini"),
+    **dict.fromkeys(("ParamTransform", "UpdateHook"), ".hooks"),
     "BlockLayout": ".layout",
     **dict.fromkeys(("StateMemory", "state_memory"), ".memory"),
     "param_groups_no_decay": ".param_groups",
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from .adam_mini import AdamMini
     from .factory import make
     from .galore_mini import GaLoreMini, Projection
+    from .hooks import ParamTransform, UpdateHook
     from .layout import BlockLayout
     from .memory import StateMemory, state_memory
     from .param_groups import param_groups_no_decay

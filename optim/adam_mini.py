@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Union
 
@@ -27,6 +28,7 @@ from hessian_blocks.blocks import Partition, Rule
 from hessian_blocks.partitions.structural import default_rules
 
 from .distributed import ShardedBlockLayout, block_layout, local_tensor
+from .hooks import ParamTransform, UpdateHook
 from .layout import BlockLayout
 from .low_precision import dequantize_blockwise, quantize_blockwise_, quantized_scale_count, stochastic_round_
 from .functional import advance_steps, choose_implementation, run_updates
@@ -70,6 +72,8 @@ class AdamMini(torch.optim.Optimizer):
         rounding_seed: seed of the stochastic rounding.
         foreach, fused: implementation flags, as in ``torch.optim.AdamW`` (``fused=True``: compiled).
         maximize: ascend the objective instead of descending it, as in ``torch.optim.AdamW``.
+        hook: an :class:`~optim.hooks.UpdateHook`, the declared extension point (extra param-group
+            options, per-parameter transforms of the update; GaLore-mini is AdamMini with one).
         amsgrad, capturable, differentiable: accepted for ``torch.optim.AdamW``'s signature; True is
             refused (Adam-mini has no per-coordinate maximum to keep, reads step counts on the host
             and updates in place without autograd).
@@ -97,6 +101,7 @@ class AdamMini(torch.optim.Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         maximize: bool = False,
+        hook: UpdateHook | None = None,
         amsgrad: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
@@ -120,7 +125,10 @@ class AdamMini(torch.optim.Optimizer):
         self._stochastic_rounding = bool(stochastic_rounding)
         self._rounding_seed = int(rounding_seed)
         self._warned_fallback = False
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
+        self._hook = hook or UpdateHook()
+        self._transforms: dict[torch.Tensor, ParamTransform] = {}
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused,
+                        **self._hook.defaults)
         super().__init__(groups, defaults)
 
     @property
@@ -153,11 +161,22 @@ class AdamMini(torch.optim.Optimizer):
             layouts[param] = block_layout(rule, param, name)
             rules.append(_rule_key(rule))
         super().add_param_group({**param_group, "params": pairs, "block_rules": rules})
+        added = self.param_groups[-1]
         try:
-            _check_hyperparameters(self.param_groups[-1])
+            _check_hyperparameters(added)
+            self._hook.check_group(added)
         except ValueError:
             self.param_groups.pop()
             raise
+        transforms = []
+        for name, param in pairs:
+            transform = self._hook.transform(added, name, param, self._rules[name])
+            if transform is not None:
+                self._transforms[param] = transform
+                layouts[param] = BlockLayout.from_rule(self._rules[name], transform.shape)
+            transforms.append(None if transform is None else transform.key())
+        if self._hook.group_key is not None:
+            added[self._hook.group_key] = transforms
         self._layouts.update(layouts)
 
     @torch.no_grad()
@@ -168,16 +187,23 @@ class AdamMini(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         batches: dict[str, list[Batch]] = {}
+        transformed: list[tuple[dict[str, Any], Batch, list[tuple[torch.Tensor, float]]]] = []
         write_backs: list[Callable[[], None]] = []
         for group in self.param_groups:
-            batch = self._gather(group, write_backs)
+            batch, low_rank, params = self._gather(group, write_backs)
             if batch.params:
                 kind, fallback = choose_implementation(batch.params, foreach=group["foreach"], fused=group["fused"])
                 if fallback and not self._warned_fallback:
                     warnings.warn(f"AdamMini(fused=True): {fallback}; using the foreach path", stacklevel=3)
                     self._warned_fallback = True
                 batches.setdefault(kind, []).append(batch)
+            if low_rank.params:
+                transformed.append((group, low_rank, params))
         run_updates(batches)
+        for group, batch, params in transformed:  # never compiled: their tensors are new every step
+            run_updates({"reference" if group["foreach"] is False and not group["fused"] else "foreach": [batch]})
+            for (param, decay), step in zip(params, batch.params):
+                self._transforms[param].apply(param, self.state[param], step, decay, group)
         for write_back in write_backs:
             write_back()
         return loss
@@ -202,6 +228,7 @@ class AdamMini(torch.optim.Optimizer):
         ):
             super().load_state_dict(state_dict)  # raises torch's error for a state dict of other groups
         self._check_saved_rules(saved_groups)
+        self._check_saved_transforms(saved_groups)
         restored = {}
         for saved, group in zip(saved_groups, self.param_groups):
             for pid, param, name in zip(saved["params"], group["params"], group["param_names"]):
@@ -213,8 +240,12 @@ class AdamMini(torch.optim.Optimizer):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _gather(self, group: dict[str, Any], write_backs: list[Callable[[], None]]) -> Batch:
-        """The group's parameters that have gradients, their state (created on first use) and scalars.
+    def _gather(
+        self, group: dict[str, Any], write_backs: list[Callable[[], None]]
+    ) -> tuple[Batch, Batch, list[tuple[torch.Tensor, float]]]:
+        """The group's parameters that have gradients, their state (created on first use) and scalars;
+        then the transformed ones split off: a batch of their zero step tensors and transformed
+        gradients (no weight decay), and the parameters with the decay factor their transform applies.
 
         Low-precision state and parameters enter the batch as float32 working copies; ``write_backs``
         gets what writes them back after the update (quantizing the first moment again, rounding the
@@ -227,6 +258,11 @@ class AdamMini(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}'): use a dense "
                                    "embedding")
+            if tuple(param.shape) != self._rule_shapes[name]:
+                raise ValueError(
+                    f"parameter '{name}' now has shape {list(param.shape)}, not the {list(self._rule_shapes[name])} its "
+                    "block layout was made for: build a new optimizer (and partition) for the resized model"
+                )
             state = self.state[param]
             if not state:
                 _check_param(name, param)
@@ -240,7 +276,19 @@ class AdamMini(torch.optim.Optimizer):
         if batch.steps:
             beta1, beta2 = group["betas"]
             advance_steps(batch, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        return batch
+        if not self._transforms:
+            return batch, Batch(), []
+        plain, transformed, params = Batch(), Batch(), []
+        names = dict(zip(map(id, group["params"]), group["param_names"]))
+        for param, grad, layout, scalars in zip(batch.params, batch.grads, batch.layouts, batch.scalars):
+            state, transform, target = self.state[param], self._transforms.get(param), plain
+            if transform is not None:
+                params.append((param, scalars.decay))
+                grad = transform.gradient(group, names[id(param)], state, grad)
+                param, scalars, target = torch.zeros_like(grad), replace(scalars, decay=1.0), transformed
+            target.add(param, grad, state, layout)
+            target.scalars.append(scalars)
+        return plain, transformed, params
 
     def _working_tensors(
         self, name: str, param: torch.Tensor, state: dict[str, torch.Tensor], write_backs: list[Callable[[], None]]
@@ -273,11 +321,13 @@ class AdamMini(torch.optim.Optimizer):
         return next(i for i, p in enumerate(p for g in self.param_groups for p in g["params"]) if p is param)
 
     def _initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        dtype, transform = self._exp_avg_dtype(param), self._transforms.get(param)
         state = {
             "step": torch.tensor(0.0, dtype=torch.float32),
-            "exp_avg": torch.zeros_like(param, dtype=self._exp_avg_dtype(param), memory_format=torch.contiguous_format),
-            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param),
-                                            device=param.device),
+            "exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+            if transform is None else torch.zeros(transform.shape, dtype=dtype, device=param.device),
+            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param), device=param.device),
+            **({} if transform is None else transform.extra_state(param, dtype)),
         }
         if self._state_dtype == torch.int8:
             state["exp_avg_scale"] = torch.zeros(quantized_scale_count(param.numel()), dtype=torch.float32, device=param.device)
@@ -296,9 +346,19 @@ class AdamMini(torch.optim.Optimizer):
                 f"saved state of parameter '{name}' has {saved['block_exp_avg_sq'].numel()} blocks but this "
                 f"optimizer's partition gives it {n_blocks}: load with the partition the checkpoint was made with"
             )
+        dtype, transform = self._exp_avg_dtype(param), self._transforms.get(param)
+        extras = {} if transform is None else transform.extra_state(param, dtype)
+        expected = {} if transform is None else {"exp_avg": transform.shape, **{k: tuple(v.shape) for k, v in extras.items()}}
+        for key, shape in expected.items():
+            if key not in saved or tuple(saved[key].shape) != shape:
+                found = list(saved[key].shape) if key in saved else "nothing"
+                raise ValueError(
+                    f"saved state of parameter '{name}' has {key} {found}, expected {list(shape)}: "
+                    "load with the settings (rank, partition, ...) the checkpoint was made with"
+                )
         restored = dict(saved)
         restored["step"] = saved["step"].to(dtype=torch.float32, device="cpu", copy=True)
-        restored["exp_avg"] = saved["exp_avg"].to(dtype=self._exp_avg_dtype(param), device=param.device, copy=True)
+        restored["exp_avg"] = saved["exp_avg"].to(dtype=dtype, device=param.device, copy=True)
         restored["block_exp_avg_sq"] = saved["block_exp_avg_sq"].to(dtype=_block_dtype(param), device=param.device, copy=True)
         quantized = self._state_dtype == torch.int8
         if quantized != ("exp_avg_scale" in saved):
@@ -312,7 +372,21 @@ class AdamMini(torch.optim.Optimizer):
                 raise ValueError(f"saved state of parameter '{name}' has {saved['exp_avg_scale'].numel()} first-moment "
                                  f"scales, expected {count}: it was saved for another shape")
             restored["exp_avg_scale"] = saved["exp_avg_scale"].to(dtype=torch.float32, device=param.device, copy=True)
+        for key, template in extras.items():
+            restored[key] = saved[key].to(dtype=template.dtype, device=template.device, copy=True)
         return restored
+
+    def _check_saved_transforms(self, saved_groups: list[dict[str, Any]]) -> None:
+        key = self._hook.group_key
+        if key is None:
+            return
+        for saved, group in zip(saved_groups, self.param_groups):
+            for name, ours, theirs in zip(group["param_names"], group[key], saved.get(key, [None] * len(group["params"]))):
+                if ours != theirs:
+                    raise ValueError(
+                        f"the checkpoint's {key} entry for parameter '{name}' is {theirs} but this optimizer's is {ours}: "
+                        "build the optimizer with the settings (rank, partition, ...) the checkpoint was made with"
+                    )
 
     def _check_saved_rules(self, saved_groups: list[dict[str, Any]]) -> None:
         for saved, group in zip(saved_groups, self.param_groups):

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,9 +58,8 @@ import torch.nn as nn
 
 from hessian_blocks.blocks import Rule
 
-from .adam_mini import AdamMini, Params, PartitionArg, _block_dtype
-from .layout import BlockLayout
-from .update import Batch, foreach_update, reference_update
+from .adam_mini import AdamMini, Params, PartitionArg
+from .hooks import ParamTransform, UpdateHook
 
 __all__ = [
     "PROJECTION_DEFAULTS", "PROJECTORS", "RANDOMIZED_OVERSAMPLE", "RANDOMIZED_POWER_ITERATIONS", "choose_projection",
@@ -144,7 +143,8 @@ def randomized_basis(matrix: torch.Tensor, rank: int, generator: torch.Generator
 
 
 class GaLoreMini(AdamMini):
-    """GaLore-mini over the blocks of a partition (see the module docstring).
+    """GaLore-mini over the blocks of a partition (see the module docstring): AdamMini with a
+    :class:`GaLoreHook` (the declared extension point of :mod:`optim.hooks`).
 
     Args: those of :class:`~optim.AdamMini`, and
 
@@ -192,146 +192,73 @@ class GaLoreMini(AdamMini):
                 "project_embeddings=False finds embeddings by module type and needs the model: pass it as params or "
                 "model="
             )
-        self._unprojected = set() if project_embeddings else {
+        unprojected = set() if project_embeddings else {
             id(p)
             for module in types_from.modules()
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
             for p in module.parameters(recurse=False)
         }
-        self._projection_defaults = dict(
-            rank=rank, update_proj_gap=update_proj_gap, scale=scale, projector=projector, projector_seed=projector_seed
-        )
-        self._projections: dict[torch.Tensor, Projection] = {}
-        self._pending: list[tuple[Batch, bool, list[_BackProjection]]] = []  # (batch, plain loop?, back) per group
-        super().__init__(params, partition, lr, betas, eps, weight_decay, model=model, **adam_mini_options)
-        self.defaults.update(self._projection_defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As :meth:`AdamMini.add_param_group`; the group's 2-D parameters are projected per its ``rank``."""
-        group = {**self._projection_defaults, **param_group}
-        _check_projection_options(group)
-        super().add_param_group(group)
-        added = self.param_groups[-1]
-        projections = []
-        for name, param in zip(added["param_names"], added["params"]):
-            rank = None if id(param) in self._unprojected else added["rank"]
-            projection = choose_projection(self._rules[name], tuple(param.shape), rank)
-            if projection is not None:
-                self._projections[param] = projection
-                self._layouts[param] = BlockLayout.from_rule(self._rules[name], projection.projected_shape)
-            projections.append(None if projection is None else projection.key())
-        added["projections"] = projections
+        options = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, projector=projector, projector_seed=projector_seed)
+        hook = GaLoreHook(options, unprojected)
+        super().__init__(params, partition, lr, betas, eps, weight_decay, model=model, hook=hook, **adam_mini_options)
 
     def projection(self, param: torch.Tensor) -> Projection | None:
         """How ``param`` is projected (None: plain Adam-mini)."""
-        return self._projections.get(param)
+        transform = self._transforms.get(param)
+        return None if transform is None else transform.projection
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One GaLore-mini step over every parameter that has a gradient; returns the closure's loss."""
-        self._pending = []
-        try:
-            loss = super().step(closure)  # plain parameters; _gather sets projected ones aside
-            for batch, plain_loop, back in self._pending:
-                (reference_update if plain_loop else foreach_update)(batch)
-                for item in back:
-                    item.apply(self.state[item.param]["projector"])
-        finally:
-            self._pending = []
-        return loss
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :meth:`AdamMini.load_state_dict`; the checkpoint must have the same projections."""
-        for saved, group in zip(state_dict["param_groups"], self.param_groups):
-            theirs = saved.get("projections", [None] * len(group["params"]))
-            for name, ours, other in zip(group["param_names"], group["projections"], theirs):
-                if ours != (None if other is None else list(other)):
-                    raise ValueError(
-                        f"the checkpoint projects parameter '{name}' as {other} but this optimizer as {ours} "
-                        "([side, rank] or None): build the optimizer with the checkpoint's rank and partition"
-                    )
-        super().load_state_dict(state_dict)
+class GaLoreHook(UpdateHook):
+    """GaLore-mini's hook: the projection options as param-group options, a :class:`Projection` for
+    every 2-D parameter that :func:`choose_projection` projects (not those in ``unprojected``, ids)."""
 
-    # -- internals -------------------------------------------------------------------------------
+    group_key = "projections"
 
-    def _gather(self, group: dict[str, Any], write_backs: list) -> Batch:
-        """AdamMini's batch of the group, less the projected parameters, which go to ``_pending``
-        as a batch on their projected gradients (projectors refreshed when due)."""
-        batch = super()._gather(group, write_backs)
-        plain, projected, back = Batch(), Batch(), []
-        names = dict(zip(map(id, group["params"]), group["param_names"]))
-        for param, grad, layout, scalars in zip(batch.params, batch.grads, batch.layouts, batch.scalars):
-            state = self.state[param]
-            projection = self._projections.get(param)
-            target = plain
-            if projection is not None:
-                step = int(state["step"].item())
-                if (step - 1) % group["update_proj_gap"] == 0:
-                    state["projector"].copy_(self._basis(group, names[id(param)], projection, grad, step))
-                low_rank = projection.project(grad, state["projector"])
-                direction = torch.zeros_like(low_rank)
-                back.append(_BackProjection(param, direction, projection, scalars.decay, group["scale"]))
-                param, grad, scalars, target = direction, low_rank, replace(scalars, decay=1.0), projected
-            target.add(param, grad, state, layout)
-            target.scalars.append(scalars)
-        if projected.params:
-            self._pending.append((projected, group["foreach"] is False and not group["fused"], back))
-        return plain
+    def __init__(self, defaults: dict[str, Any], unprojected: set[int]):
+        super().__init__(defaults)
+        self.unprojected = unprojected
 
-    def _basis(self, group: dict[str, Any], name: str, projection: Projection, grad: torch.Tensor,
-               step: int) -> torch.Tensor:
-        matrix = projection.oriented(grad).to(torch.promote_types(grad.dtype, torch.float32))
+    def check_group(self, group: dict[str, Any]) -> None:
+        _check_projection_options(group)
+
+    def transform(self, group: dict[str, Any], name: str, param: torch.Tensor, rule: Rule) -> _LowRank | None:
+        rank = None if id(param) in self.unprojected else group["rank"]
+        projection = choose_projection(rule, tuple(param.shape), rank)
+        return None if projection is None else _LowRank(projection)
+
+
+class _LowRank(ParamTransform):
+    """Adam-mini on the projected gradient; the step projected back, scaled, onto the weight."""
+
+    def __init__(self, projection: Projection):
+        self.projection = projection
+        self.shape = projection.projected_shape
+
+    def key(self) -> list:
+        return self.projection.key()
+
+    def extra_state(self, param: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {"projector": torch.zeros(self.projection.projector_shape, dtype=dtype, device=param.device)}
+
+    def gradient(self, group: dict[str, Any], name: str, state: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
+        """The projected gradient, the projector refreshed first when due (steps 1, 1 + gap, ...)."""
+        step = int(state["step"].item())
+        if (step - 1) % group["update_proj_gap"] == 0:
+            state["projector"].copy_(self._basis(group, name, grad, step))
+        return self.projection.project(grad, state["projector"])
+
+    def apply(self, param: torch.Tensor, state: dict[str, Any], step: torch.Tensor, decay: float, group: dict[str, Any]) -> None:
+        if decay != 1.0:
+            param.mul_(decay)
+        param.add_(self.projection.project_back(step, state["projector"]), alpha=group["scale"])
+
+    def _basis(self, group: dict[str, Any], name: str, grad: torch.Tensor, step: int) -> torch.Tensor:
+        matrix = self.projection.oriented(grad).to(torch.promote_types(grad.dtype, torch.float32))
         if group["projector"] == "svd":
-            return svd_basis(matrix, projection.rank)
+            return svd_basis(matrix, self.projection.rank)
         generator = torch.Generator(device=grad.device)
         generator.manual_seed(_refresh_seed(group["projector_seed"], name, step))
-        return randomized_basis(matrix, projection.rank, generator)
-
-    def _initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        projection = self._projections.get(param)
-        if projection is None:
-            return super()._initial_state(param)
-        dtype = self._exp_avg_dtype(param)
-        return {
-            "step": torch.tensor(0.0, dtype=torch.float32),
-            "exp_avg": torch.zeros(projection.projected_shape, dtype=dtype, device=param.device),
-            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param),
-                                            device=param.device),
-            "projector": torch.zeros(projection.projector_shape, dtype=dtype, device=param.device),
-        }
-
-    def _restored_state(self, name: str, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
-        restored = super()._restored_state(name, param, saved)
-        projection = self._projections.get(param)
-        if projection is None:
-            return restored
-        expected = {"exp_avg": projection.projected_shape, "projector": projection.projector_shape}
-        for key, shape in expected.items():
-            if key not in saved or tuple(saved[key].shape) != shape:
-                found = list(saved[key].shape) if key in saved else "nothing"
-                raise ValueError(
-                    f"saved state of parameter '{name}' has {key} {found}, expected {list(shape)}: "
-                    "load with the rank and partition the checkpoint was made with"
-                )
-        restored["projector"] = saved["projector"].to(dtype=self._exp_avg_dtype(param), device=param.device, copy=True)
-        return restored
-
-
-@dataclass(frozen=True)
-class _BackProjection:
-    """What is left of one projected parameter's step once Adam-mini has written its low-rank step
-    into ``direction``: decay the weight, add ``scale`` times the step projected back."""
-
-    param: torch.Tensor
-    direction: torch.Tensor
-    projection: Projection
-    decay: float
-    scale: float
-
-    def apply(self, projector: torch.Tensor) -> None:
-        if self.decay != 1.0:
-            self.param.mul_(self.decay)
-        self.param.add_(self.projection.project_back(self.direction, projector), alpha=self.scale)
+        return randomized_basis(matrix, self.projection.rank, generator)
 
 
 def _refresh_seed(seed: int, name: str, step: int) -> int:

@@ -18,6 +18,7 @@ from hessian_blocks.blocks import Partition, Rule, trainable_shapes
 from optim import AdamMini, BlockLayout, param_groups_no_decay, state_memory
 from optim.adam_mini import STATE_DICT_VERSION
 from optim.functional import adam_mini
+from optim.hooks import ParamTransform, UpdateHook
 
 PATHS = {"reference": dict(foreach=False), "foreach": dict(foreach=True)}
 
@@ -476,3 +477,73 @@ def test_state_dict_of_a_newer_version_or_without_block_rules_is_refused():
     with pytest.raises(ValueError, match="has 3 block rules for its 20 parameters"):
         fresh.load_state_dict(short)
     assert not fresh.state
+
+
+class Identity(ParamTransform):
+    """A transform that changes nothing: Adam-mini's step added to the decayed weight."""
+
+    def __init__(self, param):
+        self.shape = tuple(param.shape)
+
+    def key(self):
+        return ["identity"]
+
+    def extra_state(self, param, dtype):
+        return {"calls": torch.zeros((), dtype=dtype)}
+
+    def gradient(self, group, name, state, grad):
+        state["calls"] += 1
+        return grad
+
+    def apply(self, param, state, step, decay, group):
+        param.mul_(decay).add_(step, alpha=group["gain"])
+
+
+class IdentityHook(UpdateHook):
+    group_key = "identities"
+
+    def check_group(self, group):
+        if group["gain"] <= 0:
+            raise ValueError(f"gain must be > 0, got {group['gain']}")
+
+    def transform(self, group, name, param, rule):
+        return Identity(param) if param.ndim == 2 else None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_update_hook_that_changes_nothing_is_adam_mini(path):
+    """The declared extension point: an identity transform on the 2-D tensors (its own group option,
+    state and state-dict key) gives AdamMini's trajectory, and a checkpoint carries its state."""
+    grads = random_grads(Tensors(), steps=6)
+    plain, hooked = Tensors(), Tensors()
+    run_adam_mini(plain, grads, **PATHS[path])
+    optimizer = AdamMini(groups_of(hooked), random_partition(hooked), hook=IdentityHook({"gain": 1.0}), **PATHS[path])
+    for step_grads in grads:
+        for name, p in hooked.named_parameters():
+            p.grad = step_grads.get(name)
+        optimizer.step()
+    for (name, a), b in zip(hooked.named_parameters(), plain.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), name
+    assert optimizer.state[hooked.a]["calls"].item() == 6 and "calls" not in optimizer.state[hooked.d]
+    saved = checkpoint(optimizer)[0]
+    assert saved["param_groups"][0]["identities"] == [["identity"], ["identity"], None, None]  # a, b 2-D; c 3-D; d 1-D
+    resumed = AdamMini(groups_of(Tensors()), random_partition(hooked), hook=IdentityHook({"gain": 1.0}))
+    resumed.load_state_dict(saved)
+    assert resumed.state[resumed.param_groups[0]["params"][0]]["calls"].item() == 6
+    with pytest.raises(ValueError, match="the checkpoint's identities entry for parameter 'a' is None but this optimizer's is"):
+        AdamMini(groups_of(Tensors()), random_partition(hooked), hook=IdentityHook({"gain": 1.0})).load_state_dict(
+            {**saved, "param_groups": [{**g, "identities": [None] * len(g["params"])} for g in saved["param_groups"]]}
+        )
+    with pytest.raises(ValueError, match="gain must be > 0, got 0"):
+        AdamMini(groups_of(Tensors()), random_partition(hooked), hook=IdentityHook({"gain": 0}))
+
+
+@pytest.mark.parametrize("path", [*PATHS, "compiled"])
+def test_a_parameter_resized_after_construction_is_refused(path):
+    model = nn.Linear(3, 2)
+    optimizer = AdamMini(model, lr=1e-2, **PATHS.get(path, dict(fused=True)))
+    model.weight.data = torch.zeros(4, 3)  # e.g. a vocabulary grown in place
+    model.weight.grad, model.bias.grad = torch.ones(4, 3), torch.ones(2)
+    with pytest.raises(ValueError, match=r"parameter 'weight' now has shape \[4, 3\], not the \[2, 3\] its block layout"):
+        optimizer.step()
+    assert not optimizer.state

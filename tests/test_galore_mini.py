@@ -202,8 +202,8 @@ def test_checkpoint_of_another_rank_is_refused():
     optimizer = GaLoreMini(spec.model, lr=1e-2, rank=4)
     train(spec, optimizer, steps=1)
     other = GaLoreMini(spec.model, lr=1e-2, rank=8)
-    with pytest.raises(ValueError,
-                       match=r"projects parameter 'wte.weight' as \['right', 4\] but this optimizer as \['right', 8\]"):
+    with pytest.raises(ValueError, match=r"the checkpoint's projections entry for parameter 'wte.weight' is "
+                                         r"\['right', 4\] but this optimizer's is \['right', 8\]"):
         other.load_state_dict(optimizer.state_dict())
     assert not other.state
 
