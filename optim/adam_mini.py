@@ -190,15 +190,15 @@ class AdamMini(torch.optim.Optimizer):
         transformed: list[tuple[dict[str, Any], Batch, list[tuple[torch.Tensor, float]]]] = []
         write_backs: list[Callable[[], None]] = []
         for group in self.param_groups:
-            batch, low_rank, params = self._gather(group, write_backs)
+            batch, transformed_batch, transformed_params = self._gather(group, write_backs)
             if batch.params:
                 kind, fallback = choose_implementation(batch.params, foreach=group["foreach"], fused=group["fused"])
                 if fallback and not self._warned_fallback:
                     warnings.warn(f"AdamMini(fused=True): {fallback}; using the foreach path", stacklevel=3)
                     self._warned_fallback = True
                 batches.setdefault(kind, []).append(batch)
-            if low_rank.params:
-                transformed.append((group, low_rank, params))
+            if transformed_batch.params:
+                transformed.append((group, transformed_batch, transformed_params))
         run_updates(batches)
         for group, batch, params in transformed:  # never compiled: their tensors are new every step
             run_updates({"reference" if group["foreach"] is False and not group["fused"] else "foreach": [batch]})
