@@ -283,7 +283,8 @@ def _text_windows(
     masked = spec.task == "masked-text"
     byte_ids = vocab_size - 1 if masked else vocab_size  # the [MASK] id is vocab_size - 1
     if byte_ids < 2:
-        raise ValueError(f"byte-level text needs vocab_size >= {3 if masked else 2}; model {spec.name!r} has {vocab_size}")
+        raise ValueError(f"byte-level text needs vocab_size >= {3 if masked else 2}; "
+                         f"model {spec.name!r} has {vocab_size}")
     if byte_ids < 256:
         _warn_folded_bytes(spec.name, vocab_size, byte_ids, masked)
         tokens = tokens % byte_ids
@@ -430,7 +431,8 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | Non
     if isinstance(obj, dict):
         missing = {"x", "y"} - set(obj)
         if missing:
-            raise ValueError(f"{path}: the saved dict has no {', '.join(sorted(missing))} (keys: {', '.join(map(str, obj))})")
+            raise ValueError(f"{path}: the saved dict has no {', '.join(sorted(missing))} "
+                             f"(keys: {', '.join(map(str, obj))})")
         mask = _tensor(obj["attention_mask"], path, "attention_mask") if "attention_mask" in obj else None
         return _tensor(obj["x"], path, "x"), _tensor(obj["y"], path, "y"), mask
     if isinstance(obj, (list, tuple)) and obj and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in obj):

@@ -16,7 +16,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .batching import batch_tensors, batch_to, call_model, describe_batch
 
-
 __all__ = [
     "DataFaultError", "HessianSetupError", "check_batches", "check_device", "check_eval_mode",
     "check_gradients", "check_same_loss", "explain_double_backward_failure", "train_mode_modules",

@@ -35,8 +35,8 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
-from .blocks import Block, Partition
 from .batching import batch_to
+from .blocks import Block, Partition
 from .choices import STRATEGIES
 from .guards import (
     HessianSetupError,

@@ -59,7 +59,8 @@ def _read_npz(path: str | Path, fmt: str) -> tuple[dict[str, Any], dict[str, np.
         with archive:
             arrays = {key: archive[key] for key in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise ValueError(f"'{path}' is truncated or damaged ({type(err).__name__}: {err}): write it again, or {fix}") from None
+        raise ValueError(f"'{path}' is truncated or damaged ({type(err).__name__}: {err}): "
+                         f"write it again, or {fix}") from None
     if "meta" not in arrays:
         raise ValueError(f"'{path}' is an .npz archive of other arrays ({', '.join(sorted(arrays)) or 'none'}), "
                          f"not a {fmt} file: {fix}")

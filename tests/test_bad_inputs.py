@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -159,7 +158,8 @@ def test_compare_with_nan_in_the_data_exits_2_naming_the_data_fault(tmp_path, ca
                  "--seeds", "1", "--batch-size", "16", "--val-batches", "1", "--optimizer", "adamw",
                  "--lr", "adamw=1e-3", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hessian-blocks compare: error: the data hold NaN or infinite values") and "diverged" not in err
+    assert (err.startswith("hessian-blocks compare: error: the data hold NaN or infinite values")
+            and "diverged" not in err)
 
 
 # ---------------------------------------------------------------- the command line: spectra and JS
@@ -263,13 +263,14 @@ def test_an_out_path_of_the_wrong_kind_exits_2_before_any_work(tmp_path, capsys,
 def test_partition_couplings_that_is_a_folder_exits_2(tmp_path, capsys):
     assert main(["partition", "--model", "mlp", "--couplings", str(tmp_path), "--out", str(tmp_path / "p.json"),
                  "--no-progress"]) == 2
-    assert f"--couplings {tmp_path} is a folder: give the path of the file to write, e.g. {tmp_path / 'couplings.npz'}" \
-        in capsys.readouterr().err
+    assert f"--couplings {tmp_path} is a folder: give the path of the file to write, e.g. " \
+           f"{tmp_path / 'couplings.npz'}" in capsys.readouterr().err
 
 
 def test_empty_text_data_and_bad_set_values_on_a_user_factory_exit_2_with_the_fix(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    assert main(["js", "--model", "gpt2-nano", "--data", str(tmp_path / "empty.txt"), *FAST, "--out", str(tmp_path)]) == 2
+    assert main(["js", "--model", "gpt2-nano", "--data", str(tmp_path / "empty.txt"), *FAST,
+                 "--out", str(tmp_path)]) == 2
     assert "has 0 bytes; 513 are needed" in capsys.readouterr().err
     assert main(["js", "--model", USER_MODEL, "--set", "hidden=abc", *FAST, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -292,7 +293,8 @@ def test_summary_records_the_density_settings_so_two_summaries_explain_their_js0
     for sigma2, summary in summaries.items():
         assert summary["sigma2"] == sigma2 and summary["grid_points"] == 3000 and summary["rescale_rank"] is None
         spectrum = SpectrumResult.load(source)
-        assert summary["grid_range"] == pytest.approx([spectrum.lambda_min().min() - 1, spectrum.lambda_max().max() + 1])
+        assert summary["grid_range"] == pytest.approx([spectrum.lambda_min().min() - 1,
+                                                       spectrum.lambda_max().max() + 1])
     assert summaries[1e-3]["js0"] > summaries[1e-2]["js0"]  # the broader Gaussians overlap more
 
 

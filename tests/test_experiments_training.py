@@ -83,7 +83,8 @@ def test_a_model_that_does_not_fit_its_data_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"fails on .*: training batch 1 of 4 .*labels fit its output"):
         train_run(_setup("tests.test_experiments_training:plain_net", data=bad_labels), "adamw", 1e-3, 3)
     with_nan = _digits_file(tmp_path / "nan.npz", nan=True)
-    with pytest.raises(ValueError, match=r"the data hold NaN or infinite values: .*training batch 1 of 4, inputs, sample 0"):
+    with pytest.raises(ValueError,
+                       match=r"the data hold NaN or infinite values: .*training batch 1 of 4, inputs, sample 0"):
         train_run(_setup("tests.test_experiments_training:plain_net", data=with_nan), "adamw", 1e-3, 3)
 
 

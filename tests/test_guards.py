@@ -196,7 +196,8 @@ def test_check_batches_names_the_batch_the_field_and_the_sample_of_a_data_fault(
         check_batches(model, F.cross_entropy, bad, "training batch")
     labels = good + [({"features": torch.randn(4, 6), "mask": torch.ones(4, 6)}, torch.tensor([0, 3, 2, 0]))]
     with pytest.raises(ValueError, match=r"fails on batch 2 of 2 \(inputs \{features: \(4, 6\) torch.float32, mask: "
-                                         r"\(4, 6\) torch.float32\}, targets \(4,\) torch.int64\): Target 3 is out of bounds"):
+                                         r"\(4, 6\) torch.float32\}, targets \(4,\) torch.int64\): "
+                                         r"Target 3 is out of bounds"):
         check_batches(model, F.cross_entropy, labels)
     dropout = nn.Sequential(nn.Linear(6, 3), nn.Dropout(0.5)).train()
     batch = (torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))

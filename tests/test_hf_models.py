@@ -112,7 +112,8 @@ def test_dict_batches_with_labels_and_the_output_loss_work_in_block_hessian():
     spec = build_model("hf:LlamaForCausalLM", **LLAMA)
     (inputs, targets), = make_batches(spec, "synthetic", batch_size=3, n_batches=1)
     labelled = {**inputs, "labels": inputs["input_ids"]}
-    own = BlockHessian(spec.model, lambda output, labels: output.loss, [(labelled, inputs["input_ids"])], dtype=torch.float32)
+    own = BlockHessian(spec.model, lambda output, labels: output.loss, [(labelled, inputs["input_ids"])],
+                       dtype=torch.float32)
     ours = BlockHessian(spec.model, spec.loss_fn, [(inputs, targets.masked_fill(torch.arange(5) == 4, -100))],
                         dtype=torch.float32)
     vectors = torch.randn(2, own.size, generator=torch.Generator().manual_seed(0))
@@ -161,7 +162,8 @@ def test_sdpa_attention_asked_for_is_run_on_its_twice_differentiable_backend():
     batches = make_batches(eager, "synthetic", batch_size=2, n_batches=1)
     hessians = [BlockHessian(spec.model, spec.loss_fn, batches) for spec in (eager, sdpa)]
     vectors = torch.randn(1, hessians[0].size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(hessians[1].block_matvec(vectors), hessians[0].block_matvec(vectors), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(hessians[1].block_matvec(vectors), hessians[0].block_matvec(vectors),
+                               rtol=1e-10, atol=1e-13)
 
 
 def test_llama_computes_norms_and_softmax_in_float32():
@@ -184,7 +186,8 @@ def test_a_float64_user_model_is_measured_in_float64():
     assert x.dtype == torch.float64  # the data follows the model
     weight = spec.model[0].weight
     assert not torch.equal(weight, weight.float().double())  # float64 values, not float32 ones cast up
-    assert build_model("tests.test_hf_models:float64_factory", dtype=torch.float32).model[0].weight.dtype == torch.float32
+    assert build_model("tests.test_hf_models:float64_factory",
+                       dtype=torch.float32).model[0].weight.dtype == torch.float32
 
 
 @pytest.mark.slow

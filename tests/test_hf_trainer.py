@@ -160,10 +160,12 @@ def test_compiled_model_uses_the_original_names_for_partitions_and_checkpoints(t
     optimizer.step()
     restored = AdamMini(eager, partition=Partition.load(path, eager), lr=1e-3)
     restored.load_state_dict(optimizer.state_dict())  # a compiled run's checkpoint loads into an eager one
-    assert torch.equal(restored.state[eager.lm_head.weight]["exp_avg"], optimizer.state[eager.lm_head.weight]["exp_avg"])
+    assert torch.equal(restored.state[eager.lm_head.weight]["exp_avg"],
+                       optimizer.state[eager.lm_head.weight]["exp_avg"])
     assert rules_of(AdamMini(compiled).partition) == rules_of(default_partition(eager))
     eager_names = [g["param_names"] for g in optim.make("adam_mini", eager, lr=1e-3, weight_decay=0.1).param_groups]
-    assert [g["param_names"] for g in optim.make("adam_mini", compiled, lr=1e-3, weight_decay=0.1).param_groups] == eager_names
+    assert [g["param_names"]
+            for g in optim.make("adam_mini", compiled, lr=1e-3, weight_decay=0.1).param_groups] == eager_names
     args = training_args(tmp_path)
     assert [g["param_names"] for g in adam_mini_from_training_args(compiled, args).param_groups] == eager_names
     with pytest.raises(ValueError, match="torch.compile wrapper's name: .*pass the compiled module itself"):

@@ -142,7 +142,8 @@ def test_scipy_linear_operator_is_the_full_hessian_by_default_and_block_diagonal
     for operator in (hessian.linear_operator(), hessian.linear_operator("full")):
         top = eigsh(operator, k=2, which="LA", return_eigenvectors=False)
         np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh(full)[-2:], rtol=1e-8)
-    blocks = [full[np.ix_(r, r)] for r in np.split(np.arange(hessian.size), np.cumsum([b.numel for b in hessian.blocks])[:-1])]
+    blocks = [full[np.ix_(r, r)]
+              for r in np.split(np.arange(hessian.size), np.cumsum([b.numel for b in hessian.blocks])[:-1])]
     top_blocks = eigsh(hessian.linear_operator("block_diagonal"), k=1, which="LA", return_eigenvectors=False)[0]
     assert top_blocks == pytest.approx(np.linalg.eigvalsh(block_diag(*blocks)).max(), rel=1e-8)
     assert abs(top_blocks - np.linalg.eigvalsh(full).max()) > 1e-3  # the two operators really differ here

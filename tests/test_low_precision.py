@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from optim.low_precision import (
-    QUANT_BLOCK, dequantize_blockwise, quantization_error_bound, quantize_blockwise, quantized_scale_count,
+    QUANT_BLOCK,
+    dequantize_blockwise,
+    quantization_error_bound,
+    quantize_blockwise,
+    quantized_scale_count,
     stochastic_round_,
 )
 
@@ -14,7 +18,8 @@ from optim.low_precision import (
 @pytest.mark.parametrize("shape", [(3,), (256,), (257,), (40, 33), (2, 3, 129)])
 def test_quantization_error_stays_within_its_bound_in_every_block(shape):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * torch.logspace(-6, 0, math.prod(shape), dtype=torch.float64).view(shape)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64)
+         * torch.logspace(-6, 0, math.prod(shape), dtype=torch.float64).view(shape))
     codes, scales = quantize_blockwise(x)
     assert codes.dtype == torch.int8 and codes.shape == x.shape
     assert scales.shape == (quantized_scale_count(x.numel()),) and scales.dtype == torch.float32
@@ -78,8 +83,8 @@ def test_stochastic_rounding_refuses_other_dtypes():
 
 # -- AdamMini with low-precision state and parameters -------------------------------------------------
 
-from optim import AdamMini, GaLoreMini, state_memory  # noqa: E402
 from hessian_blocks import Partition, Rule  # noqa: E402
+from optim import AdamMini, GaLoreMini, state_memory  # noqa: E402
 
 
 class Quadratic(torch.nn.Module):
@@ -130,7 +135,8 @@ def test_8bit_first_moment_plain_and_foreach_paths_agree_exactly():
     for foreach in (False, True):
         model = Quadratic()
         opt = train(model, 30, lambda t: 0.05, state_dtype=torch.int8, foreach=foreach)
-        results.append((model.a.detach().clone(), opt.state[model.a]["exp_avg"].clone(), opt.state[model.a]["exp_avg_scale"].clone()))
+        results.append((model.a.detach().clone(), opt.state[model.a]["exp_avg"].clone(),
+                        opt.state[model.a]["exp_avg_scale"].clone()))
     assert all(torch.equal(x, y) for x, y in zip(*results))
 
 

@@ -36,8 +36,8 @@ from hessian_blocks.guards import check_batches, check_device
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
 
-__all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "TrainSetup", "best_runs", "make_optimizer", "mean_loss", "run_steps",
-           "train_grid", "train_run"]
+__all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "TrainSetup", "best_runs", "make_optimizer", "mean_loss",
+           "run_steps", "train_grid", "train_run"]
 
 OPTIMIZERS: tuple[str, ...] = optim.OPTIMIZERS  # the one registry (optim.make), re-exported for the experiments
 PARTITIONED: tuple[str, ...] = optim.PARTITIONED  # the optimizers that take a partition

@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning  # one line per warning, without the source line
             return args.run(args)
-    except (ValueError, TypeError, OSError, ImportError, HessianSetupError) as err:  # OSError: unreadable/unwritable paths
+    except (ValueError, TypeError, OSError, ImportError, HessianSetupError) as err:
+        # OSError: unreadable/unwritable paths
         print(f"hessian-blocks {args.command}: error: {err}", file=sys.stderr)
         return 2
 

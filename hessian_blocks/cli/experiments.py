@@ -14,7 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .options import (
-    add_compute_options, add_model_options, add_output_options, check_output_folder, exit_on_interrupt, parse_overrides,
+    add_compute_options,
+    add_model_options,
+    add_output_options,
+    check_output_folder,
+    exit_on_interrupt,
+    parse_overrides,
 )
 
 __all__ = ["add_commands", "run_compare", "run_figures"]

@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from . import ModelSpec, _seeded, cross_entropy_loss
 
-__all__ = ["DEFAULT_CONTEXT", "HF_PREFIX", "MAX_PARAMETERS", "build_hf_model", "logits_cross_entropy", "spec_from_config"]
+__all__ = ["DEFAULT_CONTEXT", "HF_PREFIX", "MAX_PARAMETERS", "build_hf_model", "logits_cross_entropy",
+           "spec_from_config"]
 
 HF_PREFIX = "hf:"
 DEFAULT_CONTEXT = 64  # tokens per sample unless --set context=N
@@ -61,8 +62,10 @@ def build_hf_model(source: str, *, seed: int = 0, **overrides: Any) -> ModelSpec
         config_cls, model_cls, fields = _from_config_file(transformers, source)
     else:
         model_cls = getattr(transformers, source, None)
-        if not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module) and hasattr(model_cls, "config_class")):
-            close = difflib.get_close_matches(source, [n for n in dir(transformers) if n.endswith(("LM", "LMHeadModel"))], n=3)
+        if not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module)
+                and hasattr(model_cls, "config_class")):
+            close = difflib.get_close_matches(source,
+                                              [n for n in dir(transformers) if n.endswith(("LM", "LMHeadModel"))], n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(f"hf:{source}: transformers has no model class {source!r}{hint}; name one like "
                              "hf:LlamaForCausalLM or give the path of a config.json")
@@ -132,7 +135,8 @@ def _from_config_file(transformers, source: str) -> tuple[type, type, dict]:
                          "(or the class you want) to it, or use hf:<ModelClass> with --set")
     model_cls = getattr(transformers, architectures[0], None)
     if model_cls is None:
-        raise ValueError(f"hf:{source}: transformers {transformers.__version__} has no model class {architectures[0]!r}")
+        raise ValueError(f"hf:{source}: transformers {transformers.__version__} has no model class "
+                         f"{architectures[0]!r}")
     fields = {k: v for k, v in fields.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
     return model_cls.config_class, model_cls, fields
 
@@ -175,5 +179,5 @@ def _check_size(model_cls: type, config: Any, label: str) -> None:
         known = _known_fields(type(config))
         shrink = " ".join(f"--set {field}={value}" for field, value in _SMALL.items() if field in known)
         raise ValueError(f"{label} with this config has {count / 1e9:.2f} billion parameters (more than "
-                         f"{MAX_PARAMETERS:.0e}): Transformers' defaults are the full-size model. Make it smaller, e.g. "
-                         f"{shrink}")
+                         f"{MAX_PARAMETERS:.0e}): Transformers' defaults are the full-size model. Make it smaller, "
+                         f"e.g. {shrink}")
