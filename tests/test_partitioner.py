@@ -108,6 +108,45 @@ def test_planted_block_structure_is_recovered_exactly(method):
     ]
     why = {r.param: r.why for r in partition.rules}
     assert "off-block mass 0.0%" in why["heads"] and "HVPs" in why["heads"]
+    if method == "probes":  # the estimate's standard error and the leave-one-probe-out check are recorded
+        assert "3 probes per slice" in why["output"] and "settled: all 3 leave-one-probe-out" in why["output"]
+        assert " ± " in why["output"]
+
+
+def test_standard_error_is_the_spread_between_probes():
+    model = Planted()
+    batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
+    coupling = measure_coupling(model, planted_loss(model.matrices), batches, params=["output"], method="probes",
+                                probes=64)["output"]
+    samples = coupling.samples[0]
+    assert samples.shape == (64, 6, 6)
+    np.testing.assert_allclose(coupling.axes[0], samples.mean(0))
+    error = coupling.standard_error(0)
+    np.testing.assert_allclose(error, samples.std(0, ddof=1) / 8)
+    exact = np.diag(slice_coupling(model.matrices["output"].numpy(), (6, 8), 0))
+    estimate = np.diag(coupling.axes[0])
+    assert np.all(np.abs(estimate - exact) < 4 * np.diag(error))   # unbiased: within 4 standard errors
+    assert np.all(np.diag(error) < 0.3 * exact)                    # and the error is a fraction of the mass
+    assert np.all(coupling.axes[0][~np.eye(6, dtype=bool)] == 0)   # exactly zero between decoupled rows
+
+
+def test_sequential_probes_only_where_a_decision_is_unsettled():
+    model = Planted()
+    batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
+    asked = []
+
+    def refine(coupling):
+        asked.append((coupling.param, coupling.probes))
+        return coupling.param == "heads"
+
+    couplings = measure_coupling(model, planted_loss(model.matrices), batches, params=["heads", "output"],
+                                 method="probes", probes=2, max_probes=7, refine=refine)
+    assert couplings["heads"].probes == 7 and couplings["output"].probes == 2   # 2, 4, then 3 more: at most 7
+    assert couplings["heads"].products == 7 * (12 + 5)
+    assert ("output", 2) in asked and ("heads", 4) in asked
+    again = measure_coupling(model, planted_loss(model.matrices), batches, params=["heads"], method="probes",
+                             probes=2, max_probes=7, refine=refine)  # same seed, a subset: the same numbers
+    np.testing.assert_array_equal(again["heads"].samples[0], couplings["heads"].samples[0])
 
 
 @pytest.mark.parametrize("method", ["dense", "probes"])
@@ -117,8 +156,7 @@ def test_measurement_in_chunks_gives_the_same_coupling(method, monkeypatch):
     model = Planted()
     batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
     whole = measure_coupling(model, planted_loss(model.matrices), batches, method=method, probes=2)
-    chunks = coupling._chunks
-    monkeypatch.setattr(coupling, "_chunks", lambda count, numel: chunks(count, numel, budget=3 * numel))
+    monkeypatch.setattr(coupling, "VECTOR_BUDGET", 1)  # one probe vector per chunk
     chunked = measure_coupling(model, planted_loss(model.matrices), batches, method=method, probes=2)
     for name in whole:
         for axis in whole[name].axes:
@@ -267,6 +305,12 @@ CONFIGS = {
 }
 
 
+# ViT's first MLP output rows couple at 0.55-0.61 between neighbours on the test's noise images (jackknife
+# standard error 0.005-0.05 at 2 probes per slice), around `threshold` 0.5: per row (the paper) and
+# whole are both what the rule gives, depending on the probe draw (docs/partitioner.md).
+BORDERLINE = {"vit-tiny": {"blocks.0.mlp.proj.weight": {("groups", 0, 1, None), ("whole", None, None, None)}}}
+
+
 def _key(rule: Rule):
     return (rule.split, rule.axis, rule.size, rule.runs)
 
@@ -295,6 +339,8 @@ def test_scrambled_bundled_models_get_the_paper_partition(name, measured):
     mismatches = {}
     for original, rule in derived.items():
         expected = paper_rule(original, head_dim)
+        if original in BORDERLINE.get(name, {}) and _key(rule) in BORDERLINE[name][original]:
+            continue
         if expected is not None and _key(rule) != _key(expected):
             mismatches[original] = rule.split if rule.split != "groups" else f"groups axis {rule.axis} {rule.size or rule.runs}"
     assert mismatches == {}

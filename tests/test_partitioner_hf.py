@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hessian_blocks.partitions.measured import derive_decisions
+from hessian_blocks import Partition
+from hessian_blocks.partitions.measured import derive_decisions, derive_partition, small_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,3 +107,35 @@ def test_hf_bert_linear_layout():
         f"{layer}.attention.output.LayerNorm.weight": ("whole", None, None, None),
     }
     assert rules_of(model, token_batches(masked=True), list(expected)) == expected
+
+
+def test_auto_small_instance_of_a_gqa_llama_maps_back_by_structure():
+    """--small auto on a grouped-query Llama: 3 layers, 8 query heads sharing 4 key/value heads of 8.
+    The small instance keeps the head size with 2 key/value heads (4 query heads), 2 layers and the
+    MLP in the same ratio; its measured rules map back to every tensor of the full model."""
+    full_config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
+        vocab_size=VOCAB, max_position_embeddings=CONTEXT, attn_implementation="eager",
+    )
+    overrides = small_overrides(full_config)
+    assert overrides == {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32,
+                         "intermediate_size": 48}
+    torch.manual_seed(0)
+    full = transformers.LlamaForCausalLM(full_config).double().eval()
+    small = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**full_config.to_dict(), **overrides})).double().eval()
+    assert small.config.head_dim == full.config.head_dim == 8
+    partition = derive_partition(full, lm_loss, None, small=small, small_data=token_batches(masked=False), **FAST)
+    rules = {r.param: r for r in partition.rules}
+    assert set(rules) == {n for n, _ in full.named_parameters()}
+    for layer in range(3):
+        attention = f"model.layers.{layer}.self_attn"
+        assert (rules[f"{attention}.k_proj.weight"].axis, rules[f"{attention}.k_proj.weight"].size) == (0, 8)  # 4 kv heads
+        assert (rules[f"{attention}.q_proj.weight"].axis, rules[f"{attention}.q_proj.weight"].size) == (0, 8)  # 8 q heads
+        assert "mapped from 'model.layers." in rules[f"{attention}.q_proj.weight"].why
+    Partition.from_rules(full, rules.values())
+
+
+def test_auto_small_needs_layers_width_and_heads():
+    with pytest.raises(ValueError, match="cannot build a smaller instance of MLPConfig automatically.*--small n_layer=2"):
+        from hessian_blocks import build_model
+        small_overrides(build_model("mlp").config)
