@@ -250,6 +250,25 @@ def test_the_axis_that_keeps_the_most_mass_in_its_blocks_wins():
     assert (decision.rule.split, decision.rule.axis, decision.rule.size) == ("groups", 0, 1)
 
 
+def test_rows_of_stacked_parts_pair_up_and_stay_single():
+    """A fused gate|up weight [2 x 8 rows, 6 columns]: row i couples with row i + 8 (gate with up) far
+    more than with itself; columns couple evenly. Per row leaves 95 % of the mass off its blocks, but
+    1.3 % off the pairs; per column 60 %. Rows win (the pairs are not contiguous: single rows)."""
+    n = 16
+    rows = 0.05 * np.eye(n) + 0.001 * (1 - np.eye(n))
+    rows[np.arange(8), np.arange(8) + 8] = rows[np.arange(8) + 8, np.arange(8)] = 1.0
+    columns = np.full((6, 6), 0.3) + 0.7 * np.eye(6)
+    decision = decide_rule(TensorCoupling("w", (n, 6), "dense", {0: rows, 1: columns}, 0))
+    by_rows = decision.groupings[0]
+    assert by_rows.sizes == [1] * n and by_rows.stacked == 2
+    total = 16 * 0.05 + 16 * 1.0 + 224 * 0.001          # diagonal, the 16 pair entries, the other 224 entries
+    assert by_rows.off_block_mass == pytest.approx((16 + 0.224) / total)
+    assert by_rows.stacked_off_mass == pytest.approx(0.224 / total)
+    assert decision.groupings[1].off_block_mass == pytest.approx(9 / 15) and decision.groupings[1].stacked == 1
+    assert (decision.rule.split, decision.rule.axis, decision.rule.size) == ("groups", 0, 1)
+    assert "slice i with i + 8" in decision.rule.why
+
+
 def test_low_mass_slices_do_not_decide_the_grouping():
     # 8 rows in 2 heads of 4 (inside K = 0.8, between heads 0); two rows of the second head have
     # a tiny diagonal and couple to each other across the heads with K = 50 (noise, indefiniteness)

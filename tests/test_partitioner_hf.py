@@ -139,3 +139,26 @@ def test_auto_small_needs_layers_width_and_heads():
     with pytest.raises(ValueError, match="cannot build a smaller instance of MLPConfig automatically.*--small n_layer=2"):
         from hessian_blocks import build_model
         small_overrides(build_model("mlp").config)
+
+
+def test_phi3_fused_gqa_qkv_and_fused_gate_up():
+    """Phi-3 fuses q|k|v (4 query heads, 2 key/value heads of 8: contiguous) and gate|up (rows
+    [gate; up]) into single Linear weights. q and k per head, v per row; gate|up per row: row i of
+    the gate couples with row i of the up projection (> 99 % of the mass at init), so the rows pair
+    up across the two stacked parts and are single blocks, as separate gate and up weights would be."""
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=CONTEXT, attn_implementation="eager", pad_token_id=0,
+        eos_token_id=0, bos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).double().eval()
+    layer = "model.layers.0"
+    decisions = derive_decisions(model, lm_loss, token_batches(masked=False),
+                                 params=[f"{layer}.self_attn.qkv_proj.weight", f"{layer}.mlp.gate_up_proj.weight"], **FAST)
+    qkv, gate_up = ((d.rule.split, d.rule.axis, d.rule.size, d.rule.runs) for d in decisions)
+    assert qkv == ("groups", 0, None, ((HEAD, HEADS + 2), (1, 2 * HEAD)))
+    assert gate_up == ("groups", 0, 1, None)
+    rows = decisions[1].groupings[0]
+    assert rows.stacked == 2 and rows.off_block_mass > 0.9 and rows.stacked_off_mass < 0.01
+    assert "off the pairs of 2 stacked parts (slice i with i + 48)" in decisions[1].rule.why

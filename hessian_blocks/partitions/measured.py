@@ -84,6 +84,13 @@ class AxisGrouping:
     spread: float = 1.0         # 90th / 10th percentile of the slices' diagonal norms ||H_ii||_F
     cross_error: float = 0.0    # standard errors of cross_coupling and off_block_mass (0: exact)
     off_block_error: float = 0.0
+    stacked: int = 1            # single slices that pair up across this many stacked parts (gate|up rows)
+    stacked_off_mass: float = 1.0  # fraction of the mass outside those pairs' blocks
+
+    @property
+    def kept_off_mass(self) -> float:
+        """The mass the grouping leaves off its blocks, counting stacked pairs as one block."""
+        return min(self.off_block_mass, self.stacked_off_mass)
 
     @property
     def runs(self) -> list[tuple[int, int]]:
@@ -119,11 +126,7 @@ class Decision:
     @property
     def summary(self) -> str:
         """The split in a few words: 'whole', 'elements', 'axis 0: 4 x 8', 'axis 1: 8 x 2, 16 x 1'."""
-        rule = self.rule
-        if rule.split != "groups":
-            return rule.split
-        runs = [(rule.size, self.shape[rule.axis] // rule.size)] if rule.size is not None else list(rule.runs)
-        return f"axis {rule.axis}: " + ", ".join(f"{count} x {size}" for size, count in runs)
+        return _describe(_key(self.rule), self.shape)
 
 
 def check_settings(threshold: float, contrast: float, max_runs: int, mass_threshold: float,
@@ -310,6 +313,25 @@ def _jackknife_error(values: Sequence[float]) -> float:
     return float(np.sqrt((k - 1) / k * np.sum((values - values.mean()) ** 2))) if k > 1 else 0.0
 
 
+def _find_stacked_parts(grouping: AxisGrouping, matrix: np.ndarray, mass_threshold: float, most: int = 4) -> None:
+    """Single slices of an axis that is k equal parts stacked (a fused gate|up weight: row i of the
+    gate couples with row i of the up projection, far more than with anything else): when pairing
+    slice i with i + n/k, i + 2n/k, ... leaves at most ``mass_threshold`` of the mass off those
+    pairs' blocks, the slices are the finest contiguous blocks the pairs allow, and the axis is
+    compared with the others by the mass left off the pairs. Records the fewest parts that do so."""
+    n, total = matrix.shape[0], matrix.sum()
+    for parts in range(2, most + 1):
+        if n % parts or total <= 0:
+            continue
+        width = n // parts
+        folded = matrix.reshape(parts, width, parts, width)
+        paired = np.einsum("aibi->", folded)  # mass between slices with the same index in any two parts
+        off = max(float((total - paired) / total), 0.0)
+        if off <= mass_threshold:
+            grouping.stacked, grouping.stacked_off_mass = parts, off
+            return
+
+
 def _ratios(mass_weight: np.ndarray) -> np.ndarray:
     """Coupling of each link: its mass over its weight, at most 1 (full coupling); 0 without weight."""
     mass, weight = mass_weight
@@ -383,6 +405,10 @@ def _decide(
     if not groupings:  # a single entry
         rule = Rule(coupling.param, "whole", why=f"one entry ({method})")
         return Decision(rule, shape, coupling.method, coupling.products, [], coupling)
+    if len(shape) > 1:
+        for grouping in groupings:
+            if len(grouping.sizes) == shape[grouping.axis] and grouping.off_block_mass > mass_threshold:
+                _find_stacked_parts(grouping, coupling.axes[grouping.axis], mass_threshold)
     evidence = "; ".join(_evidence(g) for g in groupings)
     split = [g for g in groupings if len(g.sizes) > 1]
     single_slices = all(len(g.sizes) == shape[g.axis] for g in groupings)  # every block would be one coordinate
@@ -402,7 +428,7 @@ def _decide(
         rule = Rule(coupling.param, "whole", why=f"no two entries couple strongly, but {off_diagonal:.0%} of the mass "
                                                  f"is off the diagonal (diffuse coupling): {evidence} ({method})")
     else:
-        best = min(split, key=lambda g: (g.off_block_mass, g.cross_coupling, -len(g.sizes), g.axis))
+        best = min(split, key=lambda g: (g.kept_off_mass, g.cross_coupling, -len(g.sizes), g.axis))
         runs = best.runs
         size, runs_field = (runs[0][0], None) if len(runs) == 1 else (None, tuple(runs))
         rule = Rule(coupling.param, "groups", axis=best.axis, size=size, runs=runs_field,
@@ -650,6 +676,10 @@ def _evidence(grouping: AxisGrouping) -> str:
         return f"axis {grouping.axis}: one group (neighbouring slices couple at {cross}{zero})"
     runs = ", ".join(f"{count} x {size}" for size, count in grouping.runs)
     off = f"{grouping.off_block_mass:.1%}" + (f" ± {grouping.off_block_error:.1%}" if grouping.off_block_error else "")
+    if grouping.stacked > 1:
+        width = len(grouping.sizes) // grouping.stacked
+        off += (f", {grouping.stacked_off_mass:.1%} off the pairs of {grouping.stacked} stacked parts "
+                f"(slice i with i + {width})")
     return f"axis {grouping.axis}: {runs} (off-block mass {off}, coupling between groups {cross}{zero})"
 
 
