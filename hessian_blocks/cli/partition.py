@@ -15,6 +15,7 @@ __all__ = ["add_commands", "run_partition"]
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """``hessian-blocks partition``: derive an Adam-mini partition file from the measured Hessian."""
+    from ..partitions.coupling import DENSE_MAX
     from ..partitions.measured import DEFAULT_CONTRAST, DEFAULT_MASS_THRESHOLD, DEFAULT_MAX_RUNS, DEFAULT_MAX_SPREAD, DEFAULT_THRESHOLD
 
     command = commands.add_parser(
@@ -45,7 +46,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--max-probes", type=int, default=8,
                          help="most probes per slice: a tensor whose decision changes without one of its probes gets as "
                               "many probes again, up to this (default: 8; equal to --probes: no second round)")
-    command.add_argument("--dense-max", type=int, default=1024, help="largest tensor measured densely (default: 1024)")
+    command.add_argument("--dense-max", type=int, default=DENSE_MAX,
+                         help=f"largest tensor always measured densely; larger ones only where dense needs no more "
+                              f"products than the first round of probes (default: {DENSE_MAX})")
     command.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the probes (default: 0)")
     add_compute_options(command, dtype="float32")
     add_output_options(command, Path("partition.json"), what="partition file to write")
@@ -65,12 +68,12 @@ def run_partition(args: argparse.Namespace) -> int:
     from ..data import make_batches
     from ..models import build_model
     from ..partitions.coupling import load_couplings, measure_coupling, planned_products, save_couplings
-    from ..partitions.measured import check_settings, decide_rule, map_rules, small_overrides
+    from ..partitions.measured import Decider, map_rules, small_overrides
 
     check_device(args.device)
     decision = dict(threshold=args.threshold, contrast=args.contrast, max_runs=args.max_runs,
                     mass_threshold=args.mass_threshold, max_spread=args.max_spread)
-    check_settings(**decision)
+    decide = Decider(**decision)
     dtype = torch_dtype(args.dtype)
     overrides = parse_overrides(args.set)
     spec = build_model(args.model, seed=args.seed, **overrides)
@@ -101,13 +104,13 @@ def run_partition(args: argparse.Namespace) -> int:
                   disable=args.no_progress, file=sys.stderr) as bar:
             couplings = measure_coupling(
                 measured.model, measured.loss_fn, batches, method=args.method, probes=args.probes,
-                max_probes=args.max_probes, refine=lambda c: not decide_rule(c, **decision).settled,
+                max_probes=args.max_probes, refine=decide.unsettled,
                 dense_max=args.dense_max, seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy,
                 progress=advance,
             )
         if args.couplings is not None:
             save_couplings(couplings, args.couplings, settings=measurement)
-    decisions = [decide_rule(c, **decision) for c in couplings.values()]
+    decisions = [decide(c) for c in couplings.values()]
     rules = [d.rule for d in decisions]
     if args.small:
         rules = map_rules(measured.model, rules, spec.model)

@@ -51,6 +51,7 @@ from ..hvp import BlockHessian
 
 METHODS = ("auto", "dense", "probes")
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+DENSE_MAX = 256  # tensors up to this many entries are measured densely (exact), larger ones when dense is no dearer
 VECTOR_BUDGET = 1 << 24  # entries of one chunk of probe vectors ([vectors, selected coordinates])
 
 
@@ -94,7 +95,7 @@ class TensorCoupling:
                 for k in range(count)]
 
 
-def planned_products(shape: Sequence[int], method: str = "auto", probes: int = 2, dense_max: int = 1024) -> int:
+def planned_products(shape: Sequence[int], method: str = "auto", probes: int = 2, dense_max: int = DENSE_MAX) -> int:
     """Hessian-vector products :func:`measure_coupling` spends on a tensor of ``shape`` before refining."""
     shape = tuple(int(n) for n in shape)
     if _choose_method(shape, method, probes, dense_max) == "dense":
@@ -112,7 +113,7 @@ def measure_coupling(
     probes: int = 2,
     max_probes: int | None = None,
     refine: Callable[[TensorCoupling], bool] | None = None,
-    dense_max: int = 1024,
+    dense_max: int = DENSE_MAX,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -328,5 +329,5 @@ def _run(hessian: BlockHessian, jobs: list, progress: Callable[[int], None] | No
             progress(sum(min(stop, job.count) - start for job in active))
 
 
-__all__ = ["METHODS", "TensorCoupling", "load_couplings", "measure_coupling", "planned_products", "save_couplings",
+__all__ = ["DENSE_MAX", "METHODS", "TensorCoupling", "load_couplings", "measure_coupling", "planned_products", "save_couplings",
            "slice_coupling"]

@@ -456,10 +456,30 @@ def derive_decisions(
     not settled (see :func:`decide_rule`) gets as many probes again, until it is settled or has
     ``max_probes`` per slice.
     """
-    check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
-    settings = (threshold, contrast, max_runs, mass_threshold, max_spread)
-    couplings = measure_coupling(model, loss_fn, data, refine=lambda c: not decide_rule(c, *settings).settled, **measure)
-    return [decide_rule(c, *settings) for c in couplings.values()]
+    decide = Decider(threshold=threshold, contrast=contrast, max_runs=max_runs, mass_threshold=mass_threshold,
+                     max_spread=max_spread)
+    couplings = measure_coupling(model, loss_fn, data, refine=decide.unsettled, **measure)
+    return [decide(c) for c in couplings.values()]
+
+
+class Decider:
+    """:func:`decide_rule` with fixed settings, keeping each tensor's latest decision: the check that
+    asks a sequential measurement for more probes has already decided the final estimate."""
+
+    def __init__(self, **settings: Any):
+        check_settings(**settings)
+        self.settings = settings
+        self._latest: dict[str, Decision] = {}
+
+    def __call__(self, coupling: TensorCoupling) -> Decision:
+        latest = self._latest.get(coupling.param)
+        if latest is None or latest.coupling is not coupling:
+            latest = self._latest[coupling.param] = decide_rule(coupling, **self.settings)
+        return latest
+
+    def unsettled(self, coupling: TensorCoupling) -> bool:
+        """Whether the decision changes without one of the probes (a ``refine`` for measure_coupling)."""
+        return not self(coupling).settled
 
 
 def derive_partition(
@@ -489,7 +509,7 @@ def derive_partition(
             (10: largest 90th/10th percentile ratio of the diagonal for which a near-diagonal
             Hessian is one block), and the
             measurement options of :func:`~hessian_blocks.partitions.coupling.measure_coupling` (``method``,
-            ``probes`` = 4, ``dense_max`` = 1024, ``seed``, ``dtype``, ``device``, ``strategy``,
+            ``probes`` = 2, ``max_probes``, ``dense_max`` = 256, ``seed``, ``dtype``, ``device``, ``strategy``,
             ``progress``).
     """
     if "params" in settings:
@@ -683,5 +703,5 @@ def _evidence(grouping: AxisGrouping) -> str:
     return f"axis {grouping.axis}: {runs} (off-block mass {off}, coupling between groups {cross}{zero})"
 
 
-__all__ = ["DEFAULT_THRESHOLD", "AxisGrouping", "Decision", "decide_rule", "derive_decisions", "derive_partition",
+__all__ = ["DEFAULT_THRESHOLD", "AxisGrouping", "Decider", "Decision", "decide_rule", "derive_decisions", "derive_partition",
            "group_axis", "map_rules", "small_overrides"]
