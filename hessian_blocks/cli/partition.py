@@ -96,8 +96,7 @@ def run_partition(args: argparse.Namespace) -> int:
         planned = sum(planned_products(shape, args.method, args.probes, args.dense_max) for shape in shapes.values())
 
         def advance(products: int) -> None:
-            if bar.n + products > bar.total:  # a refining round: more products than first planned
-                bar.total = bar.n + products
+            bar.total = max(bar.total, bar.n + products)  # a refining round: more products than first planned
             bar.update(products)
 
         with tqdm(total=planned, desc=f"{args.model}: measuring {len(shapes)} tensors", unit="HVP",
