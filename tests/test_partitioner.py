@@ -513,3 +513,17 @@ def test_cli_partition_writes_a_file_adam_mini_reads(tmp_path, capsys):
     optimizer = AdamMini(model, partition=str(out), lr=1e-3)
     assert optimizer.partition.param_shapes == Partition.load(out, model).param_shapes
     assert main(args + ["--threshold", "0"]) == 2  # a clear error, no traceback
+
+
+def test_cli_partition_small_auto(tmp_path, capsys):
+    out = tmp_path / "partition.json"
+    args = ["partition", "--model", "gpt2-nano", "--set", "n_layer=3", "--set", "n_embd=16", "--set", "n_head=4",
+            "--set", "vocab_size=32", "--set", "context=8", "--data", "synthetic", "--no-progress", "--out", str(out)]
+    assert main(args + ["--small", "auto"]) == 0
+    assert "measured on the smaller instance n_layer=2 n_head=2 n_embd=8" in capsys.readouterr().out
+    rules = {r["param"]: r for r in json.loads(out.read_text())["rules"]}
+    assert len(rules) == 3 * 16 + 5 and all(rules[f"blocks.{i}.attn.q_proj.weight"]["why"].startswith("mapped from")
+                                            for i in range(3))
+    assert main(["partition", "--model", "mlp", "--small", "auto", "--out", str(tmp_path / "mlp.json")]) == 2
+    assert "cannot build a smaller instance of MLPConfig automatically" in capsys.readouterr().err
+    assert not (tmp_path / "mlp.json").exists()

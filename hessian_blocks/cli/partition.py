@@ -131,8 +131,9 @@ def run_partition(args: argparse.Namespace) -> int:
         "split": [d.summary + ("" if d.settled else " (undecided)") for d in decisions],
         "evidence": [d.evidence for d in decisions],
     })
-    measured_on = (f" (measured on the smaller instance {' '.join(f'{k}={v}' for k, v in small.items())})"
-                   if args.small else "")
+    measured_on = "" if not args.small else (
+        f" (measured on the smaller instance {' '.join(f'{k}={v}' for k, v in small.items())})" if small
+        else " (--small auto: the model is already that small, measured itself)")
     undecided = [d.rule.param for d in decisions if not d.settled]
     if undecided:
         print(f"warning: {len(undecided)} decision(s) change without one of their probes (UNDECIDED in the evidence: "
