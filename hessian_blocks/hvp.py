@@ -8,7 +8,9 @@ with n_i the number of samples in batch i (the leading dimension of its targets)
 the batch mean. :class:`BlockHessian` lays the coordinates of the selected blocks out one after
 another (P coordinates) and offers two products on [K, P] tensors of K vectors:
 
-* :meth:`BlockHessian.block_matvec`: block-diagonal product, H_bb v_b for every block b;
+* :meth:`BlockHessian.block_matvec`: block-diagonal product, H_bb v_b for every block b (a
+  vector whose part v_b is zero costs nothing for block b: one vector may carry independent probes
+  of many blocks, and each block's product is computed only where its part is non-zero);
 * :meth:`BlockHessian.matvec`: the Hessian restricted to all selected coordinates (the full-model
   Hessian when every parameter is selected).
 
@@ -310,6 +312,7 @@ class BlockHessian:
         """Papers' method: a shared double-backward graph per batch, one backward per (block, vector)."""
         layout, result = self.layout, torch.zeros_like(vectors)
         names = layout.params
+        active = self._active_pairs(vectors)
         for weight, (inputs, targets) in zip(weights, batches):
             leaves = self._leaves(names)
             grads = dict(zip(names, torch.autograd.grad(
@@ -318,7 +321,7 @@ class BlockHessian:
             for b, block in enumerate(layout.blocks):
                 span, flat = layout.block_range(b), layout.block_flat[b]
                 grad_b = grads[block.param].reshape(-1)[flat]
-                for k in range(vectors.shape[0]):
+                for k in active[b]:
                     (hv,) = torch.autograd.grad(grad_b @ vectors[k, span], leaves[block.param], retain_graph=True)
                     result[k, span] += weight * hv.reshape(-1)[flat]
                 if first_only:
@@ -344,7 +347,7 @@ class BlockHessian:
         """Forward-over-reverse, vmapped over block-masked tangents, chunked."""
         layout, result = self.layout, torch.zeros_like(vectors)
         n_vectors = vectors.shape[0]
-        pairs = [(b, k) for b in range(len(layout.blocks)) for k in range(n_vectors)]
+        pairs = [(b, k) for b, ks in enumerate(self._active_pairs(vectors)) for k in ks]
         for chunk in self._chunks(pairs):
             block_ids = torch.tensor([b for b, _ in chunk], device=self.device)
             vector_ids = torch.tensor([k for _, k in chunk], device=self.device)
@@ -375,6 +378,11 @@ class BlockHessian:
                     layout.add_gathered(part, name, weight * products[name].reshape(len(chunk), -1))
                 result[chunk] += part
         return result
+
+    def _active_pairs(self, vectors: torch.Tensor) -> list[list[int]]:
+        """For each block, the vectors that are not zero on it (a zero part has a zero product: skipped)."""
+        nonzero = torch.stack([vectors[:, self.layout.block_range(b)].ne(0).any(1) for b in range(len(self.layout.blocks))])
+        return [row.nonzero().flatten().tolist() for row in nonzero.cpu()]
 
     def _vmapped_hvp(self, names: list[str], tangents: dict, inputs: Any, targets: torch.Tensor) -> dict:
         primals = {n: self.params[n] for n in names}

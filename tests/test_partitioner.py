@@ -28,7 +28,7 @@ from hessian_blocks.partitions.coupling import (
 )
 from hessian_blocks.partitions.measured import decide_rule, derive_decisions, derive_partition, group_axis, map_rules
 
-FAST = dict(dtype=torch.float32, strategy="vmap", probes=2, dense_max=256)
+FAST = dict(dtype=torch.float32, strategy="vmap", probes=2, max_probes=8, dense_max=256)
 
 
 # ---------------------------------------------------------------- a planted Hessian
@@ -115,6 +115,45 @@ def test_planted_block_structure_is_recovered_exactly(method):
     ]
     why = {r.param: r.why for r in partition.rules}
     assert "off-block mass 0.0%" in why["heads"] and "HVPs" in why["heads"]
+    if method == "probes":  # the estimate's standard error and the leave-one-probe-out check are recorded
+        assert "3 probes per slice" in why["output"] and "settled: all 3 leave-one-probe-out" in why["output"]
+        assert " ± " in why["output"]
+
+
+def test_standard_error_is_the_spread_between_probes():
+    model = Planted()
+    batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
+    coupling = measure_coupling(model, planted_loss(model.matrices), batches, params=["output"], method="probes",
+                                probes=64)["output"]
+    samples = coupling.samples[0]
+    assert samples.shape == (64, 6, 6)
+    np.testing.assert_allclose(coupling.axes[0], samples.mean(0))
+    error = coupling.standard_error(0)
+    np.testing.assert_allclose(error, samples.std(0, ddof=1) / 8)
+    exact = np.diag(slice_coupling(model.matrices["output"].numpy(), (6, 8), 0))
+    estimate = np.diag(coupling.axes[0])
+    assert np.all(np.abs(estimate - exact) < 4 * np.diag(error))   # unbiased: within 4 standard errors
+    assert np.all(np.diag(error) < 0.3 * exact)                    # and the error is a fraction of the mass
+    assert np.all(coupling.axes[0][~np.eye(6, dtype=bool)] == 0)   # exactly zero between decoupled rows
+
+
+def test_sequential_probes_only_where_a_decision_is_unsettled():
+    model = Planted()
+    batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
+    asked = []
+
+    def refine(coupling):
+        asked.append((coupling.param, coupling.probes))
+        return coupling.param == "heads"
+
+    couplings = measure_coupling(model, planted_loss(model.matrices), batches, params=["heads", "output"],
+                                 method="probes", probes=2, max_probes=7, refine=refine)
+    assert couplings["heads"].probes == 7 and couplings["output"].probes == 2   # 2, 4, then 3 more: at most 7
+    assert couplings["heads"].products == 7 * (12 + 5)
+    assert ("output", 2) in asked and ("heads", 4) in asked
+    again = measure_coupling(model, planted_loss(model.matrices), batches, params=["heads"], method="probes",
+                             probes=2, max_probes=7, refine=refine)  # same seed, a subset: the same numbers
+    np.testing.assert_array_equal(again["heads"].samples[0], couplings["heads"].samples[0])
 
 
 @pytest.mark.parametrize("method", ["dense", "probes"])
@@ -124,8 +163,7 @@ def test_measurement_in_chunks_gives_the_same_coupling(method, monkeypatch):
     model = Planted()
     batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
     whole = measure_coupling(model, planted_loss(model.matrices), batches, method=method, probes=2)
-    chunks = coupling._chunks
-    monkeypatch.setattr(coupling, "_chunks", lambda count, numel: chunks(count, numel, budget=3 * numel))
+    monkeypatch.setattr(coupling, "VECTOR_BUDGET", 1)  # one probe vector per chunk
     chunked = measure_coupling(model, planted_loss(model.matrices), batches, method=method, probes=2)
     for name in whole:
         for axis in whole[name].axes:
@@ -220,6 +258,25 @@ def test_the_axis_that_keeps_the_most_mass_in_its_blocks_wins():
     assert (decision.rule.split, decision.rule.axis, decision.rule.size) == ("groups", 0, 1)
 
 
+def test_rows_of_stacked_parts_pair_up_and_stay_single():
+    """A fused gate|up weight [2 x 8 rows, 6 columns]: row i couples with row i + 8 (gate with up) far
+    more than with itself; columns couple evenly. Per row leaves 95 % of the mass off its blocks, but
+    1.3 % off the pairs; per column 60 %. Rows win (the pairs are not contiguous: single rows)."""
+    n = 16
+    rows = 0.05 * np.eye(n) + 0.001 * (1 - np.eye(n))
+    rows[np.arange(8), np.arange(8) + 8] = rows[np.arange(8) + 8, np.arange(8)] = 1.0
+    columns = np.full((6, 6), 0.3) + 0.7 * np.eye(6)
+    decision = decide_rule(TensorCoupling("w", (n, 6), "dense", {0: rows, 1: columns}, 0))
+    by_rows = decision.groupings[0]
+    assert by_rows.sizes == [1] * n and by_rows.stacked == 2
+    total = 16 * 0.05 + 16 * 1.0 + 224 * 0.001          # diagonal, the 16 pair entries, the other 224 entries
+    assert by_rows.off_block_mass == pytest.approx((16 + 0.224) / total)
+    assert by_rows.stacked_off_mass == pytest.approx(0.224 / total)
+    assert decision.groupings[1].off_block_mass == pytest.approx(9 / 15) and decision.groupings[1].stacked == 1
+    assert (decision.rule.split, decision.rule.axis, decision.rule.size) == ("groups", 0, 1)
+    assert "slice i with i + 8" in decision.rule.why
+
+
 def test_low_mass_slices_do_not_decide_the_grouping():
     # 8 rows in 2 heads of 4 (inside K = 0.8, between heads 0); two rows of the second head have
     # a tiny diagonal and couple to each other across the heads with K = 50 (noise, indefiniteness)
@@ -276,6 +333,12 @@ CONFIGS = {
 }
 
 
+# ViT's first MLP output rows couple at 0.55-0.61 between neighbours on the test's noise images (jackknife
+# standard error 0.005-0.05 at 2 probes per slice), around `threshold` 0.5: per row (the paper) and
+# whole are both what the rule gives, depending on the probe draw (docs/partitioner.md).
+BORDERLINE = {"vit-tiny": {"blocks.0.mlp.proj.weight": {("groups", 0, 1, None), ("whole", None, None, None)}}}
+
+
 def _key(rule: Rule):
     return (rule.split, rule.axis, rule.size, rule.runs)
 
@@ -304,11 +367,28 @@ def test_scrambled_bundled_models_get_the_paper_partition(name, measured):
     mismatches = {}
     for original, rule in derived.items():
         expected = paper_rule(original, head_dim)
+        if original in BORDERLINE.get(name, {}) and _key(rule) in BORDERLINE[name][original]:
+            continue
         if expected is not None and _key(rule) != _key(expected):
             mismatches[original] = (rule.split if rule.split != "groups"
                                     else f"groups axis {rule.axis} {rule.size or rule.runs}")
     assert mismatches == {}
     assert all(d.rule.why and "axis" in d.rule.why and "HVPs" in d.rule.why for d in decisions)
+
+
+@pytest.mark.parametrize("name", ["gpt2-nano", "bert-mini"])
+def test_decisions_are_the_same_for_other_probe_seeds(name, measured):
+    """The probes are the only random part of a measurement: seeds 1 and 2 give every tensor of the
+    scrambled model the rule of seed 0, each settled (no probe changes it). (ViT's borderline
+    tensor, see BORDERLINE, is not stable over seeds.)"""
+    spec, scrambled, decisions = measured(name)
+    batches = make_batches(spec, "synthetic", batch_size=8, n_batches=1, dtype=torch.float64)
+    first = {d.rule.param: _key(d.rule) for d in decisions}
+    assert all(d.settled for d in decisions)
+    for seed in (1, 2):
+        again = derive_decisions(scrambled, spec.loss_fn, batches, seed=seed, **FAST)
+        assert {d.rule.param: _key(d.rule) for d in again} == first
+        assert all(d.settled for d in again)
 
 
 def test_adam_mini_with_the_derived_partition_trains_like_the_paper_partition(measured):
@@ -445,3 +525,17 @@ def test_cli_partition_writes_a_file_adam_mini_reads(tmp_path, capsys):
     optimizer = AdamMini(model, partition=str(out), lr=1e-3)
     assert optimizer.partition.param_shapes == Partition.load(out, model).param_shapes
     assert main(args + ["--threshold", "0"]) == 2  # a clear error, no traceback
+
+
+def test_cli_partition_small_auto(tmp_path, capsys):
+    out = tmp_path / "partition.json"
+    args = ["partition", "--model", "gpt2-nano", "--set", "n_layer=3", "--set", "n_embd=16", "--set", "n_head=4",
+            "--set", "vocab_size=32", "--set", "context=8", "--data", "synthetic", "--no-progress", "--out", str(out)]
+    assert main(args + ["--small", "auto"]) == 0
+    assert "measured on the smaller instance n_layer=2 n_head=2 n_embd=8" in capsys.readouterr().out
+    rules = {r["param"]: r for r in json.loads(out.read_text())["rules"]}
+    assert len(rules) == 3 * 16 + 5 and all(rules[f"blocks.{i}.attn.q_proj.weight"]["why"].startswith("mapped from")
+                                            for i in range(3))
+    assert main(["partition", "--model", "mlp", "--small", "auto", "--out", str(tmp_path / "mlp.json")]) == 2
+    assert "cannot build a smaller instance of MLPConfig automatically" in capsys.readouterr().err
+    assert not (tmp_path / "mlp.json").exists()

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hessian_blocks.partitions.measured import derive_decisions
+from hessian_blocks import Partition
+from hessian_blocks.partitions.measured import derive_decisions, derive_partition, small_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,3 +108,58 @@ def test_hf_bert_linear_layout():
         f"{layer}.attention.output.LayerNorm.weight": ("whole", None, None, None),
     }
     assert rules_of(model, token_batches(masked=True), list(expected)) == expected
+
+
+def test_auto_small_instance_of_a_gqa_llama_maps_back_by_structure():
+    """--small auto on a grouped-query Llama: 3 layers, 8 query heads sharing 4 key/value heads of 8.
+    The small instance keeps the head size with 2 key/value heads (4 query heads), 2 layers and the
+    MLP in the same ratio; its measured rules map back to every tensor of the full model."""
+    full_config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
+        vocab_size=VOCAB, max_position_embeddings=CONTEXT, attn_implementation="eager",
+    )
+    overrides = small_overrides(full_config)
+    assert overrides == {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32,
+                         "intermediate_size": 48}
+    torch.manual_seed(0)
+    full = transformers.LlamaForCausalLM(full_config).double().eval()
+    small = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**full_config.to_dict(), **overrides})).double().eval()
+    assert small.config.head_dim == full.config.head_dim == 8
+    partition = derive_partition(full, lm_loss, None, small=small, small_data=token_batches(masked=False), **FAST)
+    rules = {r.param: r for r in partition.rules}
+    assert set(rules) == {n for n, _ in full.named_parameters()}
+    for layer in range(3):
+        attention = f"model.layers.{layer}.self_attn"
+        assert (rules[f"{attention}.k_proj.weight"].axis, rules[f"{attention}.k_proj.weight"].size) == (0, 8)  # 4 kv heads
+        assert (rules[f"{attention}.q_proj.weight"].axis, rules[f"{attention}.q_proj.weight"].size) == (0, 8)  # 8 q heads
+        assert "mapped from 'model.layers." in rules[f"{attention}.q_proj.weight"].why
+    Partition.from_rules(full, rules.values())
+
+
+def test_auto_small_needs_layers_width_and_heads():
+    with pytest.raises(ValueError, match="cannot build a smaller instance of MLPConfig automatically.*--small n_layer=2"):
+        from hessian_blocks import build_model
+        small_overrides(build_model("mlp").config)
+
+
+def test_phi3_fused_gqa_qkv_and_fused_gate_up():
+    """Phi-3 fuses q|k|v (4 query heads, 2 key/value heads of 8: contiguous) and gate|up (rows
+    [gate; up]) into single Linear weights. q and k per head, v per row; gate|up per row: row i of
+    the gate couples with row i of the up projection (> 99 % of the mass at init), so the rows pair
+    up across the two stacked parts and are single blocks, as separate gate and up weights would be."""
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=CONTEXT, attn_implementation="eager", pad_token_id=0,
+        eos_token_id=0, bos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).double().eval()
+    layer = "model.layers.0"
+    decisions = derive_decisions(model, lm_loss, token_batches(masked=False),
+                                 params=[f"{layer}.self_attn.qkv_proj.weight", f"{layer}.mlp.gate_up_proj.weight"], **FAST)
+    qkv, gate_up = ((d.rule.split, d.rule.axis, d.rule.size, d.rule.runs) for d in decisions)
+    assert qkv == ("groups", 0, None, ((HEAD, HEADS + 2), (1, 2 * HEAD)))
+    assert gate_up == ("groups", 0, 1, None)
+    rows = decisions[1].groupings[0]
+    assert rows.stacked == 2 and rows.off_block_mass > 0.9 and rows.stacked_off_mass < 0.01
+    assert "off the pairs of 2 stacked parts (slice i with i + 48)" in decisions[1].rule.why

@@ -49,15 +49,17 @@ def add_model_options(parser: argparse.ArgumentParser, *, repeatable: bool = Fal
     return group
 
 
-def add_compute_options(parser: argparse.ArgumentParser, *, products: bool = True) -> argparse._ArgumentGroup:
-    """``--device`` (and ``--dtype``, ``--strategy`` of the Hessian-vector products where ``products``)."""
+def add_compute_options(parser: argparse.ArgumentParser, *, products: bool = True,
+                        dtype: str = "float64") -> argparse._ArgumentGroup:
+    """``--device`` (and ``--dtype`` with default ``dtype``, ``--strategy`` of the Hessian-vector products where
+    ``products``)."""
     from ..choices import STRATEGIES
 
     group = parser.add_argument_group("compute")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     if products:
-        group.add_argument("--dtype", choices=DTYPE_NAMES, default="float64",
-                           help="precision of the products (default: float64)")
+        group.add_argument("--dtype", choices=DTYPE_NAMES, default=dtype,
+                           help=f"precision of the products (default: {dtype})")
         group.add_argument("--strategy", choices=STRATEGIES, default="auto",
                            help="block Hessian-vector product strategy (default: auto)")
     return group

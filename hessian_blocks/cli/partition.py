@@ -28,6 +28,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         DEFAULT_MAX_RUNS,
         DEFAULT_MAX_SPREAD,
         DEFAULT_THRESHOLD,
+        DENSE_MAX,
     )
 
     command = commands.add_parser(
@@ -36,9 +37,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "through the Hessian and write the partition file that optim.AdamMini(partition=...) reads.",
     )
     add_model_options(command, required=True)
-    command.add_argument("--small", action="append", default=[], metavar="FIELD=VALUE",
+    command.add_argument("--small", action="append", default=[], metavar="FIELD=VALUE|auto",
                          help="measure a smaller instance built with these extra overrides (e.g. --small n_layer=2 "
-                              "--small n_embd=128, same head size) and map its rules to the full model")
+                              "--small n_embd=128, same head size) and map its rules to the full model; 'auto': at most "
+                              "2 layers, 2 key/value heads, the same head size (further FIELD=VALUE apply on top)")
     command.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                          help="coupling between blocks above which an axis stays one block (default: "
                               f"{DEFAULT_THRESHOLD})")
@@ -57,10 +59,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                               f"instead of slices; default: {DEFAULT_MASS_THRESHOLD})")
     command.add_argument("--method", choices=("auto", "dense", "probes"), default="auto",
                          help="how to measure (default: auto)")
-    command.add_argument("--probes", type=int, default=4, help="Rademacher probes per slice (default: 4)")
-    command.add_argument("--dense-max", type=int, default=1024, help="largest tensor measured densely (default: 1024)")
+    command.add_argument("--probes", type=int, default=2,
+                         help="Rademacher probes per slice in the first round (default: 2)")
+    command.add_argument("--max-probes", type=int, default=8,
+                         help="most probes per slice: a tensor whose decision changes without one of its probes gets "
+                              "as many probes again, up to this (default: 8; equal to --probes: no second round)")
+    command.add_argument("--dense-max", type=int, default=DENSE_MAX,
+                         help="largest tensor always measured densely; larger ones only where dense needs no more "
+                              f"products than the first round of probes (default: {DENSE_MAX})")
     command.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the probes (default: 0)")
-    add_compute_options(command)
+    add_compute_options(command, dtype="float32")
     add_output_options(command, Path("partition.json"), what="partition file to write")
     command.add_argument("--couplings", type=Path, metavar="NPZ",
                          help="keep the measured couplings in this file: read when it exists (deciding again with "
@@ -80,8 +88,8 @@ def run_partition(args: argparse.Namespace) -> int:
     from ..data import make_batches
     from ..guards import check_device
     from ..models import build_model
-    from ..partitions.coupling import load_couplings, measure_coupling, save_couplings
-    from ..partitions.measured import check_settings, decide_rule, map_rules
+    from ..partitions.coupling import load_couplings, measure_coupling, planned_products, save_couplings
+    from ..partitions.measured import Decider, map_rules, small_overrides
 
     check_device(args.device)
     check_output_file(args.out, "--out", "partition.json")
@@ -89,18 +97,22 @@ def run_partition(args: argparse.Namespace) -> int:
         check_output_file(args.couplings, "--couplings", "couplings.npz")
     decision = dict(threshold=args.threshold, contrast=args.contrast, max_runs=args.max_runs,
                     mass_threshold=args.mass_threshold, max_spread=args.max_spread)
-    check_settings(**decision)
+    decide = Decider(**decision)
     dtype = torch_dtype(args.dtype)
     overrides = parse_overrides(args.set)
     spec = build_model(args.model, seed=args.seed, **overrides)
     note_eval_mode(args.model, spec.model)
-    measured = build_model(args.model, seed=args.seed,
-                           **{**overrides, **parse_overrides(args.small)}) if args.small else spec
+    if args.max_probes < args.probes:
+        raise ValueError(f"--max-probes ({args.max_probes}) must be at least --probes ({args.probes})")
+    small = parse_overrides([pair for pair in args.small if pair != "auto"])
+    if "auto" in args.small:
+        small = {**small_overrides(spec.config), **small}
+    measured = build_model(args.model, seed=args.seed, **{**overrides, **small}) if args.small else spec
     batches = make_batches(measured, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed,
                            dtype=dtype)
     shapes = {name: tuple(p.shape) for name, p in measured.model.named_parameters() if p.requires_grad}
     measurement = {key: getattr(args, key) for key in ("model", "set", "small", "data", "batches", "batch_size",
-                                                       "method", "probes", "dense_max", "seed", "dtype")}
+                                                       "method", "probes", "max_probes", "dense_max", "seed", "dtype")}
     if args.couplings is not None and args.couplings.exists():
         couplings = load_couplings(args.couplings, settings=measurement)
         if {name: c.shape for name, c in couplings.items()} != shapes:
@@ -108,17 +120,23 @@ def run_partition(args: argparse.Namespace) -> int:
                              "path")
         print(f"couplings read from {args.couplings} (nothing measured)", file=sys.stderr)
     else:
-        with tqdm(total=len(shapes), desc=f"{args.model}: measuring {len(shapes)} tensors", unit="tensor",
+        planned = sum(planned_products(shape, args.method, args.probes, args.dense_max) for shape in shapes.values())
+
+        def advance(products: int) -> None:
+            bar.total = max(bar.total, bar.n + products)  # a refining round: more products than first planned
+            bar.update(products)
+
+        with tqdm(total=planned, desc=f"{args.model}: measuring {len(shapes)} tensors", unit="HVP",
                   disable=args.no_progress, file=sys.stderr) as bar:
             couplings = measure_coupling(
                 measured.model, measured.loss_fn, batches, method=args.method, probes=args.probes,
-                dense_max=args.dense_max,
-                seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy,
-                progress=lambda _: bar.update(1),
+                max_probes=args.max_probes, refine=decide.unsettled,
+                dense_max=args.dense_max, seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy,
+                progress=advance,
             )
         if args.couplings is not None:
             save_couplings(couplings, args.couplings, settings=measurement)
-    decisions = [decide_rule(c, **decision) for c in couplings.values()]
+    decisions = [decide(c) for c in couplings.values()]
     rules = [d.rule for d in decisions]
     if args.small:
         rules = map_rules(measured.model, rules, spec.model)
@@ -138,10 +156,17 @@ def run_partition(args: argparse.Namespace) -> int:
     table = pd.DataFrame({
         "parameter": [d.rule.param for d in decisions],
         "shape": ["x".join(map(str, d.shape)) for d in decisions],
-        "split": [d.summary for d in decisions],
+        "split": [d.summary + ("" if d.settled else " (undecided)") for d in decisions],
         "evidence": [d.evidence for d in decisions],
     })
-    measured_on = f" (measured on the smaller instance {' '.join(args.small)})" if args.small else ""
+    measured_on = "" if not args.small else (
+        f" (measured on the smaller instance {' '.join(f'{k}={v}' for k, v in small.items())})" if small
+        else " (--small auto: the model is already that small, measured itself)")
+    undecided = [d.rule.param for d in decisions if not d.settled]
+    if undecided:
+        print(f"warning: {len(undecided)} decision(s) change without one of their probes (UNDECIDED in the evidence: "
+              f"{', '.join(undecided[:5])}{' ...' if len(undecided) > 5 else ''}); the rule of the full estimate is "
+              f"written. Raise --max-probes (now {args.max_probes}) to settle them.", file=sys.stderr)
     print(f"\n{args.model}: {len(partition.blocks)} blocks over {len(rules)} tensors{measured_on}")
     print(table.to_string(index=False, max_colwidth=90))
     print(f"wrote {args.out}")

@@ -9,21 +9,36 @@ Frobenius masses
 
 A Hessian that is block-diagonal along the axis (one block per head, per neuron, per token) has
 C zero outside the diagonal blocks. :func:`measure_coupling` measures C for every axis of every
-selected tensor with exact Hessian-vector products (:class:`~hessian_blocks.hvp.BlockHessian`, one
-block per tensor, so every product is H_WW v):
+selected tensor with exact Hessian-vector products of one :class:`~hessian_blocks.hvp.BlockHessian`
+holding every selected tensor as one block (one parameter copy, one graph per batch and chunk;
+the product is block-diagonal, so a vector carries the probes of many tensors at once and each
+tensor only sees its own part, H_WW v_W):
 
 * ``"dense"``: the whole H_WW, one product per coordinate (unit vectors); exact. Used when the
   tensor is small, or when it needs no more products than probing would.
-* ``"probes"``: for each slice i, ``probes`` Rademacher vectors z supported on slice i; since
-  E||(H z)_j||^2 = ||H_ji||_F^2, the mean over probes is an unbiased estimate of row i of C. The
-  estimate is symmetrised ((C + C^T) / 2, as H is symmetric). Costs probes * (sum of the axis
-  lengths) products instead of numel.
+* ``"probes"``: for each slice i, Rademacher vectors z supported on slice i. Since
+  E||(H z)_j||^2 = sum_kl E[z_k z_l] (H_ji)_:k . (H_ji)_:l = ||H_ji||_F^2, each probe gives an
+  unbiased estimate of row i of C, exactly zero where H_ji is zero. Each probe's estimate is
+  symmetrised ((C + C^T) / 2, as H is symmetric) and kept: the mean over probes is the estimate,
+  and the spread between probes its standard error (sample variance / number of probes). Costs
+  probes * (sum of the axis lengths) products instead of numel.
+
+Estimators that give every slice pair from products of *full* random-sign vectors (z_i = s_i u_i
+with independent signs per slice, so one product serves all slices) exist: with two independent
+probes a, b, E[<y_i^a, y_i^b> <z_j^a, z_j^b>] = ||H_ij||_F^2 (y = H z). Their variance, though,
+scales with the whole row mass of slice i rather than with C_ij: measured on the 2-layer test
+GPT-2, 16 such products per tensor changed 11 of 25 weight decisions and 64 still changed 2, against
+64-640 slice-supported products per tensor that change none. Slice-supported probes are used.
+
+With ``refine`` (see :func:`measure_coupling`) the probes are sequential: tensors whose decision is
+not yet settled get more probes, round after round, up to ``max_probes`` per slice.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -32,10 +47,12 @@ import torch
 from torch import nn
 
 from ..blocks import Rule
+from ..choices import DENSE_MAX
 from ..hvp import BlockHessian
 
 METHODS = ("auto", "dense", "probes")
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+VECTOR_BUDGET = 1 << 24  # entries of one chunk of probe vectors ([vectors, selected coordinates])
 
 
 @dataclass
@@ -43,8 +60,10 @@ class TensorCoupling:
     """Measured slice couplings of one parameter tensor.
 
     ``axes[a]`` is the [n_a, n_a] matrix C of squared Frobenius masses between slices along axis
-    ``a`` (only axes longer than 1). ``hessian`` is the dense within-tensor Hessian [numel, numel]
-    (row-major flattening of the tensor) when ``method == "dense"``, else None.
+    ``a`` (only axes longer than 1): exact for ``method == "dense"``, else the mean of the
+    per-probe estimates ``samples[a]`` ([probes, n_a, n_a], each symmetrised). ``hessian`` is the
+    dense within-tensor Hessian [numel, numel] (row-major flattening of the tensor) when
+    ``method == "dense"``, else None. ``products`` counts the Hessian-vector products spent.
     """
 
     param: str
@@ -53,6 +72,35 @@ class TensorCoupling:
     axes: dict[int, np.ndarray]
     products: int
     hessian: np.ndarray | None = None
+    samples: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def probes(self) -> int:
+        """Probes per slice behind the estimate (0: measured densely, exact)."""
+        return next((len(s) for s in self.samples.values()), 0)
+
+    def standard_error(self, axis: int) -> np.ndarray:
+        """[n, n] standard error of ``axes[axis]``: sqrt(sample variance / probes); zeros when exact."""
+        samples = self.samples.get(axis)
+        if samples is None or len(samples) < 2:
+            return np.zeros_like(self.axes[axis])
+        return samples.std(axis=0, ddof=1) / np.sqrt(len(samples))
+
+    def leave_one_out(self) -> list[TensorCoupling]:
+        """The estimates without one probe each (jackknife replicates; empty below 2 probes)."""
+        if self.probes < 2:
+            return []
+        count = self.probes
+        return [replace(self, axes={a: (s.sum(0) - s[k]) / (count - 1) for a, s in self.samples.items()}, samples={})
+                for k in range(count)]
+
+
+def planned_products(shape: Sequence[int], method: str = "auto", probes: int = 2, dense_max: int = DENSE_MAX) -> int:
+    """Hessian-vector products :func:`measure_coupling` spends on a tensor of ``shape`` before refining."""
+    shape = tuple(int(n) for n in shape)
+    if _choose_method(shape, method, probes, dense_max) == "dense":
+        return int(np.prod(shape))
+    return probes * sum(n for n in shape if n > 1)
 
 
 def measure_coupling(
@@ -62,8 +110,10 @@ def measure_coupling(
     params: Sequence[str] | None = None,
     *,
     method: str = "auto",
-    probes: int = 4,
-    dense_max: int = 1024,
+    probes: int = 2,
+    max_probes: int | None = None,
+    refine: Callable[[TensorCoupling], bool] | None = None,
+    dense_max: int = DENSE_MAX,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -75,37 +125,49 @@ def measure_coupling(
     Args:
         method: "dense", "probes", or "auto": dense when the tensor has at most ``dense_max``
             entries or when dense needs no more products than probing, probes otherwise.
-        probes: Rademacher probes per slice for the probe estimate.
+        probes: Rademacher probes per slice for the probe estimate (at least 2 give a standard
+            error).
+        max_probes: most probes per slice when refining (default: ``probes``, no refinement).
+        refine: after each round, ``refine(coupling)`` says whether a probed tensor needs more
+            probes (its decision is not settled); those tensors get as many probes again (at most
+            ``max_probes``) in the next round, all of them batched together.
         dense_max: largest tensor (entries) measured densely by "auto".
-        seed: seed of the probes.
+        seed: seed of the probes; each tensor's probes depend only on the seed, its name and the
+            round, so measuring a subset of the tensors gives them the same numbers.
         dtype, device, strategy: passed to :class:`BlockHessian`.
-        progress: called with the number of Hessian-vector products done after each tensor.
+        progress: called with the number of Hessian-vector products done after each chunk.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
+    max_probes = probes if max_probes is None else max_probes
+    if max_probes < probes:
+        raise ValueError(f"max_probes ({max_probes}) must be at least probes ({probes})")
     batches = list(batches)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
     names = list(shapes) if params is None else list(params)
     unknown = [n for n in names if n not in shapes]
     if unknown:
-        raise ValueError(f"{unknown} are not trainable parameters of {type(model).__name__}; it has "
-                         f"{list(shapes)[:6]} ...")
-    generator = torch.Generator().manual_seed(seed)
-    results: dict[str, TensorCoupling] = {}
-    for index, name in enumerate(names):
-        shape = shapes[name]
-        block = Rule(name, "whole").resolve(shape)
-        hessian = BlockHessian(model, loss_fn, batches, block, dtype=dtype, device=device, strategy=strategy,
-                               check=index == 0)
-        chosen = _choose_method(shape, method, probes, dense_max)
-        if chosen == "dense":
-            results[name] = _dense(hessian, name, shape)
-        else:
-            results[name] = _probed(hessian, name, shape, probes, generator)
-        if progress is not None:
-            progress(results[name].products)
+        raise ValueError(f"{unknown} are not trainable parameters of {type(model).__name__}; it has {list(shapes)[:6]} ...")
+    if not names:
+        return {}
+    blocks = [Rule(name, "whole").resolve(shapes[name])[0] for name in names]
+    hessian = BlockHessian(model, loss_fn, batches, blocks, dtype=dtype, device=device, strategy=strategy)
+    jobs = [_DenseJob(name, shapes[name]) if _choose_method(shapes[name], method, probes, dense_max) == "dense"
+            else _ProbeJob(name, shapes[name], probes, seed, 0) for name in names]
+    _run(hessian, jobs, progress)
+    results = {job.name: job.result() for job in jobs}
+    for round_ in range(1, max_probes):
+        more = [name for name in names if results[name].method == "probes" and results[name].probes < max_probes
+                and refine is not None and refine(results[name])]
+        if not more:
+            break
+        jobs = [_ProbeJob(name, shapes[name], min(results[name].probes, max_probes - results[name].probes), seed, round_)
+                for name in more]
+        _run(hessian, jobs, progress)
+        for job in jobs:
+            results[job.name] = job.merged(results[job.name])
     return results
 
 
@@ -125,7 +187,8 @@ def slice_coupling(tensor_hessian: np.ndarray, shape: Sequence[int], axis: int) 
 def save_couplings(couplings: dict[str, TensorCoupling], path: str | Path, settings: dict | None = None) -> None:
     """Write measured couplings to an ``.npz`` file (the slow part of deriving a partition).
 
-    The slice-coupling matrices are kept; dense within-tensor Hessians are not (they can be large).
+    The slice-coupling matrices and the per-probe estimates (for standard errors and the stability
+    check) are kept; dense within-tensor Hessians are not (they can be large).
     ``settings`` (JSON values: the model, data, probes, ... the measurement was made with) are
     stored with them, so :func:`load_couplings` can refuse a file measured in another way.
     """
@@ -133,6 +196,7 @@ def save_couplings(couplings: dict[str, TensorCoupling], path: str | Path, setti
                 "axes": sorted(c.axes)} for c in couplings.values()]
     header = json.dumps({"format": "hessian-blocks/couplings", "settings": settings or {}, "tensors": tensors})
     arrays = {f"t{i}_axis{axis}": c.axes[axis] for i, c in enumerate(couplings.values()) for axis in c.axes}
+    arrays.update({f"t{i}_axis{axis}_samples": s for i, c in enumerate(couplings.values()) for axis, s in c.samples.items()})
     np.savez_compressed(path, header=np.array(header), **arrays)
 
 
@@ -154,9 +218,10 @@ def load_couplings(path: str | Path, settings: dict | None = None) -> dict[str, 
                 raise ValueError(f"{path} was measured with other settings ({changes}); "
                                  f"delete it or give another path to measure again")
         return {
-            entry["param"]: TensorCoupling(entry["param"], tuple(entry["shape"]), entry["method"],
-                                           {axis: data[f"t{i}_axis{axis}"] for axis in entry["axes"]},
-                                           entry["products"])
+            entry["param"]: TensorCoupling(
+                entry["param"], tuple(entry["shape"]), entry["method"],
+                {axis: data[f"t{i}_axis{axis}"] for axis in entry["axes"]}, entry["products"],
+                samples={axis: data[f"t{i}_axis{axis}_samples"] for axis in entry["axes"] if f"t{i}_axis{axis}_samples" in data})
             for i, entry in enumerate(header["tensors"])
         }
 
@@ -169,47 +234,100 @@ def _choose_method(shape: tuple[int, ...], method: str, probes: int, dense_max: 
     return "dense" if numel <= max(dense_max, probe_cost) else "probes"
 
 
-def _chunks(count: int, numel: int, budget: int = 1 << 24) -> Iterable[tuple[int, int]]:
-    """Ranges of ``count`` items whose [items, numel] vectors stay within ``budget`` entries."""
-    step = max(1, budget // max(numel, 1))
-    for start in range(0, count, step):
-        yield start, min(start + step, count)
+class _DenseJob:
+    """Unit vectors of one tensor; their products are the columns of its Hessian."""
 
+    def __init__(self, name: str, shape: tuple[int, ...]):
+        self.name, self.shape = name, shape
+        self.numel = int(np.prod(shape))
+        self.count = self.numel
+        self.matrix = np.empty((self.numel, self.numel))
 
-def _dense(hessian: BlockHessian, name: str, shape: tuple[int, ...]) -> TensorCoupling:
-    numel = int(np.prod(shape))
-    matrix = np.empty((numel, numel))
-    for start, stop in _chunks(numel, numel):
-        unit = torch.zeros(stop - start, numel, dtype=hessian.dtype, device=hessian.device)
+    def vectors(self, start: int, stop: int) -> torch.Tensor:
+        unit = torch.zeros(stop - start, self.numel, dtype=torch.float64)
         unit[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        matrix[start:stop] = hessian.block_matvec(unit).double().cpu().numpy()
-    matrix = (matrix + matrix.T) / 2
-    axes = {axis: slice_coupling(matrix, shape, axis) for axis, n in enumerate(shape) if n > 1}
-    return TensorCoupling(name, shape, "dense", axes, numel, matrix)
+        return unit
+
+    def take(self, start: int, stop: int, products: torch.Tensor) -> None:
+        self.matrix[start:stop] = products.numpy()
+
+    def result(self) -> TensorCoupling:
+        matrix = (self.matrix + self.matrix.T) / 2
+        axes = {axis: slice_coupling(matrix, self.shape, axis) for axis, n in enumerate(self.shape) if n > 1}
+        return TensorCoupling(self.name, self.shape, "dense", axes, self.numel, matrix)
 
 
-def _probed(hessian: BlockHessian, name: str, shape: tuple[int, ...], probes: int,
-            generator: torch.Generator) -> TensorCoupling:
-    numel = int(np.prod(shape))
-    axes, products = {}, 0
-    for axis, n in enumerate(shape):
-        if n <= 1:
-            continue
-        signs = torch.randint(0, 2, (probes, *shape), generator=generator, dtype=torch.int8).double() * 2 - 1
-        signs = signs.movedim(axis + 1, 1)                                      # [probes, n, rest...]
-        estimate = np.zeros((n, n))
-        for start, stop in _chunks(n, probes * numel):
-            width = stop - start
-            mask = torch.zeros(width, n, dtype=torch.float64)
-            mask[torch.arange(width), torch.arange(start, stop)] = 1.0
-            vectors = signs.unsqueeze(1) * mask.reshape(1, width, n, *([1] * (len(shape) - 1)))  # [probes, i, n, rest]
-            vectors = vectors.movedim(2, axis + 2).reshape(probes * width, numel)
-            out = hessian.block_matvec(vectors.to(hessian.device, hessian.dtype)).double().cpu()
-            out = out.reshape(probes, width, *shape).movedim(axis + 2, 2).reshape(probes, width, n, -1)
-            estimate[start:stop] = out.pow(2).sum(-1).mean(0).numpy()           # [i, j] ~ ||H_ji||_F^2
-        axes[axis] = (estimate + estimate.T) / 2
-        products += probes * n
-    return TensorCoupling(name, shape, "probes", axes, products)
+class _ProbeJob:
+    """``probes`` Rademacher vectors per slice of every axis of one tensor, ordered (axis, probe, slice)."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], probes: int, seed: int, round_: int):
+        self.name, self.shape, self.probes = name, shape, probes
+        self.numel = int(np.prod(shape))
+        self.axes = [axis for axis, n in enumerate(shape) if n > 1]
+        self.offsets = np.cumsum([0] + [probes * shape[axis] for axis in self.axes])
+        self.count = int(self.offsets[-1])
+        self.signs = {}
+        for axis in self.axes:  # each tensor's probes depend on the seed, its name, the axis and the round only
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                [seed, zlib.crc32(name.encode()), axis, round_]).generate_state(1)[0]))
+            signs = torch.randint(0, 2, (probes, *shape), generator=generator, dtype=torch.int8).double() * 2 - 1
+            self.signs[axis] = signs.movedim(axis + 1, 1)                               # [probes, n, rest...]
+        self.samples = {axis: np.zeros((probes, shape[axis], shape[axis])) for axis in self.axes}
+
+    def _pieces(self, start: int, stop: int) -> Iterable[tuple[int, np.ndarray, np.ndarray, int, int]]:
+        """(axis, probe ids, slice ids, row from, row to) of the jobs start:stop, one piece per axis."""
+        for k, axis in enumerate(self.axes):
+            lo, hi = max(start, self.offsets[k]), min(stop, self.offsets[k + 1])
+            if lo < hi:
+                probe, index = np.divmod(np.arange(lo, hi) - self.offsets[k], self.shape[axis])
+                yield axis, probe, index, lo - start, hi - start
+
+    def vectors(self, start: int, stop: int) -> torch.Tensor:
+        out = torch.zeros(stop - start, self.numel, dtype=torch.float64)
+        for axis, probe, index, lo, hi in self._pieces(start, stop):
+            signs = self.signs[axis]
+            vectors = torch.zeros(hi - lo, *signs.shape[1:], dtype=torch.float64)         # [jobs, n, rest...]
+            rows = torch.arange(hi - lo)
+            vectors[rows, torch.as_tensor(index)] = signs[torch.as_tensor(probe), torch.as_tensor(index)]
+            out[lo:hi] = vectors.movedim(1, axis + 1).reshape(hi - lo, self.numel)
+        return out
+
+    def take(self, start: int, stop: int, products: torch.Tensor) -> None:
+        for axis, probe, index, lo, hi in self._pieces(start, stop):
+            n = self.shape[axis]
+            part = products[lo:hi].reshape(hi - lo, *self.shape).movedim(axis + 1, 1).reshape(hi - lo, n, -1)
+            self.samples[axis][probe, index] = part.pow(2).sum(-1).numpy()               # row i ~ ||H_ji||_F^2 over j
+
+    def result(self) -> TensorCoupling:
+        samples = {axis: (s + s.transpose(0, 2, 1)) / 2 for axis, s in self.samples.items()}
+        return TensorCoupling(self.name, self.shape, "probes", {a: s.mean(0) for a, s in samples.items()}, self.count,
+                              samples=samples)
+
+    def merged(self, before: TensorCoupling) -> TensorCoupling:
+        """The earlier rounds' estimate with this round's probes added."""
+        new = self.result()
+        samples = {axis: np.concatenate([before.samples[axis], new.samples[axis]]) for axis in self.axes}
+        return TensorCoupling(self.name, self.shape, "probes", {a: s.mean(0) for a, s in samples.items()},
+                              before.products + new.products, samples=samples)
 
 
-__all__ = ["METHODS", "TensorCoupling", "load_couplings", "measure_coupling", "save_couplings", "slice_coupling"]
+def _run(hessian: BlockHessian, jobs: list, progress: Callable[[int], None] | None) -> None:
+    """All jobs' products: row r of a chunk carries job r of every tensor, each in its own block."""
+    layout = hessian.layout
+    spans = {block.param: layout.block_range(b) for b, block in enumerate(layout.blocks)}
+    rows = max(1, VECTOR_BUDGET // layout.size)
+    for start in range(0, max(job.count for job in jobs), rows):
+        active = [job for job in jobs if job.count > start]
+        stop = min(start + rows, max(job.count for job in active))
+        vectors = torch.zeros(stop - start, layout.size, dtype=torch.float64)
+        for job in active:
+            vectors[: min(stop, job.count) - start, spans[job.name]] = job.vectors(start, min(stop, job.count))
+        products = hessian.block_matvec(vectors.to(hessian.device, hessian.dtype)).double().cpu()
+        for job in active:
+            job.take(start, min(stop, job.count), products[: min(stop, job.count) - start, spans[job.name]])
+        if progress is not None:
+            progress(sum(min(stop, job.count) - start for job in active))
+
+
+__all__ = ["DENSE_MAX", "METHODS", "TensorCoupling", "load_couplings", "measure_coupling", "planned_products", "save_couplings",
+           "slice_coupling"]

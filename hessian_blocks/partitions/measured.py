@@ -84,6 +84,15 @@ class AxisGrouping:
     off_block_mass: float       # fraction of ||H_WW||_F^2 outside the groups' diagonal blocks
     zero_slices: int            # slices with no Hessian mass
     spread: float = 1.0         # 90th / 10th percentile of the slices' diagonal norms ||H_ii||_F
+    cross_error: float = 0.0    # standard errors of cross_coupling and off_block_mass (0: exact)
+    off_block_error: float = 0.0
+    stacked: int = 1            # single slices that pair up across this many stacked parts (gate|up rows)
+    stacked_off_mass: float = 1.0  # fraction of the mass outside those pairs' blocks
+
+    @property
+    def kept_off_mass(self) -> float:
+        """The mass the grouping leaves off its blocks, counting stacked pairs as one block."""
+        return min(self.off_block_mass, self.stacked_off_mass)
 
     @property
     def runs(self) -> list[tuple[int, int]]:
@@ -101,6 +110,13 @@ class Decision:
     products: int
     groupings: list[AxisGrouping]
     coupling: TensorCoupling
+    agreeing: int = 0           # leave-one-out estimates whose decision is this one
+    replicates: int = 0         # leave-one-out estimates checked (0: exact, or a single probe)
+
+    @property
+    def settled(self) -> bool:
+        """Whether the decision holds without any one probe (always, when measured exactly)."""
+        return self.agreeing == self.replicates
 
     @property
     def evidence(self) -> str:
@@ -112,11 +128,7 @@ class Decision:
     @property
     def summary(self) -> str:
         """The split in a few words: 'whole', 'elements', 'axis 0: 4 x 8', 'axis 1: 8 x 2, 16 x 1'."""
-        rule = self.rule
-        if rule.split != "groups":
-            return rule.split
-        runs = [(rule.size, self.shape[rule.axis] // rule.size)] if rule.size is not None else list(rule.runs)
-        return f"axis {rule.axis}: " + ", ".join(f"{count} x {size}" for size, count in runs)
+        return _describe(_key(self.rule), self.shape)
 
 
 def check_settings(threshold: float, contrast: float, max_runs: int, mass_threshold: float,
@@ -193,10 +205,7 @@ def group_axis(
     else:
         chosen = _choose(slices, [c for c in candidates if c.distinct], threshold, contrast)
         sizes, cross = chosen.sizes, chosen.cross
-    edges = np.cumsum([0, *sizes])
-    total = matrix.sum()
-    inside = sum(matrix[a:b, a:b].sum() for a, b in zip(edges, edges[1:]))
-    off = max(float((total - inside) / total), 0.0) if total > 0 else 0.0  # no negative rounding residue
+    off = _off_block_mass(matrix, sizes)
     norms = np.sqrt(np.diag(matrix)[~slices.massless])
     spread = float(np.divide(*np.quantile(norms, [0.9, 0.1]))) if norms.size > 1 else 1.0
     return AxisGrouping(axis, list(sizes), cross, off, int(slices.massless.sum()), spread)
@@ -281,6 +290,50 @@ def _cuts(slices: SliceCoupling, candidate: Candidate, grouping: Candidate, weak
     return bool(cut.mean() > max(weak, grouping.cross))
 
 
+def _off_block_mass(matrix: np.ndarray, sizes: Sequence[int]) -> float:
+    """Fraction of the coupling mass outside the diagonal blocks of the groups of ``sizes``."""
+    edges = np.cumsum([0, *sizes])
+    total = matrix.sum()
+    inside = sum(matrix[a:b, a:b].sum() for a, b in zip(edges, edges[1:]))
+    return max(float((total - inside) / total), 0.0) if total > 0 else 0.0  # no negative rounding residue
+
+
+def _cross_coupling(matrix: np.ndarray, sizes: Sequence[int]) -> float:
+    """Mean coupling of the links between neighbouring groups of ``sizes`` (one group: between its slices)."""
+    slices = SliceCoupling(matrix)
+    if len(sizes) == 1:
+        sizes = [1] * slices.size
+    edges = np.cumsum([0, *sizes])
+    links = [_ratios(slices.links(np.array([a]), b - a, c - b))[0] for a, b, c in zip(edges, edges[1:], edges[2:])]
+    return float(np.mean(links)) if links else 0.0
+
+
+def _jackknife_error(values: Sequence[float]) -> float:
+    """Jackknife standard error from leave-one-out values: sqrt((k - 1) / k * sum (v - mean)^2)."""
+    values = np.asarray(values, dtype=np.float64)
+    k = len(values)
+    return float(np.sqrt((k - 1) / k * np.sum((values - values.mean()) ** 2))) if k > 1 else 0.0
+
+
+def _find_stacked_parts(grouping: AxisGrouping, matrix: np.ndarray, mass_threshold: float, most: int = 4) -> None:
+    """Single slices of an axis that is k equal parts stacked (a fused gate|up weight: row i of the
+    gate couples with row i of the up projection, far more than with anything else): when pairing
+    slice i with i + n/k, i + 2n/k, ... leaves at most ``mass_threshold`` of the mass off those
+    pairs' blocks, the slices are the finest contiguous blocks the pairs allow, and the axis is
+    compared with the others by the mass left off the pairs. Records the fewest parts that do so."""
+    n, total = matrix.shape[0], matrix.sum()
+    for parts in range(2, most + 1):
+        if n % parts or total <= 0:
+            continue
+        width = n // parts
+        folded = matrix.reshape(parts, width, parts, width)
+        paired = np.einsum("aibi->", folded)  # mass between slices with the same index in any two parts
+        off = max(float((total - paired) / total), 0.0)
+        if off <= mass_threshold:
+            grouping.stacked, grouping.stacked_off_mass = parts, off
+            return
+
+
 def _ratios(mass_weight: np.ndarray) -> np.ndarray:
     """Coupling of each link: its mass over its weight, at most 1 (full coupling); 0 without weight."""
     mass, weight = mass_weight
@@ -295,7 +348,58 @@ def decide_rule(
     mass_threshold: float = DEFAULT_MASS_THRESHOLD,
     max_spread: float = DEFAULT_MAX_SPREAD,
 ) -> Decision:
-    """The split of one tensor from its measured slice couplings (shapes and numbers only)."""
+    """The split of one tensor from its measured slice couplings (shapes and numbers only).
+
+    A probe estimate is also decided without each of its probes in turn (jackknife): the decision
+    is *settled* when every leave-one-out estimate gives the same rule, and *undecided* otherwise
+    (the rule of the full estimate is kept, and ``why`` says how the replicates split). The
+    standard errors of each axis' off-block mass and coupling between groups are the jackknife
+    errors of those numbers for the chosen grouping.
+    """
+    decision = _decide(coupling, threshold, contrast, max_runs, mass_threshold, max_spread)
+    replicates = coupling.leave_one_out()
+    if not replicates:
+        return decision
+    keys = [_key(_decide(r, threshold, contrast, max_runs, mass_threshold, max_spread).rule) for r in replicates]
+    for grouping in decision.groupings:
+        matrices = [r.axes[grouping.axis] for r in replicates]
+        grouping.cross_error = _jackknife_error([_cross_coupling(m, grouping.sizes) for m in matrices])
+        grouping.off_block_error = _jackknife_error([_off_block_mass(m, grouping.sizes) for m in matrices])
+    agreeing = sum(k == _key(decision.rule) for k in keys)
+    if agreeing == len(keys):
+        verdict = f"settled: all {len(keys)} leave-one-probe-out estimates agree"
+    else:
+        others = sorted({k for k in keys if k != _key(decision.rule)})
+        verdict = (f"UNDECIDED: {agreeing} of {len(keys)} leave-one-probe-out estimates agree, the others give "
+                   + "; ".join(_describe(k, coupling.shape) for k in others) + " (more probes: --max-probes)")
+    rule = decision.rule
+    evidence = "; ".join(_evidence(g) for g in decision.groupings)
+    why = f"{_reason(rule.why)}: {evidence} ({coupling.method}, {coupling.probes} probes per slice, {coupling.products} HVPs; {verdict})"
+    rule = Rule(rule.param, rule.split, axis=rule.axis, size=rule.size, runs=rule.runs, why=why)
+    return Decision(rule, decision.shape, decision.method, decision.products, decision.groupings, coupling,
+                    agreeing, len(keys))
+
+
+def _key(rule: Rule) -> tuple:
+    return rule.split, rule.axis, rule.size, rule.runs
+
+
+def _describe(key: tuple, shape: tuple[int, ...]) -> str:
+    split, axis, size, runs = key
+    if split != "groups":
+        return split
+    runs = [(size, shape[axis] // size)] if size is not None else list(runs)
+    return f"axis {axis}: " + ", ".join(f"{count} x {size}" for size, count in runs)
+
+
+def _reason(why: str) -> str:
+    """The reason part of a decided ``why`` (before the evidence)."""
+    return why.split(": ", 1)[0] if why else ""
+
+
+def _decide(
+    coupling: TensorCoupling, threshold: float, contrast: float, max_runs: int, mass_threshold: float, max_spread: float
+) -> Decision:
     check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
     shape = coupling.shape
     groupings = [group_axis(matrix, threshold, contrast, max_runs, axis) for axis,
@@ -304,6 +408,10 @@ def decide_rule(
     if not groupings:  # a single entry
         rule = Rule(coupling.param, "whole", why=f"one entry ({method})")
         return Decision(rule, shape, coupling.method, coupling.products, [], coupling)
+    if len(shape) > 1:
+        for grouping in groupings:
+            if len(grouping.sizes) == shape[grouping.axis] and grouping.off_block_mass > mass_threshold:
+                _find_stacked_parts(grouping, coupling.axes[grouping.axis], mass_threshold)
     evidence = "; ".join(_evidence(g) for g in groupings)
     split = [g for g in groupings if len(g.sizes) > 1]
     single_slices = all(len(g.sizes) == shape[g.axis] for g in groupings)  # every block would be one coordinate
@@ -324,7 +432,7 @@ def decide_rule(
         rule = Rule(coupling.param, "whole", why=f"no two entries couple strongly, but {off_diagonal:.0%} of the mass "
                                                  f"is off the diagonal (diffuse coupling): {evidence} ({method})")
     else:
-        best = min(split, key=lambda g: (g.off_block_mass, g.cross_coupling, -len(g.sizes), g.axis))
+        best = min(split, key=lambda g: (g.kept_off_mass, g.cross_coupling, -len(g.sizes), g.axis))
         runs = best.runs
         size, runs_field = (runs[0][0], None) if len(runs) == 1 else (None, tuple(runs))
         rule = Rule(coupling.param, "groups", axis=best.axis, size=size, runs=runs_field,
@@ -347,11 +455,35 @@ def derive_decisions(
     """Measure every trainable tensor (or ``params=[...]``) and decide its split, with the evidence.
 
     ``measure`` goes to :func:`~hessian_blocks.partitions.coupling.measure_coupling` (``params``, ``method``,
-    ``probes``, ``dense_max``, ``seed``, ``dtype``, ``device``, ``strategy``, ``progress``).
+    ``probes``, ``max_probes``, ``dense_max``, ``seed``, ``dtype``, ``device``, ``strategy``, ``progress``).
+    With ``max_probes`` above ``probes`` the measurement is sequential: a tensor whose decision is
+    not settled (see :func:`decide_rule`) gets as many probes again, until it is settled or has
+    ``max_probes`` per slice.
     """
-    check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
-    couplings = measure_coupling(model, loss_fn, data, **measure)
-    return [decide_rule(c, threshold, contrast, max_runs, mass_threshold, max_spread) for c in couplings.values()]
+    decide = Decider(threshold=threshold, contrast=contrast, max_runs=max_runs, mass_threshold=mass_threshold,
+                     max_spread=max_spread)
+    couplings = measure_coupling(model, loss_fn, data, refine=decide.unsettled, **measure)
+    return [decide(c) for c in couplings.values()]
+
+
+class Decider:
+    """:func:`decide_rule` with fixed settings, keeping each tensor's latest decision: the check that
+    asks a sequential measurement for more probes has already decided the final estimate."""
+
+    def __init__(self, **settings: Any):
+        check_settings(**settings)
+        self.settings = settings
+        self._latest: dict[str, Decision] = {}
+
+    def __call__(self, coupling: TensorCoupling) -> Decision:
+        latest = self._latest.get(coupling.param)
+        if latest is None or latest.coupling is not coupling:
+            latest = self._latest[coupling.param] = decide_rule(coupling, **self.settings)
+        return latest
+
+    def unsettled(self, coupling: TensorCoupling) -> bool:
+        """Whether the decision changes without one of the probes (a ``refine`` for measure_coupling)."""
+        return not self(coupling).settled
 
 
 def derive_partition(
@@ -381,7 +513,7 @@ def derive_partition(
             (10: largest 90th/10th percentile ratio of the diagonal for which a near-diagonal
             Hessian is one block), and the
             measurement options of :func:`~hessian_blocks.partitions.coupling.measure_coupling` (``method``,
-            ``probes`` = 4, ``dense_max`` = 1024, ``seed``, ``dtype``, ``device``, ``strategy``,
+            ``probes`` = 2, ``max_probes``, ``dense_max`` = 256, ``seed``, ``dtype``, ``device``, ``strategy``,
             ``progress``).
     """
     if "params" in settings:
@@ -393,6 +525,56 @@ def derive_partition(
 
 
 # ------------------------------------------------------------------ mapping small -> full
+
+# config fields of the bundled models (first name) and of Hugging Face PretrainedConfig (second)
+_CONFIG_FIELDS = {
+    "layers": ("n_layer", "num_hidden_layers"),
+    "width": ("n_embd", "hidden_size"),
+    "heads": ("n_head", "num_attention_heads"),
+    "kv_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "ffn": ("intermediate_size",),
+    "vocab": ("vocab_size",),
+}
+SMALL_LAYERS, SMALL_KV_HEADS, SMALL_VOCAB = 2, 2, 512
+
+
+def small_overrides(config: Any) -> dict[str, int]:
+    """Config overrides that build a smaller instance of the same architecture (``--small auto``).
+
+    ``config`` is a bundled model's config (``n_layer``, ``n_embd``, ``n_head``, ``vocab_size``)
+    or a Hugging Face ``PretrainedConfig`` (``num_hidden_layers``, ``hidden_size``,
+    ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``intermediate_size``,
+    ``vocab_size``). The smaller instance keeps the head size, has at most 2 layers, at least 2
+    key/value heads (so per-head structure stays visible; at most 2 query heads per key/value
+    head with grouped-query attention), the width those heads need, the MLP width in the same
+    ratio to it, and at most 512 tokens. Fields already at most that size are left alone. A config
+    without layers, width and heads is an error naming what is missing.
+    """
+    found = {key: next((name for name in names if getattr(config, name, None) is not None), None)
+             for key, names in _CONFIG_FIELDS.items()}
+    missing = [names[0] + "/" + names[-1] for key, names in _CONFIG_FIELDS.items()
+               if key in ("layers", "width", "heads") and found[key] is None]
+    if missing:
+        raise ValueError(
+            f"cannot build a smaller instance of {type(config).__name__} automatically: it has no "
+            f"{', '.join(missing)} field; give the smaller instance's config fields yourself "
+            "(e.g. --small n_layer=2 --small n_embd=64), or measure the model itself"
+        )
+    value = {key: int(getattr(config, name)) for key, name in found.items() if name is not None}
+    head_dim = value.get("head_dim") or value["width"] // value["heads"]
+    kv_heads = value.get("kv_heads", value["heads"])
+    if value["heads"] % kv_heads:
+        raise ValueError(f"{type(config).__name__}: {value['heads']} attention heads do not share {kv_heads} key/value heads evenly")
+    small_kv = min(kv_heads, SMALL_KV_HEADS)
+    small_heads = small_kv * min(value["heads"] // kv_heads, 2)
+    small_width = value["width"] * small_heads // value["heads"]
+    wanted = {"layers": min(value["layers"], SMALL_LAYERS), "heads": small_heads, "kv_heads": small_kv,
+              "width": small_width, "head_dim": head_dim, "vocab": min(value.get("vocab", SMALL_VOCAB), SMALL_VOCAB)}
+    if "ffn" in value:
+        wanted["ffn"] = max(1, round(value["ffn"] * small_width / value["width"]))
+    return {found[key]: size for key, size in wanted.items() if found.get(key) is not None and size != value[key]}
+
 
 
 def map_rules(small: nn.Module, rules: Sequence[Rule], full: nn.Module) -> list[Rule]:
@@ -513,12 +695,17 @@ def _owner_types(model: nn.Module) -> dict[str, str]:
 
 def _evidence(grouping: AxisGrouping) -> str:
     zero = f", {grouping.zero_slices} slices without mass" if grouping.zero_slices else ""
+    cross = f"{grouping.cross_coupling:.3g}" + (f" ± {grouping.cross_error:.2g}" if grouping.cross_error else "")
     if len(grouping.sizes) == 1:
-        return f"axis {grouping.axis}: one group (neighbouring slices couple at {grouping.cross_coupling:.3g}{zero})"
+        return f"axis {grouping.axis}: one group (neighbouring slices couple at {cross}{zero})"
     runs = ", ".join(f"{count} x {size}" for size, count in grouping.runs)
-    return (f"axis {grouping.axis}: {runs} (off-block mass {grouping.off_block_mass:.1%}, "
-            f"coupling between groups {grouping.cross_coupling:.3g}{zero})")
+    off = f"{grouping.off_block_mass:.1%}" + (f" ± {grouping.off_block_error:.1%}" if grouping.off_block_error else "")
+    if grouping.stacked > 1:
+        width = len(grouping.sizes) // grouping.stacked
+        off += (f", {grouping.stacked_off_mass:.1%} off the pairs of {grouping.stacked} stacked parts "
+                f"(slice i with i + {width})")
+    return f"axis {grouping.axis}: {runs} (off-block mass {off}, coupling between groups {cross}{zero})"
 
 
-__all__ = ["DEFAULT_THRESHOLD", "AxisGrouping", "Decision", "decide_rule", "derive_decisions", "derive_partition",
-           "group_axis", "map_rules"]
+__all__ = ["DEFAULT_THRESHOLD", "AxisGrouping", "Decider", "Decision", "decide_rule", "derive_decisions", "derive_partition",
+           "group_axis", "map_rules", "small_overrides"]
