@@ -87,7 +87,8 @@ def optim_correctness(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"checks": {}}
     for dtype in (torch.float32, torch.bfloat16):
         params = {}
-        for path, flags in (("compiled", dict(fused=True)), ("foreach", dict(foreach=True)), ("plain", dict(foreach=False))):
+        for path, flags in (("compiled", dict(fused=True)), ("foreach", dict(foreach=True)),
+                            ("plain", dict(foreach=False))):
             model = _small_model(ctx).to(ctx.device, dtype)
             optimizer = AdamMini(param_groups_no_decay(model, 0.1), model=model, lr=1e-3, betas=(0.9, 0.95), **flags)
             started = time.perf_counter()
@@ -121,14 +122,16 @@ def hvp_correctness(ctx: Context) -> dict[str, Any]:
     checks = {}
     for strategy, hessian in hessians.items():
         got = hessian.block_matvec(vectors.to(ctx.device)).cpu()
-        checks[f"block HVP {strategy} vs dense"] = _check((got - vectors @ block_diagonal).abs().max().item() / scale, 1e-10)
+        checks[f"block HVP {strategy} vs dense"] = _check((got - vectors @ block_diagonal).abs().max().item() / scale,
+                                                          1e-10)
     full = hessians["vmap"].matvec(vectors.to(ctx.device)).cpu()
     checks["full HVP vs dense"] = _check((full - vectors @ dense).abs().max().item() / scale, 1e-10)
     steps = max(b.numel for b in blocks)
     slq_hessian = hessians["vmap" if ctx.device.type == "cuda" else "loop"]  # vmap is the slow one on CPU
     spectrum = block_spectra(slq_hessian, steps=steps, probes=1, probe_kind="gaussian", reorthogonalize=True)
     nodes, _ = spectrum.lanczos.ritz()
-    eigenvalues = [torch.linalg.eigvalsh(dense[start:stop, start:stop]).numpy() for start, stop in zip(offsets[:-1], offsets[1:])]
+    eigenvalues = [torch.linalg.eigvalsh(dense[start:stop, start:stop]).numpy()
+                   for start, stop in zip(offsets[:-1], offsets[1:])]
     largest = max(abs(e).max() for e in eigenvalues)
     worst = 0.0
     for b, exact in enumerate(eigenvalues):
@@ -154,7 +157,8 @@ def optim_step_part(shape: str) -> Callable[[Context], dict[str, Any]]:
             first_step[label] = time.perf_counter() - started
         steps, warmup = (2, 0) if ctx.quick else (20, 3)
         times = optim_step.time_round_robin(optimizers, ctx.device, warmup, steps)
-        rows = {label: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "first_step_s": first_step[label]}
+        rows = {label: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
+                        "first_step_s": first_step[label]}
                 for label, t in times.items()}
         out: dict[str, Any] = {"shape": name, "params": n_params, "steps": steps, "rows": rows, "targets": {}}
         ours = {label: row for label, row in rows.items() if label.startswith("ours")}
@@ -165,9 +169,11 @@ def optim_step_part(shape: str) -> Callable[[Context], dict[str, Any]]:
             row = rows["ours fused (compiled)"]
             out["compile_s"] = row["first_step_s"] - row["median_ms"] / 1e3
         if "torch AdamW fused" in rows:
-            out["targets"]["ours / AdamW fused <= 0.8"] = _target(best / rows["torch AdamW fused"]["median_ms"], 0.8, "<=")
+            out["targets"]["ours / AdamW fused <= 0.8"] = _target(best / rows["torch AdamW fused"]["median_ms"],
+                                                                  0.8, "<=")
         if "official adam-mini 1.1.1" in rows:
-            out["targets"]["official / ours >= 10"] = _target(rows["official adam-mini 1.1.1"]["median_ms"] / best, 10.0, ">=")
+            out["targets"]["official / ours >= 10"] = _target(rows["official adam-mini 1.1.1"]["median_ms"] / best,
+                                                              10.0, ">=")
         out["floor_ms_at_3TBps"] = {k: 1e3 * v * n_params / BANDWIDTH for k, v in BYTES_MOVED.items()}
         return out
 
@@ -188,9 +194,11 @@ def hvp_sweep_part(which: str) -> Callable[[Context], dict[str, Any]]:
         blocks = Partition.per_tensor(spec.model).blocks
         if n_layers is not None:
             blocks = sample_layers(blocks, n_layers)
-        hessians = {s: BlockHessian(spec.model, spec.loss_fn, batches, blocks, dtype=dtype, device=ctx.device, strategy=s)
+        hessians = {s: BlockHessian(spec.model, spec.loss_fn, batches, blocks, dtype=dtype, device=ctx.device,
+                                    strategy=s)
                     for s in ("loop", "vmap")}
-        vector = torch.randn(1, hessians["loop"].size, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(ctx.device)
+        vector = torch.randn(1, hessians["loop"].size, dtype=dtype,
+                             generator=torch.Generator().manual_seed(0)).to(ctx.device)
         repeats = 1 if ctx.quick else 3
         seconds = {
             "full HVP": block_hvp.timed(lambda: hessians["vmap"].matvec(vector), repeats, ctx.device),
@@ -217,8 +225,8 @@ def js_part(which: str) -> Callable[[Context], dict[str, Any]]:
 
         steps, probes = (3, 2) if ctx.quick else (100, 10)
         overrides = TINY_GPT if ctx.quick else ({} if which == "nano" else GPT2_SMALL)
-        argv = ["js", "--model", "gpt2-nano", "--device", str(ctx.device), "--steps", str(steps), "--probes", str(probes),
-                "--no-progress", *[f"--set={k}={v}" for k, v in overrides.items()]]
+        argv = ["js", "--model", "gpt2-nano", "--device", str(ctx.device), "--steps", str(steps),
+                "--probes", str(probes), "--no-progress", *[f"--set={k}={v}" for k, v in overrides.items()]]
         if which == "small":
             argv += ["--sample-layers", "4", "--batch-size", "1"]
         with tempfile.TemporaryDirectory() as folder:
@@ -251,7 +259,8 @@ def distributed(ctx: Context) -> dict[str, Any]:
         batches = make_batches(spec, "text", batch_size=2, n_batches=2, dtype=torch.float64)
         single = BlockHessian(spec.model, spec.loss_fn, batches, device=ctx.device)
         parallel = DataParallelBlockHessian(spec.model, spec.loss_fn, batches, device=ctx.device)
-        vectors = torch.randn(2, single.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(ctx.device)
+        vectors = torch.randn(2, single.size, dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(0)).to(ctx.device)
         expected = single.block_matvec(vectors)
         hvp_diff = ((parallel.block_matvec(vectors) - expected).abs().max() / expected.abs().max()).item()
 
@@ -328,7 +337,8 @@ def _dense_hessian(model: nn.Module, loss_fn, batches) -> torch.Tensor:
             size = math.prod(shape)
             params[name] = vector[start : start + size].view(shape)
             start += size
-        return sum(loss_fn(torch.func.functional_call(model, params, (x,)), y) * (y.shape[0] / n_samples) for x, y in batches)
+        return sum(loss_fn(torch.func.functional_call(model, params, (x,)), y) * (y.shape[0] / n_samples)
+                   for x, y in batches)
 
     return torch.autograd.functional.hessian(loss, flat)
 
@@ -338,7 +348,8 @@ def _check(value: float, limit: float) -> dict[str, Any]:
 
 
 def _target(value: float, target: float, sense: str) -> dict[str, Any]:
-    return {"value": value, "target": f"{sense} {target}", "met": bool(value <= target if sense == "<=" else value >= target)}
+    return {"value": value, "target": f"{sense} {target}",
+            "met": bool(value <= target if sense == "<=" else value >= target)}
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -381,7 +392,8 @@ def run_part(name: str, ctx: Context, budget: float) -> dict[str, Any]:
     except PartTimeout as err:
         result = {"status": "timeout", "error": str(err)}
     except Exception as err:  # noqa: BLE001 - recorded, and the next part runs
-        result = {"status": "error", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8)}
+        result = {"status": "error", "error": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc(limit=8)}
     result["seconds"] = time.perf_counter() - started
     result["budget_s"] = budget
     result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**20 if ctx.device.type == "cuda" else None
@@ -396,7 +408,8 @@ def summary(name: str, result: dict[str, Any]) -> str:
     if result["status"] in ("error", "timeout"):
         return result["error"].splitlines()[0][:100]
     items = [f"{k}: {v['value']:.3g} (<= {v['limit']:.3g})" for k, v in result.get("checks", {}).items()]
-    items += [f"{k}: {v['value']:.3g} ({'met' if v['met'] else 'missed'})" for k, v in result.get("targets", {}).items()]
+    items += [f"{k}: {v['value']:.3g} ({'met' if v['met'] else 'missed'})"
+              for k, v in result.get("targets", {}).items()]
     if "compile_s" in result:
         items.append(f"compile {result['compile_s']:.1f} s")
     if "wall_s" in result:
@@ -423,7 +436,8 @@ def _write_json(path: Path, report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every part on CPU at tiny sizes (under a minute)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts (default all: {','.join(PARTS)})")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts (default all: {','.join(PARTS)})")
     parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --quick)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file to write (default: {DEFAULT_OUT})")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time budget (default 1)")
@@ -440,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(device=device, quick=args.quick)
     report: dict[str, Any] = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU, {torch.get_num_threads()} threads"),
         "torch": torch.__version__,
         "quick": args.quick,
         "parts": {},
@@ -450,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         report["parts"][name] = run_part(name, ctx, PARTS[name][1] * args.budget_scale)
         report["total_s"] = sum(r["seconds"] for r in report["parts"].values())
         _write_json(args.out, report)
-    print(f"{report['device']}, torch {report['torch']}{' (quick)' if args.quick else ''}: {report['total_s']:.0f} s, JSON in {args.out}")
+    print(f"{report['device']}, torch {report['torch']}{' (quick)' if args.quick else ''}: "
+          f"{report['total_s']:.0f} s, JSON in {args.out}")
     print(markdown_table(report["parts"]))
     return 0 if all(r["status"] == "ok" for r in report["parts"].values()) else 1
 

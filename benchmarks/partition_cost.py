@@ -76,7 +76,8 @@ def main() -> None:
     for row in rows:
         if row.startswith("gpt2-nano-"):
             spec = build_model("gpt2-nano", n_embd=int(row.rsplit("-", 1)[1]))
-            measured(row, spec.model, spec.loss_fn, make_batches(spec, "auto", batch_size=8, n_batches=1, dtype=torch.float32))
+            measured(row, spec.model, spec.loss_fn,
+                     make_batches(spec, "auto", batch_size=8, n_batches=1, dtype=torch.float32))
         elif row == "llama-small":
             measured(row, llama(LLAMA_SMALL), lm_loss, tokens(LLAMA_SMALL["vocab_size"]))
         elif row == "auto-1b":

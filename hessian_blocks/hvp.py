@@ -381,7 +381,8 @@ class BlockHessian:
 
     def _active_pairs(self, vectors: torch.Tensor) -> list[list[int]]:
         """For each block, the vectors that are not zero on it (a zero part has a zero product: skipped)."""
-        nonzero = torch.stack([vectors[:, self.layout.block_range(b)].ne(0).any(1) for b in range(len(self.layout.blocks))])
+        nonzero = torch.stack([vectors[:, self.layout.block_range(b)].ne(0).any(1)
+                               for b in range(len(self.layout.blocks))])
         return [row.nonzero().flatten().tolist() for row in nonzero.cpu()]
 
     def _vmapped_hvp(self, names: list[str], tangents: dict, inputs: Any, targets: torch.Tensor) -> dict:

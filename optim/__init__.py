@@ -19,8 +19,8 @@ from hessian_blocks.lazy import lazy_exports
 from .choices import OPTIMIZERS, PARTITIONED
 
 __all__ = [
-    "AdamMini", "AttentionLayout", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "ParamTransform", "Projection",
-    "StateMemory", "UpdateHook", "default_partition", "default_rules", "make",
+    "AdamMini", "AttentionLayout", "BlockLayout", "GaLoreMini", "OPTIMIZERS", "PARTITIONED", "ParamTransform",
+    "Projection", "StateMemory", "UpdateHook", "default_partition", "default_rules", "make",
     "param_groups_no_decay", "register_attention", "state_memory",
 ]
 
@@ -39,7 +39,10 @@ lazy_exports(__name__, _EXPORTS)  # torch loads on first use of one of these nam
 
 if TYPE_CHECKING:
     from hessian_blocks.partitions.structural import (
-        AttentionLayout, default_partition, default_rules, register_attention,
+        AttentionLayout,
+        default_partition,
+        default_rules,
+        register_attention,
     )
 
     from .adam_mini import AdamMini

@@ -28,10 +28,10 @@ from hessian_blocks.blocks import Partition, Rule
 from hessian_blocks.partitions.structural import default_rules
 
 from .distributed import ShardedBlockLayout, block_layout, local_tensor
+from .functional import advance_steps, choose_implementation, run_updates
 from .hooks import ParamTransform, UpdateHook
 from .layout import BlockLayout
 from .low_precision import dequantize_blockwise, quantize_blockwise_, quantized_scale_count, stochastic_round_
-from .functional import advance_steps, choose_implementation, run_updates
 from .update import Batch
 
 __all__ = ["STATE_KEYS", "AdamMini"]
@@ -127,8 +127,8 @@ class AdamMini(torch.optim.Optimizer):
         self._warned_fallback = False
         self._hook = hook or UpdateHook()
         self._transforms: dict[torch.Tensor, ParamTransform] = {}
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused,
-                        **self._hook.defaults)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+                        fused=fused, **self._hook.defaults)
         super().__init__(groups, defaults)
 
     @property
@@ -260,7 +260,8 @@ class AdamMini(torch.optim.Optimizer):
                                    "embedding")
             if tuple(param.shape) != self._rule_shapes[name]:
                 raise ValueError(
-                    f"parameter '{name}' now has shape {list(param.shape)}, not the {list(self._rule_shapes[name])} its "
+                    f"parameter '{name}' now has shape {list(param.shape)}, "
+                    f"not the {list(self._rule_shapes[name])} its "
                     "block layout was made for: build a new optimizer (and partition) for the resized model"
                 )
             state = self.state[param]
@@ -275,7 +276,8 @@ class AdamMini(torch.optim.Optimizer):
             batch.add(target, local_tensor(grad), {**state, "exp_avg": exp_avg}, self._layouts[param])
         if batch.steps:
             beta1, beta2 = group["betas"]
-            advance_steps(batch, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            advance_steps(batch, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                          weight_decay=group["weight_decay"])
         if not self._transforms:
             return batch, Batch(), []
         plain, transformed, params = Batch(), Batch(), []
@@ -312,7 +314,8 @@ class AdamMini(torch.optim.Optimizer):
             target = param.float()
             generator = torch.Generator(param.device)
             # the draws of a step depend on the seed, the parameter's position and the step, not on history
-            generator.manual_seed(hash((self._rounding_seed, self._position(param), int(state["step"]) + 1)) % (1 << 63))
+            generator.manual_seed(hash((self._rounding_seed, self._position(param), int(state["step"]) + 1))
+                                  % (1 << 63))
             write_backs.append(functools.partial(stochastic_round_, param, target, generator))
         return exp_avg, target
 
@@ -326,11 +329,13 @@ class AdamMini(torch.optim.Optimizer):
             "step": torch.tensor(0.0, dtype=torch.float32),
             "exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
             if transform is None else torch.zeros(transform.shape, dtype=dtype, device=param.device),
-            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param), device=param.device),
+            "block_exp_avg_sq": torch.zeros(self._layouts[param].n_blocks, dtype=_block_dtype(param),
+                                            device=param.device),
             **({} if transform is None else transform.extra_state(param, dtype)),
         }
         if self._state_dtype == torch.int8:
-            state["exp_avg_scale"] = torch.zeros(quantized_scale_count(param.numel()), dtype=torch.float32, device=param.device)
+            state["exp_avg_scale"] = torch.zeros(quantized_scale_count(param.numel()), dtype=torch.float32,
+                                                 device=param.device)
         return state
 
     def _exp_avg_dtype(self, param: torch.Tensor) -> torch.dtype:
@@ -348,7 +353,8 @@ class AdamMini(torch.optim.Optimizer):
             )
         dtype, transform = self._exp_avg_dtype(param), self._transforms.get(param)
         extras = {} if transform is None else transform.extra_state(param, dtype)
-        expected = {} if transform is None else {"exp_avg": transform.shape, **{k: tuple(v.shape) for k, v in extras.items()}}
+        expected = {} if transform is None else {"exp_avg": transform.shape,
+                                                 **{k: tuple(v.shape) for k, v in extras.items()}}
         for key, shape in expected.items():
             if key not in saved or tuple(saved[key].shape) != shape:
                 found = list(saved[key].shape) if key in saved else "nothing"
@@ -359,12 +365,14 @@ class AdamMini(torch.optim.Optimizer):
         restored = dict(saved)
         restored["step"] = saved["step"].to(dtype=torch.float32, device="cpu", copy=True)
         restored["exp_avg"] = saved["exp_avg"].to(dtype=dtype, device=param.device, copy=True)
-        restored["block_exp_avg_sq"] = saved["block_exp_avg_sq"].to(dtype=_block_dtype(param), device=param.device, copy=True)
+        restored["block_exp_avg_sq"] = saved["block_exp_avg_sq"].to(dtype=_block_dtype(param), device=param.device,
+                                                                    copy=True)
         quantized = self._state_dtype == torch.int8
         if quantized != ("exp_avg_scale" in saved):
             raise ValueError(
-                f"saved state of parameter '{name}' has {'an 8-bit' if not quantized else 'a floating'} first moment but this "
-                f"optimizer keeps {'an 8-bit' if quantized else 'a floating'} one: build it with the checkpoint's state_dtype"
+                f"saved state of parameter '{name}' has {'an 8-bit' if not quantized else 'a floating'} "
+                f"first moment but this optimizer keeps {'an 8-bit' if quantized else 'a floating'} one: "
+                "build it with the checkpoint's state_dtype"
             )
         if quantized:
             count = quantized_scale_count(param.numel())
@@ -381,10 +389,12 @@ class AdamMini(torch.optim.Optimizer):
         if key is None:
             return
         for saved, group in zip(saved_groups, self.param_groups):
-            for name, ours, theirs in zip(group["param_names"], group[key], saved.get(key, [None] * len(group["params"]))):
+            for name, ours, theirs in zip(group["param_names"], group[key],
+                                          saved.get(key, [None] * len(group["params"]))):
                 if ours != theirs:
                     raise ValueError(
-                        f"the checkpoint's {key} entry for parameter '{name}' is {theirs} but this optimizer's is {ours}: "
+                        f"the checkpoint's {key} entry for parameter '{name}' is {theirs} "
+                        f"but this optimizer's is {ours}: "
                         "build the optimizer with the settings (rank, partition, ...) the checkpoint was made with"
                     )
 
@@ -411,7 +421,8 @@ def _upgraded(state_dict: dict[str, Any]) -> dict[str, Any]:
             )
         rules = group.get("block_rules")
         if not isinstance(rules, list) or len(rules) != len(group["params"]):
-            found = "no 'block_rules'" if rules is None else f"{len(rules) if isinstance(rules, list) else rules!r} block rules"
+            found = ("no 'block_rules'" if rules is None
+                     else f"{len(rules) if isinstance(rules, list) else rules!r} block rules")
             raise ValueError(
                 f"param group {index} of the state dict has {found} for its {len(group['params'])} parameters: "
                 "it was not saved by AdamMini (or was edited), so its per-block state cannot be checked against this "
@@ -530,7 +541,8 @@ def _named_shapes(groups: list[dict[str, Any]]) -> dict[str, tuple[int, ...]]:
                     f"AdamMini needs named parameters (names tie tensors to partition rules), got "
                     f"{type(item).__name__}: pass the model, model.named_parameters(), groups of (name, tensor) pairs, "
                     "or bare tensors together with model=the module they belong to. In the Hugging Face Trainer "
-                    "(which passes bare tensors, and takes a 'model' key of optimizer_cls_and_kwargs as the parameters, "
+                    "(which passes bare tensors, and takes a 'model' key of optimizer_cls_and_kwargs "
+                    "as the parameters, "
                     "dropping TrainingArguments.weight_decay) use optim.hf.adam_mini_from_training_args(model, args) "
                     "or optimizer_cls_and_kwargs=optim.hf.trainer_optimizer_cls_and_kwargs(model, args)"
                 )

@@ -10,7 +10,7 @@ tensors in place, dispatching to the plain, foreach or compiled implementation.
 
 :class:`~optim.AdamMini` runs every step through the same functions (:func:`advance_steps`,
 :func:`choose_implementation`, :func:`run_updates`), with all its param groups in one call.
-"""
+"""  # noqa: E501 (docstring text: splitting the long line would change it)
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def adam_mini(
             default compiled on CUDA, foreach elsewhere. ``fused=True`` where it cannot compile
             warns and uses foreach.
     """
-    lists = dict(grads=grads, exp_avgs=exp_avgs, block_exp_avg_sqs=block_exp_avg_sqs, state_steps=state_steps, layouts=layouts)
+    lists = dict(grads=grads, exp_avgs=exp_avgs, block_exp_avg_sqs=block_exp_avg_sqs, state_steps=state_steps,
+                 layouts=layouts)
     wrong = [f"{name} ({len(items)})" for name, items in lists.items() if len(items) != len(params)]
     if wrong:
         raise ValueError(f"adam_mini needs one entry per parameter ({len(params)}): got {', '.join(wrong)}")
@@ -73,8 +74,10 @@ def adam_mini(
     if fallback:
         warnings.warn(f"adam_mini(fused=True): {fallback}; using the foreach path", stacklevel=2)
     batch = Batch()
-    for param, grad, exp_avg, block_avg, step, layout in zip(params, grads, exp_avgs, block_exp_avg_sqs, state_steps, layouts):
-        batch.add(param, -grad if maximize else grad, {"exp_avg": exp_avg, "block_exp_avg_sq": block_avg, "step": step}, layout)
+    for param, grad, exp_avg, block_avg, step, layout in zip(params, grads, exp_avgs, block_exp_avg_sqs, state_steps,
+                                                             layouts):
+        batch.add(param, -grad if maximize else grad, {"exp_avg": exp_avg, "block_exp_avg_sq": block_avg, "step": step},
+                  layout)
     advance_steps(batch, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     run_updates({kind: [batch]})
 
@@ -96,7 +99,8 @@ def advance_steps(batch: Batch, *, lr: float, beta1: float, beta2: float, eps: f
         batch.scalars.append(by_step[t])
 
 
-def choose_implementation(params: Sequence[torch.Tensor], *, foreach: bool | None, fused: bool | None) -> tuple[str, str]:
+def choose_implementation(params: Sequence[torch.Tensor], *, foreach: bool | None,
+                          fused: bool | None) -> tuple[str, str]:
     """The implementation (one of :data:`IMPLEMENTATIONS`) for these flags and parameters, and why
     ``fused=True`` fell back to foreach ("" when it did not)."""
     if foreach and fused:
@@ -125,6 +129,7 @@ def run_updates(batches: dict[str, list[Batch]]) -> None:
     if batches["fused"]:
         fused = Batch.concatenate(batches["fused"])
         coefficients = torch.tensor([s.as_row() for s in fused.scalars], dtype=torch.float64)
-        if not _fused.compiled_update(fused.layouts)(fused.params, fused.grads, fused.exp_avgs, fused.block_avgs, coefficients):
+        if not _fused.compiled_update(fused.layouts)(fused.params, fused.grads, fused.exp_avgs, fused.block_avgs,
+                                                     coefficients):
             for batch in batches["fused"]:
                 foreach_update(batch)

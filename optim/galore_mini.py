@@ -44,7 +44,7 @@ State per projected parameter: ``step``, ``exp_avg`` (projected shape), ``block_
 block of ``R``) and ``projector`` (``[n, r]`` or ``[m, r]``, in the first moment's dtype). The next
 refresh follows from ``step`` and the group's ``update_proj_gap``, so a checkpoint resumes
 bit-identically, projectors included.
-"""
+"""  # noqa: E501 (docstring text: splitting the long line would change it)
 
 from __future__ import annotations
 
@@ -198,7 +198,8 @@ class GaLoreMini(AdamMini):
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
             for p in module.parameters(recurse=False)
         }
-        options = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, projector=projector, projector_seed=projector_seed)
+        options = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, projector=projector,
+                       projector_seed=projector_seed)
         hook = GaLoreHook(options, unprojected)
         super().__init__(params, partition, lr, betas, eps, weight_decay, model=model, hook=hook, **adam_mini_options)
 
@@ -247,7 +248,8 @@ class _LowRank(ParamTransform):
             state["projector"].copy_(self._basis(group, name, grad, step))
         return self.projection.project(grad, state["projector"])
 
-    def apply(self, param: torch.Tensor, state: dict[str, Any], step: torch.Tensor, decay: float, group: dict[str, Any]) -> None:
+    def apply(self, param: torch.Tensor, state: dict[str, Any], step: torch.Tensor, decay: float,
+              group: dict[str, Any]) -> None:
         if decay != 1.0:
             param.mul_(decay)
         param.add_(self.projection.project_back(step, state["projector"]), alpha=group["scale"])

@@ -47,7 +47,8 @@ class ParamTransform(ABC):
         """The gradient Adam-mini sees, of :attr:`shape` (``state["step"]`` already counts this step)."""
 
     @abstractmethod
-    def apply(self, param: torch.Tensor, state: dict[str, Any], step: torch.Tensor, decay: float, group: dict[str, Any]) -> None:
+    def apply(self, param: torch.Tensor, state: dict[str, Any], step: torch.Tensor, decay: float,
+              group: dict[str, Any]) -> None:
         """Apply Adam-mini's ``step`` (of :attr:`shape`) and the weight decay factor to ``param``."""
 
 

@@ -392,7 +392,8 @@ def test_functional_adam_mini_is_the_optimizers_step(path, maximize):
     named = dict(functional.named_parameters())
     layouts = {rule.param: BlockLayout.from_rule(rule, named[rule.param].shape) for rule in partition.rules}
     state = {
-        n: dict(exp_avg=torch.zeros_like(p), v=torch.zeros(layouts[n].n_blocks, dtype=torch.float64), step=torch.tensor(0.0))
+        n: dict(exp_avg=torch.zeros_like(p), v=torch.zeros(layouts[n].n_blocks, dtype=torch.float64),
+                step=torch.tensor(0.0))
         for n, p in named.items()
     }
     with torch.no_grad():
@@ -414,9 +415,11 @@ def test_functional_adam_mini_is_the_optimizers_step(path, maximize):
 def test_functional_adam_mini_refuses_lists_of_other_lengths():
     p = torch.zeros(3)
     with pytest.raises(ValueError, match=r"one entry per parameter \(1\): got exp_avgs \(0\), layouts \(2\)"):
-        adam_mini([p], [p], [], [p], [torch.tensor(0.0)], [None, None], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+        adam_mini([p], [p], [], [p], [torch.tensor(0.0)], [None, None], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
+                  weight_decay=0.0)
     with pytest.raises(ValueError, match="foreach and fused cannot both be True"):
-        adam_mini([], [], [], [], [], [], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, foreach=True, fused=True)
+        adam_mini([], [], [], [], [], [], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, foreach=True,
+                  fused=True)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -452,11 +455,13 @@ def test_state_dict_version_is_saved_and_old_versions_are_upgraded():
     train(spec, optimizer, steps=2)
     saved = checkpoint(optimizer)[0]
     assert [g["version"] for g in saved["param_groups"]] == [STATE_DICT_VERSION] == [2]
-    version_1 = {**saved, "param_groups": [{k: v for k, v in g.items() if k not in ("version", "maximize")} for g in saved["param_groups"]]}
+    version_1 = {**saved, "param_groups": [{k: v for k, v in g.items() if k not in ("version", "maximize")}
+                                           for g in saved["param_groups"]]}
     resumed = AdamMini(spec.model, lr=1e-2, maximize=True)
     resumed.load_state_dict(version_1)
     assert resumed.param_groups[0]["maximize"] is False and "version" not in resumed.param_groups[0]
-    assert "version" not in version_1["param_groups"][0] and "maximize" not in version_1["param_groups"][0]  # not modified
+    assert ("version" not in version_1["param_groups"][0]
+            and "maximize" not in version_1["param_groups"][0])  # not modified
     train(spec, resumed, steps=1, start=2)
     assert resumed.state[spec.model.wte.weight]["step"].item() == 3
 
@@ -468,12 +473,15 @@ def test_state_dict_of_a_newer_version_or_without_block_rules_is_refused():
     saved = optimizer.state_dict()
     newer = {**saved, "param_groups": [{**saved["param_groups"][0], "version": 3}]}
     fresh = AdamMini(spec.model, lr=1e-2)
-    with pytest.raises(ValueError, match="param group 0 of the state dict has version 3; this AdamMini reads versions 1 to 2"):
+    with pytest.raises(ValueError, match="param group 0 of the state dict has version 3; "
+                                         "this AdamMini reads versions 1 to 2"):
         fresh.load_state_dict(newer)
     no_rules = {**saved, "param_groups": [{k: v for k, v in saved["param_groups"][0].items() if k != "block_rules"}]}
-    with pytest.raises(ValueError, match="param group 0 of the state dict has no 'block_rules' for its 20 parameters: it was not saved by AdamMini"):
+    with pytest.raises(ValueError, match="param group 0 of the state dict has no 'block_rules' for its 20 parameters: "
+                                         "it was not saved by AdamMini"):
         fresh.load_state_dict(no_rules)
-    short = {**saved, "param_groups": [{**saved["param_groups"][0], "block_rules": saved["param_groups"][0]["block_rules"][:3]}]}
+    short = {**saved, "param_groups": [{**saved["param_groups"][0],
+                                        "block_rules": saved["param_groups"][0]["block_rules"][:3]}]}
     with pytest.raises(ValueError, match="has 3 block rules for its 20 parameters"):
         fresh.load_state_dict(short)
     assert not fresh.state
@@ -530,7 +538,8 @@ def test_an_update_hook_that_changes_nothing_is_adam_mini(path):
     resumed = AdamMini(groups_of(Tensors()), random_partition(hooked), hook=IdentityHook({"gain": 1.0}))
     resumed.load_state_dict(saved)
     assert resumed.state[resumed.param_groups[0]["params"][0]]["calls"].item() == 6
-    with pytest.raises(ValueError, match="the checkpoint's identities entry for parameter 'a' is None but this optimizer's is"):
+    with pytest.raises(ValueError, match="the checkpoint's identities entry for parameter 'a' is None "
+                                         "but this optimizer's is"):
         AdamMini(groups_of(Tensors()), random_partition(hooked), hook=IdentityHook({"gain": 1.0})).load_state_dict(
             {**saved, "param_groups": [{**g, "identities": [None] * len(g["params"])} for g in saved["param_groups"]]}
         )
@@ -544,6 +553,7 @@ def test_a_parameter_resized_after_construction_is_refused(path):
     optimizer = AdamMini(model, lr=1e-2, **PATHS.get(path, dict(fused=True)))
     model.weight.data = torch.zeros(4, 3)  # e.g. a vocabulary grown in place
     model.weight.grad, model.bias.grad = torch.ones(4, 3), torch.ones(2)
-    with pytest.raises(ValueError, match=r"parameter 'weight' now has shape \[4, 3\], not the \[2, 3\] its block layout"):
+    with pytest.raises(ValueError, match=r"parameter 'weight' now has shape \[4, 3\], "
+                                         r"not the \[2, 3\] its block layout"):
         optimizer.step()
     assert not optimizer.state

@@ -16,7 +16,14 @@ from torch._dynamo.utils import counters
 import optim._fused
 from optim import AdamMini, GaLoreMini
 from tests import test_galore_mini as galore_tests
-from tests.test_adam_mini import Tensors, assert_fused_falls_back_to_foreach, checkpoint, random_grads, reference_adam_mini, run_adam_mini
+from tests.test_adam_mini import (
+    Tensors,
+    assert_fused_falls_back_to_foreach,
+    checkpoint,
+    random_grads,
+    reference_adam_mini,
+    run_adam_mini,
+)
 
 PATHS = {"plain": dict(foreach=False), "foreach": dict(foreach=True), "compiled": dict(fused=True)}
 TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
@@ -122,7 +129,8 @@ def test_galore_mini_compiles_its_plain_parameters():
     results = []
     for flags in (PATHS["compiled"], PATHS["foreach"]):
         model = galore_tests.Tensors()
-        optimizer = GaLoreMini(galore_tests.groups_of(model), galore_tests.partition_of(model), rank=2, update_proj_gap=3, **flags)
+        optimizer = GaLoreMini(galore_tests.groups_of(model), galore_tests.partition_of(model), rank=2,
+                               update_proj_gap=3, **flags)
         before = compiles()
         galore_tests.run(optimizer, model, steps=5)
         assert compiles() - before == (1 if flags.get("fused") else 0)

@@ -273,7 +273,8 @@ def test_int_rank_above_a_matrix_side_leaves_that_matrix_to_adam_mini(model_name
     assert projected and all(ours.projection(p).rank == 32 for p in projected)
     run(ours, spec.model, steps=3)
     run(reference, plain.model, steps=3)
-    assert torch.equal(head, plain_head) and not torch.equal(head, build_model(model_name, seed=0).model.get_parameter(HEADS[model_name]))
+    assert (torch.equal(head, plain_head)
+            and not torch.equal(head, build_model(model_name, seed=0).model.get_parameter(HEADS[model_name])))
 
 
 HEADS = {"mlp": "out.weight", "vit-tiny": "head.weight"}

@@ -30,13 +30,15 @@ def test_quick_mode_runs_every_part_and_passes_its_checks(gpu_proof, tmp_path, c
     statuses = {name: part["status"] for name, part in report["parts"].items()}
     assert statuses == {name: "ok" for name in gpu_proof.PARTS}, {n: p.get("error") for n, p in report["parts"].items()}
     assert code == 0
-    checks = {f"{name}: {check}": value for name, part in report["parts"].items() for check, value in part.get("checks", {}).items()}
+    checks = {f"{name}: {check}": value for name, part in report["parts"].items()
+              for check, value in part.get("checks", {}).items()}
     assert len(checks) == 10 and all(value["ok"] for value in checks.values())
     assert checks["optim_correctness: compiled vs foreach, float32"]["value"] <= 1e-6
     step = report["parts"]["optim_step_small"]
     assert {"torch AdamW fused", "ours foreach"} <= set(step["rows"]) and step["rows"]["ours foreach"]["median_ms"] > 0
     sweep = report["parts"]["hvp_sweep_nano"]
-    assert set(sweep["timings_s"]) == {"full HVP", "sweep loop", "sweep vmap"} and "loop / sweep vmap >= 6" in sweep["targets"]
+    assert (set(sweep["timings_s"]) == {"full HVP", "sweep loop", "sweep vmap"}
+            and "loop / sweep vmap >= 6" in sweep["targets"])
     assert report["parts"]["js_gpt2_small"]["argv"][-4:] == ["--sample-layers", "4", "--batch-size", "1"]
     table = capsys.readouterr().out
     assert table.count("\n| ") == len(gpu_proof.PARTS) + 1 and "| optim_correctness | ok |" in table
@@ -56,11 +58,13 @@ def test_a_part_that_raises_or_overruns_is_recorded_and_the_rest_run(gpu_proof, 
     def fine(ctx):
         return {"checks": {"paths agree": gpu_proof._check(0.0, 1e-6)}}
 
-    monkeypatch.setattr(gpu_proof, "PARTS", {"broken": (broken, 5), "endless": (endless, 0.2), "off": (off_tolerance, 5), "fine": (fine, 5)})
+    monkeypatch.setattr(gpu_proof, "PARTS", {"broken": (broken, 5), "endless": (endless, 0.2),
+                                             "off": (off_tolerance, 5), "fine": (fine, 5)})
     out = tmp_path / "nested" / "proof.json"
     assert gpu_proof.main(["--quick", "--out", str(out)]) == 1
     parts = json.loads(out.read_text())["parts"]
-    assert {name: part["status"] for name, part in parts.items()} == {"broken": "error", "endless": "timeout", "off": "failed", "fine": "ok"}
+    assert {name: part["status"] for name, part in parts.items()} == {"broken": "error", "endless": "timeout",
+                                                                      "off": "failed", "fine": "ok"}
     assert parts["broken"]["error"] == "RuntimeError: CUDA out of memory (pretend)"
     assert parts["endless"]["error"] == "ran past its budget of 0.2 s" and parts["endless"]["seconds"] < 5
     assert parts["off"]["error"] == "outside tolerance: paths agree"

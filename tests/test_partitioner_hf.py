@@ -123,21 +123,25 @@ def test_auto_small_instance_of_a_gqa_llama_maps_back_by_structure():
                          "intermediate_size": 48}
     torch.manual_seed(0)
     full = transformers.LlamaForCausalLM(full_config).double().eval()
-    small = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**full_config.to_dict(), **overrides})).double().eval()
+    small = (transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**full_config.to_dict(), **overrides}))
+             .double().eval())
     assert small.config.head_dim == full.config.head_dim == 8
     partition = derive_partition(full, lm_loss, None, small=small, small_data=token_batches(masked=False), **FAST)
     rules = {r.param: r for r in partition.rules}
     assert set(rules) == {n for n, _ in full.named_parameters()}
     for layer in range(3):
         attention = f"model.layers.{layer}.self_attn"
-        assert (rules[f"{attention}.k_proj.weight"].axis, rules[f"{attention}.k_proj.weight"].size) == (0, 8)  # 4 kv heads
-        assert (rules[f"{attention}.q_proj.weight"].axis, rules[f"{attention}.q_proj.weight"].size) == (0, 8)  # 8 q heads
+        assert (rules[f"{attention}.k_proj.weight"].axis,
+                rules[f"{attention}.k_proj.weight"].size) == (0, 8)  # 4 kv heads
+        assert (rules[f"{attention}.q_proj.weight"].axis,
+                rules[f"{attention}.q_proj.weight"].size) == (0, 8)  # 8 q heads
         assert "mapped from 'model.layers." in rules[f"{attention}.q_proj.weight"].why
     Partition.from_rules(full, rules.values())
 
 
 def test_auto_small_needs_layers_width_and_heads():
-    with pytest.raises(ValueError, match="cannot build a smaller instance of MLPConfig automatically.*--small n_layer=2"):
+    with pytest.raises(ValueError, match="cannot build a smaller instance of MLPConfig automatically"
+                                         ".*--small n_layer=2"):
         from hessian_blocks import build_model
         small_overrides(build_model("mlp").config)
 
@@ -156,7 +160,8 @@ def test_phi3_fused_gqa_qkv_and_fused_gate_up():
     model = transformers.Phi3ForCausalLM(config).double().eval()
     layer = "model.layers.0"
     decisions = derive_decisions(model, lm_loss, token_batches(masked=False),
-                                 params=[f"{layer}.self_attn.qkv_proj.weight", f"{layer}.mlp.gate_up_proj.weight"], **FAST)
+                                 params=[f"{layer}.self_attn.qkv_proj.weight", f"{layer}.mlp.gate_up_proj.weight"],
+                                 **FAST)
     qkv, gate_up = ((d.rule.split, d.rule.axis, d.rule.size, d.rule.runs) for d in decisions)
     assert qkv == ("groups", 0, None, ((HEAD, HEADS + 2), (1, 2 * HEAD)))
     assert gate_up == ("groups", 0, 1, None)

@@ -39,8 +39,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_model_options(command, required=True)
     command.add_argument("--small", action="append", default=[], metavar="FIELD=VALUE|auto",
                          help="measure a smaller instance built with these extra overrides (e.g. --small n_layer=2 "
-                              "--small n_embd=128, same head size) and map its rules to the full model; 'auto': at most "
-                              "2 layers, 2 key/value heads, the same head size (further FIELD=VALUE apply on top)")
+                              "--small n_embd=128, same head size) and map its rules to the full model; 'auto': "
+                              "at most 2 layers, 2 key/value heads, the same head size "
+                              "(further FIELD=VALUE apply on top)")
     command.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                          help="coupling between blocks above which an axis stays one block (default: "
                               f"{DEFAULT_THRESHOLD})")

@@ -149,7 +149,8 @@ def measure_coupling(
     names = list(shapes) if params is None else list(params)
     unknown = [n for n in names if n not in shapes]
     if unknown:
-        raise ValueError(f"{unknown} are not trainable parameters of {type(model).__name__}; it has {list(shapes)[:6]} ...")
+        raise ValueError(f"{unknown} are not trainable parameters of {type(model).__name__}; "
+                         f"it has {list(shapes)[:6]} ...")
     if not names:
         return {}
     blocks = [Rule(name, "whole").resolve(shapes[name])[0] for name in names]
@@ -163,7 +164,8 @@ def measure_coupling(
                 and refine is not None and refine(results[name])]
         if not more:
             break
-        jobs = [_ProbeJob(name, shapes[name], min(results[name].probes, max_probes - results[name].probes), seed, round_)
+        jobs = [_ProbeJob(name, shapes[name], min(results[name].probes, max_probes - results[name].probes),
+                          seed, round_)
                 for name in more]
         _run(hessian, jobs, progress)
         for job in jobs:
@@ -196,7 +198,8 @@ def save_couplings(couplings: dict[str, TensorCoupling], path: str | Path, setti
                 "axes": sorted(c.axes)} for c in couplings.values()]
     header = json.dumps({"format": "hessian-blocks/couplings", "settings": settings or {}, "tensors": tensors})
     arrays = {f"t{i}_axis{axis}": c.axes[axis] for i, c in enumerate(couplings.values()) for axis in c.axes}
-    arrays.update({f"t{i}_axis{axis}_samples": s for i, c in enumerate(couplings.values()) for axis, s in c.samples.items()})
+    arrays.update({f"t{i}_axis{axis}_samples": s
+                   for i, c in enumerate(couplings.values()) for axis, s in c.samples.items()})
     np.savez_compressed(path, header=np.array(header), **arrays)
 
 
@@ -221,7 +224,8 @@ def load_couplings(path: str | Path, settings: dict | None = None) -> dict[str, 
             entry["param"]: TensorCoupling(
                 entry["param"], tuple(entry["shape"]), entry["method"],
                 {axis: data[f"t{i}_axis{axis}"] for axis in entry["axes"]}, entry["products"],
-                samples={axis: data[f"t{i}_axis{axis}_samples"] for axis in entry["axes"] if f"t{i}_axis{axis}_samples" in data})
+                samples={axis: data[f"t{i}_axis{axis}_samples"]
+                         for axis in entry["axes"] if f"t{i}_axis{axis}_samples" in data})
             for i, entry in enumerate(header["tensors"])
         }
 
@@ -329,5 +333,5 @@ def _run(hessian: BlockHessian, jobs: list, progress: Callable[[int], None] | No
             progress(sum(min(stop, job.count) - start for job in active))
 
 
-__all__ = ["DENSE_MAX", "METHODS", "TensorCoupling", "load_couplings", "measure_coupling", "planned_products", "save_couplings",
-           "slice_coupling"]
+__all__ = ["DENSE_MAX", "METHODS", "TensorCoupling", "load_couplings", "measure_coupling", "planned_products",
+           "save_couplings", "slice_coupling"]

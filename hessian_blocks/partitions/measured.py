@@ -374,7 +374,8 @@ def decide_rule(
                    + "; ".join(_describe(k, coupling.shape) for k in others) + " (more probes: --max-probes)")
     rule = decision.rule
     evidence = "; ".join(_evidence(g) for g in decision.groupings)
-    why = f"{_reason(rule.why)}: {evidence} ({coupling.method}, {coupling.probes} probes per slice, {coupling.products} HVPs; {verdict})"
+    why = (f"{_reason(rule.why)}: {evidence} ({coupling.method}, {coupling.probes} probes per slice, "
+           f"{coupling.products} HVPs; {verdict})")
     rule = Rule(rule.param, rule.split, axis=rule.axis, size=rule.size, runs=rule.runs, why=why)
     return Decision(rule, decision.shape, decision.method, decision.products, decision.groupings, coupling,
                     agreeing, len(keys))
@@ -565,7 +566,8 @@ def small_overrides(config: Any) -> dict[str, int]:
     head_dim = value.get("head_dim") or value["width"] // value["heads"]
     kv_heads = value.get("kv_heads", value["heads"])
     if value["heads"] % kv_heads:
-        raise ValueError(f"{type(config).__name__}: {value['heads']} attention heads do not share {kv_heads} key/value heads evenly")
+        raise ValueError(f"{type(config).__name__}: {value['heads']} attention heads do not share "
+                         f"{kv_heads} key/value heads evenly")
     small_kv = min(kv_heads, SMALL_KV_HEADS)
     small_heads = small_kv * min(value["heads"] // kv_heads, 2)
     small_width = value["width"] * small_heads // value["heads"]
@@ -707,5 +709,5 @@ def _evidence(grouping: AxisGrouping) -> str:
     return f"axis {grouping.axis}: {runs} (off-block mass {off}, coupling between groups {cross}{zero})"
 
 
-__all__ = ["DEFAULT_THRESHOLD", "AxisGrouping", "Decider", "Decision", "decide_rule", "derive_decisions", "derive_partition",
-           "group_axis", "map_rules", "small_overrides"]
+__all__ = ["DEFAULT_THRESHOLD", "AxisGrouping", "Decider", "Decision", "decide_rule", "derive_decisions",
+           "derive_partition", "group_axis", "map_rules", "small_overrides"]

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass, replace
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -64,7 +64,8 @@ HF_NORM_TYPES: tuple[str, ...] = (
     "transformers.models.gemma2.modeling_gemma2.Gemma2RMSNorm",
 )
 # Attributes that tell a module knows about heads (only used to warn about unregistered attention).
-HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "head_dim", "head_size")
+HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "head_dim",
+                   "head_size")
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ class AttentionLayout:
         for role in ("q", "k"):
             if roles.count(role) != 1:
                 raise ValueError(
-                    f"AttentionLayout {self.projections}: '{role}' must appear in exactly one projection, found {roles.count(role)}"
+                    f"AttentionLayout {self.projections}: '{role}' must appear in exactly one projection, "
+                    f"found {roles.count(role)}"
                 )
         if roles.count("v") > 1:
             raise ValueError(f"AttentionLayout {self.projections}: 'v' appears in more than one projection")
@@ -125,7 +127,8 @@ def register_attention(module_type: type[nn.Module] | str, layout: LayoutChoice)
     if not (isinstance(module_type, str) or (isinstance(module_type, type) and issubclass(module_type, nn.Module))):
         raise TypeError(f"register_attention needs an nn.Module subclass or its import path, got {module_type!r}")
     if not (isinstance(layout, AttentionLayout) or callable(layout)):
-        raise TypeError(f"register_attention needs an AttentionLayout or a function returning one, got {type(layout).__name__}")
+        raise TypeError("register_attention needs an AttentionLayout or a function returning one, "
+                        f"got {type(layout).__name__}")
     _ATTENTION.pop(module_type, None)  # re-registering moves the entry last, so it wins
     _ATTENTION[module_type] = layout
 
@@ -204,7 +207,8 @@ def _biases(module: nn.Module) -> list[torch.Tensor]:
     if isinstance(module, nn.MultiheadAttention):
         return [b for b in (module.in_proj_bias, module.bias_k, module.bias_v) if b is not None]
     conv1d = _hf_conv1d_type()
-    known = (nn.Linear, nn.modules.conv._ConvNd, *NORM_TYPES, *_loaded_types(HF_NORM_TYPES)) + ((conv1d,) if conv1d else ())
+    known = ((nn.Linear, nn.modules.conv._ConvNd, *NORM_TYPES, *_loaded_types(HF_NORM_TYPES))
+             + ((conv1d,) if conv1d else ()))
     if isinstance(module, known) and isinstance(getattr(module, "bias", None), torch.Tensor):
         return [module.bias]
     return []
@@ -247,7 +251,8 @@ def _layout_of(module: nn.Module, layouts: dict[type, LayoutChoice]) -> Attentio
     layout = choice(module)
     if not isinstance(layout, AttentionLayout):
         raise TypeError(
-            f"the layout function registered for {type(module).__name__} returned {type(layout).__name__}, not an AttentionLayout"
+            f"the layout function registered for {type(module).__name__} returned {type(layout).__name__}, "
+            "not an AttentionLayout"
         )
     return layout
 
@@ -280,7 +285,8 @@ def _output_axis(holder: object) -> tuple[torch.Tensor, int]:
     conv1d = _hf_conv1d_type()
     if conv1d is not None and isinstance(holder, conv1d):
         return holder.weight, 1
-    if isinstance(holder, (nn.Linear, nn.Embedding)) or (isinstance(holder, nn.modules.conv._ConvNd) and not holder.transposed):
+    if (isinstance(holder, (nn.Linear, nn.Embedding))
+            or (isinstance(holder, nn.modules.conv._ConvNd) and not holder.transposed)):
         return holder.weight, 0
     if isinstance(holder, nn.Parameter) and holder.ndim >= 2:
         return holder, 0
@@ -299,11 +305,13 @@ class _Geometry:
     def segments(self, roles: tuple[str, ...], interleaved: bool) -> list[tuple[str, int]]:
         """(role, width) of consecutive output features of a projection packed as ``roles``."""
         if interleaved:  # per key/value head: its group of query heads, its key head, its value head
-            return [("q", self.heads // self.kv_heads * self.head_dim), ("k", self.head_dim), ("v", self.head_dim)] * self.kv_heads
+            return ([("q", self.heads // self.kv_heads * self.head_dim), ("k", self.head_dim), ("v", self.head_dim)]
+                    * self.kv_heads)
         return [(role, (self.heads if role == "q" else self.kv_heads) * self.head_dim) for role in roles]
 
 
-def _attention_specs(where: str, module: nn.Module, layout: AttentionLayout, n_heads: int | None) -> list[tuple[torch.Tensor, RuleSpec]]:
+def _attention_specs(where: str, module: nn.Module, layout: AttentionLayout,
+                     n_heads: int | None) -> list[tuple[torch.Tensor, RuleSpec]]:
     """(parameter, rule spec) for the head-split weights of one attention module."""
     kind = type(module).__name__
     layout_fix = f"register the right layout with register_attention({kind}, AttentionLayout(...))"
@@ -314,27 +322,31 @@ def _attention_specs(where: str, module: nn.Module, layout: AttentionLayout, n_h
     for attribute, (weight, axis, roles, interleaved) in projections.items():
         packing = layout.projections[attribute]
         if roles == ("v",):
-            specs.append((weight, {"split": "groups", "axis": axis, "size": 1, "why": f"{kind} value: one block per output neuron"}))
+            specs.append((weight, {"split": "groups", "axis": axis, "size": 1,
+                                   "why": f"{kind} value: one block per output neuron"}))
             continue
         segments = geometry.segments(roles, interleaved)
         needed = sum(width for _, width in segments)
         if needed != weight.shape[axis]:
             raise ValueError(
-                f"attention module {where}: its projection '{attribute}' has {weight.shape[axis]} outputs, but {packing!r} with "
-                f"{geometry.heads} query heads, {geometry.kv_heads} key/value heads of dimension {geometry.head_dim} needs {needed}; "
+                f"attention module {where}: its projection '{attribute}' has {weight.shape[axis]} outputs, "
+                f"but {packing!r} with {geometry.heads} query heads, {geometry.kv_heads} key/value heads "
+                f"of dimension {geometry.head_dim} needs {needed}; "
                 f"pass the right n_heads, or {layout_fix}"
             )
         runs = _head_runs(kind, segments, geometry.group)
         split = {"size": runs[0][0]} if len(runs) == 1 else {"runs": tuple(runs)}
-        why = (f"{kind} {packing}: one block per head of {geometry.group} ({geometry.heads} query, {geometry.kv_heads} key/value heads)"
+        why = (f"{kind} {packing}: one block per head of {geometry.group} ({geometry.heads} query, "
+               f"{geometry.kv_heads} key/value heads)"
                + (", one per row of v" if "v" in roles else ""))
         specs.append((weight, {"split": "groups", "axis": axis, **split, "why": why}))
     for attribute in layout.head_columns:
         weight, _ = _projection(where, module, attribute, layout_fix)
         if weight.ndim != 2 or weight.shape[1] != geometry.heads:
-            raise ValueError(f"attention module {where}: its head-column table '{attribute}' has shape {tuple(weight.shape)}, "
-                             f"not [n, {geometry.heads} heads]; {layout_fix}")
-        specs.append((weight, {"split": "groups", "axis": 1, "size": 1, "why": f"{kind} per-head table: one block per head (column)"}))
+            raise ValueError(f"attention module {where}: its head-column table '{attribute}' "
+                             f"has shape {tuple(weight.shape)}, not [n, {geometry.heads} heads]; {layout_fix}")
+        specs.append((weight, {"split": "groups", "axis": 1, "size": 1,
+                               "why": f"{kind} per-head table: one block per head (column)"}))
     return specs
 
 
@@ -347,7 +359,8 @@ def _projection(where: str, module: nn.Module, attribute: str, layout_fix: str) 
         raise ValueError(f"attention module {where}: its layout's '{attribute}' {err}; {layout_fix}") from None
 
 
-def _geometry(where: str, module: nn.Module, layout: AttentionLayout, projections: dict, n_heads: int | None, layout_fix: str) -> _Geometry:
+def _geometry(where: str, module: nn.Module, layout: AttentionLayout, projections: dict, n_heads: int | None,
+              layout_fix: str) -> _Geometry:
     """Head counts from the layout's attributes (the query count from ``n_heads`` where unreadable);
     head_dim from its attribute or the query-carrying projection; the block width from ``n_heads``."""
     kind = type(module).__name__
@@ -371,13 +384,15 @@ def _geometry(where: str, module: nn.Module, layout: AttentionLayout, projection
         weight, axis, roles, _ = next(p for p in projections.values() if "q" in p[2])
         units = sum(heads if role == "q" else kv_heads for role in roles)
         if weight.shape[axis] % units:
-            raise fail(f"{weight.shape[axis]} outputs of {'|'.join(roles)} do not split into {heads} query / {kv_heads} key-value heads",
+            raise fail(f"{weight.shape[axis]} outputs of {'|'.join(roles)} do not split into "
+                       f"{heads} query / {kv_heads} key-value heads",
                        "pass the right n_heads")
         head_dim = weight.shape[axis] // units
     group = head_dim
     if n_heads is not None:
         if (heads * head_dim) % n_heads:
-            raise ValueError(f"{kind}: {heads * head_dim} projection features do not split into {n_heads} heads; pass the right n_heads")
+            raise ValueError(f"{kind}: {heads * head_dim} projection features do not split into {n_heads} heads; "
+                             "pass the right n_heads")
         group = heads * head_dim // n_heads
     return _Geometry(heads, kv_heads, head_dim, group)
 
@@ -387,7 +402,8 @@ def _head_runs(kind: str, segments: list[tuple[str, int]], group: int) -> list[t
     runs: list[tuple[int, int]] = []
     for role, width in segments:
         if role != "v" and width % group:
-            raise ValueError(f"{kind}: {width} {role} projection features do not split into heads of {group}; pass the right n_heads")
+            raise ValueError(f"{kind}: {width} {role} projection features do not split into heads of {group}; "
+                             "pass the right n_heads")
         size, count = (1, width) if role == "v" else (group, width // group)
         if runs and runs[-1][0] == size:
             runs[-1] = (size, runs[-1][1] + count)
@@ -411,12 +427,15 @@ def _looks_like_attention(module: nn.Module) -> bool:
 
 
 def _warn_unregistered(module_type: type, paths: list[str]) -> None:
-    where = (f"'{paths[0]}'" if paths[0] else "the model itself") + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+    where = ((f"'{paths[0]}'" if paths[0] else "the model itself")
+             + (f" and {len(paths) - 1} more" if len(paths) > 1 else ""))
     warnings.warn(
         f"{where} ({module_type.__name__}) looks like attention (it has a head count and projections), but no "
-        f"AttentionLayout is registered for {module_type.__name__}: its query/key weights get one block per output row, "
-        f"not one per head. Register it: hessian_blocks.partitions.register_attention({module_type.__name__}, "
-        "AttentionLayout({'<query attribute>': 'q', '<key attribute>': 'k', '<value attribute>': 'v'}, heads='<head-count attribute>')) "
+        f"AttentionLayout is registered for {module_type.__name__}: its query/key weights get one block per "
+        "output row, not one per head. Register it: "
+        f"hessian_blocks.partitions.register_attention({module_type.__name__}, "
+        "AttentionLayout({'<query attribute>': 'q', '<key attribute>': 'k', '<value attribute>': 'v'}, "
+        "heads='<head-count attribute>')) "
         "(see docs/partition-default.md)",
         stacklevel=3,
     )
@@ -430,7 +449,8 @@ def _separate(q: str, k: str, v: str, **geometry) -> AttentionLayout:
 
 
 _LLAMA_STYLE = _separate(
-    "q_proj", "k_proj", "v_proj", heads="config.num_attention_heads", kv_heads="config.num_key_value_heads", head_dim="head_dim"
+    "q_proj", "k_proj", "v_proj", heads="config.num_attention_heads", kv_heads="config.num_key_value_heads",
+    head_dim="head_dim"
 )
 _BERT_STYLE = _separate("query", "key", "value", heads="num_attention_heads", head_dim="attention_head_size")
 _T5 = _separate("q", "k", "v", heads="n_heads", head_dim="key_value_proj_dim")
@@ -464,7 +484,8 @@ register_attention(
 )
 register_attention(
     "transformers.models.phi3.modeling_phi3.Phi3Attention",
-    AttentionLayout({"qkv_proj": "q|k|v"}, heads="config.num_attention_heads", kv_heads="num_key_value_heads", head_dim="head_dim"),
+    AttentionLayout({"qkv_proj": "q|k|v"}, heads="config.num_attention_heads", kv_heads="num_key_value_heads",
+                    head_dim="head_dim"),
 )
 register_attention(
     "transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXAttention",
@@ -483,6 +504,8 @@ register_attention(
     "transformers.models.distilbert.modeling_distilbert.DistilBertSelfAttention",
     _separate("q_lin", "k_lin", "v_lin", heads="n_heads", head_dim="attention_head_size"),
 )
-register_attention("transformers.models.t5.modeling_t5.T5Attention", lambda m: _T5_WITH_BIAS if m.has_relative_attention_bias else _T5)
-register_attention("transformers.models.gpt2.modeling_gpt2.GPT2Attention", lambda m: _GPT2_CROSS if m.is_cross_attention else _GPT2)
+register_attention("transformers.models.t5.modeling_t5.T5Attention",
+                   lambda m: _T5_WITH_BIAS if m.has_relative_attention_bias else _T5)
+register_attention("transformers.models.gpt2.modeling_gpt2.GPT2Attention",
+                   lambda m: _GPT2_CROSS if m.is_cross_attention else _GPT2)
 del _path
