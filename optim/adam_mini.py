@@ -124,6 +124,7 @@ class AdamMini(torch.optim.Optimizer):
         self._state_dtype = _checked_state_dtype(state_dtype)
         self._stochastic_rounding = bool(stochastic_rounding)
         self._rounding_seed = int(rounding_seed)
+        self._positions: dict[torch.Tensor, int] | None = None  # see _position; reset when groups are added
         self._warned_fallback = False
         self._hook = hook or UpdateHook()
         self._transforms: dict[torch.Tensor, ParamTransform] = {}
@@ -143,6 +144,7 @@ class AdamMini(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of (name, tensor) pairs; each name needs a rule in the optimizer's partition."""
         _refuse_unsupported(param_group)
+        self._positions = None
         pairs = list(param_group.get("params", []))
         if not all(isinstance(item, tuple) and len(item) == 2 for item in pairs):
             raise TypeError("AdamMini needs named parameters: pass (name, tensor) pairs, e.g. model.named_parameters()")
@@ -321,7 +323,9 @@ class AdamMini(torch.optim.Optimizer):
 
     def _position(self, param: torch.Tensor) -> int:
         """The parameter's index among all of the optimizer's parameters (stable across a resume)."""
-        return next(i for i, p in enumerate(p for g in self.param_groups for p in g["params"]) if p is param)
+        if self._positions is None:
+            self._positions = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return self._positions[param]
 
     def _initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         dtype, transform = self._exp_avg_dtype(param), self._transforms.get(param)
