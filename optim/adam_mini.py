@@ -27,11 +27,17 @@ from torch.distributed.tensor import DTensor
 from hessian_blocks.blocks import Partition, Rule
 from hessian_blocks.partitions.structural import default_rules
 
-from .distributed import ShardedBlockLayout, block_layout, local_tensor
+from .distributed import ShardedBlockLayout, block_layout, local_tensor, shard_offset, sharded_scales
 from .functional import advance_steps, choose_implementation, run_updates
 from .hooks import ParamTransform, UpdateHook
 from .layout import BlockLayout
-from .low_precision import dequantize_blockwise, quantize_blockwise_, quantized_scale_count, stochastic_round_
+from .low_precision import (
+    QUANT_BLOCK,
+    dequantize_blockwise,
+    quantize_blockwise_,
+    quantized_scale_count,
+    stochastic_round_,
+)
 from .update import Batch
 
 __all__ = ["STATE_KEYS", "AdamMini"]
@@ -64,11 +70,17 @@ class AdamMini(torch.optim.Optimizer):
         state_dtype: dtype of the first moment (default: the parameter's): a floating dtype (e.g.
             ``torch.bfloat16``), or ``torch.int8`` for an 8-bit block-quantized first moment (int8 codes
             and one float32 scale per 256 coordinates: :mod:`optim.low_precision`). Second moments are
-            float32 (float64 for float64 parameters) whatever the parameter dtype.
+            float32 (float64 for float64 parameters) whatever the parameter dtype. For FSDP2-sharded
+            (DTensor) parameters the codes are a DTensor like the parameter and the 256-coordinate runs
+            are those of each rank's shard (:func:`optim.distributed.sharded_scales`): such checkpoints
+            resume with the number of ranks they were saved with.
         stochastic_rounding: write the updates of bfloat16 parameters with stochastic rounding
             (computed in float32, rounded up or down at random without bias), so that updates smaller
             than bfloat16's spacing are not lost. The draws depend only on ``rounding_seed``, the
             parameter's position and its step count: a resumed run draws what an uninterrupted one does.
+            A sharded (DTensor) parameter rounds its local shard, with draws that also depend on where
+            the shard starts: bit-identical across a resume with the same number of ranks; another
+            number of ranks draws differently (equally unbiased).
         rounding_seed: seed of the stochastic rounding.
         foreach, fused: implementation flags, as in ``torch.optim.AdamW`` (``fused=True``: compiled).
         maximize: ascend the objective instead of descending it, as in ``torch.optim.AdamW``.
@@ -302,23 +314,25 @@ class AdamMini(torch.optim.Optimizer):
         the write-backs that store them after the update."""
         quantized = self._state_dtype == torch.int8
         rounded = self._stochastic_rounding and param.dtype == torch.bfloat16
-        if (quantized or rounded) and isinstance(param, DTensor):
-            raise NotImplementedError(
-                f"parameter '{name}' is sharded (DTensor): an 8-bit first moment and stochastic rounding run on "
-                "unsharded parameters only; use state_dtype=torch.bfloat16 without stochastic rounding under FSDP"
-            )
         exp_avg, target = local_tensor(state["exp_avg"]), local_tensor(param)
         if quantized:
-            codes, scales = exp_avg, state["exp_avg_scale"]
+            # a DTensor's codes are its local shard, quantized per run of the shard (optim.distributed.sharded_scales)
+            codes, scales = exp_avg, local_tensor(state["exp_avg_scale"]).view(-1)
+            if isinstance(param, DTensor):
+                scales = scales[: -(-codes.numel() // QUANT_BLOCK)]
             exp_avg = dequantize_blockwise(codes, scales)
             write_backs.append(functools.partial(quantize_blockwise_, exp_avg, codes, scales))
         if rounded:
-            target = param.float()
-            generator = torch.Generator(param.device)
-            # the draws of a step depend on the seed, the parameter's position and the step, not on history
-            generator.manual_seed(hash((self._rounding_seed, self._position(param), int(state["step"]) + 1))
-                                  % (1 << 63))
-            write_backs.append(functools.partial(stochastic_round_, param, target, generator))
+            local = target
+            target = local.float()
+            generator = torch.Generator(local.device)
+            # the draws of a step depend on the seed, the parameter's position and the step, not on history;
+            # a shard's also on where it starts in the whole tensor, so that shards draw independently
+            key = (self._rounding_seed, self._position(param), int(state["step"]) + 1)
+            if isinstance(param, DTensor):
+                key += (shard_offset(param),)
+            generator.manual_seed(hash(key) % (1 << 63))
+            write_backs.append(functools.partial(stochastic_round_, local, target, generator))
         return exp_avg, target
 
     def _position(self, param: torch.Tensor) -> int:
@@ -338,8 +352,7 @@ class AdamMini(torch.optim.Optimizer):
             **({} if transform is None else transform.extra_state(param, dtype)),
         }
         if self._state_dtype == torch.int8:
-            state["exp_avg_scale"] = torch.zeros(quantized_scale_count(param.numel()), dtype=torch.float32,
-                                                 device=param.device)
+            state["exp_avg_scale"] = _zero_scales(param)
         return state
 
     def _exp_avg_dtype(self, param: torch.Tensor) -> torch.dtype:
@@ -379,10 +392,13 @@ class AdamMini(torch.optim.Optimizer):
                 "build it with the checkpoint's state_dtype"
             )
         if quantized:
-            count = quantized_scale_count(param.numel())
-            if tuple(saved["exp_avg_scale"].shape) != (count,):
-                raise ValueError(f"saved state of parameter '{name}' has {saved['exp_avg_scale'].numel()} first-moment "
-                                 f"scales, expected {count}: it was saved for another shape")
+            shape = tuple(_zero_scales(param).shape)
+            if tuple(saved["exp_avg_scale"].shape) != shape:
+                raise ValueError(
+                    f"saved state of parameter '{name}' has first-moment scales of shape "
+                    f"{list(saved['exp_avg_scale'].shape)}, expected {list(shape)}: it was saved for another shape, or "
+                    "(8-bit state of a sharded parameter: one row of scales per shard) for another number of ranks"
+                )
             restored["exp_avg_scale"] = saved["exp_avg_scale"].to(dtype=torch.float32, device=param.device, copy=True)
         for key, template in extras.items():
             restored[key] = saved[key].to(dtype=template.dtype, device=template.device, copy=True)
@@ -444,6 +460,14 @@ def _checked_state_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
         return dtype
     raise ValueError(f"state_dtype={dtype!r}: use a floating dtype (torch.float32, torch.bfloat16, ...) or torch.int8 "
                      "for an 8-bit block-quantized first moment")
+
+
+def _zero_scales(param: torch.Tensor) -> torch.Tensor:
+    """Zero scales of an 8-bit first moment of ``param``: one per run of :data:`QUANT_BLOCK`
+    coordinates, of the whole tensor, or of each rank's shard for a DTensor."""
+    if isinstance(param, DTensor):
+        return sharded_scales(param, QUANT_BLOCK)
+    return torch.zeros(quantized_scale_count(param.numel()), dtype=torch.float32, device=param.device)
 
 
 def _block_dtype(param: torch.Tensor) -> torch.dtype:

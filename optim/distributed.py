@@ -17,6 +17,12 @@ same full vector of per-block second moments, so that state is replicated: a sma
 that torch.distributed.checkpoint saves once and loads into any world size. The first moment and
 the parameter update stay local, on the rank's rows. The result equals single-process Adam-mini.
 
+Low-precision options work on the local rows too. An 8-bit first moment keeps int8 codes as a
+DTensor like the parameter and quantizes each rank's shard on its own grid of 256-coordinate runs;
+the scales are a DTensor with one row per rank (:func:`sharded_scales`), which checkpoints save and
+load exactly, and which another number of ranks refuses (its shape differs). Stochastic rounding
+rounds the local shard with draws seeded also by where the shard starts (:func:`shard_offset`).
+
 Rank and world size come from the DTensor's device mesh (``torch.distributed``), never from the
 number of visible GPUs. :func:`save_checkpoint` / :func:`load_checkpoint` save and resume a model
 and its optimizer with torch.distributed.checkpoint (sharded or not).
@@ -33,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -43,13 +50,52 @@ from .update import Batch
 
 __all__ = [
     "LocalSegment", "ShardedBlockLayout", "block_layout", "load_checkpoint", "local_tensor",
-    "reduce_block_mean_squares", "save_checkpoint",
+    "reduce_block_mean_squares", "save_checkpoint", "shard_offset", "sharded_scales",
 ]
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (shares its storage), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_offset(param: torch.Tensor) -> int:
+    """Flat index, in the whole tensor, of the first coordinate this rank holds of ``param`` (0 for a
+    plain or replicated tensor). A DTensor sharded on dim 0 holds rows as ``torch.chunk`` cuts them."""
+    if not isinstance(param, DTensor):
+        return 0
+    offset = 0
+    for dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            rows = param.shape[placement.dim]
+            chunk = -(-rows // param.device_mesh.size(dim))
+            start = min(rows, chunk * param.device_mesh.get_local_rank(dim))
+            offset += start * math.prod(param.shape[placement.dim + 1 :])
+    return offset
+
+
+def sharded_scales(param: DTensor, block: int) -> DTensor:
+    """Zero float32 scales of an 8-bit first moment of the DTensor ``param``, one per run of ``block``
+    coordinates of each rank's local shard.
+
+    Sharded on dim 0: every rank of the shard group holds the same number of scales (those of the
+    largest shard: ``torch.chunk``'s first), as a DTensor of global shape ``[shard ranks, runs]``
+    placed like ``param`` (row ``r`` on rank ``r``). torch.distributed.checkpoint saves and loads that
+    layout exactly, and its shape records the number of ranks the quantization grid was made for.
+    Replicated: the scales of the whole tensor, replicated.
+    """
+    device = param.to_local().device
+    shards = [dim for dim, p in enumerate(param.placements) if isinstance(p, Shard)]
+    if not shards:
+        count = max(1, -(-param.numel() // block))
+        return DTensor.from_local(torch.zeros(count, dtype=torch.float32, device=device), param.device_mesh,
+                                  param.placements, run_check=False, shape=torch.Size((count,)), stride=(1,))
+    ranks, dim = param.device_mesh.size(shards[0]), param.placements[shards[0]].dim
+    largest = -(-param.shape[dim] // ranks) * math.prod(param.shape[dim + 1 :])
+    runs = max(1, -(-largest // block))
+    local = torch.zeros(1, runs, dtype=torch.float32, device=device)
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=torch.Size((ranks, runs)), stride=(runs, 1))
 
 
 def block_layout(rule: Rule, param: torch.Tensor, name: str | None = None) -> BlockLayout | ShardedBlockLayout:
@@ -291,5 +337,18 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     one, torch.distributed.checkpoint warns that it loads in a single process, which is intended."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:
+        causes = [str(exc) for exc, _ in err.failures.values()] if isinstance(err, CheckpointException) else [str(err)]
+        mismatch = next((cause for cause in causes if "exp_avg_scale" in cause and "ize mismatch" in cause), None)
+        if mismatch is not None:
+            raise ValueError(
+                f"checkpoint '{path}' holds 8-bit first-moment scales that do not fit this sharding: under FSDP2 "
+                "they are quantized per run of each rank's shard (one row of scales per rank), so such a state "
+                "resumes only with the number of shard ranks it was saved with, and an unsharded one only "
+                "unsharded: resume it with the world size it was saved with. "
+                f"torch.distributed.checkpoint: {mismatch}"
+            ) from err
+        raise
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
