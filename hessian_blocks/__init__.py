@@ -22,16 +22,16 @@ from .lazy import lazy_exports
 
 __all__ = [
     "Block", "BlockHessian", "BroadeningWarning", "DATA_SOURCES", "DataFaultError", "DensityResult",
-    "HessianSetupError", "LanczosResult", "MODEL_NAMES", "ModelSpec", "Partition", "PartitionFileError", "Rule",
-    "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "lanczos", "make_batches", "make_probes",
-    "sample_layers", "select_blocks", "derive_partition",
+    "HessianSetupError", "LanczosResult", "MODEL_NAMES", "ModelSpec", "Partition", "PartitionFileError",
+    "PrecisionWarning", "Rule", "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "lanczos",
+    "make_batches", "make_probes", "sample_layers", "select_blocks", "derive_partition",
 ]
 
 _EXPORTS = {
     **dict.fromkeys(("Block", "Partition", "PartitionFileError", "Rule", "sample_layers", "select_blocks"), ".blocks"),
     "derive_partition": ".partitions",
     "make_batches": ".data",
-    **dict.fromkeys(("DataFaultError", "HessianSetupError"), ".guards"),
+    **dict.fromkeys(("DataFaultError", "HessianSetupError", "PrecisionWarning"), ".guards"),
     "BlockHessian": ".hvp",
     **dict.fromkeys(("LanczosResult", "lanczos", "make_probes"), ".lanczos"),
     **dict.fromkeys(("ModelSpec", "build_model"), ".models"),
@@ -43,7 +43,7 @@ lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # what type checkers and editors see
     from .blocks import Block, Partition, PartitionFileError, Rule, sample_layers, select_blocks
     from .data import make_batches
-    from .guards import DataFaultError, HessianSetupError
+    from .guards import DataFaultError, HessianSetupError, PrecisionWarning
     from .hvp import BlockHessian
     from .lanczos import LanczosResult, lanczos, make_probes
     from .models import ModelSpec, build_model

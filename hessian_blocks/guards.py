@@ -1,25 +1,29 @@
 """Checks that a model and a dataset define one fixed, twice-differentiable loss.
 
 Hessian spectra are only meaningful when every evaluation of the loss is the same function of the
-parameters. Each check raises :class:`HessianSetupError` naming the problem and the fix.
+parameters. Each check raises :class:`HessianSetupError` naming the problem and the fix; a forward that
+computes part of the loss in a lower precision than the one asked for gets one :class:`PrecisionWarning`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .batching import batch_tensors, batch_to, call_model, describe_batch
 
 __all__ = [
-    "DataFaultError", "HessianSetupError", "check_batches", "check_device", "check_eval_mode",
-    "check_gradients", "check_same_loss", "explain_double_backward_failure", "train_mode_modules",
-    "twice_differentiable_attention",
+    "DataFaultError", "HessianSetupError", "PrecisionWarning", "check_batches", "check_device", "check_eval_mode",
+    "check_gradients", "check_precision", "check_same_loss", "explain_double_backward_failure",
+    "lower_precision_operations", "train_mode_modules", "twice_differentiable_attention",
 ]
 
 
@@ -29,6 +33,11 @@ class HessianSetupError(ValueError):
 
 class DataFaultError(ValueError):
     """The data hold NaN or infinite values: a fault of the data, not of the model or the optimizer."""
+
+
+class PrecisionWarning(UserWarning):
+    """The forward computes part of the loss in a lower precision than the dtype asked for (e.g. a norm
+    that casts float64 activations to float32): the products are only as accurate as that precision."""
 
 
 # Module types whose output depends on the batch or on random numbers in train mode.
@@ -212,3 +221,125 @@ def check_gradients(names: list[str], grads: list[torch.Tensor | None]) -> None:
             f"non-finite gradient for parameter(s) {bad[:5]}: check the data (NaN/inf inputs), the loss, "
             "and the initialisation before measuring the Hessian."
         )
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype.to_real() if dtype.is_complex else dtype).eps
+
+
+class LowerPrecisionRecorder(TorchDispatchMode):
+    """Records the operations of one forward that touch values depending on the parameters (tensors that
+    require grad) in a lower precision than ``dtype``: casts down (``aten._to_copy`` float64 -> float32) and
+    operations computed in the lower precision. A lower-precision constant that never meets a
+    parameter-dependent value (a float32 table of positions) is not recorded: it is one fixed input of a
+    function still computed in ``dtype``."""
+
+    _BOOKKEEPING = ("detach", "alias", "lift_fresh")  # autograd's own copies, not computations
+
+    def __init__(self, dtype: torch.dtype, where: Callable[[], str]) -> None:
+        super().__init__()
+        self.eps = _eps(dtype)
+        self.where = where
+        self.casts: dict[tuple[str, torch.dtype, torch.dtype], list[str]] = {}  # (op, from, to) -> places
+        self.computed: dict[str, list[str]] = {}  # op -> places (operations run in a lower precision)
+        self.lower: set[torch.dtype] = set()
+        self.count = 0  # operations recorded
+        self.computed_count = 0  # of which computed in the lower precision (not casts down)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self._BOOKKEEPING:
+            return out
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        dependent = [t for t in inputs if t.requires_grad]  # inside the dispatch: depends on the parameters
+        if not dependent:
+            return out
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        low_in = [t.dtype for t in dependent if _eps(t.dtype) > self.eps]
+        low_out = [t.dtype for t in outputs if _eps(t.dtype) > self.eps]
+        if not low_in and not low_out:
+            return out
+        self.count += 1
+        self.lower.update(low_in + low_out)
+        place, name = self.where(), func.overloadpacket.__name__
+        if not low_in:  # every parameter-dependent input in the precision asked for, a lower output
+            places = self.casts.setdefault((name, min((t.dtype for t in dependent), key=_eps), low_out[0]), [])
+        else:
+            self.computed_count += 1
+            places = self.computed.setdefault(name, [])
+        if place not in places:
+            places.append(place)
+        return out
+
+
+@contextlib.contextmanager
+def lower_precision_operations(model: nn.Module, dtype: torch.dtype) -> Iterator[LowerPrecisionRecorder]:
+    """Within the block, record the operations of ``model`` (run with parameters that require grad) that
+    compute parameter-dependent values in a lower precision than ``dtype``, with the module they run in."""
+    stack: list[int] = []  # ids of the modules whose forward runs
+    names = {id(module): (name, type(module).__name__) for name, module in model.named_modules()}
+
+    def where() -> str:
+        if not stack:
+            return "the loss function"
+        name, kind = names[stack[-1]]
+        return f"'{name}' ({kind})" if name else f"the forward of {kind}"
+
+    def enter(module: nn.Module, args: Any) -> None:
+        stack.append(id(module))
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if stack and stack[-1] == id(module):
+            stack.pop()
+
+    handles = []
+    try:
+        for module in dict.fromkeys(m for _, m in model.named_modules()):
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        with LowerPrecisionRecorder(dtype, where) as recorder:
+            yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _listed(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_precision(model: nn.Module, loss: Callable[[], torch.Tensor], dtype: torch.dtype,
+                    stacklevel: int = 2) -> bool:
+    """Run ``loss()`` (one forward of the loss, with parameters that require grad) and warn once
+    (:class:`PrecisionWarning`) when it computes parameter-dependent values in a lower precision than
+    ``dtype``, naming the operations, the modules they run in, the consequence and the fixes. Returns
+    whether it warned."""
+    with lower_precision_operations(model, dtype) as found:
+        loss()
+    if not found.count:
+        return False
+    def short(d: torch.dtype) -> str:
+        return str(d).removeprefix("torch.")
+
+    worst = max(found.lower, key=_eps)
+    low = "/".join(short(d) for d in sorted(found.lower, key=_eps))
+    casts = "; ".join(f"aten.{op} ({short(a)} -> {short(b)}) in {_listed(places)}"
+                      for (op, a, b), places in found.casts.items())
+    computed = (f"{found.computed_count} operation(s) run in {low} on "
+                f"{'them' if casts else 'values that depend on the parameters'} ({_listed(list(found.computed), 6)})")
+    if casts:
+        what = f"values that depend on the parameters are cast down by {casts}"
+        what += f", and {computed}" if found.computed_count else ""
+    else:
+        what = computed
+    warnings.warn(
+        f"dtype={dtype} was asked for, but the forward computes part of the loss in {low}: {what}. "
+        f"Hessian-vector products (and losses, gradients) are then only as accurate as {short(worst)} "
+        f"(about {_eps(worst):.0e} relative), not {short(dtype)}. For {short(dtype)} accuracy, make the forward keep "
+        "the dtype (e.g. patch a norm that casts its input to float32 to compute in its input's dtype); or accept "
+        f"that accuracy; or measure with dtype={worst}{' (--dtype float32)' if worst == torch.float32 else ''}, "
+        "where the products are consistent with the forward.",
+        PrecisionWarning, stacklevel=stacklevel + 1,
+    )
+    return True

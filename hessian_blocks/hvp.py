@@ -44,6 +44,7 @@ from .guards import (
     HessianSetupError,
     check_eval_mode,
     check_gradients,
+    check_precision,
     check_same_loss,
     explain_double_backward_failure,
     twice_differentiable_attention,
@@ -140,7 +141,8 @@ class BlockHessian:
         memory_budget: bytes the "vmap" strategy may use for one chunk (default: half the free CUDA
             memory, or 2 GiB on CPU).
         check: run the guards (eval mode, determinism, gradients present and finite, second
-            derivatives available) before the first product.
+            derivatives available) before the first product, and warn once (:class:`PrecisionWarning`)
+            when the forward computes parameter-dependent values in a lower precision than ``dtype``.
     """
 
     def __init__(
@@ -281,6 +283,11 @@ class BlockHessian:
         check_gradients(names, list(grads))
         probe = torch.ones(1, self.size, dtype=self.dtype, device=self.device)
         self._with_explained_errors(lambda: self._loop_block_diagonal(probe, self.batches[:1], [1.0], first_only=True))
+        if not getattr(self, "_precision_checked", False):  # one forward, one PrecisionWarning per BlockHessian
+            self._precision_checked = True
+            with twice_differentiable_attention():
+                check_precision(self.model, lambda: self._loss(self._leaves(names), inputs, targets), self.dtype,
+                                stacklevel=3)
 
     # ----------------------------------------------------------------- internals
     def _apply(self, vectors: torch.Tensor, *, block_diagonal: bool) -> torch.Tensor:
