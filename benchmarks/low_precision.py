@@ -13,7 +13,7 @@ validation loss (mean over seeds; bfloat16 models are evaluated in float32), its
 Adam-mini, optimizer-state bytes per parameter, and seconds per step on this CPU relative to float32
 Adam-mini. Writes ``low_precision.json`` to ``--out`` (default ``benchmarks/results``).
 
-    python benchmarks/low_precision.py                  # 18 runs of 300 steps: ~10 minutes on 2 CPU cores
+    python benchmarks/low_precision.py                  # 18 runs of 300 steps: ~4 minutes on one idle CPU core
     python benchmarks/low_precision.py --quick --out /tmp/lp
 """
 
