@@ -28,7 +28,7 @@ import torch
 from matplotlib.figure import Figure
 
 import optim
-from analysis.experiments.training import TrainSetup, run_steps
+from analysis.experiments.training import TrainSetup, mean_loss, run_steps
 from hessian_blocks import build_model
 
 FULL = dict(config={}, steps=300, batch_size=16, train_batches=32, val_batches=4)
@@ -72,9 +72,7 @@ def train(name: str, config: dict, args: argparse.Namespace, train_batches, val_
     model = spec.model.train()
     optimizer = optimizer_for(name, model, args)
     losses, times = run_steps(model, spec.loss_fn, optimizer, train_batches, args.steps)
-    with torch.no_grad():
-        val = float(np.mean([spec.loss_fn(model(x), y).item() for x, y in val_batches]))
-    return {"losses": losses, "val_loss": val, "seconds_per_step": float(np.mean(times))}
+    return {"losses": losses, "val_loss": mean_loss(spec, val_batches), "seconds_per_step": float(np.mean(times))}
 
 
 def smooth(values: list[float], window: int) -> np.ndarray:
