@@ -3,12 +3,13 @@
 Rows: the bundled ``gpt2-nano`` at widths 32 / 64 / 128 (4 layers, 4 heads, vocab 512, context 64,
 one batch of 8 sequences), a small Hugging Face Llama config (GQA), and ``--small auto`` on a
 TinyLlama-shaped ~1.1B config (measured on its smaller instance, rules mapped back). Every row uses
-the partitioner's defaults (2 probes per slice, up to 8 where a decision is not settled, float32).
+the partitioner's defaults (2 probes per slice, up to 8 where a decision is not settled, float32,
+axes longer than 32 slices decided on a sample of them).
 Printed: the HVPs (the method's cost, machine-independent), wall and CPU seconds (CPU seconds
 stay meaningful on a shared machine; run with OMP_NUM_THREADS=1 for one core) and the decisions
 still undecided at 8 probes.
 
-    python benchmarks/partition_cost.py                # every row (tens of minutes on 2 CPU cores)
+    python benchmarks/partition_cost.py                # every row (about 7 minutes on 2 CPU cores)
     python benchmarks/partition_cost.py --quick        # width 32 and the small Llama only
     OMP_NUM_THREADS=1 python benchmarks/partition_cost.py --rows auto-1b
 """

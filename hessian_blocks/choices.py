@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "DATA_SOURCES", "DEFAULT_CONTRAST", "DEFAULT_MASS_THRESHOLD", "DEFAULT_MAX_RUNS", "DEFAULT_MAX_SPREAD",
-    "DEFAULT_THRESHOLD", "DENSE_MAX", "MODEL_NAMES", "STRATEGIES",
+    "DEFAULT_THRESHOLD", "DENSE_MAX", "MAX_SLICES", "MODEL_NAMES", "STRATEGIES",
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("gpt2-nano", "bert-mini", "vit-tiny", "resnet18", "vgg16", "mlp", "mlp-mixer")
@@ -31,3 +31,6 @@ DEFAULT_MAX_RUNS = 2
 DEFAULT_MAX_SPREAD = 10.0
 DENSE_MAX = 256
 """Tensors up to this many entries are measured densely (exact); larger ones when dense is no dearer."""
+MAX_SLICES = 32
+"""Axes with more slices are measured on a regular sample of them (every 2nd, 4th or 8th slice) plus
+the slices of the first stride; 0: every slice of every axis."""

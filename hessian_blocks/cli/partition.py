@@ -29,6 +29,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         DEFAULT_MAX_SPREAD,
         DEFAULT_THRESHOLD,
         DENSE_MAX,
+        MAX_SLICES,
     )
 
     command = commands.add_parser(
@@ -68,6 +69,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--dense-max", type=int, default=DENSE_MAX,
                          help="largest tensor always measured densely; larger ones only where dense needs no more "
                               f"products than the first round of probes (default: {DENSE_MAX})")
+    command.add_argument("--max-slices", type=int, default=MAX_SLICES,
+                         help="axes with more slices are decided on every 2nd, 4th or 8th slice (plus the first "
+                              "stride, which sends a tensor whose structure is finer than its stride back to every "
+                              f"slice); 0: every slice of every axis (default: {MAX_SLICES})")
     command.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the probes (default: 0)")
     add_compute_options(command, dtype="float32")
     add_output_options(command, Path("partition.json"), what="partition file to write")
@@ -105,6 +110,8 @@ def run_partition(args: argparse.Namespace) -> int:
     note_eval_mode(args.model, spec.model)
     if args.max_probes < args.probes:
         raise ValueError(f"--max-probes ({args.max_probes}) must be at least --probes ({args.probes})")
+    if args.max_slices < 0:
+        raise ValueError(f"--max-slices must be >= 0 (0: every slice), got {args.max_slices}")
     small = parse_overrides([pair for pair in args.small if pair != "auto"])
     if "auto" in args.small:
         small = {**small_overrides(spec.config), **small}
@@ -113,7 +120,8 @@ def run_partition(args: argparse.Namespace) -> int:
                            dtype=dtype)
     shapes = {name: tuple(p.shape) for name, p in measured.model.named_parameters() if p.requires_grad}
     measurement = {key: getattr(args, key) for key in ("model", "set", "small", "data", "batches", "batch_size",
-                                                       "method", "probes", "max_probes", "dense_max", "seed", "dtype")}
+                                                       "method", "probes", "max_probes", "dense_max", "max_slices",
+                                                       "seed", "dtype")}
     if args.couplings is not None and args.couplings.exists():
         couplings = load_couplings(args.couplings, settings=measurement)
         if {name: c.shape for name, c in couplings.items()} != shapes:
@@ -121,7 +129,8 @@ def run_partition(args: argparse.Namespace) -> int:
                              "path")
         print(f"couplings read from {args.couplings} (nothing measured)", file=sys.stderr)
     else:
-        planned = sum(planned_products(shape, args.method, args.probes, args.dense_max) for shape in shapes.values())
+        planned = sum(planned_products(shape, args.method, args.probes, args.dense_max, args.max_slices)
+                      for shape in shapes.values())
 
         def advance(products: int) -> None:
             bar.total = max(bar.total, bar.n + products)  # a refining round: more products than first planned
@@ -131,8 +140,9 @@ def run_partition(args: argparse.Namespace) -> int:
                   disable=args.no_progress, file=sys.stderr) as bar:
             couplings = measure_coupling(
                 measured.model, measured.loss_fn, batches, method=args.method, probes=args.probes,
-                max_probes=args.max_probes, refine=decide.unsettled,
-                dense_max=args.dense_max, seed=args.seed, dtype=dtype, device=args.device, strategy=args.strategy,
+                max_probes=args.max_probes, refine=decide.unsettled, resample=decide.finer,
+                dense_max=args.dense_max, max_slices=args.max_slices, seed=args.seed, dtype=dtype, device=args.device,
+                strategy=args.strategy,
                 progress=advance,
             )
         if args.couplings is not None:

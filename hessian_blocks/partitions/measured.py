@@ -43,6 +43,13 @@ with more of its mass off the diagonal, spread over many weak pairs (diffuse cou
 groups, slices without mass, the diagonal spread where it decided, and how the Hessian was
 measured.
 
+An axis measured on a sample of its slices (every s-th slice, see
+:mod:`~hessian_blocks.partitions.coupling`) is grouped on the sample's coupling matrix, the grouping
+scaled back by s, and its masses taken from the sampled rows of C against every slice. Slices 0..s
+check for structure finer than s; where they show it (or the sample has groups of only 2 sampled
+slices), the decision is not settled and :class:`Decider` asks for the tensor to be measured again
+on every slice.
+
 Slices with no Hessian mass (embedding rows of tokens absent from the data) carry no evidence:
 they couple with nothing, stay single, and are counted in ``why``.
 
@@ -88,6 +95,9 @@ class AxisGrouping:
     off_block_error: float = 0.0
     stacked: int = 1            # single slices that pair up across this many stacked parts (gate|up rows)
     stacked_off_mass: float = 1.0  # fraction of the mass outside those pairs' blocks
+    stride: int = 1             # decided on every stride-th slice (1: on every slice)
+    sampled_sizes: list[int] | None = None  # the grouping of that sample (None: not sampled)
+    finer: bool = False         # the first stride shows structure that the sample cannot see
 
     @property
     def kept_off_mass(self) -> float:
@@ -115,8 +125,9 @@ class Decision:
 
     @property
     def settled(self) -> bool:
-        """Whether the decision holds without any one probe (always, when measured exactly)."""
-        return self.agreeing == self.replicates
+        """Whether the decision holds without any one probe (always, when measured exactly) and no
+        sampled axis shows structure finer than its stride."""
+        return self.agreeing == self.replicates and not any(g.finer for g in self.groupings)
 
     @property
     def evidence(self) -> str:
@@ -205,7 +216,7 @@ def group_axis(
     else:
         chosen = _choose(slices, [c for c in candidates if c.distinct], threshold, contrast)
         sizes, cross = chosen.sizes, chosen.cross
-    off = _off_block_mass(matrix, sizes)
+    off = _off_block_mass(matrix, np.arange(n), sizes)
     norms = np.sqrt(np.diag(matrix)[~slices.massless])
     spread = float(np.divide(*np.quantile(norms, [0.9, 0.1]))) if norms.size > 1 else 1.0
     return AxisGrouping(axis, list(sizes), cross, off, int(slices.massless.sum()), spread)
@@ -290,11 +301,15 @@ def _cuts(slices: SliceCoupling, candidate: Candidate, grouping: Candidate, weak
     return bool(cut.mean() > max(weak, grouping.cross))
 
 
-def _off_block_mass(matrix: np.ndarray, sizes: Sequence[int]) -> float:
-    """Fraction of the coupling mass outside the diagonal blocks of the groups of ``sizes``."""
+def _off_block_mass(rows: np.ndarray, slices: np.ndarray, sizes: Sequence[int]) -> float:
+    """Fraction of the coupling mass outside the diagonal blocks of the groups of ``sizes``, from the
+    rows ([k, n]) of C of the given ``slices`` (every slice: exact; a regular sample: an estimate)."""
     edges = np.cumsum([0, *sizes])
-    total = matrix.sum()
-    inside = sum(matrix[a:b, a:b].sum() for a, b in zip(edges, edges[1:]))
+    group = np.searchsorted(edges, slices, side="right") - 1
+    prefix = np.concatenate([np.zeros((len(slices), 1)), rows.cumsum(1)], axis=1)
+    rows_at = np.arange(len(slices))
+    inside = (prefix[rows_at, edges[group + 1]] - prefix[rows_at, edges[group]]).sum()
+    total = rows.sum()
     return max(float((total - inside) / total), 0.0) if total > 0 else 0.0  # no negative rounding residue
 
 
@@ -308,6 +323,39 @@ def _cross_coupling(matrix: np.ndarray, sizes: Sequence[int]) -> float:
     return float(np.mean(links)) if links else 0.0
 
 
+def _group(coupling: TensorCoupling, axis: int, threshold: float, contrast: float, max_runs: int) -> AxisGrouping:
+    """The grouping of one axis of a tensor; of a sampled axis from its sample (see the module docstring)."""
+    stride = coupling.stride(axis)
+    if stride == 1:
+        return group_axis(coupling.axes[axis], threshold, contrast, max_runs, axis)
+    n = coupling.shape[axis]
+    regular = np.arange(0, n, stride)
+    sample = group_axis(coupling.principal(axis, regular), threshold, contrast, max_runs, axis)
+    sizes = [size for g in sample.sizes for size in ([g * stride] if g > 1 else [1] * stride)]
+    # structure finer than the stride: slices 0..stride that the grouping separates couple distinctly more
+    # than the sample's groups do (a group of 2 sampled every 4th slice looks like single slices)
+    window = SliceCoupling(coupling.principal(axis, np.arange(stride + 1)))
+    separated = np.flatnonzero(np.isin(np.arange(1, stride + 1), np.cumsum(sizes)))  # link k: slice k -> k + 1
+    mass, weight = window.links(separated, 1, 1).sum(axis=1)
+    fine = mass / weight if weight > 0 else 0.0
+    finer = bool(separated.size) and fine > max(threshold / contrast, contrast * sample.cross_coupling)
+    # a group of two sampled slices is two coupled neighbours as much as a group: too few to tell
+    finer = finer or 2 in sample.sizes
+    off = _off_block_mass(coupling.rows(axis, regular), regular, sizes)
+    return AxisGrouping(axis, sizes, sample.cross_coupling, off, sample.zero_slices, sample.spread, stride=stride,
+                        sampled_sizes=sample.sizes, finer=finer)
+
+
+def _axis_numbers(coupling: TensorCoupling, grouping: AxisGrouping, matrix: np.ndarray) -> tuple[float, float]:
+    """(coupling between groups, off-block mass) of ``grouping`` on another estimate ``matrix`` of its axis."""
+    axis, stride = grouping.axis, grouping.stride
+    if stride == 1:
+        return _cross_coupling(matrix, grouping.sizes), _off_block_mass(matrix, np.arange(len(matrix)), grouping.sizes)
+    regular = np.arange(0, coupling.shape[axis], stride)
+    return (_cross_coupling(coupling.principal(axis, regular, matrix), grouping.sampled_sizes),
+            _off_block_mass(coupling.rows(axis, regular, matrix), regular, grouping.sizes))
+
+
 def _jackknife_error(values: Sequence[float]) -> float:
     """Jackknife standard error from leave-one-out values: sqrt((k - 1) / k * sum (v - mean)^2)."""
     values = np.asarray(values, dtype=np.float64)
@@ -315,19 +363,21 @@ def _jackknife_error(values: Sequence[float]) -> float:
     return float(np.sqrt((k - 1) / k * np.sum((values - values.mean()) ** 2))) if k > 1 else 0.0
 
 
-def _find_stacked_parts(grouping: AxisGrouping, matrix: np.ndarray, mass_threshold: float, most: int = 4) -> None:
+def _find_stacked_parts(grouping: AxisGrouping, rows: np.ndarray, slices: np.ndarray, mass_threshold: float,
+                        most: int = 4) -> None:
     """Single slices of an axis that is k equal parts stacked (a fused gate|up weight: row i of the
     gate couples with row i of the up projection, far more than with anything else): when pairing
     slice i with i + n/k, i + 2n/k, ... leaves at most ``mass_threshold`` of the mass off those
     pairs' blocks, the slices are the finest contiguous blocks the pairs allow, and the axis is
-    compared with the others by the mass left off the pairs. Records the fewest parts that do so."""
-    n, total = matrix.shape[0], matrix.sum()
+    compared with the others by the mass left off the pairs. Records the fewest parts that do so.
+    ``rows`` ([k, n]) are the rows of C of the measured ``slices``."""
+    n, total = rows.shape[1], rows.sum()
     for parts in range(2, most + 1):
         if n % parts or total <= 0:
             continue
         width = n // parts
-        folded = matrix.reshape(parts, width, parts, width)
-        paired = np.einsum("aibi->", folded)  # mass between slices with the same index in any two parts
+        # mass between each measured slice and the slices with its index in any part
+        paired = rows.reshape(len(slices), parts, width)[np.arange(len(slices)), :, slices % width].sum()
         off = max(float((total - paired) / total), 0.0)
         if off <= mass_threshold:
             grouping.stacked, grouping.stacked_off_mass = parts, off
@@ -362,20 +412,20 @@ def decide_rule(
         return decision
     keys = [_key(_decide(r, threshold, contrast, max_runs, mass_threshold, max_spread).rule) for r in replicates]
     for grouping in decision.groupings:
-        matrices = [r.axes[grouping.axis] for r in replicates]
-        grouping.cross_error = _jackknife_error([_cross_coupling(m, grouping.sizes) for m in matrices])
-        grouping.off_block_error = _jackknife_error([_off_block_mass(m, grouping.sizes) for m in matrices])
+        numbers = np.array([_axis_numbers(coupling, grouping, r.axes[grouping.axis]) for r in replicates])
+        grouping.cross_error, grouping.off_block_error = map(_jackknife_error, numbers.T)
     agreeing = sum(k == _key(decision.rule) for k in keys)
     if agreeing == len(keys):
         verdict = f"settled: all {len(keys)} leave-one-probe-out estimates agree"
     else:
-        others = sorted({k for k in keys if k != _key(decision.rule)})
+        others = sorted({k for k in keys if k != _key(decision.rule)}, key=str)
         verdict = (f"UNDECIDED: {agreeing} of {len(keys)} leave-one-probe-out estimates agree, the others give "
                    + "; ".join(_describe(k, coupling.shape) for k in others) + " (more probes: --max-probes)")
     rule = decision.rule
     evidence = "; ".join(_evidence(g) for g in decision.groupings)
+    again = "; measured again on every slice: a sample of slices missed finer structure" if coupling.resampled else ""
     why = (f"{_reason(rule.why)}: {evidence} ({coupling.method}, {coupling.probes} probes per slice, "
-           f"{coupling.products} HVPs; {verdict})")
+           f"{coupling.products} HVPs{again}; {verdict})")
     rule = Rule(rule.param, rule.split, axis=rule.axis, size=rule.size, runs=rule.runs, why=why)
     return Decision(rule, decision.shape, decision.method, decision.products, decision.groupings, coupling,
                     agreeing, len(keys))
@@ -403,16 +453,18 @@ def _decide(
 ) -> Decision:
     check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
     shape = coupling.shape
-    groupings = [group_axis(matrix, threshold, contrast, max_runs, axis) for axis,
-                 matrix in sorted(coupling.axes.items())]
-    method = f"{coupling.method}, {coupling.products} HVPs"
+    groupings = [_group(coupling, axis, threshold, contrast, max_runs) for axis in sorted(coupling.axes)]
+    method = f"{coupling.method}, {coupling.products} HVPs" + (
+        "; measured again on every slice: a sample of slices missed finer structure" if coupling.resampled else "")
     if not groupings:  # a single entry
         rule = Rule(coupling.param, "whole", why=f"one entry ({method})")
         return Decision(rule, shape, coupling.method, coupling.products, [], coupling)
     if len(shape) > 1:
         for grouping in groupings:
             if len(grouping.sizes) == shape[grouping.axis] and grouping.off_block_mass > mass_threshold:
-                _find_stacked_parts(grouping, coupling.axes[grouping.axis], mass_threshold)
+                stride = grouping.stride
+                regular = np.arange(0, shape[grouping.axis], stride)
+                _find_stacked_parts(grouping, coupling.rows(grouping.axis, regular), regular, mass_threshold)
     evidence = "; ".join(_evidence(g) for g in groupings)
     split = [g for g in groupings if len(g.sizes) > 1]
     single_slices = all(len(g.sizes) == shape[g.axis] for g in groupings)  # every block would be one coordinate
@@ -456,14 +508,15 @@ def derive_decisions(
     """Measure every trainable tensor (or ``params=[...]``) and decide its split, with the evidence.
 
     ``measure`` goes to :func:`~hessian_blocks.partitions.coupling.measure_coupling` (``params``, ``method``,
-    ``probes``, ``max_probes``, ``dense_max``, ``seed``, ``dtype``, ``device``, ``strategy``, ``progress``).
+    ``probes``, ``max_probes``, ``dense_max``, ``max_slices``, ``seed``, ``dtype``, ``device``, ``strategy``,
+    ``progress``).
     With ``max_probes`` above ``probes`` the measurement is sequential: a tensor whose decision is
     not settled (see :func:`decide_rule`) gets as many probes again, until it is settled or has
     ``max_probes`` per slice.
     """
     decide = Decider(threshold=threshold, contrast=contrast, max_runs=max_runs, mass_threshold=mass_threshold,
                      max_spread=max_spread)
-    couplings = measure_coupling(model, loss_fn, data, refine=decide.unsettled, **measure)
+    couplings = measure_coupling(model, loss_fn, data, refine=decide.unsettled, resample=decide.finer, **measure)
     return [decide(c) for c in couplings.values()]
 
 
@@ -484,7 +537,13 @@ class Decider:
 
     def unsettled(self, coupling: TensorCoupling) -> bool:
         """Whether the decision changes without one of the probes (a ``refine`` for measure_coupling)."""
-        return not self(coupling).settled
+        decision = self(coupling)
+        return decision.agreeing != decision.replicates
+
+    def finer(self, coupling: TensorCoupling) -> bool:
+        """Whether a sampled axis shows structure finer than its stride (a ``resample`` for
+        measure_coupling: measure the tensor again on every slice)."""
+        return any(g.finer for g in self(coupling).groupings)
 
 
 def derive_partition(
@@ -514,8 +573,8 @@ def derive_partition(
             (10: largest 90th/10th percentile ratio of the diagonal for which a near-diagonal
             Hessian is one block), and the
             measurement options of :func:`~hessian_blocks.partitions.coupling.measure_coupling` (``method``,
-            ``probes`` = 2, ``max_probes``, ``dense_max`` = 256, ``seed``, ``dtype``, ``device``, ``strategy``,
-            ``progress``).
+            ``probes`` = 2, ``max_probes``, ``dense_max`` = 256, ``max_slices`` = 32, ``seed``, ``dtype``,
+            ``device``, ``strategy``, ``progress``).
     """
     if "params" in settings:
         raise ValueError("derive_partition measures every parameter; use derive_decisions(params=...) for a subset")
@@ -697,6 +756,10 @@ def _owner_types(model: nn.Module) -> dict[str, str]:
 
 def _evidence(grouping: AxisGrouping) -> str:
     zero = f", {grouping.zero_slices} slices without mass" if grouping.zero_slices else ""
+    if grouping.stride > 1:
+        zero += (f", decided on every {grouping.stride}{'nd' if grouping.stride == 2 else 'th'} slice"
+                 + (" (UNSURE: slices 0..stride couple otherwise, measure every slice: max_slices=0)"
+                    if grouping.finer else ""))
     cross = f"{grouping.cross_coupling:.3g}" + (f" ± {grouping.cross_error:.2g}" if grouping.cross_error else "")
     if len(grouping.sizes) == 1:
         return f"axis {grouping.axis}: one group (neighbouring slices couple at {cross}{zero})"
