@@ -1,4 +1,4 @@
-"""Independent references for the tests: dense Hessians.
+"""Independent references for the tests: dense Hessians, and losses with a planted Hessian.
 
 The dense Hessian comes from ``torch.autograd.functional.hessian`` (reverse-over-reverse, one
 backward per column). ``torch.func.hessian`` is not used: in torch 2.13 it returns a non-symmetric,
@@ -56,3 +56,22 @@ def dense_hessian(model, loss_fn, batches) -> DenseHessian:
         matrix = torch.autograd.functional.hessian(loss_of, flat)
     starts = torch.tensor([0] + sizes).cumsum(0).tolist()
     return DenseHessian(matrix, dict(zip(names, starts)))
+
+
+def planted_block_diagonal(n: int, groups, generator: torch.Generator) -> torch.Tensor:
+    """[n, n] symmetric positive definite matrix, dense inside each index group, zero between groups."""
+    a = torch.zeros(n, n, dtype=torch.float64)
+    for g in groups:
+        root = torch.rand(len(g), len(g), generator=generator, dtype=torch.float64)
+        a[g[:, None], g[None, :]] = root @ root.T + 0.1 * torch.eye(len(g), dtype=torch.float64)
+    return a
+
+
+def planted_loss(matrices: dict):
+    """Loss 0.5 * theta^T A theta of the model outputs ``out[name]`` (a parameter times a constant),
+    so the Hessian of parameter ``name`` is ``matrices[name]`` times that constant squared."""
+
+    def loss(out, y):
+        return sum(0.5 * out[n].reshape(-1) @ matrices[n] @ out[n].reshape(-1) for n in matrices) + 0 * y.sum()
+
+    return loss

@@ -27,6 +27,7 @@ from hessian_blocks.partitions.coupling import (
     slice_coupling,
 )
 from hessian_blocks.partitions.measured import decide_rule, derive_decisions, derive_partition, group_axis, map_rules
+from tests.oracles import planted_block_diagonal, planted_loss
 
 FAST = dict(dtype=torch.float32, strategy="vmap", probes=2, max_probes=8, dense_max=256)
 
@@ -61,12 +62,12 @@ class Planted(nn.Module):
         index = torch.arange(3 * 14).reshape(3, 14)
         column_groups = [index[:, 0:3], index[:, 3:6]] + [index[:, c : c + 1] for c in range(6, 14)]
         self.matrices = {
-            "heads": _block_diagonal(60, heads_groups, gen),
-            "fused": _block_diagonal(42, [g.reshape(-1) for g in column_groups], gen),
+            "heads": planted_block_diagonal(60, heads_groups, gen),
+            "fused": planted_block_diagonal(42, [g.reshape(-1) for g in column_groups], gen),
             "diagonal": torch.diag(10.0 ** torch.linspace(-1.5, 1.5, 10,
                                                           dtype=torch.float64)[torch.randperm(10, generator=gen)]),
             "even": torch.diag(1.0 + 0.1 * torch.rand(8, generator=gen, dtype=torch.float64)),
-            "dense": _block_diagonal(6, [torch.arange(6)], gen),
+            "dense": planted_block_diagonal(6, [torch.arange(6)], gen),
             "output": torch.block_diag(*(scale * (torch.eye(8, dtype=torch.float64) + 0.45) for scale in
                                          torch.linspace(0.5, 2.0, 6, dtype=torch.float64))),
         }
@@ -75,19 +76,6 @@ class Planted(nn.Module):
         return {name: getattr(self, name) * x.mean() for name in self.matrices}
 
 
-def _block_diagonal(n, groups, gen):
-    a = torch.zeros(n, n, dtype=torch.float64)
-    for g in groups:
-        root = torch.rand(len(g), len(g), generator=gen, dtype=torch.float64)
-        a[g[:, None], g[None, :]] = root @ root.T + 0.1 * torch.eye(len(g), dtype=torch.float64)
-    return a
-
-
-def planted_loss(matrices):
-    def loss(out, y):
-        return sum(0.5 * out[n].reshape(-1) @ matrices[n] @ out[n].reshape(-1) for n in matrices) + 0 * y.sum()
-
-    return loss
 
 
 PLANTED_RULES = {

@@ -15,6 +15,7 @@ from torch import nn
 from hessian_blocks.cli import main
 from hessian_blocks.partitions.coupling import measure_coupling, planned_products, sampled_slices
 from hessian_blocks.partitions.measured import decide_rule, derive_decisions
+from tests.oracles import planted_block_diagonal, planted_loss
 
 
 def test_sampled_slices_are_every_stride_th_slice_and_the_first_stride():
@@ -53,25 +54,12 @@ class PlantedLong(nn.Module):
             "stacked": [torch.cat([stacked[i], stacked[i + 32]]) for i in range(32)],
             "pairs": [torch.arange(2 * i, 2 * i + 2) for i in range(32)],
         }
-        self.matrices = {name: _block_diagonal(int(np.prod(shapes[name])), groups[name], gen) for name in shapes}
+        self.matrices = {name: planted_block_diagonal(int(np.prod(shapes[name])), groups[name], gen) for name in shapes}
 
     def forward(self, x):
         return {name: getattr(self, name) * x.mean() for name in self.matrices}
 
 
-def _block_diagonal(n, groups, gen):
-    a = torch.zeros(n, n, dtype=torch.float64)
-    for g in groups:
-        root = torch.rand(len(g), len(g), generator=gen, dtype=torch.float64)
-        a[g[:, None], g[None, :]] = root @ root.T + 0.1 * torch.eye(len(g), dtype=torch.float64)
-    return a
-
-
-def _loss(matrices):
-    def loss(out, y):
-        return sum(0.5 * out[n].reshape(-1) @ matrices[n] @ out[n].reshape(-1) for n in matrices) + 0 * y.sum()
-
-    return loss
 
 
 PLANTED = {
@@ -85,10 +73,9 @@ BATCHES = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
 
 def test_a_sample_of_slices_recovers_the_planted_structure_with_fewer_products():
     model = PlantedLong()
-    settings = dict(probes=2, max_probes=2, dense_max=0)
-    sampled = {d.rule.param: d for d in derive_decisions(model, _loss(model.matrices), BATCHES, max_slices=16,
-                                                         **settings)}
-    full = {d.rule.param: d for d in derive_decisions(model, _loss(model.matrices), BATCHES, max_slices=0, **settings)}
+    loss, settings = planted_loss(model.matrices), dict(probes=2, max_probes=2, dense_max=0)
+    sampled = {d.rule.param: d for d in derive_decisions(model, loss, BATCHES, max_slices=16, **settings)}
+    full = {d.rule.param: d for d in derive_decisions(model, loss, BATCHES, max_slices=0, **settings)}
     for name, expected in PLANTED.items():
         for decisions in (sampled, full):
             rule = decisions[name].rule
@@ -106,7 +93,7 @@ def test_a_sample_of_slices_recovers_the_planted_structure_with_fewer_products()
 
 def test_a_sample_that_misses_finer_structure_is_not_settled():
     model = PlantedLong()
-    coupling = measure_coupling(model, _loss(model.matrices), BATCHES, params=["pairs"], max_slices=16)["pairs"]
+    coupling = measure_coupling(model, planted_loss(model.matrices), BATCHES, params=["pairs"], max_slices=16)["pairs"]
     assert coupling.stride(0) == 4 and coupling.axes[0].shape == (19, 64)
     decision = decide_rule(coupling)          # no second measurement: the decision says it is unsure
     assert not decision.settled
@@ -117,7 +104,7 @@ def test_sampled_probes_are_the_full_probes_of_those_slices():
     """Each tensor's probe signs depend on the seed, its name and the axis only: the sampled rows of
     C equal the full measurement's rows of the same slices, between measured slices exactly."""
     model = PlantedLong()
-    loss = _loss(model.matrices)
+    loss = planted_loss(model.matrices)
     kwargs = dict(params=["heads", "fused"], method="probes", probes=3, seed=5)
     sampled = measure_coupling(model, loss, BATCHES, max_slices=16, **kwargs)
     full = measure_coupling(model, loss, BATCHES, max_slices=0, **kwargs)
@@ -131,7 +118,7 @@ def test_sampled_probes_are_the_full_probes_of_those_slices():
 
 def test_max_slices_is_checked():
     with pytest.raises(ValueError, match="max_slices must be >= 0"):
-        measure_coupling(PlantedLong(), _loss({}), BATCHES, max_slices=-1)
+        measure_coupling(PlantedLong(), planted_loss({}), BATCHES, max_slices=-1)
 
 
 def test_cli_max_slices(tmp_path, capsys):
@@ -147,7 +134,7 @@ def test_sampled_couplings_survive_a_round_trip(tmp_path):
     from hessian_blocks.partitions.coupling import load_couplings, save_couplings
 
     model = PlantedLong()
-    couplings = measure_coupling(model, _loss(model.matrices), BATCHES, params=["heads", "pairs"], max_slices=16,
+    couplings = measure_coupling(model, planted_loss(model.matrices), BATCHES, params=["heads", "pairs"], max_slices=16,
                                  dense_max=0)
     save_couplings(couplings, tmp_path / "c.npz")
     loaded = load_couplings(tmp_path / "c.npz")
