@@ -105,6 +105,10 @@ class TensorCoupling:
         """Sampling stride along ``axis`` (1: every slice measured)."""
         return self.strides.get(axis, 1)
 
+    def regular(self, axis: int) -> np.ndarray:
+        """Every ``stride(axis)``-th slice: the sample a sampled axis is decided on (every slice if not sampled)."""
+        return np.arange(0, self.shape[axis], self.stride(axis))
+
     def rows(self, axis: int, slices: np.ndarray, matrix: np.ndarray | None = None) -> np.ndarray:
         """[len(slices), n]: C between the given measured slices and every slice (of ``matrix``,
         default ``axes[axis]``)."""

@@ -79,6 +79,7 @@ from ..choices import (  # noqa: F401 (re-exported: the thresholds live where th
 from .coupling import TensorCoupling, measure_coupling
 
 Batch = tuple[Any, torch.Tensor]
+_RESAMPLED = "; measured again on every slice: a sample of slices missed finer structure"  # in a rule's why
 
 
 @dataclass
@@ -328,8 +329,7 @@ def _group(coupling: TensorCoupling, axis: int, threshold: float, contrast: floa
     stride = coupling.stride(axis)
     if stride == 1:
         return group_axis(coupling.axes[axis], threshold, contrast, max_runs, axis)
-    n = coupling.shape[axis]
-    regular = np.arange(0, n, stride)
+    regular = coupling.regular(axis)
     sample = group_axis(coupling.principal(axis, regular), threshold, contrast, max_runs, axis)
     sizes = [size for g in sample.sizes for size in ([g * stride] if g > 1 else [1] * stride)]
     # structure finer than the stride: slices 0..stride that the grouping separates couple distinctly more
@@ -348,11 +348,8 @@ def _group(coupling: TensorCoupling, axis: int, threshold: float, contrast: floa
 
 def _axis_numbers(coupling: TensorCoupling, grouping: AxisGrouping, matrix: np.ndarray) -> tuple[float, float]:
     """(coupling between groups, off-block mass) of ``grouping`` on another estimate ``matrix`` of its axis."""
-    axis, stride = grouping.axis, grouping.stride
-    if stride == 1:
-        return _cross_coupling(matrix, grouping.sizes), _off_block_mass(matrix, np.arange(len(matrix)), grouping.sizes)
-    regular = np.arange(0, coupling.shape[axis], stride)
-    return (_cross_coupling(coupling.principal(axis, regular, matrix), grouping.sampled_sizes),
+    axis, regular = grouping.axis, coupling.regular(grouping.axis)
+    return (_cross_coupling(coupling.principal(axis, regular, matrix), grouping.sampled_sizes or grouping.sizes),
             _off_block_mass(coupling.rows(axis, regular, matrix), regular, grouping.sizes))
 
 
@@ -423,7 +420,7 @@ def decide_rule(
                    + "; ".join(_describe(k, coupling.shape) for k in others) + " (more probes: --max-probes)")
     rule = decision.rule
     evidence = "; ".join(_evidence(g) for g in decision.groupings)
-    again = "; measured again on every slice: a sample of slices missed finer structure" if coupling.resampled else ""
+    again = _RESAMPLED if coupling.resampled else ""
     why = (f"{_reason(rule.why)}: {evidence} ({coupling.method}, {coupling.probes} probes per slice, "
            f"{coupling.products} HVPs{again}; {verdict})")
     rule = Rule(rule.param, rule.split, axis=rule.axis, size=rule.size, runs=rule.runs, why=why)
@@ -454,16 +451,14 @@ def _decide(
     check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
     shape = coupling.shape
     groupings = [_group(coupling, axis, threshold, contrast, max_runs) for axis in sorted(coupling.axes)]
-    method = f"{coupling.method}, {coupling.products} HVPs" + (
-        "; measured again on every slice: a sample of slices missed finer structure" if coupling.resampled else "")
+    method = f"{coupling.method}, {coupling.products} HVPs" + (_RESAMPLED if coupling.resampled else "")
     if not groupings:  # a single entry
         rule = Rule(coupling.param, "whole", why=f"one entry ({method})")
         return Decision(rule, shape, coupling.method, coupling.products, [], coupling)
     if len(shape) > 1:
         for grouping in groupings:
             if len(grouping.sizes) == shape[grouping.axis] and grouping.off_block_mass > mass_threshold:
-                stride = grouping.stride
-                regular = np.arange(0, shape[grouping.axis], stride)
+                regular = coupling.regular(grouping.axis)
                 _find_stacked_parts(grouping, coupling.rows(grouping.axis, regular), regular, mass_threshold)
     evidence = "; ".join(_evidence(g) for g in groupings)
     split = [g for g in groupings if len(g.sizes) > 1]
