@@ -231,6 +231,27 @@ def test_fused_heads_then_evenly_coupled_singles():
     assert group_axis(value_first).runs == [(1, 32), (8, 8)]
 
 
+def test_weakly_but_evenly_coupled_heads_stay_whole():
+    """Key heads at initialisation: 4 heads of 16 rows coupled evenly inside at 0.06-0.2 (below
+    threshold / contrast = 0.125, where a cut link counts as strong), a thousand times less across
+    heads. A tiling of evenly coupled, distinct heads keeps its groups down to threshold / contrast**2;
+    a band of neighbours (coupling that fades with distance) and two heads in one group are not
+    heads, and one weaker head alone (0.02) is split."""
+    rng = np.random.default_rng(1)
+    coupling = 1e-4 * rng.uniform(0.5, 1.5, (64, 64))
+    for head, inside in enumerate([0.06, 0.2, 0.1, 0.15]):
+        coupling[16 * head : 16 * head + 16, 16 * head : 16 * head + 16] = inside * rng.uniform(0.8, 1.2, (16, 16))
+    coupling = (coupling + coupling.T) / 2
+    np.fill_diagonal(coupling, 1.0)
+    assert group_axis(coupling).runs == [(16, 4)]
+    weak = coupling.copy()
+    weak[:16, :16] *= 0.02 / 0.06
+    np.fill_diagonal(weak, 1.0)
+    assert group_axis(weak).runs == [(1, 16), (16, 3)]
+    band = np.eye(64) + 0.1 * (np.eye(64, k=1) + np.eye(64, k=-1))  # neighbours only: single slices
+    assert group_axis(band).sizes == [1] * 64
+
+
 def test_the_axis_that_keeps_the_most_mass_in_its_blocks_wins():
     """Both axes split into single slices. Rows: neighbours couple at 0.1, nothing farther
     (16 % of the mass off the rows' blocks). Columns: every pair couples at 0.03, weaker per link

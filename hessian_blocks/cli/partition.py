@@ -49,7 +49,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--contrast", type=float, default=DEFAULT_CONTRAST,
                          help="distinct groups couple inside this many times more than to their neighbours; the "
                               "finest grouping wins that cuts no distinct group at links above threshold/contrast "
-                              f"(default: {DEFAULT_CONTRAST})")
+                              f"(evenly coupled heads: threshold/contrast^2; default: {DEFAULT_CONTRAST})")
     command.add_argument("--max-runs", type=int, choices=(1, 2), default=DEFAULT_MAX_RUNS,
                          help="1: equal groups only; 2: also single slices before or after them (default: "
                               f"{DEFAULT_MAX_RUNS})")

@@ -25,7 +25,12 @@ indefinite with a weak diagonal). The *cross coupling* of a grouping is the mean
    than ``threshold / contrast`` and more than that candidate leaves between its own groups: the
    rows of a head stay together, two heads merged into one group may be split, and evenly, weakly
    coupled slices (value neurons) are split into single slices. Judging a cut by the links it cuts,
-   not by a mean over all links, keeps many weak links from hiding a few strong ones.
+   not by a mean over all links, keeps many weak links from hiding a few strong ones. *Heads* (equal
+   distinct groups of at least 4 slices tiling the axis, each coupled evenly inside: its two halves
+   couple with each other at least half as much as inside themselves) protect their groups down to
+   ``threshold / contrast**2``: the rows of a key head that couple weakly but evenly (0.1-0.2 at
+   initialisation, a thousand times more than across heads) stay one block, as a repeated structure,
+   while a single evenly coupled run (the value rows after fused heads) is still split.
 
 Per tensor (:func:`decide_rule`): the axis whose grouping leaves the least Hessian mass off its
 blocks wins: the block-diagonal approximation that drops the least (ties: the weaker coupling
@@ -231,6 +236,7 @@ class Candidate(NamedTuple):
     layout: tuple[int, int, int, int]   # (lead, size, count, rest)
     cross: float
     distinct: bool
+    heads: bool = False                 # equal distinct groups tiling the axis, each evenly coupled inside
 
     @property
     def groups(self) -> int:
@@ -277,8 +283,20 @@ def _candidates(slices: SliceCoupling, max_runs: int, contrast: float) -> list[C
                 singles = 0.0 if not rest else single_sums[n - 1] - single_sums[size * count] if lead == 0 \
                     else single_sums[rest - 1]
                 cross = float((sum(links) + singles) / (count + rest - 1))
-                out.append(Candidate((lead, size, count, rest), cross, distinct))
+                heads = distinct and not rest and _even_inside(slices, starts, size)
+                out.append(Candidate((lead, size, count, rest), cross, distinct, heads))
     return out
+
+
+def _even_inside(slices: SliceCoupling, starts: np.ndarray, size: int) -> bool:
+    """Whether groups of ``size`` (at least 4) at ``starts`` couple evenly inside: their two halves couple
+    with each other at least half as much as inside themselves (not two heads, not a band of neighbours)."""
+    if size < 4:
+        return False
+    half = size // 2
+    inside = slices.inside(starts, half).sum(axis=1) + slices.inside(starts + half, size - half).sum(axis=1)
+    between = slices.links(starts, half, size - half).sum(axis=1)
+    return bool(2 * _ratios(between[:, None])[0] >= _ratios(inside[:, None])[0])
 
 
 def _choose(slices: SliceCoupling, eligible: list[Candidate], threshold: float, contrast: float) -> Candidate:
@@ -286,7 +304,8 @@ def _choose(slices: SliceCoupling, eligible: list[Candidate], threshold: float, 
     module docstring); single slices are eligible, so there always is one."""
     protecting = [c for c in eligible if c.groups < slices.size]
     for candidate in sorted(eligible, key=lambda c: (-c.groups, c.cross)):
-        if not any(_cuts(slices, candidate, other, threshold / contrast) for other in protecting):
+        if not any(_cuts(slices, candidate, other, threshold / contrast / (contrast if other.heads else 1))
+                   for other in protecting):
             return candidate
     return min(eligible, key=lambda c: c.cross)
 
@@ -562,7 +581,8 @@ def derive_partition(
         **settings: decision settings ``threshold`` (0.5: above it, every grouping leaves too much
             coupling and the axis is one block), ``contrast`` (4: a distinct group couples inside this many
             times more than to its neighbours; the finest grouping wins that cuts no distinct group
-            at links above ``threshold / contrast``), ``max_runs`` (2: groups
+            at links above ``threshold / contrast``, heads at links above ``threshold / contrast**2``),
+            ``max_runs`` (2: groups
             may be followed or preceded by single slices; 1: equal groups only), ``mass_threshold``
             (0.2: largest off-diagonal mass fraction of a near-diagonal Hessian), ``max_spread``
             (10: largest 90th/10th percentile ratio of the diagonal for which a near-diagonal
