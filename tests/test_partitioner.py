@@ -252,6 +252,54 @@ def test_weakly_but_evenly_coupled_heads_stay_whole():
     assert group_axis(band).sizes == [1] * 64
 
 
+def test_heads_interleaved_with_their_value_rows():
+    """GPT-NeoX's fused rows [q_h, k_h, v_h] per head, as measured at initialisation: query and key rows
+    carry a thousandth of the value rows' diagonal norm, couple with each other 5,000 times more than
+    with themselves (relative to those tiny diagonals) and with their value rows 5 times; value rows
+    couple at 0.15 with every value row, in their head or not. Each head's q|k rows are one group and
+    its value rows single: a group never takes in the value rows (they carry a thousand times more
+    mass, one learning rate would not fit both), and a contiguous fused layout is not read as a
+    repeated one. Nor do whole heads [q_h, k_h, v_h] win where the value rows couple more inside their
+    head than across heads: they hold two scales."""
+    heads, head = 4, 8
+    period = 3 * head
+    rng = np.random.default_rng(2)
+    relative = np.zeros((heads * period, heads * period))
+    norms = np.ones(heads * period)
+    values = np.concatenate([np.arange(h * period + 2 * head, (h + 1) * period) for h in range(heads)])
+    relative[np.ix_(values, values)] = 0.15 * rng.uniform(0.8, 1.2, (len(values), len(values)))
+    for h in range(heads):
+        q, k, v = (np.arange(h * period + i * head, h * period + (i + 1) * head) for i in range(3))
+        norms[np.r_[q, k]] = 1e-3 * rng.uniform(0.5, 2.0, 2 * head)
+        relative[np.ix_(q, q)], relative[np.ix_(k, k)] = 0.6, 0.3
+        relative[np.ix_(q, k)] = relative[np.ix_(k, q)] = 5000.0
+        relative[np.ix_(np.r_[q, k], v)] = relative[np.ix_(v, np.r_[q, k])] = 5.0
+    relative = (relative + relative.T) / 2
+    np.fill_diagonal(relative, 1.0)
+    coupling = relative * np.outer(norms, norms)          # C_ij = K_ij sqrt(C_ii C_jj), C_ii = norm_i^2
+    grouping = group_axis(coupling)
+    assert grouping.runs == [(2 * head, 1), (1, head)] * heads
+    columns = np.full((8, 8), 0.9) + 0.1 * np.eye(8)       # input features couple evenly: no split along them
+    decision = decide_rule(TensorCoupling("w", (heads * period, 8), "dense", {0: coupling, 1: columns}, 0))
+    assert decision.rule.runs == ((2 * head, 1), (1, head)) * heads
+    assert "axis 0: 4 x (1 x 16, 8 x 1)" in decision.rule.why
+    assert group_axis(coupling, max_runs=1).sizes == [1] * heads * period   # repeated layouts need max_runs = 2
+    contiguous = np.concatenate([np.arange(h * period, h * period + 2 * head) for h in range(heads)] + [values])
+    fused = coupling[np.ix_(contiguous, contiguous)]     # the same rows as [q_1 k_1 ... q_4 k_4 | v]: not repeated
+    assert group_axis(fused).runs == [(2 * head, heads), (1, heads * head)]
+    # value rows that couple inside their head (0.3) more than across heads (0.02), and q|k rows a
+    # hundredth of their norm: whole heads [q_h k_h v_h] keep more mass, but hold two scales
+    for h in range(heads):
+        v = np.arange(h * period + 2 * head, (h + 1) * period)
+        norms[np.arange(h * period, h * period + 2 * head)] *= 10
+        relative[np.ix_(values, v)] = relative[np.ix_(v, values)] = 0.02
+        relative[np.ix_(v, v)] = 0.3
+    np.fill_diagonal(relative, 1.0)
+    per_head = relative * np.outer(norms, norms)
+    assert group_axis(per_head).runs == [(2 * head, 1), (1, head)] * heads
+    assert group_axis(per_head, max_spread=1e6).runs == [(period, heads)]   # no scale test: one block per head
+
+
 def test_the_axis_that_keeps_the_most_mass_in_its_blocks_wins():
     """Both axes split into single slices. Rows: neighbours couple at 0.1, nothing farther
     (16 % of the mass off the rows' blocks). Columns: every pair couples at 0.03, weaker per link
@@ -487,6 +535,12 @@ def test_map_rules_scales_runs_and_keeps_group_sizes():
     assert "mapped from 'layers.1.attn.weight'" in mapped["layers.4.attn.weight"].why  # last layer <- last layer
     assert "mapped from 'layers.0.attn.weight'" in mapped["layers.0.attn.weight"].why
     Partition.from_rules(full, mapped.values())  # fits the full model
+    # rows interleaved per head ([q_h k_h] of 8 rows, then 4 value rows): the pattern repeats per head
+    interleaved = [Rule(r.param, "groups", axis=0, runs=((8, 1), (1, 4)) * 4) if r.param.endswith("attn.weight")
+                   else r for r in rules]
+    mapped = {r.param: r for r in map_rules(small, interleaved, full)}
+    assert mapped["layers.3.attn.weight"].runs == ((8, 1), (1, 4)) * 8
+    Partition.from_rules(full, mapped.values())
 
 
 def test_map_rules_errors_name_the_parameter():
@@ -499,6 +553,10 @@ def test_map_rules_errors_name_the_parameter():
     rules = [Rule(n, "groups", axis=0, runs=((4, 8), (1, 16))) if n.endswith("attn.weight") else Rule(n, "whole")
              for n, _ in small.named_parameters()]
     with pytest.raises(ValueError, match="layers.0.attn.weight"):
+        map_rules(small, rules, odd)
+    rules = [Rule(n, "groups", axis=0, runs=((8, 1), (1, 4)) * 4) if n.endswith("attn.weight") else Rule(n, "whole")
+             for n, _ in small.named_parameters()]
+    with pytest.raises(ValueError, match="the repeated pattern of 12 slices does not divide it"):
         map_rules(small, rules, odd)
 
 

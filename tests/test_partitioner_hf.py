@@ -168,3 +168,43 @@ def test_phi3_fused_gqa_qkv_and_fused_gate_up():
     rows = decisions[1].groupings[0]
     assert rows.stacked == 2 and rows.off_block_mass > 0.9 and rows.stacked_off_mass < 0.01
     assert "off the pairs of 2 stacked parts (slice i with i + 48)" in decisions[1].rule.why
+
+
+def gpt_neox(layers: int, heads: int, seed: int = 0):
+    config = transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=HEAD * heads, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * HEAD * heads, max_position_embeddings=CONTEXT, attn_implementation="eager",
+        rotary_pct=0.25,
+    )
+    torch.manual_seed(seed)
+    return transformers.GPTNeoXForCausalLM(config).double().eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gpt_neox_interleaved_qkv_per_head(seed):
+    """GPT-NeoX fuses q|k|v per head: rows [q_h, k_h, v_h] for each of 4 heads of 8. At initialisation
+    q_h and k_h rows couple with each other thousands of times more than with themselves (relative to
+    their own, tiny diagonal), so each head's q|k rows are one block of 16, and the value rows single,
+    as the paper's value rule; the same for three draws of model weights and probes."""
+    model = gpt_neox(1, HEADS, seed)
+    name = "gpt_neox.layers.0.attention.query_key_value.weight"
+    decision, = derive_decisions(model, lm_loss, token_batches(masked=False), params=[name], **FAST, seed=seed)
+    assert (decision.rule.split, decision.rule.axis) == ("groups", 0)
+    assert decision.rule.runs == ((2 * HEAD, 1), (1, HEAD)) * HEADS
+    assert "axis 0: 4 x (1 x 16, 8 x 1)" in decision.rule.why
+
+
+def test_auto_small_gpt_neox_repeats_the_per_head_pattern():
+    """--small auto on GPT-NeoX with 8 heads: the small instance has 2 heads; the per-head pattern of
+    its fused rows (q|k block, then 8 value rows) is repeated for each of the full model's 8 heads."""
+    full = gpt_neox(2, 2 * HEADS)
+    overrides = small_overrides(full.config)
+    assert overrides == {"num_attention_heads": 2, "hidden_size": 2 * HEAD, "intermediate_size": 8 * HEAD}
+    small = gpt_neox(2, 2)
+    partition = derive_partition(full, lm_loss, None, small=small, small_data=token_batches(masked=False),
+                                 **FAST)
+    rules = {r.param: r for r in partition.rules}
+    for layer in range(2):
+        rule = rules[f"gpt_neox.layers.{layer}.attention.query_key_value.weight"]
+        assert (rule.axis, rule.runs) == (0, ((2 * HEAD, 1), (1, HEAD)) * 2 * HEADS)
+        assert "mapped from 'gpt_neox.layers." in rule.why

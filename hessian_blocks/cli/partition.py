@@ -51,11 +51,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                               "finest grouping wins that cuts no distinct group at links above threshold/contrast "
                               f"(evenly coupled heads: threshold/contrast^2; default: {DEFAULT_CONTRAST})")
     command.add_argument("--max-runs", type=int, choices=(1, 2), default=DEFAULT_MAX_RUNS,
-                         help="1: equal groups only; 2: also single slices before or after them (default: "
+                         help="1: equal groups only; 2: also single slices before or after them, and a group "
+                              "and single slices repeated per head (GPT-NeoX's interleaved q|k|v; default: "
                               f"{DEFAULT_MAX_RUNS})")
     command.add_argument("--max-spread", type=float, default=DEFAULT_MAX_SPREAD,
                          help="near-diagonal Hessians with an even diagonal (90th/10th percentile at most this) are "
-                              f"one block (default: {DEFAULT_MAX_SPREAD})")
+                              "one block, and a group's slices spread their diagonal norms at most this much "
+                              f"(default: {DEFAULT_MAX_SPREAD})")
     command.add_argument("--mass-threshold", type=float, default=DEFAULT_MASS_THRESHOLD,
                          help=f"largest off-diagonal mass fraction of a near-diagonal Hessian ('whole' or 'elements' "
                               f"instead of slices; default: {DEFAULT_MASS_THRESHOLD})")

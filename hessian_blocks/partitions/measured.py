@@ -14,10 +14,16 @@ indefinite with a weak diagonal). The *cross coupling* of a grouping is the mean
 
 1. *Candidates*: every regular contiguous grouping: single slices; two or more groups of equal
    size tiling the axis (heads); with ``max_runs`` = 2 also such groups followed or preceded by
-   single slices (a fused q|k|v weight: heads of q and k, then the neurons of v). A group is
-   *distinct* when it couples inside at least ``contrast`` times more than across the stronger of
-   the links to its neighbours (a group that cuts through a head is not, nor is a group laid over
-   evenly coupled slices). Groups among single slices must all be distinct.
+   single slices (a fused q|k|v weight: heads of q and k, then the neurons of v), and one group
+   followed or preceded by single slices, repeated (rows interleaved per head, GPT-NeoX's
+   [q_h, k_h, v_h]: a q|k block, then the value rows). A group is *distinct* when it couples inside
+   at least ``contrast`` times more than across the stronger of the links to its neighbours (a group
+   that cuts through a head is not, nor is a group laid over evenly coupled slices; this compares
+   the couplings uncapped) and holds slices of one scale (the spread of its slices' diagonal norms
+   at most ``max_spread``: one learning rate fits it, so a block never mixes query and key rows
+   with value rows of a hundred times their norm). Groups among single slices must all be
+   distinct. A repeated layout places its group freely, so it needs ``contrast**2``; it is tried
+   only when no contiguous grouping with single slices is kept, at its shortest period.
 2. *Split or not*: when even the weakest candidate leaves more than ``threshold`` between its
    groups, the slices are one group.
 3. *Which split*: among single slices and the candidates whose groups are all distinct, the
@@ -66,6 +72,7 @@ module structure (parameter path with layer indices abstracted, module type, sha
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -178,6 +185,7 @@ class SliceCoupling:
         scale = diagonal.max(initial=0.0)
         self.size = matrix.shape[0]
         self.massless = diagonal <= 1e-12 * scale if scale > 0 else np.ones_like(diagonal, dtype=bool)
+        self.norms = np.where(self.massless, np.nan, np.sqrt(diagonal))   # ||H_ii||_F (nan: no mass)
         keep = ~(self.massless[:, None] | self.massless[None, :])
         mass = np.where(keep, matrix, 0.0)
         weight = np.where(keep, np.sqrt(np.outer(diagonal, diagonal)), 0.0)
@@ -205,18 +213,20 @@ def group_axis(
     contrast: float = DEFAULT_CONTRAST,
     max_runs: int = DEFAULT_MAX_RUNS,
     axis: int = 0,
+    max_spread: float = DEFAULT_MAX_SPREAD,
 ) -> AxisGrouping:
     """The finest contiguous grouping of the slices of one axis (see the module docstring).
 
-    ``coupling`` is the symmetric [n, n] matrix C_ij = ||H_ij||_F^2 between slices.
+    ``coupling`` is the symmetric [n, n] matrix C_ij = ||H_ij||_F^2 between slices; ``max_spread``
+    bounds the spread of the slices' diagonal norms inside a group (``np.inf``: no bound).
     """
-    check_settings(threshold, contrast, max_runs, DEFAULT_MASS_THRESHOLD)
+    check_settings(threshold, contrast, max_runs, DEFAULT_MASS_THRESHOLD, max_spread)
     matrix = np.asarray(coupling, dtype=np.float64)
     n = matrix.shape[0]
     if matrix.ndim != 2 or matrix.shape != (n, n):
         raise ValueError(f"coupling must be a square matrix, got shape {matrix.shape}")
     slices = SliceCoupling(matrix)
-    candidates = _candidates(slices, max_runs, contrast)
+    candidates = _candidates(slices, max_runs, contrast, max_spread)
     if min(c.cross for c in candidates) > threshold:  # every grouping leaves strong coupling: one group
         sizes, cross = [n], candidates[0].cross      # report how the single slices couple
     else:
@@ -229,63 +239,100 @@ def group_axis(
 
 
 class Candidate(NamedTuple):
-    """A regular grouping of an axis: ``lead`` single slices, ``count`` groups of ``size``, then the
-    other ``rest - lead`` single slices; the mean coupling of its links; whether every group in it is
-    distinct from its neighbours (single slices always are)."""
+    """A regular grouping of an axis (its group sizes in order), the mean coupling of its links, and
+    whether every group in it is distinct from its neighbours (single slices always are)."""
 
-    layout: tuple[int, int, int, int]   # (lead, size, count, rest)
+    sizes: tuple[int, ...]
     cross: float
     distinct: bool
     heads: bool = False                 # equal distinct groups tiling the axis, each evenly coupled inside
 
     @property
     def groups(self) -> int:
-        _, _, count, rest = self.layout
-        return count + rest
-
-    @property
-    def sizes(self) -> list[int]:
-        lead, size, count, rest = self.layout
-        return [1] * lead + [size] * count + [1] * (rest - lead)
+        return len(self.sizes)
 
 
-def _candidates(slices: SliceCoupling, max_runs: int, contrast: float) -> list[Candidate]:
-    """The regular groupings of the axis, single slices first.
-
-    Regular: single slices; ``count >= 2`` groups of ``size`` slices tiling the axis (heads); with
-    ``max_runs`` = 2 also such groups followed or preceded by single slices (a fused q|k|v weight:
-    heads of q and k, then the neurons of v). A group is distinct when it couples inside at least
-    ``contrast`` times more than across the stronger of the links to its neighbours (a group that
-    cuts through a head is not, nor is a group laid over evenly coupled slices). Groups followed or
-    preceded by single slices are kept only when every group is distinct.
-    """
-    n = slices.size
-    single = _ratios(slices.links(np.arange(n - 1), 1, 1))               # link i: slice i -> slice i + 1
-    single_sums = np.concatenate([[0.0], single.cumsum()])
-    out = [Candidate((0, 1, n, 0), float(single.mean()) if n > 1 else 0.0, True)]
+def _layouts(n: int, max_runs: int) -> Iterable[tuple[list[int], int]]:
+    """(group sizes, period) of every regular grouping of ``n`` slices but single slices:
+    ``count >= 2`` groups of ``size`` tiling the axis (heads); with ``max_runs`` = 2 also such groups
+    followed or preceded by single slices (a fused q|k|v weight: heads of q and k, then the neurons
+    of v), and a group followed or preceded by single slices, repeated every ``period`` slices (rows
+    interleaved per head, [q_h, k_h, v_h]: a query and key group, then the value rows). Period 0:
+    not repeated. Repeated layouts come last, shortest period first."""
     for size in range(2, n // 2 + 1):
         for count in range(2, n // size + 1):
             rest = n - size * count
-            if rest and max_runs < 2:
-                continue
-            for lead in ((0, rest) if rest else (0,)):                 # singles after (lead 0) or before the groups
-                starts = lead + size * np.arange(count)
-                links = list(_ratios(slices.links(starts[:-1], size, size)))
-                if rest and lead == 0:    # last group -> first single
-                    links.append(_ratios(slices.links(starts[-1:], size, 1))[0])
-                elif rest:                # last single -> first group
-                    links.insert(0, _ratios(slices.links(np.array([rest - 1]), 1, size))[0])
-                around = np.array([0.0] * (not rest or lead == 0) + links + [0.0] * (not rest or lead > 0))
-                inside = _ratios(slices.inside(starts, size))
-                distinct = bool(np.all(inside >= contrast * np.maximum(around[:-1], around[1:])))
-                if rest and not distinct:
-                    continue
-                singles = 0.0 if not rest else single_sums[n - 1] - single_sums[size * count] if lead == 0 \
-                    else single_sums[rest - 1]
-                cross = float((sum(links) + singles) / (count + rest - 1))
-                heads = distinct and not rest and _even_inside(slices, starts, size)
-                out.append(Candidate((lead, size, count, rest), cross, distinct, heads))
+            if not rest:
+                yield [size] * count, 0
+            elif max_runs >= 2:
+                yield [size] * count + [1] * rest, 0
+                yield [1] * rest + [size] * count, 0
+    if max_runs < 2:
+        return
+    for period in range(3, n // 2 + 1):
+        if n % period:
+            continue
+        for size in range(2, period):
+            singles = [1] * (period - size)
+            yield ([size] + singles) * (n // period), period
+            yield (singles + [size]) * (n // period), period
+
+
+def _candidates(slices: SliceCoupling, max_runs: int, contrast: float, max_spread: float) -> list[Candidate]:
+    """The regular groupings of the axis (:func:`_layouts`), single slices first.
+
+    A group is distinct when it couples inside at least ``contrast`` times more than across the
+    stronger of the links to its neighbours (a group that cuts through a head is not, nor is a group
+    laid over evenly coupled slices). The comparison takes the couplings as measured, above 1
+    included: rows of a query and a key head couple thousands of times more with each other than
+    with their value rows, which still couple with them above 1. A distinct group also holds slices
+    of one scale (:func:`_one_scale`): the value rows beside a query and key head couple with them
+    above 1 too, relative to the heads' tiny diagonal, but carry a hundred to a thousand times their
+    norm. Groupings with single slices are kept only when every group is distinct. A repeated
+    layout places its groups more freely, so its groups must be distinct by ``contrast**2`` (a query
+    and key head: by 1,000 or more at initialisation; chance groups in a norm scale's noise: by 5-8).
+    It is the interleaved form of a fused weight, so it is tried only when no contiguous grouping
+    with single slices is kept (a fused GPT-2 ``c_attn`` repeats its first query head every 48
+    columns too), and kept only at the shortest period that has one: a pattern repeats per head, and
+    a longer period would leave some heads as single slices.
+    """
+    n = slices.size
+    single = _ratios(slices.links(np.arange(n - 1), 1, 1))               # link i: slice i -> slice i + 1
+    out = [Candidate((1,) * n, float(single.mean()) if n > 1 else 0.0, True)]
+    fused, shortest = False, 0          # whether a contiguous grouping with singles is kept; a repeated one's period
+    for layout, period in _layouts(n, max_runs):
+        if period and (fused or shortest and period > shortest):
+            break
+        sizes = np.array(layout)
+        starts = np.cumsum(sizes) - sizes
+        grouped = sizes > 1
+        links = _ratios(slices.links(starts[:-1], sizes[:-1], sizes[1:]), cap=np.inf)   # group i -> group i + 1
+        around = np.concatenate([[0.0], links, [0.0]])
+        inside = _ratios(slices.inside(starts[grouped], sizes[grouped]), cap=np.inf)
+        needed = contrast ** 2 if period else contrast                       # a repeated layout is freer: more evidence
+        distinct = bool(np.all(inside >= needed * np.maximum(around[:-1], around[1:])[grouped])) and \
+            _one_scale(slices, starts[grouped], sizes[grouped][0], max_spread, not grouped.all())
+        if not distinct and not grouped.all():
+            continue
+        heads = distinct and grouped.all() and _even_inside(slices, starts, layout[0])
+        fused, shortest = fused or not (period or grouped.all()), shortest or period
+        out.append(Candidate(tuple(layout), float(np.minimum(links, 1.0).mean()), distinct, heads))
     return out
+
+
+def _one_scale(slices: SliceCoupling, starts: np.ndarray, size: int, max_spread: float, beside_singles: bool) -> bool:
+    """Whether each group of ``size`` at ``starts`` holds slices of one scale, so that one learning rate
+    fits it: the upper quartile of its slices' diagonal norms is at most ``max_spread`` times the lower
+    quartile (a query, key and value head: the value rows carry a hundred times the norm; a single
+    heavy row of a key head is no second scale). A group beside single slices could take in one
+    neighbouring slice of another scale, so none of its slices may exceed ``max_spread`` times the
+    median. Slices without mass are left out."""
+    norms = slices.norms[starts[:, None] + np.arange(size)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)    # a group without mass has no quartiles: no evidence
+        low, middle, high = np.nanquantile(norms, [0.25, 0.5, 0.75], axis=1, keepdims=True)
+    heavy = norms > max_spread * middle if beside_singles else high > max_spread * low   # nan compares False
+    return not np.any(heavy)
 
 
 def _even_inside(slices: SliceCoupling, starts: np.ndarray, size: int) -> bool:
@@ -343,13 +390,17 @@ def _cross_coupling(matrix: np.ndarray, sizes: Sequence[int]) -> float:
     return float(np.mean(links)) if links else 0.0
 
 
-def _group(coupling: TensorCoupling, axis: int, threshold: float, contrast: float, max_runs: int) -> AxisGrouping:
-    """The grouping of one axis of a tensor; of a sampled axis from its sample (see the module docstring)."""
+def _group(coupling: TensorCoupling, axis: int, threshold: float, contrast: float, max_runs: int,
+           max_spread: float) -> AxisGrouping:
+    """The grouping of one axis of a tensor; of a sampled axis from its sample (see the module docstring).
+    The slices of a vector are single entries: their diagonal is one noisy Hessian entry, no scale."""
+    if len(coupling.shape) == 1:
+        max_spread = np.inf
     stride = coupling.stride(axis)
     if stride == 1:
-        return group_axis(coupling.axes[axis], threshold, contrast, max_runs, axis)
+        return group_axis(coupling.axes[axis], threshold, contrast, max_runs, axis, max_spread)
     regular = coupling.regular(axis)
-    sample = group_axis(coupling.principal(axis, regular), threshold, contrast, max_runs, axis)
+    sample = group_axis(coupling.principal(axis, regular), threshold, contrast, max_runs, axis, max_spread)
     sizes = [size for g in sample.sizes for size in ([g * stride] if g > 1 else [1] * stride)]
     # structure finer than the stride: slices 0..stride that the grouping separates couple distinctly more
     # than the sample's groups do (a group of 2 sampled every 4th slice looks like single slices)
@@ -400,10 +451,10 @@ def _find_stacked_parts(grouping: AxisGrouping, rows: np.ndarray, slices: np.nda
             return
 
 
-def _ratios(mass_weight: np.ndarray) -> np.ndarray:
-    """Coupling of each link: its mass over its weight, at most 1 (full coupling); 0 without weight."""
+def _ratios(mass_weight: np.ndarray, cap: float = 1.0) -> np.ndarray:
+    """Coupling of each link: its mass over its weight, at most ``cap`` (1: full coupling); 0 without weight."""
     mass, weight = mass_weight
-    return np.minimum(np.divide(mass, weight, out=np.zeros_like(mass), where=weight > 0), 1.0)
+    return np.minimum(np.divide(mass, weight, out=np.zeros_like(mass), where=weight > 0), cap)
 
 
 def decide_rule(
@@ -456,7 +507,20 @@ def _describe(key: tuple, shape: tuple[int, ...]) -> str:
     if split != "groups":
         return split
     runs = [(size, shape[axis] // size)] if size is not None else list(runs)
-    return f"axis {axis}: " + ", ".join(f"{count} x {size}" for size, count in runs)
+    return f"axis {axis}: {_runs_text(runs)}"
+
+
+def _runs_text(runs: Sequence[tuple[int, int]]) -> str:
+    """'8 x 8, 32 x 1'; a repeated pattern once with its count: '4 x (1 x 16, 8 x 1)'."""
+    period = _period(runs)
+    text = ", ".join(f"{count} x {size}" for size, count in runs[:period])
+    return text if period == len(runs) else f"{len(runs) // period} x ({text})"
+
+
+def _period(runs: Sequence[tuple[int, int]]) -> int:
+    """The length of the shortest pattern that ``runs`` repeat (their length: not repeated)."""
+    runs = list(runs)
+    return next(p for p in range(1, len(runs) + 1) if len(runs) % p == 0 and runs == runs[:p] * (len(runs) // p))
 
 
 def _reason(why: str) -> str:
@@ -469,7 +533,7 @@ def _decide(
 ) -> Decision:
     check_settings(threshold, contrast, max_runs, mass_threshold, max_spread)
     shape = coupling.shape
-    groupings = [_group(coupling, axis, threshold, contrast, max_runs) for axis in sorted(coupling.axes)]
+    groupings = [_group(coupling, axis, threshold, contrast, max_runs, max_spread) for axis in sorted(coupling.axes)]
     method = f"{coupling.method}, {coupling.products} HVPs" + (_RESAMPLED if coupling.resampled else "")
     if not groupings:  # a single entry
         rule = Rule(coupling.param, "whole", why=f"one entry ({method})")
@@ -583,10 +647,10 @@ def derive_partition(
             times more than to its neighbours; the finest grouping wins that cuts no distinct group
             at links above ``threshold / contrast``, heads at links above ``threshold / contrast**2``),
             ``max_runs`` (2: groups
-            may be followed or preceded by single slices; 1: equal groups only), ``mass_threshold``
-            (0.2: largest off-diagonal mass fraction of a near-diagonal Hessian), ``max_spread``
-            (10: largest 90th/10th percentile ratio of the diagonal for which a near-diagonal
-            Hessian is one block), and the
+            may be followed or preceded by single slices, also repeated per head; 1: equal groups
+            only), ``mass_threshold`` (0.2: largest off-diagonal mass fraction of a near-diagonal
+            Hessian), ``max_spread`` (10: largest 90th/10th percentile ratio of the diagonal for which
+            a near-diagonal Hessian is one block, and of the diagonal norms inside a group), and the
             measurement options of :func:`~hessian_blocks.partitions.coupling.measure_coupling` (``method``,
             ``probes`` = 2, ``max_probes``, ``dense_max`` = 256, ``max_slices`` = 32, ``seed``, ``dtype``,
             ``device``, ``strategy``, ``progress``).
@@ -706,6 +770,17 @@ def _scaled_rule(rule: Rule, small_shape: tuple[int, ...], name: str, shape: tup
                 "(head) size of the full model."
             )
         return Rule(name, "groups", axis=axis, size=rule.size, why=why)
+    period = _period(rule.runs)
+    if period < len(rule.runs):   # a pattern repeated per head: repeat it as often as the full axis holds it
+        pattern = rule.runs[:period]
+        length = sum(size * count for size, count in pattern)
+        if shape[axis] % length:
+            raise ValueError(
+                f"cannot map the run-length groups of '{rule.param}' ({_runs_text(rule.runs)} along axis {axis}) to "
+                f"'{name}' (length {shape[axis]}): the repeated pattern of {length} slices does not divide it. The "
+                "small model must keep the head size of the full model."
+            )
+        return Rule(name, "groups", axis=axis, runs=tuple(pattern) * (shape[axis] // length), why=why)
     runs = []
     for size, count in rule.runs:
         covered = size * count * shape[axis]
@@ -778,7 +853,7 @@ def _evidence(grouping: AxisGrouping) -> str:
     cross = f"{grouping.cross_coupling:.3g}" + (f" ± {grouping.cross_error:.2g}" if grouping.cross_error else "")
     if len(grouping.sizes) == 1:
         return f"axis {grouping.axis}: one group (neighbouring slices couple at {cross}{zero})"
-    runs = ", ".join(f"{count} x {size}" for size, count in grouping.runs)
+    runs = _runs_text(grouping.runs)
     off = f"{grouping.off_block_mass:.1%}" + (f" ± {grouping.off_block_error:.1%}" if grouping.off_block_error else "")
     if grouping.stacked > 1:
         width = len(grouping.sizes) // grouping.stacked
