@@ -259,8 +259,8 @@ def test_heads_interleaved_with_their_value_rows():
     couple at 0.15 with every value row, in their head or not. Each head's q|k rows are one group and
     its value rows single: a group never takes in the value rows (they carry a thousand times more
     mass, one learning rate would not fit both), and a contiguous fused layout is not read as a
-    repeated one. Nor do whole heads [q_h, k_h, v_h] win where the value rows couple more inside their
-    head than across heads: they hold two scales."""
+    repeated one. Nor do whole heads [q_h, k_h, v_h] (or pairs of them) win where the value rows
+    couple more inside their head than across heads: they hold two scales."""
     heads, head = 4, 8
     period = 3 * head
     rng = np.random.default_rng(2)

@@ -19,11 +19,13 @@ indefinite with a weak diagonal). The *cross coupling* of a grouping is the mean
    [q_h, k_h, v_h]: a q|k block, then the value rows). A group is *distinct* when it couples inside
    at least ``contrast`` times more than across the stronger of the links to its neighbours (a group
    that cuts through a head is not, nor is a group laid over evenly coupled slices; this compares
-   the couplings uncapped) and holds slices of one scale (the spread of its slices' diagonal norms
-   at most ``max_spread``: one learning rate fits it, so a block never mixes query and key rows
-   with value rows of a hundred times their norm). Groups among single slices must all be
-   distinct. A repeated layout places its group freely, so it needs ``contrast**2``; it is tried
-   only when no contiguous grouping with single slices is kept, at its shortest period.
+   the couplings uncapped). Groups among single slices must all be distinct and take in no slice of
+   another scale (none above ``max_spread`` times its group's median diagonal norm: one learning
+   rate fits the group). A repeated layout places its group freely, so it needs ``contrast**2``;
+   it is tried only when no contiguous grouping with single slices is kept, at its shortest period;
+   when its singles and its groups differ in scale by more than ``max_spread`` (value rows a hundred
+   times the norm of the query and key rows), tilings of whole periods would mix the two and are
+   dropped.
 2. *Split or not*: when even the weakest candidate leaves more than ``threshold`` between its
    groups, the slices are one group.
 3. *Which split*: among single slices and the candidates whose groups are all distinct, the
@@ -285,16 +287,20 @@ def _candidates(slices: SliceCoupling, max_runs: int, contrast: float, max_sprea
     stronger of the links to its neighbours (a group that cuts through a head is not, nor is a group
     laid over evenly coupled slices). The comparison takes the couplings as measured, above 1
     included: rows of a query and a key head couple thousands of times more with each other than
-    with their value rows, which still couple with them above 1. A distinct group also holds slices
-    of one scale (:func:`_one_scale`): the value rows beside a query and key head couple with them
-    above 1 too, relative to the heads' tiny diagonal, but carry a hundred to a thousand times their
-    norm. Groupings with single slices are kept only when every group is distinct. A repeated
+    with their value rows, which still couple with them above 1. Groupings with single slices are
+    kept only when every group is distinct and of one scale (:func:`_one_scale`): the value rows
+    beside a query and key head couple with them above 1 too, relative to the heads' tiny diagonal,
+    but carry a hundred to a thousand times their norm. A repeated
     layout places its groups more freely, so its groups must be distinct by ``contrast**2`` (a query
     and key head: by 1,000 or more at initialisation; chance groups in a norm scale's noise: by 5-8).
     It is the interleaved form of a fused weight, so it is tried only when no contiguous grouping
     with single slices is kept (a fused GPT-2 ``c_attn`` repeats its first query head every 48
     columns too), and kept only at the shortest period that has one: a pattern repeats per head, and
-    a longer period would leave some heads as single slices.
+    a longer period would leave some heads as single slices. Where its single slices and its groups
+    differ in scale (:func:`_two_scales`), the tilings of whole periods are dropped: a block of a
+    query, key and value head would give value rows and query rows of a hundredth of their norm one
+    learning rate, though it keeps more Hessian mass. (A scale test on every tiling would split real
+    heads: a query head's rows spread their norms up to 14 times at initialisation.)
     """
     n = slices.size
     single = _ratios(slices.links(np.arange(n - 1), 1, 1))               # link i: slice i -> slice i + 1
@@ -310,29 +316,38 @@ def _candidates(slices: SliceCoupling, max_runs: int, contrast: float, max_sprea
         around = np.concatenate([[0.0], links, [0.0]])
         inside = _ratios(slices.inside(starts[grouped], sizes[grouped]), cap=np.inf)
         needed = contrast ** 2 if period else contrast                       # a repeated layout is freer: more evidence
-        distinct = bool(np.all(inside >= needed * np.maximum(around[:-1], around[1:])[grouped])) and \
-            _one_scale(slices, starts[grouped], sizes[grouped][0], max_spread, not grouped.all())
-        if not distinct and not grouped.all():
+        distinct = bool(np.all(inside >= needed * np.maximum(around[:-1], around[1:])[grouped]))
+        if not grouped.all() and not (distinct and _one_scale(slices, starts[grouped], sizes[grouped][0], max_spread)):
             continue
         heads = distinct and grouped.all() and _even_inside(slices, starts, layout[0])
         fused, shortest = fused or not (period or grouped.all()), shortest or period
+        if period and _two_scales(slices, sizes, max_spread):   # tilings of whole periods mix its two scales
+            out = [c for c in out if len(set(c.sizes)) > 1 or c.sizes[0] % period]
         out.append(Candidate(tuple(layout), float(np.minimum(links, 1.0).mean()), distinct, heads))
     return out
 
 
-def _one_scale(slices: SliceCoupling, starts: np.ndarray, size: int, max_spread: float, beside_singles: bool) -> bool:
-    """Whether each group of ``size`` at ``starts`` holds slices of one scale, so that one learning rate
-    fits it: the upper quartile of its slices' diagonal norms is at most ``max_spread`` times the lower
-    quartile (a query, key and value head: the value rows carry a hundred times the norm; a single
-    heavy row of a key head is no second scale). A group beside single slices could take in one
-    neighbouring slice of another scale, so none of its slices may exceed ``max_spread`` times the
-    median. Slices without mass are left out."""
+def _one_scale(slices: SliceCoupling, starts: np.ndarray, size: int, max_spread: float) -> bool:
+    """Whether no slice of a group of ``size`` at ``starts`` has a diagonal norm above ``max_spread``
+    times its group's median: the group takes in no neighbouring slice of another scale, and one
+    learning rate fits it. Lighter slices are not held against it (their relative couplings are
+    noisy and they carry little mass, like slices without mass, which are left out)."""
     norms = slices.norms[starts[:, None] + np.arange(size)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)    # a group without mass has no quartiles: no evidence
-        low, middle, high = np.nanquantile(norms, [0.25, 0.5, 0.75], axis=1, keepdims=True)
-    heavy = norms > max_spread * middle if beside_singles else high > max_spread * low   # nan compares False
-    return not np.any(heavy)
+        warnings.simplefilter("ignore", RuntimeWarning)    # a group without mass has no median: no evidence
+        median = np.nanmedian(norms, axis=1, keepdims=True)
+    return not np.any(norms > max_spread * median)        # nan compares False
+
+
+def _two_scales(slices: SliceCoupling, sizes: np.ndarray, max_spread: float) -> bool:
+    """Whether the single slices of a grouping of ``sizes`` have a median diagonal norm more than
+    ``max_spread`` times the median of its grouped slices, or less than 1 / ``max_spread`` of it
+    (value rows beside query and key rows: a hundred to a thousand times)."""
+    in_group = np.repeat(sizes > 1, sizes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)    # no mass on one side: no evidence
+        ratio = np.nanmedian(slices.norms[~in_group]) / np.nanmedian(slices.norms[in_group])
+    return bool(ratio > max_spread or ratio * max_spread < 1)
 
 
 def _even_inside(slices: SliceCoupling, starts: np.ndarray, size: int) -> bool:
@@ -392,10 +407,7 @@ def _cross_coupling(matrix: np.ndarray, sizes: Sequence[int]) -> float:
 
 def _group(coupling: TensorCoupling, axis: int, threshold: float, contrast: float, max_runs: int,
            max_spread: float) -> AxisGrouping:
-    """The grouping of one axis of a tensor; of a sampled axis from its sample (see the module docstring).
-    The slices of a vector are single entries: their diagonal is one noisy Hessian entry, no scale."""
-    if len(coupling.shape) == 1:
-        max_spread = np.inf
+    """The grouping of one axis of a tensor; of a sampled axis from its sample (see the module docstring)."""
     stride = coupling.stride(axis)
     if stride == 1:
         return group_axis(coupling.axes[axis], threshold, contrast, max_runs, axis, max_spread)
