@@ -80,6 +80,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from ..blocks import Partition, Rule, trainable_shapes
@@ -113,6 +114,8 @@ class AxisGrouping:
     stride: int = 1             # decided on every stride-th slice (1: on every slice)
     sampled_sizes: list[int] | None = None  # the grouping of that sample (None: not sampled)
     finer: bool = False         # the first stride shows structure that the sample cannot see
+    weakest: float = 0.0        # coupling the weakest candidate leaves between its groups (above threshold: one group)
+    weakest_error: float = 0.0  # its standard error (0: exact)
 
     @property
     def kept_off_mass(self) -> float:
@@ -137,12 +140,14 @@ class Decision:
     coupling: TensorCoupling
     agreeing: int = 0           # leave-one-out estimates whose decision is this one
     replicates: int = 0         # leave-one-out estimates checked (0: exact, or a single probe)
+    near_threshold: tuple[int, ...] = ()   # axes whose split or not is within the 95 % interval of threshold
 
     @property
     def settled(self) -> bool:
-        """Whether the decision holds without any one probe (always, when measured exactly) and no
-        sampled axis shows structure finer than its stride."""
-        return self.agreeing == self.replicates and not any(g.finer for g in self.groupings)
+        """Whether the decision holds without any one probe (always, when measured exactly), no axis
+        it rests on is one group or split only by chance (:func:`decide_rule`), and no sampled axis
+        shows structure finer than its stride."""
+        return self.agreeing == self.replicates and not self.near_threshold and not any(g.finer for g in self.groupings)
 
     @property
     def evidence(self) -> str:
@@ -237,7 +242,8 @@ def group_axis(
     off = _off_block_mass(matrix, np.arange(n), sizes)
     norms = np.sqrt(np.diag(matrix)[~slices.massless])
     spread = float(np.divide(*np.quantile(norms, [0.9, 0.1]))) if norms.size > 1 else 1.0
-    return AxisGrouping(axis, list(sizes), cross, off, int(slices.massless.sum()), spread)
+    return AxisGrouping(axis, list(sizes), cross, off, int(slices.massless.sum()), spread,
+                        weakest=min(c.cross for c in candidates))
 
 
 class Candidate(NamedTuple):
@@ -425,7 +431,7 @@ def _group(coupling: TensorCoupling, axis: int, threshold: float, contrast: floa
     finer = finer or 2 in sample.sizes
     off = _off_block_mass(coupling.rows(axis, regular), regular, sizes)
     return AxisGrouping(axis, sizes, sample.cross_coupling, off, sample.zero_slices, sample.spread, stride=stride,
-                        sampled_sizes=sample.sizes, finer=finer)
+                        sampled_sizes=sample.sizes, finer=finer, weakest=sample.weakest)
 
 
 def _axis_numbers(coupling: TensorCoupling, grouping: AxisGrouping, matrix: np.ndarray) -> tuple[float, float]:
@@ -480,22 +486,37 @@ def decide_rule(
     """The split of one tensor from its measured slice couplings (shapes and numbers only).
 
     A probe estimate is also decided without each of its probes in turn (jackknife): the decision
-    is *settled* when every leave-one-out estimate gives the same rule, and *undecided* otherwise
-    (the rule of the full estimate is kept, and ``why`` says how the replicates split). The
-    standard errors of each axis' off-block mass and coupling between groups are the jackknife
-    errors of those numbers for the chosen grouping.
+    is *settled* when every leave-one-out estimate gives the same rule and, on every axis the rule
+    rests on (the split axis; every axis of a ``whole`` or ``elements`` rule), the coupling the
+    weakest candidate grouping leaves between its groups, which decides whether the axis splits at
+    all, lies outside the two-sided 95 % t-interval (k - 1 degrees of freedom for k probes) around
+    ``threshold``; *undecided* otherwise (the rule of the full estimate is kept, and ``why`` says
+    why). The standard errors of each axis' off-block mass, coupling between groups and weakest
+    coupling are the jackknife errors of those numbers.
     """
     decision = _decide(coupling, threshold, contrast, max_runs, mass_threshold, max_spread)
     replicates = coupling.leave_one_out()
     if not replicates:
         return decision
-    keys = [_key(_decide(r, threshold, contrast, max_runs, mass_threshold, max_spread).rule) for r in replicates]
+    decided = [_decide(r, threshold, contrast, max_runs, mass_threshold, max_spread) for r in replicates]
+    keys = [_key(d.rule) for d in decided]
     for grouping in decision.groupings:
         numbers = np.array([_axis_numbers(coupling, grouping, r.axes[grouping.axis]) for r in replicates])
         grouping.cross_error, grouping.off_block_error = map(_jackknife_error, numbers.T)
+        grouping.weakest_error = _jackknife_error([next(g.weakest for g in d.groupings if g.axis == grouping.axis)
+                                                   for d in decided])
+    critical = float(stats.t.ppf(0.975, len(replicates) - 1))
+    resting = [g for g in decision.groupings if decision.rule.split != "groups" or g.axis == decision.rule.axis]
+    near = tuple(g.axis for g in resting if abs(g.weakest - threshold) < critical * g.weakest_error)
+    split = "; ".join(f"axis {g.axis} splits at all: weakest grouping leaves {g.weakest:.3g} ± {g.weakest_error:.2g}"
+                      for g in resting)
+    interval = f"threshold {threshold} outside the 95 % t-interval ({critical:.3g} standard errors)"
     agreeing = sum(k == _key(decision.rule) for k in keys)
-    if agreeing == len(keys):
-        verdict = f"settled: all {len(keys)} leave-one-probe-out estimates agree"
+    if agreeing == len(keys) and not near:
+        verdict = f"settled: all {len(keys)} leave-one-probe-out estimates agree; {split}, {interval}"
+    elif agreeing == len(keys):
+        verdict = (f"UNDECIDED: {split}; threshold {threshold} within the 95 % t-interval ({critical:.3g} standard "
+                   "errors; more probes: --max-probes)")
     else:
         others = sorted({k for k in keys if k != _key(decision.rule)}, key=str)
         verdict = (f"UNDECIDED: {agreeing} of {len(keys)} leave-one-probe-out estimates agree, the others give "
@@ -507,7 +528,7 @@ def decide_rule(
            f"{coupling.products} HVPs{again}; {verdict})")
     rule = Rule(rule.param, rule.split, axis=rule.axis, size=rule.size, runs=rule.runs, why=why)
     return Decision(rule, decision.shape, decision.method, decision.products, decision.groupings, coupling,
-                    agreeing, len(keys))
+                    agreeing, len(keys), near)
 
 
 def _key(rule: Rule) -> tuple:
@@ -626,9 +647,10 @@ class Decider:
         return latest
 
     def unsettled(self, coupling: TensorCoupling) -> bool:
-        """Whether the decision changes without one of the probes (a ``refine`` for measure_coupling)."""
+        """Whether the decision changes without one of the probes, or rests on an axis whose split is
+        within the 95 % interval of the threshold (a ``refine`` for measure_coupling)."""
         decision = self(coupling)
-        return decision.agreeing != decision.replicates
+        return decision.agreeing != decision.replicates or bool(decision.near_threshold)
 
     def finer(self, coupling: TensorCoupling) -> bool:
         """Whether a sampled axis shows structure finer than its stride (a ``resample`` for
