@@ -150,11 +150,14 @@ class Decision:
         return self.agreeing == self.replicates and not self.near_threshold and not any(g.finer for g in self.groupings)
 
     @property
+    def resting(self) -> list[AxisGrouping]:
+        """The groupings the rule rests on: the split axis', or every axis' when the tensor is not split."""
+        return [g for g in self.groupings if self.rule.split != "groups" or g.axis == self.rule.axis]
+
+    @property
     def evidence(self) -> str:
         """The chosen axis' evidence in a few words (off-block mass, coupling left between groups)."""
-        chosen = [g for g in self.groupings if self.rule.split == "groups" and g.axis == self.rule.axis]
-        shown = chosen or self.groupings
-        return "; ".join(_evidence(g) for g in shown) if shown else "one entry"
+        return "; ".join(_evidence(g) for g in self.resting) if self.groupings else "one entry"
 
     @property
     def summary(self) -> str:
@@ -225,7 +228,7 @@ def group_axis(
     """The finest contiguous grouping of the slices of one axis (see the module docstring).
 
     ``coupling`` is the symmetric [n, n] matrix C_ij = ||H_ij||_F^2 between slices; ``max_spread``
-    bounds the spread of the slices' diagonal norms inside a group (``np.inf``: no bound).
+    bounds how much the slices' diagonal norms may differ inside a group (``np.inf``: no scale test).
     """
     check_settings(threshold, contrast, max_runs, DEFAULT_MASS_THRESHOLD, max_spread)
     matrix = np.asarray(coupling, dtype=np.float64)
@@ -234,7 +237,8 @@ def group_axis(
         raise ValueError(f"coupling must be a square matrix, got shape {matrix.shape}")
     slices = SliceCoupling(matrix)
     candidates = _candidates(slices, max_runs, contrast, max_spread)
-    if min(c.cross for c in candidates) > threshold:  # every grouping leaves strong coupling: one group
+    weakest = min(c.cross for c in candidates)
+    if weakest > threshold:                          # every grouping leaves strong coupling: one group
         sizes, cross = [n], candidates[0].cross      # report how the single slices couple
     else:
         chosen = _choose(slices, [c for c in candidates if c.distinct], threshold, contrast)
@@ -242,8 +246,7 @@ def group_axis(
     off = _off_block_mass(matrix, np.arange(n), sizes)
     norms = np.sqrt(np.diag(matrix)[~slices.massless])
     spread = float(np.divide(*np.quantile(norms, [0.9, 0.1]))) if norms.size > 1 else 1.0
-    return AxisGrouping(axis, list(sizes), cross, off, int(slices.massless.sum()), spread,
-                        weakest=min(c.cross for c in candidates))
+    return AxisGrouping(axis, list(sizes), cross, off, int(slices.massless.sum()), spread, weakest=weakest)
 
 
 class Candidate(NamedTuple):
@@ -326,9 +329,12 @@ def _candidates(slices: SliceCoupling, max_runs: int, contrast: float, max_sprea
         if not grouped.all() and not (distinct and _one_scale(slices, starts[grouped], sizes[grouped][0], max_spread)):
             continue
         heads = distinct and grouped.all() and _even_inside(slices, starts, layout[0])
-        fused, shortest = fused or not (period or grouped.all()), shortest or period
-        if period and _two_scales(slices, sizes, max_spread):   # tilings of whole periods mix its two scales
-            out = [c for c in out if len(set(c.sizes)) > 1 or c.sizes[0] % period]
+        if not period:
+            fused = fused or not grouped.all()
+        else:
+            shortest = period
+            if _two_scales(slices, sizes, max_spread):   # tilings of whole periods would mix its two scales
+                out = [c for c in out if len(set(c.sizes)) > 1 or c.sizes[0] % period]
         out.append(Candidate(tuple(layout), float(np.minimum(links, 1.0).mean()), distinct, heads))
     return out
 
@@ -506,10 +512,9 @@ def decide_rule(
         grouping.weakest_error = _jackknife_error([next(g.weakest for g in d.groupings if g.axis == grouping.axis)
                                                    for d in decided])
     critical = float(stats.t.ppf(0.975, len(replicates) - 1))
-    resting = [g for g in decision.groupings if decision.rule.split != "groups" or g.axis == decision.rule.axis]
-    near = tuple(g.axis for g in resting if abs(g.weakest - threshold) < critical * g.weakest_error)
+    near = tuple(g.axis for g in decision.resting if abs(g.weakest - threshold) < critical * g.weakest_error)
     split = "; ".join(f"axis {g.axis} splits at all: weakest grouping leaves {g.weakest:.3g} ± {g.weakest_error:.2g}"
-                      for g in resting)
+                      for g in decision.resting)
     interval = f"threshold {threshold} outside the 95 % t-interval ({critical:.3g} standard errors)"
     agreeing = sum(k == _key(decision.rule) for k in keys)
     if agreeing == len(keys) and not near:
