@@ -609,6 +609,9 @@ def test_cli_partition_writes_a_file_adam_mini_reads(tmp_path, capsys):
     model = build_model("gpt2-nano", n_layer=2, n_embd=16, n_head=2, vocab_size=32, context=8).model
     optimizer = AdamMini(model, partition=str(out), lr=1e-3)
     assert optimizer.partition.param_shapes == Partition.load(out, model).param_shapes
+    again = tmp_path / "again.json"
+    assert main([*args[:-4], str(again), "--no-progress"]) == 0
+    assert again.read_bytes() == out.read_bytes()   # the same seed: the same file, byte for byte
     assert main(args + ["--threshold", "0"]) == 2  # a clear error, no traceback
 
 
