@@ -412,9 +412,9 @@ def _cross_coupling(matrix: np.ndarray, sizes: Sequence[int]) -> float:
     slices = SliceCoupling(matrix)
     if len(sizes) == 1:
         sizes = [1] * slices.size
-    edges = np.cumsum([0, *sizes])
-    links = [_ratios(slices.links(np.array([a]), b - a, c - b))[0] for a, b, c in zip(edges, edges[1:], edges[2:])]
-    return float(np.mean(links)) if links else 0.0
+    sizes = np.asarray(sizes)
+    links = _ratios(slices.links(np.cumsum(sizes)[:-1] - sizes[:-1], sizes[:-1], sizes[1:]))   # group i -> i + 1
+    return float(links.mean()) if links.size else 0.0
 
 
 def _group(coupling: TensorCoupling, axis: int, threshold: float, contrast: float, max_runs: int,
