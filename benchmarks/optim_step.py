@@ -1,5 +1,6 @@
 """Optimizer step time and state memory: torch AdamW (foreach, fused), the official adam-mini 1.1.1
-and optim.AdamMini, side by side in one run on the same GPT-2-style parameters.
+and optim.AdamMini (foreach; the Triton kernels on CUDA), side by side in one run on the same
+GPT-2-style parameters.
 
     python benchmarks/optim_step.py --shape small            # GPT-2 small shape (~163M params), CUDA if present
     python benchmarks/optim_step.py --shape medium           # GPT-2 medium shape (~406M params)
@@ -13,7 +14,6 @@ ratios of medians to AdamW, and optimizer-state bytes per parameter.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,7 +21,6 @@ from typing import Callable
 
 import torch
 
-import optim._fused
 from hessian_blocks.models.gpt import GPT, GPTConfig
 from optim import AdamMini, param_groups_no_decay, state_memory
 
@@ -70,7 +69,7 @@ def candidates(model: GPT, device: torch.device) -> dict[str, Callable[[], torch
         print("adam-mini is not installed: the official package is left out")
     out["ours foreach"] = lambda: AdamMini(groups(), model=model, **HYPER, foreach=True)
     if device.type == "cuda":
-        out["ours fused (compiled)"] = lambda: AdamMini(groups(), model=model, **HYPER, fused=True)
+        out["ours kernel"] = lambda: AdamMini(groups(), model=model, **HYPER, fused=True)
     return out
 
 
@@ -107,7 +106,7 @@ def run(shape: str, device: torch.device, dtype: torch.dtype, warmup: int, steps
             continue
         try:
             optimizers[name] = make()
-            optimizers[name].step()  # creates the state (and compiles the fused path)
+            optimizers[name].step()  # creates the state (and JIT-compiles the kernels)
         except (RuntimeError, ValueError) as err:  # e.g. a fused kernel this build lacks
             optimizers.pop(name, None)
             print(f"  {name}: skipped ({str(err).splitlines()[0]})")
@@ -134,14 +133,6 @@ def report(rows: list[Row]) -> None:
                   f"   ({other} / ours: {by_name[other].median_ms / best.median_ms:.2f}x)")
 
 
-def _option_value(text: str) -> object:
-    """true/false, numbers and JSON as such; anything else as a string."""
-    try:
-        return json.loads(text.lower() if text.lower() in ("true", "false") else text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
@@ -150,14 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, cpu with --quick)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 5 with --quick)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (JIT compilation happens here)")
     parser.add_argument("--only", nargs="*", help="run only optimizers whose name contains one of these words")
-    parser.add_argument("--compile-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="an Inductor option for ours fused, e.g. combo_kernels=True (repeatable)")
     args = parser.parse_args(argv)
-    for option in args.compile_option:
-        key, _, value = option.partition("=")
-        optim._fused.COMPILE_OPTIONS[key] = _option_value(value)
     shape = args.shape or ("quick" if args.quick else "small")
     device = torch.device(args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda"))
     steps = args.steps or (5 if args.quick else 20)

@@ -4,12 +4,13 @@ The blocks come from a :class:`~hessian_blocks.blocks.Partition` (an object, a p
 ``"default"``: the structural default of :mod:`hessian_blocks.partitions.structural`). A rule of "elements" gives
 plain AdamW for that tensor.
 
-Three implementations, chosen like torch's AdamW: a plain per-parameter loop (``foreach=False``),
-a ``foreach`` path that batches the elementwise work over all tensors (the default off CUDA), and a
-compiled path (``fused=True``; the default when every parameter is on CUDA and Triton is present)
-that compiles the whole update with ``torch.compile``: Triton kernels on CUDA, Inductor's C++
-backend on CPU (only when asked for: the first step then takes seconds to minutes). Without Triton
-(CUDA) or a C++ compiler (CPU), ``fused=True`` falls back to ``foreach`` with a warning.
+Four implementations, chosen like torch's AdamW: a plain per-parameter loop (``foreach=False``), a
+``foreach`` path that batches the elementwise work over all tensors (the default off CUDA), the
+hand-written Triton kernels of :mod:`optim.kernels` (``fused=True`` on CUDA, and the CUDA default:
+a few launches per step, step counts kept and counted on the device, so a step can be captured in a
+CUDA graph), and on the CPU a compiled update (``fused=True`` there: ``torch.compile`` with Inductor's
+C++ backend; the first step then takes tens of seconds). What the chosen path cannot run (float64
+parameters on CUDA, Triton missing, no C++ compiler) takes the foreach path with a warning.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hessian_blocks.blocks import Partition, Rule
 from hessian_blocks.partitions.structural import default_rules
 
 from .distributed import ShardedBlockLayout, block_layout, local_tensor, shard_offset, sharded_scales
-from .functional import advance_steps, choose_implementation, run_updates
+from .functional import choose_implementation, run_updates
 from .hooks import ParamTransform, UpdateHook
 from .layout import BlockLayout
 from .low_precision import (
@@ -38,7 +39,7 @@ from .low_precision import (
     quantized_scale_count,
     stochastic_round_,
 )
-from .update import Batch
+from .update import Hyperparameters, StepTensors
 
 __all__ = ["STATE_KEYS", "AdamMini"]
 
@@ -82,13 +83,14 @@ class AdamMini(torch.optim.Optimizer):
             the shard starts: bit-identical across a resume with the same number of ranks; another
             number of ranks draws differently (equally unbiased).
         rounding_seed: seed of the stochastic rounding.
-        foreach, fused: implementation flags, as in ``torch.optim.AdamW`` (``fused=True``: compiled).
+        foreach, fused: implementation flags, as in ``torch.optim.AdamW`` (``fused=True``: the Triton kernels
+            on CUDA, the compiled update on the CPU).
         maximize: ascend the objective instead of descending it, as in ``torch.optim.AdamW``.
         hook: an :class:`~optim.hooks.UpdateHook`, the declared extension point (extra param-group
             options, per-parameter transforms of the update; GaLore-mini is AdamMini with one).
         amsgrad, capturable, differentiable: accepted for ``torch.optim.AdamW``'s signature; True is
-            refused (Adam-mini has no per-coordinate maximum to keep, reads step counts on the host
-            and updates in place without autograd).
+            refused (Adam-mini has no per-coordinate maximum to keep; on CUDA its default step is
+            capturable without the flag; it updates in place without autograd).
 
     Unlike ``torch.optim.AdamW`` (0.01), ``weight_decay`` defaults to 0.
 
@@ -138,6 +140,7 @@ class AdamMini(torch.optim.Optimizer):
         self._rounding_seed = int(rounding_seed)
         self._positions: dict[torch.Tensor, int] | None = None  # see _position; reset when groups are added
         self._warned_fallback = False
+        self._kinds: dict[tuple, str] = {}  # (group id, foreach, fused, size) -> implementation
         self._hook = hook or UpdateHook()
         self._transforms: dict[torch.Tensor, ParamTransform] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
@@ -157,6 +160,7 @@ class AdamMini(torch.optim.Optimizer):
         """Add a group of (name, tensor) pairs; each name needs a rule in the optimizer's partition."""
         _refuse_unsupported(param_group)
         self._positions = None
+        self._kinds.clear()
         pairs = list(param_group.get("params", []))
         if not all(isinstance(item, tuple) and len(item) == 2 for item in pairs):
             raise TypeError("AdamMini needs named parameters: pass (name, tensor) pairs, e.g. model.named_parameters()")
@@ -200,24 +204,21 @@ class AdamMini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        batches: dict[str, list[Batch]] = {}
-        transformed: list[tuple[dict[str, Any], Batch, list[tuple[torch.Tensor, float]]]] = []
+        steps: dict[str, list[StepTensors]] = {}
+        transformed: list[tuple[dict[str, Any], StepTensors, list[tuple[torch.Tensor, float]]]] = []
         write_backs: list[Callable[[], None]] = []
         for group in self.param_groups:
-            batch, transformed_batch, transformed_params = self._gather(group, write_backs)
-            if batch.params:
-                kind, fallback = choose_implementation(batch.params, foreach=group["foreach"], fused=group["fused"])
-                if fallback and not self._warned_fallback:
-                    warnings.warn(f"AdamMini(fused=True): {fallback}; using the foreach path", stacklevel=3)
-                    self._warned_fallback = True
-                batches.setdefault(kind, []).append(batch)
-            if transformed_batch.params:
-                transformed.append((group, transformed_batch, transformed_params))
-        run_updates(batches)
-        for group, batch, params in transformed:  # never compiled: their tensors are new every step
-            run_updates({"reference" if group["foreach"] is False and not group["fused"] else "foreach": [batch]})
-            for (param, decay), step in zip(params, batch.params):
-                self._transforms[param].apply(param, self.state[param], step, decay, group)
+            kind = self._implementation(group)
+            plain, transformed_step, transformed_params = self._gather(group, kind, write_backs)
+            if plain.params:
+                steps.setdefault(kind, []).append(plain)
+            if transformed_step.params:
+                transformed.append((group, transformed_step, transformed_params))
+        run_updates(steps)
+        for group, step, params in transformed:  # never compiled: their tensors are new every step
+            run_updates({"reference" if group["foreach"] is False and not group["fused"] else "foreach": [step]})
+            for (param, decay), update in zip(params, step.params):
+                self._transforms[param].apply(param, self.state[param], update, decay, group)
         for write_back in write_backs:
             write_back()
         return loss
@@ -249,22 +250,46 @@ class AdamMini(torch.optim.Optimizer):
                 if pid in state_dict["state"]:
                     restored[param] = self._restored_state(name, param, state_dict["state"][pid])
         super().load_state_dict(state_dict)
+        self._kinds.clear()  # the param groups are new dicts
         for param, state in restored.items():
             self.state[param] = state
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _gather(
-        self, group: dict[str, Any], write_backs: list[Callable[[], None]]
-    ) -> tuple[Batch, Batch, list[tuple[torch.Tensor, float]]]:
-        """The group's parameters that have gradients, their state (created on first use) and scalars;
-        then the transformed ones split off: a batch of their zero step tensors and transformed
-        gradients (no weight decay), and the parameters with the decay factor their transform applies.
+    def _implementation(self, group: dict[str, Any]) -> str:
+        """The group's implementation (:func:`~optim.functional.choose_implementation`); a fallback
+        from the one asked for (or from the CUDA default) is warned once. Sharded parameters keep
+        their collective path (foreach)."""
+        params = group["params"]
+        key = (id(group), group["foreach"], group["fused"], len(params), params[0].device if params else None)
+        if key not in self._kinds:
+            kind, fallback = choose_implementation(params, foreach=group["foreach"], fused=group["fused"])
+            if kind in ("kernel", "compiled") and any(isinstance(self._layouts[p], ShardedBlockLayout) for p in params):
+                kind, fallback = "foreach", ""
+            if fallback and not self._warned_fallback:
+                warnings.warn(f"AdamMini: {fallback}", stacklevel=4)
+                self._warned_fallback = True
+            self._kinds[key] = kind
+        return self._kinds[key]
 
-        Low-precision state and parameters enter the batch as float32 working copies; ``write_backs``
-        gets what writes them back after the update (quantizing the first moment again, rounding the
-        parameter stochastically)."""
-        batch = Batch()
+    def _gather(
+        self, group: dict[str, Any], kind: str, write_backs: list[Callable[[], None]]
+    ) -> tuple[StepTensors, StepTensors, list[tuple[torch.Tensor, float]]]:
+        """The group's parameters that have gradients and their state (created on first use); the
+        transformed ones split off: their zero step tensors and transformed gradients (no weight
+        decay, steps already counted), and the parameters with the decay factor their transform applies.
+
+        Low-precision state and parameters enter as float32 working copies; ``write_backs`` gets
+        what writes them back after the update (quantizing the first moment again, rounding the
+        parameter stochastically). For the kernels, step counts live on the parameters' device."""
+        beta1, beta2 = group["betas"]
+        hyper = Hyperparameters(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["maximize"])
+        plain = StepTensors(hyper)
+        transformed = StepTensors(replace(hyper, weight_decay=0.0, maximize=False))
+        transformed_params: list[tuple[torch.Tensor, float]] = []
+        # kernels count steps on the device, except under stochastic rounding, whose draws are seeded on the host
+        on_device = kind == "kernel" and not self._stochastic_rounding
+        plain_tensors = self._state_dtype != torch.int8 and not self._stochastic_rounding
         for name, param in zip(group["param_names"], group["params"]):
             grad = param.grad
             if grad is None:
@@ -272,7 +297,7 @@ class AdamMini(torch.optim.Optimizer):
             if grad.is_sparse:
                 raise RuntimeError(f"AdamMini does not support sparse gradients (parameter '{name}'): use a dense "
                                    "embedding")
-            if tuple(param.shape) != self._rule_shapes[name]:
+            if param.shape != self._rule_shapes[name]:
                 raise ValueError(
                     f"parameter '{name}' now has shape {list(param.shape)}, "
                     f"not the {list(self._rule_shapes[name])} its "
@@ -282,29 +307,26 @@ class AdamMini(torch.optim.Optimizer):
             if not state:
                 _check_param(name, param)
                 state.update(self._initial_state(param))
-            exp_avg, target = self._working_tensors(name, param, state, write_backs)
+            if plain_tensors and not isinstance(param, DTensor):
+                exp_avg, target = state["exp_avg"], param
+            else:
+                exp_avg, target = self._working_tensors(name, param, state, write_backs)
             if grad.dtype != exp_avg.dtype or not grad.is_contiguous():
                 grad = grad.to(dtype=exp_avg.dtype, memory_format=torch.contiguous_format)
-            if group["maximize"]:
-                grad = grad.neg()
-            batch.add(target, local_tensor(grad), {**state, "exp_avg": exp_avg}, self._layouts[param])
-        if batch.steps:
-            beta1, beta2 = group["betas"]
-            advance_steps(batch, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                          weight_decay=group["weight_decay"])
-        if not self._transforms:
-            return batch, Batch(), []
-        plain, transformed, params = Batch(), Batch(), []
-        names = dict(zip(map(id, group["params"]), group["param_names"]))
-        for param, grad, layout, scalars in zip(batch.params, batch.grads, batch.layouts, batch.scalars):
-            state, transform, target = self.state[param], self._transforms.get(param), plain
-            if transform is not None:
-                params.append((param, scalars.decay))
-                grad = transform.gradient(group, names[id(param)], state, grad)
-                param, scalars, target = torch.zeros_like(grad), replace(scalars, decay=1.0), transformed
-            target.add(param, grad, state, layout)
-            target.scalars.append(scalars)
-        return plain, transformed, params
+            transform = self._transforms.get(param)
+            if transform is None:
+                if on_device and state["step"].device != param.device:
+                    state["step"] = state["step"].to(param.device)
+                plain.add(target, local_tensor(grad), exp_avg, state["block_exp_avg_sq"], state["step"],
+                          self._layouts[param])
+                continue
+            state["step"].add_(1.0)  # the transform sees this step counted
+            grad = transform.gradient(group, name, state, grad.neg() if hyper.maximize else grad)
+            transformed.add(torch.zeros_like(grad), grad, exp_avg, state["block_exp_avg_sq"], state["step"],
+                            self._layouts[param])
+            transformed.scalars.append(transformed.hyper.scalars(float(state["step"])))
+            transformed_params.append((param, hyper.scalars(1.0).decay))
+        return plain, transformed, transformed_params
 
     def _working_tensors(
         self, name: str, param: torch.Tensor, state: dict[str, torch.Tensor], write_backs: list[Callable[[], None]]
@@ -502,8 +524,8 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
 _UNSUPPORTED = {
     "amsgrad": "Adam-mini keeps one running average of g^2 per block, no per-coordinate maximum; "
     "use torch.optim.AdamW(amsgrad=True) for AMSGrad",
-    "capturable": "its step reads the step counts on the host, which CUDA graph capture does not allow; "
-    "fused=True (the default on CUDA) already runs the update as a few compiled kernels",
+    "capturable": "on CUDA its default path (the Triton kernels) keeps step counts on the device and its step can "
+    "be captured in a CUDA graph as it is; the other paths read step counts on the host",
     "differentiable": "it updates in place under torch.no_grad; use torch.optim.AdamW(differentiable=True) "
     "to differentiate through optimizer steps",
 }

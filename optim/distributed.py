@@ -12,7 +12,8 @@ the *whole* block. :class:`ShardedBlockLayout` cuts the parameter's blocks (a
 Each step, :func:`reduce_block_mean_squares` sums the local per-block sums of squares of every
 sharded parameter with *one* ``all_reduce`` per process group and divides by the blocks' full
 element counts (whose per-rank pieces were summed over ranks once, when the layout was built, and
-checked against the full sizes). Every rank then holds the same per-block means and updates the
+checked against the full sizes), and hands them to the update (``StepTensors.mean_squares``: the
+update uses them instead of reducing its local gradient). Every rank then holds the same per-block means and updates the
 same full vector of per-block second moments, so that state is replicated: a small plain tensor
 that torch.distributed.checkpoint saves once and loads into any world size. The first moment and
 the parameter update stay local, on the rank's rows. The result equals single-process Adam-mini.
@@ -31,7 +32,7 @@ and its optimizer with torch.distributed.checkpoint (sharded or not).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -46,7 +47,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from hessian_blocks.blocks import Rule
 
 from .layout import BlockLayout, Segment
-from .update import Batch
+from .update import StepTensors
 
 __all__ = [
     "LocalSegment", "ShardedBlockLayout", "block_layout", "load_checkpoint", "local_tensor",
@@ -112,9 +113,10 @@ def block_layout(rule: Rule, param: torch.Tensor, name: str | None = None) -> Bl
     return ShardedBlockLayout.build(layout, param, name or rule.param)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class LocalSegment:
-    """A run of equal blocks as seen on this rank; the interface of :class:`~optim.layout.Segment`.
+    """A run of equal blocks as seen on this rank; a :class:`~optim.update.BlockRun` like
+    :class:`~optim.layout.Segment`.
 
     ``piece`` is the run's part of the local tensor (a :class:`Segment` in local coordinates), or
     None for blocks with no rows here: their per-block state is still updated, from the reduced
@@ -124,7 +126,6 @@ class LocalSegment:
     piece: Segment | None
     first_block: int
     groups: int
-    owner: ShardedBlockLayout = field(repr=False)
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
         """The local ``tensor`` as ``[outer, groups, size * inner]`` (empty for blocks not held here)."""
@@ -135,11 +136,6 @@ class LocalSegment:
     def blocks(self, per_block: torch.Tensor) -> torch.Tensor:
         """This run's entries of the parameter's (full) per-block vector."""
         return per_block[self.first_block : self.first_block + self.groups]
-
-    def mean_square(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Mean of ``grad**2`` over each whole block of the run, reduced over ranks (see
-        :func:`reduce_block_mean_squares`, which must have seen ``grad`` this step)."""
-        return self.blocks(self.owner.mean_squares(grad)).to(dtype)
 
 
 @dataclass(eq=False)
@@ -158,8 +154,6 @@ class ShardedBlockLayout:
     group: dist.ProcessGroup
     block_numels: torch.Tensor             # [n_blocks] float64, full element count of each block
     segments: tuple[LocalSegment, ...] = ()
-    _means: torch.Tensor | None = field(default=None, repr=False)
-    _means_key: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, layout: BlockLayout, param: DTensor, name: str) -> ShardedBlockLayout:
@@ -190,20 +184,6 @@ class ShardedBlockLayout:
                 segment.blocks(sums).add_(segment.view(grad).to(dtype).square().sum(dim=(0, 2)))
         return sums
 
-    def set_square_sums(self, grad: torch.Tensor, totals: torch.Tensor) -> None:
-        """Record the block sums over all ranks for the gradient ``grad`` (local tensor) of this step."""
-        self._means = totals / self.block_numels.to(totals)
-        self._means_key = _tensor_key(grad)
-
-    def mean_squares(self, grad: torch.Tensor) -> torch.Tensor:
-        """[n_blocks] mean of the squared gradient over each whole block, as reduced for ``grad``."""
-        if self._means is None or self._means_key != _tensor_key(grad):
-            raise RuntimeError(
-                f"parameter '{self.name}' is sharded and its block means were not reduced for this gradient: "
-                "call optim.distributed.reduce_block_mean_squares before the update (AdamMini.step does)"
-            )
-        return self._means
-
     # -- construction ----------------------------------------------------------------------------
 
     def _local_segments(self, layout: BlockLayout) -> Iterable[LocalSegment]:
@@ -215,10 +195,10 @@ class ShardedBlockLayout:
             local_outer = (stop - start) // (length * inner)
             for seg in layout.segments:
                 piece = Segment(local_outer, length, inner, seg.start, seg.groups, seg.size, seg.first_block)
-                yield LocalSegment(piece, seg.first_block, seg.groups, self)
+                yield LocalSegment(piece, seg.first_block, seg.groups)
             return
         if outer == 1 and length == 1:                           # one whole-tensor block
-            yield LocalSegment(Segment(1, 1, stop - start, 0, 1, 1, 0), 0, 1, self)
+            yield LocalSegment(Segment(1, 1, stop - start, 0, 1, 1, 0), 0, 1)
             return
         if outer != 1 or row % inner:
             raise ValueError(
@@ -232,14 +212,14 @@ class ShardedBlockLayout:
                 block = seg.first_block + (first - seg.start) // seg.size
                 groups = (last - first) // size
                 piece = Segment(1, high - low, inner, first - low, groups, size, block)
-                held.append(LocalSegment(piece, block, groups, self))
+                held.append(LocalSegment(piece, block, groups))
         first_held = held[0].first_block if held else self.n_blocks
         last_held = held[-1].first_block + held[-1].groups if held else self.n_blocks
         if first_held > 0:
-            yield LocalSegment(None, 0, first_held, self)
+            yield LocalSegment(None, 0, first_held)
         yield from held
         if last_held < self.n_blocks:
-            yield LocalSegment(None, last_held, self.n_blocks - last_held, self)
+            yield LocalSegment(None, last_held, self.n_blocks - last_held)
 
     def _check_counts(self, device: torch.device) -> None:
         """Sum the element counts of the local pieces over ranks; they must be the full block sizes."""
@@ -292,30 +272,28 @@ def _shard_group(param: DTensor, name: str) -> dist.ProcessGroup:
     return param.device_mesh.get_group(shards[0])
 
 
-def _tensor_key(tensor: torch.Tensor) -> tuple:
-    return (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
+def reduce_block_mean_squares(steps: Iterable[StepTensors]) -> None:
+    """The per-block mean squares of the sharded parameters' gradients, summed over ranks: the stage
+    before the update. Collective.
 
-
-def reduce_block_mean_squares(batches: Iterable[Batch]) -> None:
-    """Per-block mean squares of the sharded parameters' gradients, summed over ranks. Collective.
-
-    ``batches`` are the :class:`~optim.update.Batch` objects of one step (local gradients);
-    parameters with plain layouts are skipped. One ``all_reduce`` per process group and dtype
-    carries every sharded parameter's per-block sums; afterwards their segments' ``mean_square``
-    returns the whole blocks' means. Every rank of a group must pass the same parameters in the
-    same order (as the same optimizer on every rank does).
+    For every parameter of ``steps`` (one :class:`~optim.update.StepTensors` per param group, local
+    gradients) with a :class:`ShardedBlockLayout`, sets ``step.mean_squares[i]`` to the means over
+    the whole blocks; plain layouts are left to the update. One ``all_reduce`` per process group and
+    dtype carries every sharded parameter's per-block sums. Every rank of a group must pass the same
+    parameters in the same order (as the same optimizer on every rank does).
     """
-    buckets: dict[tuple, list[tuple[ShardedBlockLayout, torch.Tensor, torch.Tensor]]] = {}
-    for batch in batches:
-        for layout, grad, block_avg in zip(batch.layouts, batch.grads, batch.block_avgs):
+    buckets: dict[tuple, list[tuple[StepTensors, int, torch.Tensor]]] = {}
+    for step in steps:
+        for index, (layout, grad, block_avg) in enumerate(zip(step.layouts, step.grads, step.block_avgs)):
             if isinstance(layout, ShardedBlockLayout):
                 key = (layout.group, block_avg.dtype, grad.device)
-                buckets.setdefault(key, []).append((layout, grad, layout.partial_square_sums(grad, block_avg.dtype)))
+                buckets.setdefault(key, []).append((step, index, layout.partial_square_sums(grad, block_avg.dtype)))
     for (group, _, _), items in buckets.items():
         flat = torch.cat([sums for _, _, sums in items])
         dist.all_reduce(flat, group=group)
-        for (layout, grad, _), totals in zip(items, flat.split([layout.n_blocks for layout, _, _ in items])):
-            layout.set_square_sums(grad, totals)
+        for (step, index, _), totals in zip(items, flat.split([len(sums) for _, _, sums in items])):
+            layout = step.layouts[index]
+            step.mean_squares[index] = totals / layout.block_numels.to(totals)
 
 
 # ----------------------------------------------------------------- checkpoints

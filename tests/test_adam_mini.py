@@ -439,7 +439,7 @@ def test_maximize_is_adamw_maximize(path):
 
 def test_adamw_options_it_cannot_honour_are_refused():
     spec = tiny_gpt()
-    for option, why in (("amsgrad", "no per-coordinate maximum"), ("capturable", "CUDA graph capture"),
+    for option, why in (("amsgrad", "no per-coordinate maximum"), ("capturable", "captured in a CUDA graph"),
                         ("differentiable", "torch.no_grad")):
         with pytest.raises(ValueError, match=f"AdamMini does not support {option}=True: .*{why}"):
             AdamMini(spec.model, **{option: True})

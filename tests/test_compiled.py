@@ -119,7 +119,7 @@ def test_default_on_cpu_does_not_compile():
 def test_missing_cpp_compiler_warns_once_and_uses_foreach(monkeypatch):
     monkeypatch.setattr(optim._fused, "_has_cpp_compiler", lambda: False)
     assert_fused_falls_back_to_foreach(
-        "AdamMini(fused=True): Inductor finds no C++ compiler (install g++, or set CXX); using the foreach path"
+        "AdamMini: fused=True: Inductor finds no C++ compiler (install g++, or set CXX); using the foreach path"
     )
 
 
