@@ -4,6 +4,7 @@ GPT-2-style parameters.
 
     python benchmarks/optim_step.py --shape small            # GPT-2 small shape (~163M params), CUDA if present
     python benchmarks/optim_step.py --shape medium           # GPT-2 medium shape (~406M params)
+    python benchmarks/optim_step.py --shape tinyllama        # Hugging Face Llama, TinyLlama-1.1B shape (transformers)
     python benchmarks/optim_step.py --quick                  # CPU CI mode: a small shape, few steps
 
 Only ``optimizer.step()`` is timed, on fixed random gradients (no forward/backward); the optimizers
@@ -30,6 +31,15 @@ SHAPES = {
     "medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "quick": dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8192, context=256),
 }
+# Hugging Face Llama at TinyLlama-1.1B's width (32 query / 4 key-value heads, untied head): 4 layers, all 22
+LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+             vocab_size=32000, tie_word_embeddings=False)
+LLAMA_SHAPES = {
+    "llama4": dict(LLAMA, num_hidden_layers=4),
+    "tinyllama": dict(LLAMA, num_hidden_layers=22),
+    "llama-quick": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                        vocab_size=256, num_hidden_layers=2, tie_word_embeddings=False),
+}
 HYPER = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
 
@@ -41,17 +51,32 @@ class Row:
     bytes_per_param: float
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype) -> GPT:
-    config = GPTConfig(**{"vocab_size": 50304, "context": 1024, **SHAPES[shape]})
-    with torch.device(device):
-        model = GPT(config).to(dtype)
+def build(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model of ``shape`` (bundled GPT, or Hugging Face Llama for the LLAMA_SHAPES) on ``device``,
+    with fixed random gradients."""
+    if shape in LLAMA_SHAPES:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPES[shape])).to(dtype)
+    else:
+        with torch.device(device):
+            model = GPT(GPTConfig(**{"vocab_size": 50304, "context": 1024, **SHAPES[shape]})).to(dtype)
     generator = torch.Generator(device=device).manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=generator, device=device, dtype=dtype) * 1e-3
     return model
 
 
-def candidates(model: GPT, device: torch.device) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+def official_geometry(model: torch.nn.Module) -> dict[str, int]:
+    """The official adam-mini's dim / n_heads (/ n_kv_heads) arguments for ``model``."""
+    config = model.config
+    if isinstance(config, GPTConfig):
+        return dict(dim=config.n_embd, n_heads=config.n_head)
+    return dict(dim=config.hidden_size, n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads)
+
+
+def candidates(model: torch.nn.Module, device: torch.device) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     groups = lambda: param_groups_no_decay(model, WEIGHT_DECAY)  # noqa: E731
     out: dict[str, Callable[[], torch.optim.Optimizer]] = {
         "torch AdamW foreach": lambda: torch.optim.AdamW(groups(), **HYPER, foreach=True),
@@ -60,10 +85,8 @@ def candidates(model: GPT, device: torch.device) -> dict[str, Callable[[], torch
     try:
         from adam_mini import Adam_mini
 
-        config = model.config
         out["official adam-mini 1.1.1"] = lambda: Adam_mini(
-            model.named_parameters(), **HYPER, weight_decay=WEIGHT_DECAY, dim=config.n_embd, n_heads=config.n_head,
-            verbose=False
+            model.named_parameters(), **HYPER, weight_decay=WEIGHT_DECAY, **official_geometry(model), verbose=False
         )
     except ImportError:
         print("adam-mini is not installed: the official package is left out")
@@ -135,7 +158,7 @@ def report(rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+    parser.add_argument("--shape", choices=sorted(SHAPES) + sorted(LLAMA_SHAPES), default=None,
                         help="model shape (default: small; quick with --quick)")
     parser.add_argument("--quick", action="store_true", help="CPU CI mode: the quick shape, few steps")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available, cpu with --quick)")
