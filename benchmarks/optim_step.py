@@ -76,7 +76,8 @@ def official_geometry(model: torch.nn.Module) -> dict[str, int]:
     return dict(dim=config.hidden_size, n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads)
 
 
-def candidates(model: torch.nn.Module, device: torch.device) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+def candidates(model: torch.nn.Module, device: torch.device,
+               compiled: bool = False) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     groups = lambda: param_groups_no_decay(model, WEIGHT_DECAY)  # noqa: E731
     out: dict[str, Callable[[], torch.optim.Optimizer]] = {
         "torch AdamW foreach": lambda: torch.optim.AdamW(groups(), **HYPER, foreach=True),
@@ -93,6 +94,8 @@ def candidates(model: torch.nn.Module, device: torch.device) -> dict[str, Callab
     out["ours foreach"] = lambda: AdamMini(groups(), model=model, **HYPER, foreach=True)
     if device.type == "cuda":
         out["ours kernel"] = lambda: AdamMini(groups(), model=model, **HYPER, fused=True)
+    elif compiled:  # fused=True on the CPU: torch.compile's C++ backend (its compile is timed apart)
+        out["ours compiled"] = lambda: AdamMini(groups(), model=model, **HYPER, fused=True)
     return out
 
 
@@ -117,19 +120,21 @@ def time_round_robin(
 
 
 def run(shape: str, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
-        only: list[str] | None) -> list[Row]:
+        only: list[str] | None, compiled: bool = False) -> list[Row]:
     model = build(shape, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"shape {shape}: {n_params / 1e6:.1f}M parameters, {dtype}, {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
              else f", {torch.get_num_threads()} threads"))
     optimizers = {}
-    for name, make in candidates(model, device).items():
+    for name, make in candidates(model, device, compiled).items():
         if only and not any(key in name for key in only):
             continue
         try:
             optimizers[name] = make()
-            optimizers[name].step()  # creates the state (and JIT-compiles the kernels)
+            started = time.perf_counter()
+            optimizers[name].step()  # creates the state (and JIT-compiles the kernels, or compiles)
+            print(f"  {name}: first step {time.perf_counter() - started:.2f} s")
         except (RuntimeError, ValueError) as err:  # e.g. a fused kernel this build lacks
             optimizers.pop(name, None)
             print(f"  {name}: skipped ({str(err).splitlines()[0]})")
@@ -166,11 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (JIT compilation happens here)")
     parser.add_argument("--only", nargs="*", help="run only optimizers whose name contains one of these words")
+    parser.add_argument("--compiled", action="store_true",
+                        help="on the CPU, also ours with fused=True (torch.compile; its first step compiles)")
     args = parser.parse_args(argv)
     shape = args.shape or ("quick" if args.quick else "small")
     device = torch.device(args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda"))
     steps = args.steps or (5 if args.quick else 20)
-    rows = run(shape, device, getattr(torch, args.dtype), args.warmup, steps, args.only)
+    rows = run(shape, device, getattr(torch, args.dtype), args.warmup, steps, args.only, args.compiled)
     report(rows)
 
 

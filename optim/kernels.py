@@ -48,14 +48,14 @@ import torch
 
 from .layout import BlockLayout
 
-__all__ = ["CHUNK", "MAX_BLOCK", "TILE", "KERNEL_DTYPES", "WorkTable", "kernel_update", "unavailable_reason",
-           "work_table"]
+__all__ = ["CHUNK", "MAX_BLOCK", "TILE", "KERNEL_DTYPES", "ParamTables", "WorkTable", "kernel_update",
+           "unavailable_reason", "work_table"]
 
 TILE = 4096       # coordinates one program of the tile kernel covers (R blocks of N, R * N = max(N, TILE))
 MAX_BLOCK = 8192  # blocks up to this many coordinates are updated in one pass by one program
 CHUNK = 4096      # coordinates per program for larger blocks (two launches)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # parameter / gradient / first-moment dtypes
-MAX_WORK_TABLES = 64  # distinct layout lists whose work tables are kept per process (least recently used dropped)
+MAX_WORK_TABLES = 64  # work tables (and parameter lists' tables) kept per process (least recently used dropped)
 
 # columns of the tables (int64 rows)
 _SLOT_COLUMNS = 6   # parameter, gradient, first moment, second moments, step (addresses); param group
@@ -166,31 +166,29 @@ class WorkTable:
         self.chunks = tuple(ChunkClass(contiguous, aligned, np.concatenate(rows))
                             for (contiguous, aligned), rows in sorted(chunks.items()))
         self.n_partials = partials
-        self._device: dict[torch.device, _DeviceTables] = {}
+        self._items: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     @property
     def launches(self) -> int:
         """Kernel launches per step (besides the step-count increment)."""
         return len(self.tiles) + 2 * len(self.chunks)
 
-    def on(self, device: torch.device) -> _DeviceTables:
-        """The device copies of the items, and this table's pointer and hyperparameter tables there."""
-        tables = self._device.get(device)
-        if tables is None:
-            tables = _DeviceTables(
-                tiles=[torch.from_numpy(c.items.reshape(-1)).to(device) for c in self.tiles],
-                chunks=[torch.from_numpy(c.items.reshape(-1)).to(device) for c in self.chunks],
-                partials=torch.empty(max(1, self.n_partials), dtype=torch.float32, device=device),
-            )
-            self._device[device] = tables
-        return tables
+    def items_on(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The device copies of the tile and chunk items (made once per device)."""
+        if device not in self._items:
+            self._items[device] = ([torch.from_numpy(c.items.reshape(-1)).to(device) for c in self.tiles],
+                                   [torch.from_numpy(c.items.reshape(-1)).to(device) for c in self.chunks])
+        return self._items[device]
 
 
 @dataclass(eq=False)
-class _DeviceTables:
-    tiles: list[torch.Tensor]
-    chunks: list[torch.Tensor]
-    partials: torch.Tensor
+class ParamTables:
+    """The device tables of one list of parameters: their addresses, their param groups'
+    hyperparameters, and the scratch of the chunked launches. Each list of parameters has its own
+    (a step captured in a CUDA graph keeps reading these buffers), refilled only when they change."""
+
+    work: WorkTable                        # kept alive: its id is part of this table's key
+    partials: torch.Tensor                 # the chunks' partial sums and old second moments
     slots: torch.Tensor | None = None      # [slots, 6] int64: 5 addresses and the param group's row of hyper
     slot_key: tuple | None = None
     aligned: bool = False                  # every address of ``slots`` (but the step's) is a multiple of 16
@@ -200,15 +198,20 @@ class _DeviceTables:
 
 def work_table(layouts: Sequence[BlockLayout]) -> WorkTable:
     """The work table of ``layouts``, built once per process and list (:data:`MAX_WORK_TABLES` kept)."""
-    key = tuple(layouts)
-    table = _TABLES.pop(key, None) or WorkTable(key)
-    _TABLES[key] = table  # now the most recently used
-    while len(_TABLES) > MAX_WORK_TABLES:
-        _TABLES.popitem(last=False)
-    return table
+    return _cached(_TABLES, tuple(layouts), lambda: WorkTable(layouts))
+
+
+def _cached(cache: OrderedDict, key: tuple, make):
+    """``cache[key]``, made when missing; the :data:`MAX_WORK_TABLES` most recently used are kept."""
+    value = cache.pop(key, None) or make()
+    cache[key] = value  # now the most recently used
+    while len(cache) > MAX_WORK_TABLES:
+        cache.popitem(last=False)
+    return value
 
 
 _TABLES: OrderedDict[tuple[BlockLayout, ...], WorkTable] = OrderedDict()
+_PARAM_TABLES: OrderedDict[tuple, ParamTables] = OrderedDict()
 
 
 # -- one step -------------------------------------------------------------------------------------------
@@ -235,27 +238,30 @@ def kernel_update(
         return
     device = params[0].device
     owner = work_table(layouts)
-    tables = owner.on(device)
+    tile_items, chunk_items = owner.items_on(device)
+    tables = _cached(_PARAM_TABLES, (device, id(owner), *(p.data_ptr() for p in params)),
+                     lambda: ParamTables(owner, torch.empty(max(1, owner.n_partials), dtype=torch.float32,
+                                                            device=device)))
     _upload_slots(tables, params, grads, exp_avgs, block_avgs, steps, groups, device)
     _upload_hyper(tables, hyper, device)
     torch._foreach_add_(list(steps), 1.0)
     tiles, chunk_sums, chunk_updates = _kernels()
     types = dict(P_TYPE=_triton_type(params[0].dtype), G_TYPE=_triton_type(grads[0].dtype),
                  M_TYPE=_triton_type(exp_avgs[0].dtype))
-    for cls, items in zip(owner.tiles, tables.tiles):
+    for cls, items in zip(owner.tiles, tile_items):
         tiles[(len(cls.items),)](items, tables.slots, tables.hyper, N=cls.n, R=cls.r, CONTIGUOUS=cls.contiguous,
                                  ALIGNED=cls.aligned and tables.aligned, num_warps=8 if cls.r * cls.n > TILE else 4,
                                  **types)
-    for cls, items in zip(owner.chunks, tables.chunks):
+    for cls, items in zip(owner.chunks, chunk_items):
         chunk_sums[(len(cls.items),)](items, tables.slots, tables.partials, CHUNK=CHUNK, CONTIGUOUS=cls.contiguous,
                                       ALIGNED=cls.aligned and tables.aligned, G_TYPE=types["G_TYPE"], num_warps=4)
-    for cls, items in zip(owner.chunks, tables.chunks):
+    for cls, items in zip(owner.chunks, chunk_items):
         chunk_updates[(len(cls.items),)](items, tables.slots, tables.hyper, tables.partials, CHUNK=CHUNK,
                                          CONTIGUOUS=cls.contiguous, ALIGNED=cls.aligned and tables.aligned,
                                          num_warps=4, **types)
 
 
-def _upload_slots(table: _DeviceTables, params, grads, exp_avgs, block_avgs, steps, groups, device) -> None:
+def _upload_slots(table: ParamTables, params, grads, exp_avgs, block_avgs, steps, groups, device) -> None:
     """Copy the tensors' addresses to the device when they changed since the last step."""
     key = tuple(t.data_ptr() for tensors in (params, grads, exp_avgs, block_avgs, steps) for t in tensors)
     key += tuple(groups)
@@ -268,7 +274,7 @@ def _upload_slots(table: _DeviceTables, params, grads, exp_avgs, block_avgs, ste
     table.aligned = bool((rows[:, :3] % 16 == 0).all())
 
 
-def _upload_hyper(table: _DeviceTables, hyper: Sequence[tuple], device: torch.device) -> None:
+def _upload_hyper(table: ParamTables, hyper: Sequence[tuple], device: torch.device) -> None:
     key = tuple(float(x) for row in hyper for x in row)
     if key == table.hyper_key:
         return
