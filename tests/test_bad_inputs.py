@@ -6,6 +6,7 @@ are checked against a dense Hessian or a closed form.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -356,12 +357,13 @@ def test_ctrl_c_in_js_exits_130_leaving_complete_folders_or_a_marked_partial_one
     assert sorted(p.name for p in (out / "a").iterdir()) == ["blocks.csv", "densities.png", "density.npz",
                                                             "js_heatmap.png", "js_matrix.csv", "spectrum.npz",
                                                             "summary.json"]
-    assert (out / "b.partial").is_dir() and not (out / "b.partial" / "summary.json").exists()
+    partial = out / f"b.{os.getpid()}.partial"  # a folder of this run's own
+    assert partial.is_dir() and not (partial / "summary.json").exists()
     assert json.loads((out / "b" / "summary.json").read_text()) == {"from": "an earlier run"}  # left as it was
     assert not (out / "js0.csv").exists()
     monkeypatch.setattr(analysis, "save_figure", real_save)
     assert main(argv) == 0  # the same command again: complete folders, no partial one left
-    assert not (out / "b.partial").exists() and json.loads((out / "b" / "summary.json").read_text())["model"] == "b"
+    assert not partial.exists() and json.loads((out / "b" / "summary.json").read_text())["model"] == "b"
 
 
 def test_figures_keeps_its_work_units_under_out_unless_results_says_otherwise(tmp_path, monkeypatch):
@@ -401,7 +403,7 @@ def test_density_settings_that_fail_after_measuring_keep_the_measured_spectrum(t
     assert main(["js", "--model", USER_MODEL, "--data", data, "--batch-size", "8", *FAST, "--rescale-rank", "50",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    kept = out / f"{USER_MODEL.replace(':', '_')}.partial" / "spectrum.npz"
+    kept = out / f"{USER_MODEL.replace(':', '_')}.{os.getpid()}.partial" / "spectrum.npz"
     assert "rescale_rank=50 needs blocks of at least 50 coordinates" in err and f"--from-results {kept}" in err
     assert main(["js", "--from-results", str(kept), "--grid-points", "2000", "--sigma2", "1e-3",
                  "--out", str(tmp_path / "again")]) == 0

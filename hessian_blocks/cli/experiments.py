@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from ..files import hold_output
 from .options import (
     add_compute_options,
     add_model_options,
@@ -87,7 +88,8 @@ def _resumable(default_results: Callable[[argparse.Namespace], Path]):
     """Decorate a runner that keeps its finished work units under ``--results``: the runner finds
     ``args.results`` filled in (``default_results(args)`` when not given), and Ctrl-C ends it with one
     line naming that folder and how to resume, exit code 130, instead of a traceback. ``--out`` and
-    ``--results`` are checked to be folders (or missing) before any work."""
+    ``--results`` are checked to be folders (or missing) before any work, and ``--out`` is held while the
+    runner runs: a second run into the same folder is refused (exit code 2)."""
 
     def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         interruptible = exit_on_interrupt(
@@ -99,7 +101,8 @@ def _resumable(default_results: Callable[[argparse.Namespace], Path]):
             if args.results is None:
                 args.results = default_results(args)
             check_output_folder(args.results, "--results")
-            return interruptible(args)
+            with hold_output(args.out):
+                return interruptible(args)
 
         return run_resumably
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..files import PARTIAL_SUFFIX, atomic_write_text, staged_folder
+from ..files import PARTIAL_SUFFIX, atomic_write_text, hold_output, staged_folder
 from .options import (
     add_compute_options,
     add_model_options,
@@ -90,11 +91,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _torchrun_aware(run):
     """Under torchrun every process measures (its share of the work); only rank 0 reports and writes files.
     ``--device`` and ``--out`` are checked first, before a process group is set up; Ctrl-C ends the
-    command with one line saying what it left (exit code 130)."""
+    command with one line saying what it left (exit code 130). Rank 0 holds ``--out`` while it runs: a second
+    run into the same folder is refused (exit code 2)."""
 
     @exit_on_interrupt(lambda args: f"every model finished before it has all its files in {args.out}/MODEL; the "
                                     "files of the model being written, if any, are in "
-                                    f"{args.out}/MODEL{PARTIAL_SUFFIX}; rerun the same command to measure again")
+                                    f"{args.out}/MODEL.{os.getpid()}{PARTIAL_SUFFIX}; rerun the same command to "
+                                    "measure again")
     @functools.wraps(run)
     def run_on_every_rank(args: argparse.Namespace) -> int:
         from ..distributed import is_main_process, process_group_from_env
@@ -104,7 +107,8 @@ def _torchrun_aware(run):
         check_output_folder(args.out)
         with process_group_from_env(args.device):
             if is_main_process():
-                return run(args)
+                with hold_output(args.out):
+                    return run(args)
             for name in args.model or []:
                 measure_model(name, args)
             return 0

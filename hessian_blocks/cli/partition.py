@@ -12,6 +12,7 @@ from .options import (
     add_output_options,
     check_output_file,
     folder_name,
+    holding_output_file,
     note_eval_mode,
     parse_overrides,
     torch_dtype,
@@ -88,6 +89,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     command.set_defaults(run=run_partition)
 
 
+@holding_output_file("partition.json")
 def run_partition(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
