@@ -228,3 +228,41 @@ def test_cli_spectrum_js_partition_and_compare_on_a_llama_from_config(tmp_path, 
 def test_cli_refuses_a_full_size_default_with_the_fix(capsys):
     assert main(["js", "--model", "hf:LlamaForCausalLM", "--no-progress"]) == 2
     assert "billion parameters" in capsys.readouterr().err
+
+
+# 5 layers of width 4096 (512 heads of 8, 2 key/value heads), MLP 11008, vocabulary 32000: 1.11 billion parameters
+OVER_THE_GUARD = ["--model", "hf:LlamaForCausalLM", "--set", "num_hidden_layers=5", "--set", "hidden_size=4096",
+                  "--set", "intermediate_size=11008", "--set", "num_attention_heads=512",
+                  "--set", "num_key_value_heads=2", "--set", "vocab_size=32000", "--set", "context=8"]
+
+
+def test_partition_with_small_maps_onto_a_model_over_the_size_guard_without_building_it(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    measure = ["--data", "synthetic", "--batch-size", "2", "--method", "probes", "--probes", "2", "--no-progress",
+               "--out", str(out)]
+    assert main(["partition", *OVER_THE_GUARD, *measure]) == 2  # measuring the model itself: refused
+    err = capsys.readouterr().err
+    assert "1.11 billion parameters" in err and "partition --small auto needs only its shapes" in err
+    assert main(["partition", *OVER_THE_GUARD, "--small", "auto", "--small", "vocab_size=64", *measure]) == 0
+    printed = capsys.readouterr().out
+    assert ("(measured on the smaller instance num_hidden_layers=2 num_attention_heads=4 hidden_size=32 "
+            "vocab_size=64 intermediate_size=86)") in printed
+    overrides = {field: json.loads(value) for field, value in
+                 (pair.split("=") for pair in OVER_THE_GUARD[3::2])}
+    full = build_model("hf:LlamaForCausalLM", device="meta", **overrides).model
+    layer = 2 * 4096 * 4096 + 2 * 16 * 4096 + 3 * 11008 * 4096 + 2 * 4096
+    assert sum(p.numel() for p in full.parameters()) == 5 * layer + 2 * 32000 * 4096 + 4096 > 10**9
+    assert full.lm_head.weight.is_meta
+    partition = Partition.load(out, full)  # every tensor of the full model, shapes checked
+    sizes: dict[str, set] = {}
+    for block in partition.blocks:
+        sizes.setdefault(block.param, set()).add(block.shape)
+    for layer in range(5):  # layers 2..4 took the rules of the small instance's last layer
+        attention = f"model.layers.{layer}.self_attn"
+        assert sizes[f"{attention}.q_proj.weight"] == {(8, 4096)}  # one block per head of 8 rows: 512 heads
+        assert sizes[f"{attention}.k_proj.weight"] == {(8, 4096)}  # 2 key heads
+        assert sizes[f"{attention}.v_proj.weight"] == {(1, 4096)}
+        assert sizes[f"model.layers.{layer}.mlp.down_proj.weight"] == {(1, 11008)}
+    assert sizes["model.embed_tokens.weight"] == {(1, 4096)} and sizes["lm_head.weight"] == {(1, 4096)}
+    assert sum(1 for block in partition.blocks if block.param == "lm_head.weight") == 32000
+

@@ -110,7 +110,8 @@ def run_partition(args: argparse.Namespace) -> int:
     decide = Decider(**decision)
     dtype = torch_dtype(args.dtype)
     overrides = parse_overrides(args.set)
-    spec = build_model(args.model, seed=args.seed, **overrides)
+    # with --small only the smaller instance is measured: the full model's shapes suffice (any size)
+    spec = build_model(args.model, seed=args.seed, device="meta" if args.small else None, **overrides)
     note_eval_mode(args.model, spec.model)
     if args.max_probes < args.probes:
         raise ValueError(f"--max-probes ({args.max_probes}) must be at least --probes ({args.probes})")

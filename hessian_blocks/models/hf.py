@@ -53,9 +53,11 @@ def logits_cross_entropy(output: Any, targets: torch.Tensor) -> torch.Tensor:
     return cross_entropy_loss(output.logits, targets)
 
 
-def build_hf_model(source: str, *, seed: int = 0, **overrides: Any) -> ModelSpec:
+def build_hf_model(source: str, *, seed: int = 0, device: str | torch.device | None = None,
+                   **overrides: Any) -> ModelSpec:
     """The model named by ``source`` (what follows ``hf:``): a model class of ``transformers``
-    (``LlamaForCausalLM``) or the path of a ``config.json`` (its class is ``architectures[0]``)."""
+    (``LlamaForCausalLM``) or the path of a ``config.json`` (its class is ``architectures[0]``);
+    ``device`` as in :func:`spec_from_config` (``"meta"``: shapes only, any size)."""
     transformers = _transformers()
     context = overrides.pop("context", None)
     if source.endswith(".json") or Path(source).is_file():
@@ -72,7 +74,7 @@ def build_hf_model(source: str, *, seed: int = 0, **overrides: Any) -> ModelSpec
         config_cls, fields = model_cls.config_class, {}
     _check_fields(config_cls, overrides, f"hf:{source}")
     config = config_cls(**{**_BUILD_DEFAULTS, **fields, **overrides})
-    return spec_from_config(config, model_cls, seed=seed, context=context, name=f"{HF_PREFIX}{source}")
+    return spec_from_config(config, model_cls, seed=seed, context=context, name=f"{HF_PREFIX}{source}", device=device)
 
 
 def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 0, context: int | None = None,
@@ -180,4 +182,5 @@ def _check_size(model_cls: type, config: Any, label: str) -> None:
         shrink = " ".join(f"--set {field}={value}" for field, value in _SMALL.items() if field in known)
         raise ValueError(f"{label} with this config has {count / 1e9:.2f} billion parameters (more than "
                          f"{MAX_PARAMETERS:.0e}): Transformers' defaults are the full-size model. Make it smaller, "
-                         f"e.g. {shrink}")
+                         f"e.g. {shrink} (hessian-blocks partition --small auto needs only its shapes and takes any "
+                         "size)")
