@@ -266,3 +266,38 @@ def test_partition_with_small_maps_onto_a_model_over_the_size_guard_without_buil
     assert sizes["model.embed_tokens.weight"] == {(1, 4096)} and sizes["lm_head.weight"] == {(1, 4096)}
     assert sum(1 for block in partition.blocks if block.param == "lm_head.weight") == 32000
 
+
+
+def test_a_config_transformers_refuses_exits_2_naming_the_fields_to_set(capsys):
+    llama = ["--model", "hf:LlamaForCausalLM", "--set", "num_hidden_layers=1", "--set", "hidden_size=30",
+             "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2", "--set", "vocab_size=64"]
+    assert main(["js", *llama, "--no-progress"]) == 2  # refused by the config's own validation
+    assert capsys.readouterr().err == (
+        "hessian-blocks js: error: hf:LlamaForCausalLM: LlamaConfig refuses this config: The hidden size (30) is not a "
+        "multiple of the number of attention heads (4). (the fields it names: hidden_size=30, num_attention_heads=4; "
+        "change them with --set FIELD=VALUE)\n")
+    # refused when the model is built, quoting other names (embed_dim, num_heads): the fields by their values
+    with pytest.raises(ValueError, match=r"GPT2Config refuses this config: `embed_dim` must be divisible by num_heads "
+                                         r"\(got `embed_dim`: 30 and `num_heads`: 4\)\. \(the fields it names: n_embd=30, "
+                                         r"n_head=4; change them with --set FIELD=VALUE\)") as caught:
+        build_model("hf:GPT2LMHeadModel", n_layer=1, n_embd=30, n_head=4, vocab_size=64)
+    assert isinstance(caught.value.__cause__, ValueError)  # transformers' own error stays chained
+    with pytest.raises(ValueError, match=r"not divisible by the number of attention heads! Make sure to update them! "
+                                         r"\(the fields it names: hidden_size=30, num_attention_heads=4;"):
+        build_model("hf:GPTNeoXForCausalLM", num_hidden_layers=1, hidden_size=30, num_attention_heads=4)
+
+
+def test_special_token_ids_follow_a_shrunk_vocabulary_unless_set(capfd):
+    gpt2 = build_model("hf:GPT2LMHeadModel", n_layer=1, n_embd=8, n_head=2, vocab_size=64).config
+    assert (gpt2.bos_token_id, gpt2.eos_token_id, gpt2.pad_token_id) == (63, 63, None)  # the family's 50256
+    phi3 = build_model("hf:Phi3ForCausalLM", num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                       num_attention_heads=2, num_key_value_heads=1, vocab_size=64)  # pad 32000 failed to build
+    assert (phi3.config.bos_token_id, phi3.config.eos_token_id, phi3.config.pad_token_id) == (1, 63, None)
+    assert phi3.model.model.embed_tokens.padding_idx is None
+    assert "vocabulary" not in capfd.readouterr().err  # transformers warned about every out-of-range id
+    kept = build_model("hf:GPT2LMHeadModel", n_layer=1, n_embd=8, n_head=2, vocab_size=64, eos_token_id=5).config
+    assert (kept.bos_token_id, kept.eos_token_id) == (63, 5)
+    assert build_model("hf:BertForMaskedLM", **BERT).config.pad_token_id == 0  # inside: left alone
+    with pytest.raises(ValueError, match=r"hf:GPT2LMHeadModel: eos_token_id=100 is outside the vocabulary of 64 ids "
+                                         r"\(vocab_size\): use --set eos_token_id=N with 0 <= N < 64"):
+        build_model("hf:GPT2LMHeadModel", n_layer=1, n_embd=8, n_head=2, vocab_size=64, eos_token_id=100)
