@@ -303,7 +303,8 @@ class SpectrumResult:
             if size < rank:
                 reasons[name] = f"{size} coordinates, fewer than {rank}"
             elif not kth[i] > floor:
-                reasons[name] = f"estimate {kth[i]:.2g}, {'not positive' if not kth[i] > 0 else 'round-off level'}"
+                level = "not positive" if not kth[i] > 0 else "round-off level"
+                reasons[name] = f"estimate {kth[i]:.2g}, {level}"
         return reasons
 
     def density(
@@ -339,8 +340,8 @@ class SpectrumResult:
                 listed = ", ".join(f"'{name}' ({why})" for name, why in list(refused.items())[:5])
                 raise ValueError(f"rescale_rank={rescale_rank}: {len(refused)} of {len(self.names)} blocks cannot be "
                                  f"divided by their {rescale_rank}-th largest eigenvalue: {listed}"
-                                 f"{' ...' if len(refused) > 5 else ''}; pass a smaller rescale_rank, or leave them out "
-                                 "first (select() the blocks that unrescalable() does not list)")
+                                 f"{' ...' if len(refused) > 5 else ''}; pass a smaller rescale_rank, or leave them "
+                                 "out first (select() the blocks that unrescalable() does not list)")
             scales = kth_largest_eigenvalue(nodes, weights, self.sizes, rescale_rank)
             nodes = nodes / scales[:, None, None]
             if full_nodes is not None:

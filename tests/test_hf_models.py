@@ -277,9 +277,9 @@ def test_a_config_transformers_refuses_exits_2_naming_the_fields_to_set(capsys):
         "multiple of the number of attention heads (4). (the fields it names: hidden_size=30, num_attention_heads=4; "
         "change them with --set FIELD=VALUE)\n")
     # refused when the model is built, quoting other names (embed_dim, num_heads): the fields by their values
-    with pytest.raises(ValueError, match=r"GPT2Config refuses this config: `embed_dim` must be divisible by num_heads "
-                                         r"\(got `embed_dim`: 30 and `num_heads`: 4\)\. \(the fields it names: n_embd=30, "
-                                         r"n_head=4; change them with --set FIELD=VALUE\)") as caught:
+    with pytest.raises(ValueError, match=r"GPT2Config refuses this config: `embed_dim` must be divisible by "
+                                         r"num_heads \(got `embed_dim`: 30 and `num_heads`: 4\)\. \(the fields it "
+                                         r"names: n_embd=30, n_head=4; change them with --set FIELD=VALUE\)") as caught:
         build_model("hf:GPT2LMHeadModel", n_layer=1, n_embd=30, n_head=4, vocab_size=64)
     assert isinstance(caught.value.__cause__, ValueError)  # transformers' own error stays chained
     with pytest.raises(ValueError, match=r"not divisible by the number of attention heads! Make sure to update them! "

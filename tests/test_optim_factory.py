@@ -132,8 +132,8 @@ class ReadsValues(torch.optim.SGD):
 def test_state_memory_warns_and_counts_what_exists_when_a_dry_step_is_impossible():
     model = nn.Linear(3, 2)
     opt = ReadsValues(model.parameters(), lr=0.1, momentum=0.9)
-    with pytest.warns(UserWarning, match=r"state_memory: a dry step of ReadsValues on the meta device failed "
-                                         r"\(.*\); only the state that exists is counted \(before the first step: none\)"):
+    with pytest.warns(UserWarning, match=r"state_memory: a dry step of ReadsValues on the meta device failed \(.*\); "
+                                         r"only the state that exists is counted \(before the first step: none\)"):
         memory = state_memory(opt)
     assert memory.total_bytes == 0 and memory.planned_bytes == 0
 
