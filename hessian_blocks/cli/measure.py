@@ -4,6 +4,7 @@ distances between them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -106,10 +107,11 @@ def _torchrun_aware(run):
 
         check_device(args.device)
         check_output_folder(args.out)
-        with process_group_from_env(args.device):
+        # rank 0 (torchrun's RANK, before the group forms: a refusal ends the run before any rank measures)
+        holding = hold_output(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+        with holding, process_group_from_env(args.device):
             if is_main_process():
-                with hold_output(args.out):
-                    return run(args)
+                return run(args)
             for name in args.model or []:
                 measure_model(name, args)
             return 0
@@ -231,6 +233,7 @@ def _density(label: str, spectrum: SpectrumResult, args: argparse.Namespace, kep
 
 def _rescalable(label: str, spectrum: SpectrumResult, rank: int | None,
                 least: int) -> tuple[SpectrumResult, dict[str, str]]:
+    """(the blocks that ``--rescale-rank`` can divide, those it cannot with why); see :func:`_density`."""
     if rank is None:
         return spectrum, {}
     left_out = spectrum.unrescalable(rank)

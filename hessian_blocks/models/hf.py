@@ -19,7 +19,9 @@ models' own token cross-entropy (targets -100 ignored: unmasked tokens, padding)
 ``output.logits`` in the logits' dtype. (The Transformers loss functions cast logits to float32,
 which would make a float64 measurement float32-accurate.) Models larger than
 :data:`MAX_PARAMETERS` are refused before any weight is allocated: Transformers' default configs are
-the full-size models (a default Llama has 6.7 billion parameters).
+the full-size models (a default Llama has 6.7 billion parameters); ``device="meta"`` builds any size
+(shapes only). A config that Transformers refuses is one ``ValueError`` naming the fields to change;
+special token ids of the family's defaults that fall outside a shrunk vocabulary move inside it.
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ def _config_error(err: Exception, label: str, config_cls: type, settings: dict) 
         positions = [m.start() for phrase in phrases for m in re.finditer(rf"\b{re.escape(phrase)}\b", text)]
         if positions:
             named[field] = min(positions)
-    named = {f: at for f, at in named.items()  # "hidden size" inside "num hidden size": the longer field only
+    named = {f: at for f, at in named.items()  # a field's words inside a longer field's: the longer one only
              if not any(other != f and other.endswith(f) and named[other] <= at for other in named)}
     numbers = set(re.findall(r"-?\d+(?:\.\d+)?", reason))
     quoted = [f for f, v in settings.items() if f not in named and f in known and not isinstance(v, bool)
@@ -270,5 +272,4 @@ def _config_error(err: Exception, label: str, config_cls: type, settings: dict) 
             fix += f" (you set {yours})"
     else:
         fix = f"you set {yours}; change them with --set FIELD=VALUE" if yours else "change its fields with --set"
-    return ValueError(f"{label}: {config_cls.__name__} refuses this config: {reason.splitlines()[-1].strip()} "
-                      f"({fix})")
+    return ValueError(f"{label}: {config_cls.__name__} refuses this config: {' '.join(reason.split())} ({fix})")
