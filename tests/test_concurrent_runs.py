@@ -111,7 +111,7 @@ def test_every_command_refuses_an_output_another_run_holds_before_any_work(tmp_p
         assert main([*command, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"hessian-blocks {command[0]}: error: --out {out} is in use by another run that has not "
-                          f"finished (process {os.getpid()}: hessian-blocks ")
+                          f"finished (process {os.getpid()}: hessian-blocks")  # this process: pytest's argv
     assert err.rstrip().endswith("Give this run another --out, or wait until that run ends") and "Errno" not in err
     assert list(tmp_path.iterdir()) == []  # nothing written; the holder's lock and empty folder are gone too
 
