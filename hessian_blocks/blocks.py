@@ -24,6 +24,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from .files import atomic_write_text
+
 __all__ = ["FORMAT", "SPLITS", "VERSION", "Block", "Partition", "PartitionFileError", "Rule", "sample_layers",
            "select_blocks", "trainable_shapes"]
 
@@ -233,10 +235,8 @@ class Partition:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        """Write the partition file (JSON) to ``path``, atomically: a reader never sees half of it."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, model: torch.nn.Module | None = None) -> Partition:

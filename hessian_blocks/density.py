@@ -155,7 +155,7 @@ def gaussian_density(
 
 
 def kth_largest_eigenvalue(
-    nodes: np.ndarray, weights: np.ndarray, dims: np.ndarray | int, k: int = 10
+    nodes: np.ndarray, weights: np.ndarray, dims: np.ndarray | int, k: int = 10, *, require_positive: bool = True
 ) -> np.ndarray:
     """SLQ estimate of the ``k``-th largest eigenvalue of each matrix (the papers' figures divide
     each block's eigenvalues by its 10th-largest).
@@ -167,7 +167,8 @@ def kth_largest_eigenvalue(
     node at which that count reaches ``k``. (The k-th largest Ritz value is a poor estimate: plain
     Lanczos repeats converged extreme eigenvalues, and pooled over k or more probes the k-th
     largest node is about the largest eigenvalue.) Raises ``ValueError`` when a matrix has fewer
-    than ``k`` eigenvalues or the estimate is not positive.
+    than ``k`` eigenvalues or (unless ``require_positive=False``, which returns the estimates as they
+    are) the estimate is not positive.
     """
     nodes = np.asarray(nodes, dtype=np.float64)
     weights = np.asarray(weights, dtype=np.float64)
@@ -193,7 +194,7 @@ def kth_largest_eigenvalue(
                          f"fewer than k={k}: they must sum to 1 per probe")
     kth = np.take_along_axis(flat, np.take_along_axis(order, reached.argmax(axis=1)[:, None], axis=1), axis=1)[:, 0]
     bad = np.flatnonzero(~(kth > 0))
-    if bad.size:
+    if require_positive and bad.size:
         i = int(bad[0])
         raise ValueError(
             f"the estimated {k}-th largest eigenvalue of matrix {_lead_index(i, lead)} "

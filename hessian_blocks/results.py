@@ -9,7 +9,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -18,6 +18,8 @@ from .files import atomic_write
 from .lanczos import LanczosResult
 
 __all__ = ["BroadeningWarning", "DensityResult", "SpectrumResult"]
+
+_ROUNDOFF_FACTOR = 100  # a k-th largest eigenvalue at most this x eps x the largest magnitude is round-off
 
 
 class BroadeningWarning(UserWarning):
@@ -266,6 +268,45 @@ class SpectrumResult:
         """
         return self.sizes * self.lanczos.alpha[:, :, 0].mean(axis=1)
 
+    def select(self, indices: Sequence[int]) -> SpectrumResult:
+        """The spectra of the blocks at ``indices`` only, in that order (settings and the full-model
+        spectrum kept)."""
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        runs = self.lanczos
+        return SpectrumResult(
+            names=[self.names[i] for i in index], params=[self.params[i] for i in index],
+            shapes=[self.shapes[i] for i in index], sizes=self.sizes[index],
+            lanczos=LanczosResult(runs.alpha[index], runs.beta[index], runs.steps[index]),
+            settings=self.settings, full=self.full,
+        )
+
+    def unrescalable(self, rank: int) -> dict[str, str]:
+        """The blocks that cannot be divided by their ``rank``-th largest eigenvalue (:meth:`density`
+        with ``rescale_rank=rank`` refuses them), in block order, each with the reason: fewer than
+        ``rank`` coordinates (a bias of 8), or an estimate at round-off level, at most 100 x the
+        machine epsilon of the measurement's dtype x the largest eigenvalue magnitude of any block.
+        Such a block has fewer than ``rank`` eigenvalues that the measurement tells from zero: its
+        Hessian is zero (a key bias, which softmax ignores) or of low rank at that point, and dividing
+        by the estimate would blow round-off up to the others' scale. Empty when all can be rescaled."""
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        nodes, weights = self.ritz()
+        finite = np.isfinite(nodes) & (weights > 0)
+        scale = float(np.abs(np.where(finite, nodes, 0.0)).max(initial=0.0))
+        eps = np.finfo(np.float32 if self.settings.get("dtype") == "float32" else np.float64).eps
+        floor = _ROUNDOFF_FACTOR * float(eps) * scale
+        large = np.flatnonzero(self.sizes >= rank)
+        kth = {} if not large.size else dict(zip(large.tolist(), kth_largest_eigenvalue(
+            nodes[large], weights[large], self.sizes[large], rank, require_positive=False).tolist()))
+        reasons = {}
+        for i, (name, size) in enumerate(zip(self.names, self.sizes)):
+            if size < rank:
+                reasons[name] = f"{size} coordinates, fewer than {rank}"
+            elif not kth[i] > floor:
+                level = "not positive" if not kth[i] > 0 else "round-off level"
+                reasons[name] = f"estimate {kth[i]:.2g}, {level}"
+        return reasons
+
     def density(
         self,
         *,
@@ -294,11 +335,13 @@ class SpectrumResult:
         if self.full is not None:
             full_nodes, full_weights = self.full.ritz()
         if rescale_rank is not None:
-            small = [f"'{name}' ({size})" for name, size in zip(self.names, self.sizes) if size < rescale_rank]
-            if small:
-                raise ValueError(f"rescale_rank={rescale_rank} needs blocks of at least {rescale_rank} coordinates; "
-                                 f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''} have fewer: pass a smaller "
-                                 f"rescale_rank, or select the larger blocks first")
+            refused = self.unrescalable(rescale_rank)
+            if refused:
+                listed = ", ".join(f"'{name}' ({why})" for name, why in list(refused.items())[:5])
+                raise ValueError(f"rescale_rank={rescale_rank}: {len(refused)} of {len(self.names)} blocks cannot be "
+                                 f"divided by their {rescale_rank}-th largest eigenvalue: {listed}"
+                                 f"{' ...' if len(refused) > 5 else ''}; pass a smaller rescale_rank, or leave them "
+                                 "out first (select() the blocks that unrescalable() does not list)")
             scales = kth_largest_eigenvalue(nodes, weights, self.sizes, rescale_rank)
             nodes = nodes / scales[:, None, None]
             if full_nodes is not None:
@@ -355,3 +398,4 @@ class SpectrumResult:
             and self.settings == other.settings
             and self.full == other.full
         )
+

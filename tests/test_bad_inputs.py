@@ -6,9 +6,11 @@ are checked against a dense Hessian or a closed form.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -356,12 +358,13 @@ def test_ctrl_c_in_js_exits_130_leaving_complete_folders_or_a_marked_partial_one
     assert sorted(p.name for p in (out / "a").iterdir()) == ["blocks.csv", "densities.png", "density.npz",
                                                             "js_heatmap.png", "js_matrix.csv", "spectrum.npz",
                                                             "summary.json"]
-    assert (out / "b.partial").is_dir() and not (out / "b.partial" / "summary.json").exists()
+    partial = out / f"b.{os.getpid()}.partial"  # a folder of this run's own
+    assert partial.is_dir() and not (partial / "summary.json").exists()
     assert json.loads((out / "b" / "summary.json").read_text()) == {"from": "an earlier run"}  # left as it was
     assert not (out / "js0.csv").exists()
     monkeypatch.setattr(analysis, "save_figure", real_save)
     assert main(argv) == 0  # the same command again: complete folders, no partial one left
-    assert not (out / "b.partial").exists() and json.loads((out / "b" / "summary.json").read_text())["model"] == "b"
+    assert not partial.exists() and json.loads((out / "b" / "summary.json").read_text())["model"] == "b"
 
 
 def test_figures_keeps_its_work_units_under_out_unless_results_says_otherwise(tmp_path, monkeypatch):
@@ -401,10 +404,48 @@ def test_density_settings_that_fail_after_measuring_keep_the_measured_spectrum(t
     assert main(["js", "--model", USER_MODEL, "--data", data, "--batch-size", "8", *FAST, "--rescale-rank", "50",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    kept = out / f"{USER_MODEL.replace(':', '_')}.partial" / "spectrum.npz"
-    assert "rescale_rank=50 needs blocks of at least 50 coordinates" in err and f"--from-results {kept}" in err
+    kept = out / f"{USER_MODEL.replace(':', '_')}.{os.getpid()}.partial" / "spectrum.npz"
+    assert ("--rescale-rank 50 leaves 0 of 4 blocks that can be divided by their 50-th largest eigenvalue, 2 needed "
+            "('0.weight' (20 coordinates, fewer than 50)") in err and f"--from-results {kept}" in err
     assert main(["js", "--from-results", str(kept), "--grid-points", "2000", "--sigma2", "1e-3",
                  "--out", str(tmp_path / "again")]) == 0
+
+
+def test_rescale_rank_leaves_out_the_blocks_it_cannot_divide_with_a_warning_and_records_them(tmp_path, capsys):
+    from analysis import js0, js_matrix
+    from tests.test_results import mixed_blocks_spectrum
+
+    spectrum = mixed_blocks_spectrum()  # blocks 2..4: 6 coordinates, rank 5 of 15, negative definite
+    saved = spectrum.save(tmp_path / "mixed.npz")
+    out = tmp_path / "out"
+    assert main(["js", "--from-results", str(saved), "--rescale-rank", "10", "--grid-points", "20000",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    left_out = spectrum.unrescalable(10)
+    listed = ", ".join(f"'{name}' ({why})" for name, why in left_out.items())
+    assert (f"hessian-blocks js: warning: mixed: --rescale-rank 10 leaves out 3 of 5 blocks, which cannot be divided "
+            f"by their 10-th largest eigenvalue: {listed}; the densities and JS0 compare the other 2 "
+            "(rescale_left_out in summary.json)") in captured.err
+    summary = json.loads((out / "mixed" / "summary.json").read_text())
+    assert summary["rescale_left_out"] == left_out and list(left_out) == spectrum.names[2:]
+    assert summary["blocks"] == 5 and summary["blocks_compared"] == 2 and summary["rescale_rank"] == 10
+    expected = js0(js_matrix(spectrum.select([0, 1]).density(rescale_rank=10, n_points=20000).densities))
+    assert summary["js0"] == pytest.approx(expected, rel=1e-12) and expected > 0.05
+    table = pd.read_csv(out / "mixed" / "blocks.csv")  # every block; those left out have no mean JS distance
+    assert table["block"].tolist() == spectrum.names and table["mean_js"].isna().tolist() == [False] * 2 + [True] * 3
+    assert pd.read_csv(out / "mixed" / "js_matrix.csv", index_col=0).index.tolist() == spectrum.names[:2]
+    assert "mixed: 2 of 5 blocks compared" in captured.out
+    # nothing to leave out: no warning, an empty record
+    four = spectrum.select([0, 1, 2, 3]).save(tmp_path / "four.npz")
+    assert main(["js", "--from-results", str(four), "--rescale-rank", "3", "--grid-points", "20000",
+                 "--out", str(out)]) == 0
+    assert "leaves out" not in capsys.readouterr().err
+    assert json.loads((out / "mixed" / "summary.json").read_text())["rescale_left_out"] == {}
+    # fewer than two blocks left: no JS0, and the error names the ways out
+    assert main(["js", "--from-results", str(saved), "--rescale-rank", "13", "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hessian-blocks js: error: mixed: --rescale-rank 13 leaves 1 of 5 blocks that can be divided "
+                          "by their 13-th largest eigenvalue, 2 needed (") and "drop --rescale-rank" in err
 
 
 def test_labels_out_of_range_in_a_later_training_batch_fail_before_training(tmp_path):

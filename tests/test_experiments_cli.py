@@ -28,6 +28,34 @@ def test_compare_writes_tables_and_figures_and_resumes(tmp_path, capsys):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "runs.csv"), runs)
 
 
+def test_compare_flags_a_run_that_ends_far_above_its_start_as_unstable(tmp_path, capsys):
+    # SGD-momentum at lr 3 on the MLP: the loss stays finite but ends ~1e5 times above its start
+    assert main(["compare", "--model", "mlp", "--size", "small", "--optimizer", "sgd", "--lr", "sgd=0.1,3",
+                 "--steps", "20", "--seeds", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    runs = pd.read_csv(tmp_path / "runs.csv").set_index("lr")
+    curves = pd.read_csv(tmp_path / "curves.csv")
+    start = curves[(curves["lr"] == 3) & (curves["step"] == 0)]["loss"].item()
+    assert not runs["diverged"].any() and runs["unstable"].to_dict() == {0.1: False, 3.0: True}
+    assert 2 < start < 2.5 and runs.loc[3.0, "train_loss"] > 1000 * start  # finite, far above the start
+    assert runs.loc[0.1, "train_loss"] < start
+    summary = pd.read_csv(tmp_path / "summary.csv")  # the best lr is 0.1; its seed is neither
+    assert summary[["lr", "diverged", "unstable"]].values.tolist() == [[0.1, 0, 0]]
+    err = capsys.readouterr().err
+    assert ("note: 1 of 2 runs diverged or ended unstable (final training loss above 2x the first step's; 'diverged' "
+            f"and 'unstable' in runs.csv and summary.csv): sgd lr 3 seed 0 ({start:.3g} -> "
+            f"{runs.loc[3.0, 'train_loss']:.3g})") in err
+
+
+def test_the_unstable_rule_in_numbers():
+    from analysis.experiments.training import unstable
+
+    assert unstable({"losses": [6.3, 50.0, 900.0], "train_loss": 940.0})  # the run
+    assert not unstable({"losses": [6.3, 7.0], "train_loss": 12.5})  # below 2 x 6.3 = 12.6
+    assert unstable({"losses": [6.3, 7.0], "train_loss": 12.7})
+    assert not unstable({"losses": [6.3, float("nan")], "train_loss": float("nan")})  # diverged: counted there
+    assert not unstable({"losses": [], "train_loss": 1.0})
+
+
 def test_compare_bad_input_exits_2(tmp_path, capsys):
     assert main(["compare", "--lr", "adamw", "--out", str(tmp_path)]) == 2
     assert "--lr expects NAME=LR" in capsys.readouterr().err

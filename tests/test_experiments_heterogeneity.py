@@ -91,5 +91,5 @@ def test_js0_vs_gap_colours_each_family_the_same_in_every_figure():
 def test_best_runs_ignores_diverged_runs():
     runs = pd.DataFrame({"model": "m", "optimizer": "sgd", "lr": [0.1, 1.0], "seed": 0, "train_loss": [2.0, np.nan],
                          "val_loss": [2.1, np.nan], "state_bytes": 8, "seconds_per_step": 0.1,
-                         "diverged": [False, True]})
+                         "diverged": [False, True], "unstable": False})
     assert best_runs(runs)["lr"].tolist() == [0.1]

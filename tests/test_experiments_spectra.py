@@ -8,7 +8,6 @@ from analysis.experiments.spectra import (
     plot_sampled_densities,
     sampled_blocks,
     spectra_table,
-    subset,
 )
 from analysis.experiments.store import ResultStore
 from analysis.experiments.zoo import zoo_models
@@ -23,7 +22,7 @@ def test_sampled_blocks_subset_and_figure(tmp_path):
     chosen = sampled_blocks(spectrum, 4)
     assert len(chosen) == 4 and chosen[0] == 0 and all(len(spectrum.shapes[i]) >= 2 for i in chosen)
     assert chosen == sorted(chosen) and chosen[-1] == max(i for i, s in enumerate(spectrum.shapes) if len(s) >= 2)
-    part = subset(spectrum, chosen)
+    part = spectrum.select(chosen)
     np.testing.assert_array_equal(part.ritz()[0], spectrum.ritz()[0][chosen])
     assert part.names == [spectrum.names[i] for i in chosen]
     fig = plot_sampled_densities({"vgg16": spectrum}, panels=4, rescale_rank=3)

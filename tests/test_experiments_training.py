@@ -131,7 +131,7 @@ def test_a_partition_file_changed_in_place_retrains_adam_mini(tmp_path):
 
 def _runs(rows):
     frame = pd.DataFrame(rows, columns=["optimizer", "lr", "seed", "train_loss", "val_loss", "diverged"])
-    return frame.assign(model="m", state_bytes=100.0, seconds_per_step=0.1)
+    return frame.assign(model="m", state_bytes=100.0, seconds_per_step=0.1, unstable=False)
 
 
 def test_a_diverged_seed_is_never_averaged_away():

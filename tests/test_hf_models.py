@@ -228,3 +228,76 @@ def test_cli_spectrum_js_partition_and_compare_on_a_llama_from_config(tmp_path, 
 def test_cli_refuses_a_full_size_default_with_the_fix(capsys):
     assert main(["js", "--model", "hf:LlamaForCausalLM", "--no-progress"]) == 2
     assert "billion parameters" in capsys.readouterr().err
+
+
+# 5 layers of width 4096 (512 heads of 8, 2 key/value heads), MLP 11008, vocabulary 32000: 1.11 billion parameters
+OVER_THE_GUARD = ["--model", "hf:LlamaForCausalLM", "--set", "num_hidden_layers=5", "--set", "hidden_size=4096",
+                  "--set", "intermediate_size=11008", "--set", "num_attention_heads=512",
+                  "--set", "num_key_value_heads=2", "--set", "vocab_size=32000", "--set", "context=8"]
+
+
+def test_partition_with_small_maps_onto_a_model_over_the_size_guard_without_building_it(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    measure = ["--data", "synthetic", "--batch-size", "2", "--method", "probes", "--probes", "2", "--no-progress",
+               "--out", str(out)]
+    assert main(["partition", *OVER_THE_GUARD, *measure]) == 2  # measuring the model itself: refused
+    err = capsys.readouterr().err
+    assert "1.11 billion parameters" in err and "partition --small auto needs only its shapes" in err
+    assert main(["partition", *OVER_THE_GUARD, "--small", "auto", "--small", "vocab_size=64", *measure]) == 0
+    printed = capsys.readouterr().out
+    assert ("(measured on the smaller instance num_hidden_layers=2 num_attention_heads=4 hidden_size=32 "
+            "vocab_size=64 intermediate_size=86)") in printed
+    overrides = {field: json.loads(value) for field, value in
+                 (pair.split("=") for pair in OVER_THE_GUARD[3::2])}
+    full = build_model("hf:LlamaForCausalLM", device="meta", **overrides).model
+    layer = 2 * 4096 * 4096 + 2 * 16 * 4096 + 3 * 11008 * 4096 + 2 * 4096
+    assert sum(p.numel() for p in full.parameters()) == 5 * layer + 2 * 32000 * 4096 + 4096 > 10**9
+    assert full.lm_head.weight.is_meta
+    partition = Partition.load(out, full)  # every tensor of the full model, shapes checked
+    sizes: dict[str, set] = {}
+    for block in partition.blocks:
+        sizes.setdefault(block.param, set()).add(block.shape)
+    for layer in range(5):  # layers 2..4 took the rules of the small instance's last layer
+        attention = f"model.layers.{layer}.self_attn"
+        assert sizes[f"{attention}.q_proj.weight"] == {(8, 4096)}  # one block per head of 8 rows: 512 heads
+        assert sizes[f"{attention}.k_proj.weight"] == {(8, 4096)}  # 2 key heads
+        assert sizes[f"{attention}.v_proj.weight"] == {(1, 4096)}
+        assert sizes[f"model.layers.{layer}.mlp.down_proj.weight"] == {(1, 11008)}
+    assert sizes["model.embed_tokens.weight"] == {(1, 4096)} and sizes["lm_head.weight"] == {(1, 4096)}
+    assert sum(1 for block in partition.blocks if block.param == "lm_head.weight") == 32000
+
+
+
+def test_a_config_transformers_refuses_exits_2_naming_the_fields_to_set(capsys):
+    llama = ["--model", "hf:LlamaForCausalLM", "--set", "num_hidden_layers=1", "--set", "hidden_size=30",
+             "--set", "num_attention_heads=4", "--set", "num_key_value_heads=2", "--set", "vocab_size=64"]
+    assert main(["js", *llama, "--no-progress"]) == 2  # refused by the config's own validation
+    assert capsys.readouterr().err == (
+        "hessian-blocks js: error: hf:LlamaForCausalLM: LlamaConfig refuses this config: The hidden size (30) is not a "
+        "multiple of the number of attention heads (4). (the fields it names: hidden_size=30, num_attention_heads=4; "
+        "change them with --set FIELD=VALUE)\n")
+    # refused when the model is built, quoting other names (embed_dim, num_heads): the fields by their values
+    with pytest.raises(ValueError, match=r"GPT2Config refuses this config: `embed_dim` must be divisible by "
+                                         r"num_heads \(got `embed_dim`: 30 and `num_heads`: 4\)\. \(the fields it "
+                                         r"names: n_embd=30, n_head=4; change them with --set FIELD=VALUE\)") as caught:
+        build_model("hf:GPT2LMHeadModel", n_layer=1, n_embd=30, n_head=4, vocab_size=64)
+    assert isinstance(caught.value.__cause__, ValueError)  # transformers' own error stays chained
+    with pytest.raises(ValueError, match=r"not divisible by the number of attention heads! Make sure to update them! "
+                                         r"\(the fields it names: hidden_size=30, num_attention_heads=4;"):
+        build_model("hf:GPTNeoXForCausalLM", num_hidden_layers=1, hidden_size=30, num_attention_heads=4)
+
+
+def test_special_token_ids_follow_a_shrunk_vocabulary_unless_set(capfd):
+    gpt2 = build_model("hf:GPT2LMHeadModel", n_layer=1, n_embd=8, n_head=2, vocab_size=64).config
+    assert (gpt2.bos_token_id, gpt2.eos_token_id, gpt2.pad_token_id) == (63, 63, None)  # the family's 50256
+    phi3 = build_model("hf:Phi3ForCausalLM", num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                       num_attention_heads=2, num_key_value_heads=1, vocab_size=64)  # pad 32000 failed to build
+    assert (phi3.config.bos_token_id, phi3.config.eos_token_id, phi3.config.pad_token_id) == (1, 63, None)
+    assert phi3.model.model.embed_tokens.padding_idx is None
+    assert "vocabulary" not in capfd.readouterr().err  # transformers warned about every out-of-range id
+    kept = build_model("hf:GPT2LMHeadModel", n_layer=1, n_embd=8, n_head=2, vocab_size=64, eos_token_id=5).config
+    assert (kept.bos_token_id, kept.eos_token_id) == (63, 5)
+    assert build_model("hf:BertForMaskedLM", **BERT).config.pad_token_id == 0  # inside: left alone
+    with pytest.raises(ValueError, match=r"hf:GPT2LMHeadModel: eos_token_id=100 is outside the vocabulary of 64 ids "
+                                         r"\(vocab_size\): use --set eos_token_id=N with 0 <= N < 64"):
+        build_model("hf:GPT2LMHeadModel", n_layer=1, n_embd=8, n_head=2, vocab_size=64, eos_token_id=100)

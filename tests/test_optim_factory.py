@@ -77,9 +77,64 @@ def test_make_refuses_bad_requests():
         make("adamw", spec.model, lr=1e-3, partition=Partition.per_tensor(spec.model))
 
 
-def test_state_memory_before_the_first_step_is_zero():
-    memory = state_memory(make("adam_mini", tiny_gpt().model, lr=1e-3))
-    assert memory.total_bytes == 0 and memory.bytes_per_param == 0.0 and memory.n_params > 0
+@pytest.mark.parametrize("name", ["adam_mini", "adamw", "sgd", "galore_mini"])
+def test_state_memory_before_the_first_step_counts_the_state_that_step_creates(name):
+    spec = tiny_gpt()
+    params = list(spec.model.parameters())
+    n, tensors = sum(p.numel() for p in params), len(params)
+    opt = make(name, spec.model, lr=1e-3, **({"rank": 8} if name == "galore_mini" else {}))
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    before = [p.detach().clone() for p in params]
+    planned = state_memory(opt)
+    assert len(opt.state) == 0 and not calls  # nothing created, no step taken, no hook run
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and all(p.grad is None for p in params)
+    blocks = len(opt.partition.blocks) if name != "adamw" and name != "sgd" else 0
+    expected = {  # float32: 4 bytes a number; "step" one float32 per tensor
+        "adam_mini": {"step": 4 * tensors, "exp_avg": 4 * n, "block_exp_avg_sq": 4 * blocks},
+        "adamw": {"step": 4 * tensors, "exp_avg": 4 * n, "exp_avg_sq": 4 * n},
+        "sgd": {"momentum_buffer": 4 * n},
+    }
+    if name in expected:
+        assert planned.by_key == expected[name]
+    assert planned.planned_bytes == planned.total_bytes > 0 and planned.n_params == n
+    matrices = [p for p in params if p.ndim == 2]
+    planned_matrices = state_memory(opt, matrices)
+    assert 0 < planned_matrices.total_bytes < planned.total_bytes
+    one_step(spec, opt)
+    after = state_memory(opt)
+    assert after.by_key == planned.by_key and after.planned_bytes == 0 and calls == [1]
+    assert state_memory(opt, matrices).by_key == planned_matrices.by_key
+
+
+def test_state_memory_counts_existing_and_planned_state_apart():
+    spec = tiny_gpt()
+    opt = make("adamw", spec.model, lr=1e-3)
+    head = spec.model.lm_head.weight
+    head.grad = torch.ones_like(head)
+    torch.optim.AdamW.step(opt)  # only the head has a gradient: only it gets state
+    memory = state_memory(opt)
+    n = sum(p.numel() for p in spec.model.parameters())
+    assert memory.total_bytes == 8 * n + 4 * len(list(spec.model.parameters()))
+    assert memory.planned_bytes == memory.total_bytes - (8 * head.numel() + 4)
+    assert state_memory(opt, [head]).planned_bytes == 0
+
+
+class ReadsValues(torch.optim.SGD):
+    """An optimizer whose step reads a parameter's value (impossible on the meta device)."""
+
+    def step(self, closure=None):
+        if float(self.param_groups[0]["params"][0].detach().sum()) > -1e30:
+            return super().step(closure)
+
+
+def test_state_memory_warns_and_counts_what_exists_when_a_dry_step_is_impossible():
+    model = nn.Linear(3, 2)
+    opt = ReadsValues(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match=r"state_memory: a dry step of ReadsValues on the meta device failed \(.*\); "
+                                         r"only the state that exists is counted \(before the first step: none\)"):
+        memory = state_memory(opt)
+    assert memory.total_bytes == 0 and memory.planned_bytes == 0
 
 
 def test_benchmark_quick_mode_runs(capsys, monkeypatch):

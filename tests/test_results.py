@@ -133,8 +133,8 @@ def test_density_grid_grows_with_the_eigenvalue_range():
 def test_density_rescaled_by_kth_largest(blocks, tmp_path):
     res, _ = spectrum(blocks, steps=20, n_probes=4, full=True)
     with pytest.raises(ValueError,
-                       match=r"rescale_rank=10 needs blocks of at least 10 coordinates; 'layer.0.weight\[rows 0:6\]' "
-                             r"\(6\) have"):
+                       match=r"rescale_rank=10: 1 of 3 blocks cannot be divided by their 10-th largest eigenvalue: "
+                             r"'layer.0.weight\[rows 0:6\]' \(6 coordinates, fewer than 10\)"):
         res.density(rescale_rank=10)
     dens = res.density(rescale_rank=3, n_points=10_000)
     nodes, weights = res.ritz()
@@ -161,3 +161,57 @@ def test_load_rejects_other_format(tmp_path, blocks):
     path = res.density(n_points=2000, sigma2=1e-3).save(tmp_path / "d.npz")
     with pytest.raises(ValueError, match="expected a 'hessian-blocks/spectrum' file"):
         SpectrumResult.load(path)
+
+
+def mixed_blocks_spectrum() -> SpectrumResult:
+    """Five blocks, two of which can be rescaled by their 10th-largest eigenvalue: 15 and 12 positive
+    eigenvalues; then 6 coordinates, rank 5 of 15 (10th-largest exactly 0) and negative definite."""
+    rng = np.random.default_rng(3)
+    blocks = [sym_with_spectrum(np.linspace(0.5, 9.0, 15), rng), sym_with_spectrum(np.linspace(1.0, 4.0, 12), rng),
+              random_sym(6, rng) + 4 * np.eye(6),
+              sym_with_spectrum(np.concatenate([np.linspace(1.0, 2.0, 5), np.zeros(10)]), rng),
+              sym_with_spectrum(np.linspace(-3.0, -1.0, 12), rng)]
+    result, _ = spectrum(blocks, steps=15, n_probes=4, reorth=True)
+    result.settings["model"] = "mixed"
+    return result
+
+
+def test_unrescalable_names_small_round_off_and_negative_blocks_and_select_leaves_them_out():
+    res = mixed_blocks_spectrum()
+    names = res.names
+    nodes, weights = res.ritz()
+    kth = kth_largest_eigenvalue(nodes[[0, 1, 3, 4]], weights[[0, 1, 3, 4]], res.sizes[[0, 1, 3, 4]], 10,
+                                 require_positive=False)
+    assert kth[0] > 0.5 and kth[1] > 0.9 and abs(kth[2]) < 1e-12 and kth[3] < -1.5  # 0 of rank 5 is round-off
+    left_out = res.unrescalable(10)
+    assert list(left_out) == names[2:]
+    assert left_out[names[2]] == "6 coordinates, fewer than 10"
+    assert left_out[names[3]] == f"estimate {kth[2]:.2g}, {'round-off level' if kth[2] > 0 else 'not positive'}"
+    assert left_out[names[4]] == f"estimate {kth[3]:.2g}, not positive"
+    third = res.unrescalable(3)  # 6 coordinates and rank 5 are enough for the 3rd largest
+    assert list(third) == [names[4]] and third[names[4]].endswith("not positive")
+    with pytest.raises(ValueError, match=r"rescale_rank=10: 3 of 5 blocks cannot be divided by their 10-th largest "
+                                         r"eigenvalue: 'layer.2.weight\[rows 0:6\]' \(6 coordinates, fewer than 10\), "
+                                         r"'layer.3.weight\[rows 0:15\]' \(estimate"):
+        res.density(rescale_rank=10)
+    kept = res.select([0, 1])
+    assert kept.names == names[:2] and kept.unrescalable(10) == {} and kept.settings == res.settings
+    np.testing.assert_array_equal(kept.lanczos.alpha, res.lanczos.alpha[:2])
+    dens = kept.density(rescale_rank=10, n_points=10_000)
+    np.testing.assert_allclose(dens.scales, kth[:2])
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        res.unrescalable(0)
+
+
+@pytest.mark.parametrize("dtype, flagged", [("float64", [1]), ("float32", [1, 2])])
+def test_a_kth_largest_eigenvalue_within_100_eps_of_the_largest_magnitude_is_round_off(dtype, flagged):
+    from hessian_blocks.lanczos import LanczosResult
+
+    # one Lanczos step per probe: each block's spectrum is one node of weight 1 (20 equal eigenvalues)
+    values = np.array([5.0, 1e-20, 1e-12])  # floor 100 eps * 5: 1.1e-13 (float64), 6.0e-5 (float32)
+    alpha = np.broadcast_to(values[:, None, None], (3, 2, 1)).copy()
+    res = SpectrumResult(names=["big", "zero", "small"], params=["big", "zero", "small"], shapes=[(20,)] * 3,
+                         sizes=[20] * 3, lanczos=LanczosResult(alpha, np.zeros_like(alpha), np.ones((3, 2), int)),
+                         settings={"dtype": dtype})
+    np.testing.assert_allclose(kth_largest_eigenvalue(*res.ritz(), res.sizes, 10), values)
+    assert res.unrescalable(10) == {res.names[i]: f"estimate {values[i]:.2g}, round-off level" for i in flagged}

@@ -122,7 +122,7 @@ def comparison_experiment(
     config: ComparisonConfig, *, out: str | None = None, progress: bool = True
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves). ``runs``: one row per (optimizer, lr, seed) with train_loss, val_loss,
-    state_bytes, seconds_per_step, diverged; ``curves``: optimizer, lr, seed, step, loss."""
+    state_bytes, seconds_per_step, diverged, unstable; ``curves``: optimizer, lr, seed, step, loss."""
     unknown = sorted(set(config.lrs) - set(OPTIMIZERS))
     if unknown:
         raise ValueError(f"unknown optimizer(s) {unknown}: choose from {', '.join(OPTIMIZERS)}")
@@ -152,7 +152,8 @@ def comparison_experiment(
 
 def comparison_summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Per optimizer at its best lr (lowest mean final validation loss; see :func:`.training.best_runs`,
-    whose ``diverged`` column counts the diverged seeds): losses, state bytes, seconds per step, and the
+    whose ``diverged`` and ``unstable`` columns count the seeds that diverged or ended far above their
+    start): losses, state bytes, seconds per step, and the
     ratios to AdamW (``*_vs_adamw`` = loss / AdamW's - 1; state_vs_adamw = bytes ratio; NaN where a
     loss is not finite)."""
     best = best_runs(runs, by="val_loss").drop(columns="model")

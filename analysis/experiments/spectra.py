@@ -21,7 +21,7 @@ from .store import ResultStore, check_size, model_fingerprint, params_key, progr
 from .zoo import FAMILIES, zoo_models
 
 __all__ = ["SpectraConfig", "measure_spectrum", "plot_sampled_densities", "sampled_blocks", "spectra_experiment",
-           "spectra_table", "subset"]
+           "spectra_table"]
 
 
 def _ordinal(k: int) -> str:
@@ -114,19 +114,6 @@ def sampled_blocks(spectrum: SpectrumResult, count: int = 4) -> list[int]:
     return [pool[round(k * (len(pool) - 1) / (count - 1))] for k in range(count)]
 
 
-def subset(spectrum: SpectrumResult, indices: list[int]) -> SpectrumResult:
-    """The spectra of some blocks only (e.g. to rescale just the sampled blocks by their 10th-largest)."""
-    from hessian_blocks import LanczosResult
-
-    runs = spectrum.lanczos
-    return SpectrumResult(
-        names=[spectrum.names[i] for i in indices], params=[spectrum.params[i] for i in indices],
-        shapes=[spectrum.shapes[i] for i in indices], sizes=spectrum.sizes[indices],
-        lanczos=LanczosResult(runs.alpha[indices], runs.beta[indices], runs.steps[indices]),
-        settings=spectrum.settings,
-    )
-
-
 def plot_sampled_densities(spectra: dict[str, SpectrumResult], *, panels: int = 4, rescale_rank: int = 10,
                            sigma2: float = 1e-5):
     """One row per model, one panel per sampled block: density (log) vs eigenvalue / 10th-largest."""
@@ -138,7 +125,7 @@ def plot_sampled_densities(spectra: dict[str, SpectrumResult], *, panels: int = 
     axes = fig.subplots(len(spectra), panels, squeeze=False)
     for row, (model, spectrum) in zip(axes, spectra.items()):
         chosen = sampled_blocks(spectrum, panels)
-        sampled = subset(spectrum, chosen)
+        sampled = spectrum.select(chosen)
         density = sampled.density(sigma2=sigma2, rescale_rank=rescale_rank)
         for ax in row[len(chosen):]:
             ax.remove()

@@ -36,8 +36,8 @@ from hessian_blocks.guards import check_batches, check_device
 
 from .store import ResultStore, model_fingerprint, params_key, progress_bar
 
-__all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "TrainSetup", "best_runs", "make_optimizer", "mean_loss",
-           "run_steps", "train_grid", "train_run"]
+__all__ = ["OPTIMIZERS", "PARTITIONED", "RUN_COLUMNS", "UNSTABLE_FACTOR", "TrainSetup", "best_runs", "make_optimizer",
+           "mean_loss", "run_steps", "train_grid", "train_run", "unstable"]
 
 OPTIMIZERS: tuple[str, ...] = optim.OPTIMIZERS  # the one registry (optim.make), re-exported for the experiments
 PARTITIONED: tuple[str, ...] = optim.PARTITIONED  # the optimizers that take a partition
@@ -191,6 +191,15 @@ def train_run(setup: TrainSetup, optimizer: str, lr: float, steps: int, *, seed:
 
 
 RUN_COLUMNS: tuple[str, ...] = ("train_loss", "val_loss", "state_bytes", "seconds_per_step", "diverged")
+UNSTABLE_FACTOR = 2.0  # a run whose final training loss is above this many times its first step's is unstable
+
+
+def unstable(record: Mapping[str, Any]) -> bool:
+    """Whether a finished run ended far above where it started: its final training loss (``train_loss``,
+    finite) is more than :data:`UNSTABLE_FACTOR` times the loss of its first step (e.g. 6.3 -> 940). A
+    diverged run (a loss that stopped being finite) is not counted here but as ``diverged``."""
+    first, final = record["losses"][0] if record["losses"] else math.nan, record["train_loss"]
+    return bool(math.isfinite(first) and math.isfinite(final) and final > UNSTABLE_FACTOR * max(first, 0.0))
 
 
 def train_grid(
@@ -207,8 +216,9 @@ def train_grid(
     ``recorded(optimizer)`` and the data file's digest (for a file); its key is ``key(label,
     optimizer)`` plus their hash; it keeps the fingerprint of its seeded model (one check per label and
     seed). ``options(optimizer)`` are extra keyword arguments of :func:`train_run` (weight decay,
-    partition). ``runs`` has one row per run: model (the label), optimizer, lr, seed and
-    :data:`RUN_COLUMNS`; ``records`` the stored records (with the per-step losses) in the same order.
+    partition). ``runs`` has one row per run: model (the label), optimizer, lr, seed,
+    :data:`RUN_COLUMNS` and unstable (:func:`unstable`); ``records`` the stored records (with the per-step
+    losses) in the same order.
     """
     fingerprints = {(label, seed): setup.fingerprint(seed) for label, setup in setups.items() for seed in seeds}
     data_digests = {label: setup.data_digest() for label, setup in setups.items()}
@@ -226,7 +236,7 @@ def train_grid(
                                              **options(opt)),
                            fingerprint=fingerprints[label, seed])
         rows.append({"model": label, "optimizer": opt, "lr": lr, "seed": seed,
-                     **{column: record[column] for column in RUN_COLUMNS}})
+                     **{column: record[column] for column in RUN_COLUMNS}, "unstable": unstable(record)})
         records.append(record)
     return pd.DataFrame(rows), records
 
@@ -235,12 +245,14 @@ def best_runs(runs: pd.DataFrame, by: str = "train_loss") -> pd.DataFrame:
     """Per (model, optimizer): the lr with the lowest mean ``by`` over seeds. A diverged run's losses
     count as +inf, so an lr with a diverged seed has an infinite mean (it is chosen only when every lr
     has one). Columns: model, optimizer, lr, the seed-means of train_loss, val_loss, state_bytes and
-    seconds_per_step, seeds (runs at that lr) and diverged (how many of them diverged)."""
+    seconds_per_step, seeds (runs at that lr), diverged (how many of them diverged) and unstable (how many
+    ended far above their start, :func:`unstable`)."""
     losses = {column: runs[column].where(~runs["diverged"], np.inf) for column in ("train_loss", "val_loss")}
-    means = (runs.assign(**losses, seeds=1, diverged=runs["diverged"].astype(int))
+    means = (runs.assign(**losses, seeds=1, diverged=runs["diverged"].astype(int),
+                         unstable=runs["unstable"].astype(int))
              .groupby(["model", "optimizer", "lr"], sort=False)
              .agg({"train_loss": "mean", "val_loss": "mean", "state_bytes": "mean", "seconds_per_step": "mean",
-                   "seeds": "sum", "diverged": "sum"})
+                   "seeds": "sum", "diverged": "sum", "unstable": "sum"})
              .reset_index())
     best = means.sort_values(by, kind="stable").groupby(["model", "optimizer"], sort=False).head(1)
     return best.reset_index(drop=True)

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from ..files import hold_output
 from .options import (
     add_compute_options,
     add_model_options,
@@ -87,7 +88,8 @@ def _resumable(default_results: Callable[[argparse.Namespace], Path]):
     """Decorate a runner that keeps its finished work units under ``--results``: the runner finds
     ``args.results`` filled in (``default_results(args)`` when not given), and Ctrl-C ends it with one
     line naming that folder and how to resume, exit code 130, instead of a traceback. ``--out`` and
-    ``--results`` are checked to be folders (or missing) before any work."""
+    ``--results`` are checked to be folders (or missing) before any work, and ``--out`` is held while the
+    runner runs: a second run into the same folder is refused (exit code 2)."""
 
     def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         interruptible = exit_on_interrupt(
@@ -99,7 +101,8 @@ def _resumable(default_results: Callable[[argparse.Namespace], Path]):
             if args.results is None:
                 args.results = default_results(args)
             check_output_folder(args.results, "--results")
-            return interruptible(args)
+            with hold_output(args.out):
+                return interruptible(args)
 
         return run_resumably
 
@@ -181,8 +184,27 @@ def run_compare(args: argparse.Namespace) -> int:
     save_figure(plot_state_memory(summary, title=f"{args.model}: optimizer state"), args.out / "state_memory.png")
     print(f"\n{args.model}: best learning rate per optimizer ({config.steps} steps, {len(config.seeds)} seed(s))")
     print(format_table(summary))
+    _note_bad_runs(runs, curves)
     print(f"wrote {args.out}/(runs.csv, curves.csv, summary.csv, loss_curves.png, lr_sweep.png, state_memory.png)")
     return 0
+
+
+def _note_bad_runs(runs, curves) -> None:
+    """One line naming the runs that diverged (a loss stopped being finite) or ended unstable (final
+    training loss above UNSTABLE_FACTOR x the first step's), if any: the summary only counts them."""
+    import sys
+
+    from analysis.experiments.training import UNSTABLE_FACTOR
+
+    first = curves[curves["step"] == 0].set_index(["optimizer", "lr", "seed"])["loss"]
+    listed = [f"{run.optimizer} lr {run.lr:g} seed {run.seed} "
+              + ("(diverged)" if run.diverged else f"({first[run.optimizer, run.lr, run.seed]:.3g} -> "
+                                                   f"{run.train_loss:.3g})")
+              for run in runs.itertuples() if run.diverged or run.unstable]
+    if listed:
+        print(f"note: {len(listed)} of {len(runs)} runs diverged or ended unstable (final training loss above "
+              f"{UNSTABLE_FACTOR:g}x the first step's; 'diverged' and 'unstable' in runs.csv and summary.csv): "
+              f"{', '.join(listed[:8])}{' ...' if len(listed) > 8 else ''}", file=sys.stderr)
 
 
 @_resumable(lambda args: args.out / "results")

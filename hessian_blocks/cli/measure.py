@@ -4,14 +4,17 @@ distances between them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..files import PARTIAL_SUFFIX, atomic_write_text, staged_folder
+from ..files import PARTIAL_SUFFIX, atomic_write_text, hold_output, staged_folder
 from .options import (
     add_compute_options,
     add_model_options,
@@ -90,11 +93,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _torchrun_aware(run):
     """Under torchrun every process measures (its share of the work); only rank 0 reports and writes files.
     ``--device`` and ``--out`` are checked first, before a process group is set up; Ctrl-C ends the
-    command with one line saying what it left (exit code 130)."""
+    command with one line saying what it left (exit code 130). Rank 0 holds ``--out`` while it runs: a second
+    run into the same folder is refused (exit code 2)."""
 
     @exit_on_interrupt(lambda args: f"every model finished before it has all its files in {args.out}/MODEL; the "
                                     "files of the model being written, if any, are in "
-                                    f"{args.out}/MODEL{PARTIAL_SUFFIX}; rerun the same command to measure again")
+                                    f"{args.out}/MODEL.{os.getpid()}{PARTIAL_SUFFIX}; rerun the same command to "
+                                    "measure again")
     @functools.wraps(run)
     def run_on_every_rank(args: argparse.Namespace) -> int:
         from ..distributed import is_main_process, process_group_from_env
@@ -102,7 +107,9 @@ def _torchrun_aware(run):
 
         check_device(args.device)
         check_output_folder(args.out)
-        with process_group_from_env(args.device):
+        # rank 0 (torchrun's RANK, before the group forms: a refusal ends the run before any rank measures)
+        holding = hold_output(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+        with holding, process_group_from_env(args.device):
             if is_main_process():
                 return run(args)
             for name in args.model or []:
@@ -119,11 +126,12 @@ def run_spectrum(args: argparse.Namespace) -> int:
     for label, spectrum, measured in _spectra(args):
         with staged_folder(args.out / folder_name(label)) as staged:
             spectrum.save(staged / "spectrum.npz")
-            density = _density(spectrum, args, staged / "spectrum.npz" if measured else None)
+            density, compared, _ = _density(label, spectrum, args, staged / "spectrum.npz" if measured else None,
+                                            least=1)
             table = block_table(spectrum)
             table.to_csv(staged / "blocks.csv", index=False)
             density.save(staged / "density.npz")
-            save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label),
+            save_figure(plot_block_densities(density, blocks=_panel_selection(compared), title=label),
                         staged / "densities.png")
         print(f"\n{label}: {len(spectrum.names)} blocks\n{format_table(table)}")
         print(f"wrote {args.out / folder_name(label)}/(spectrum.npz, density.npz, blocks.csv, densities.png)")
@@ -151,24 +159,31 @@ def run_js(args: argparse.Namespace) -> int:
             raise ValueError(f"{label}: JS distances need at least two blocks, the selection has {len(spectrum.names)}")
         with staged_folder(args.out / folder_name(label)) as staged:
             spectrum.save(staged / "spectrum.npz")
-            density = _density(spectrum, args, staged / "spectrum.npz" if measured else None)
+            density, compared, left_out = _density(label, spectrum, args,
+                                                   staged / "spectrum.npz" if measured else None, least=2)
             matrix = js_matrix(density.densities)
-            table = block_table(spectrum, matrix)
+            table = block_table(compared, matrix)
+            if left_out:  # every block in blocks.csv; those left out have no mean JS distance
+                table = block_table(spectrum).merge(table[["block", "mean_js"]], on="block", how="left")
             summary[label] = js0(matrix)
-            record = {"model": label, "js0": summary[label], **_density_settings(density, args), **spectrum.settings}
+            record = {"model": label, "js0": summary[label], "blocks": len(spectrum.names),
+                      "blocks_compared": len(compared.names), **_density_settings(density, args),
+                      "rescale_left_out": left_out, **spectrum.settings}
             table.to_csv(staged / "blocks.csv", index=False)
-            _matrix_frame(matrix, spectrum.names).to_csv(staged / "js_matrix.csv")
+            _matrix_frame(matrix, compared.names).to_csv(staged / "js_matrix.csv")
             density.save(staged / "density.npz")
-            save_figure(plot_js_heatmap(matrix, spectrum.names, title=f"{label}: JS distance between block spectra"),
+            save_figure(plot_js_heatmap(matrix, compared.names, title=f"{label}: JS distance between block spectra"),
                         staged / "js_heatmap.png")
-            save_figure(plot_block_densities(density, blocks=_panel_selection(spectrum), title=label),
+            save_figure(plot_block_densities(density, blocks=_panel_selection(compared), title=label),
                         staged / "densities.png")
             (staged / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
         shown, which = table, ""
         if args.top is not None and args.top < len(table):
             shown = table.nlargest(args.top, "mean_js")
             which = f"; the {args.top} most heterogeneous (largest mean JS distance), all in blocks.csv"
-        print(f"\n{label}: {len(spectrum.names)} blocks, JS0 = {summary[label]:.4g}{which}\n{format_table(shown)}")
+        counted = (f"{len(spectrum.names)} blocks" if not left_out else
+                   f"{len(compared.names)} of {len(spectrum.names)} blocks compared (rescale_left_out in summary.json)")
+        print(f"\n{label}: {counted}, JS0 = {summary[label]:.4g}{which}\n{format_table(shown)}")
         print(f"wrote {args.out / folder_name(label)}/(spectrum.npz, density.npz, blocks.csv, js_matrix.csv, "
               "summary.json, js_heatmap.png, densities.png)")
 
@@ -197,16 +212,45 @@ def _spectra(args: argparse.Namespace):
         yield name, measure_model(name, args), True
 
 
-def _density(spectrum: SpectrumResult, args: argparse.Namespace, kept: Path | None) -> DensityResult:
-    """The densities with the command's --sigma2, --grid-points and --rescale-rank. When they cannot be
-    made, the error says where the measured spectrum is ``kept``, to try other settings without measuring."""
+def _density(label: str, spectrum: SpectrumResult, args: argparse.Namespace, kept: Path | None,
+             least: int) -> tuple[DensityResult, SpectrumResult, dict[str, str]]:
+    """(densities, the spectrum of the blocks they cover, the blocks left out with why) with the command's
+    --sigma2, --grid-points and --rescale-rank. With ``--rescale-rank K``, the blocks that cannot be
+    divided by their K-th largest eigenvalue (:meth:`~hessian_blocks.SpectrumResult.unrescalable`) are
+    left out with one warning naming them; fewer than ``least`` blocks left is an error. When the
+    densities cannot be made, the error says where the measured spectrum is ``kept``, to try other
+    settings without measuring."""
     try:
-        return spectrum.density(sigma2=args.sigma2, n_points=args.grid_points, rescale_rank=args.rescale_rank)
+        compared, left_out = _rescalable(label, spectrum, args.rescale_rank, least)
+        density = compared.density(sigma2=args.sigma2, n_points=args.grid_points, rescale_rank=args.rescale_rank)
     except ValueError as err:
         if kept is None:
             raise
         raise ValueError(f"{err}. The measured spectrum is kept: hessian-blocks js --from-results {kept} "
                          "(with other density settings) uses it without measuring again") from err
+    return density, compared, left_out
+
+
+def _rescalable(label: str, spectrum: SpectrumResult, rank: int | None,
+                least: int) -> tuple[SpectrumResult, dict[str, str]]:
+    """(the blocks that ``--rescale-rank`` can divide, those it cannot with why); see :func:`_density`."""
+    if rank is None:
+        return spectrum, {}
+    left_out = spectrum.unrescalable(rank)
+    if not left_out:
+        return spectrum, {}
+    kept = [i for i, name in enumerate(spectrum.names) if name not in left_out]
+    listed = ", ".join(f"'{name}' ({why})" for name, why in list(left_out.items())[:6])
+    listed += f" and {len(left_out) - 6} more" if len(left_out) > 6 else ""
+    if len(kept) < least:
+        raise ValueError(f"{label}: --rescale-rank {rank} leaves {len(kept)} of {len(spectrum.names)} blocks that can "
+                         f"be divided by their {rank}-th largest eigenvalue, {least} needed ({listed} cannot): give a "
+                         "smaller --rescale-rank, select larger blocks (--blocks), or drop --rescale-rank")
+    compares = "the densities and JS0 compare" if least > 1 else "the densities show"
+    warnings.warn(f"{label}: --rescale-rank {rank} leaves out {len(left_out)} of {len(spectrum.names)} blocks, which "
+                  f"cannot be divided by their {rank}-th largest eigenvalue: {listed}; {compares} the other "
+                  f"{len(kept)}{' (rescale_left_out in summary.json)' if least > 1 else ''}", stacklevel=3)
+    return spectrum.select(kept), left_out
 
 
 def _density_settings(density: DensityResult, args: argparse.Namespace) -> dict:

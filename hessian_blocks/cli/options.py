@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 
 __all__ = [
     "DTYPE_NAMES", "add_compute_options", "add_model_options", "add_output_options", "check_output_file",
-    "check_output_folder", "exit_on_interrupt", "folder_name", "note_eval_mode", "parse_overrides", "torch_dtype",
+    "check_output_folder", "exit_on_interrupt", "folder_name", "holding_output_file", "note_eval_mode",
+    "parse_overrides", "torch_dtype",
 ]
 
 DTYPE_NAMES = ("float64", "float32")
@@ -133,6 +134,25 @@ def exit_on_interrupt(kept: Callable[[argparse.Namespace], str]):
                 return 130
 
         return run_interruptibly
+
+    return wrap
+
+
+def holding_output_file(example: str):
+    """Decorate a runner that writes the file ``--out`` so that it holds that file while it runs (checked
+    first to be a file path; ``example``: a file name to suggest in a folder): a second run writing the
+    same file is refused with one line naming the run that holds it (exit code 2)."""
+
+    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(run)
+        def run_holding(args: argparse.Namespace) -> int:
+            from ..files import hold_output
+
+            check_output_file(args.out, "--out", example)
+            with hold_output(args.out, folder=False):
+                return run(args)
+
+        return run_holding
 
     return wrap
 

@@ -12,6 +12,7 @@ from .options import (
     add_output_options,
     check_output_file,
     folder_name,
+    holding_output_file,
     note_eval_mode,
     parse_overrides,
     torch_dtype,
@@ -88,6 +89,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     command.set_defaults(run=run_partition)
 
 
+@holding_output_file("partition.json")
 def run_partition(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
@@ -108,7 +110,8 @@ def run_partition(args: argparse.Namespace) -> int:
     decide = Decider(**decision)
     dtype = torch_dtype(args.dtype)
     overrides = parse_overrides(args.set)
-    spec = build_model(args.model, seed=args.seed, **overrides)
+    # with --small only the smaller instance is measured: the full model's shapes suffice (any size)
+    spec = build_model(args.model, seed=args.seed, device="meta" if args.small else None, **overrides)
     note_eval_mode(args.model, spec.model)
     if args.max_probes < args.probes:
         raise ValueError(f"--max-probes ({args.max_probes}) must be at least --probes ({args.probes})")

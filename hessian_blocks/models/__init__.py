@@ -98,17 +98,21 @@ if tuple(_REGISTRY) != MODEL_NAMES:  # the CLI offers the names from hessian_blo
     raise ImportError(f"hessian_blocks.choices.MODEL_NAMES {MODEL_NAMES} does not list the zoo {tuple(_REGISTRY)}")
 
 
-def build_model(name: str, *, seed: int = 0, dtype: torch.dtype | None = None, **overrides) -> ModelSpec:
+def build_model(name: str, *, seed: int = 0, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                **overrides) -> ModelSpec:
     """Build a zoo model, a Hugging Face model ("hf:ModelClass" or "hf:config.json") or a user model
-    ("package.module:factory"), seeded, in eval mode; cast to ``dtype`` when given (else it keeps its own)."""
+    ("package.module:factory"), seeded, in eval mode; cast to ``dtype`` when given (else it keeps its own).
+    ``device``: where the parameters are created (default: the CPU); ``"meta"`` gives their shapes only (no
+    memory, no values, any size: the Hugging Face size guard does not apply), enough to map a partition
+    measured on a smaller instance onto it."""
     if name in _REGISTRY:
-        spec = _build_registered(name, seed, overrides)
+        spec = _build_registered(name, seed, overrides, device)
     elif name.startswith("hf:"):
         from .hf import build_hf_model
 
-        spec = build_hf_model(name[len("hf:"):], seed=seed, **overrides)
+        spec = build_hf_model(name[len("hf:"):], seed=seed, device=device, **overrides)
     elif ":" in name:
-        spec = _build_user_model(name, seed, overrides)
+        spec = _build_user_model(name, seed, overrides, device)
     else:
         raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}, 'hf:ModelClass' "
                          "or 'package.module:factory'")
@@ -126,7 +130,12 @@ def _seeded(seed: int):
         yield
 
 
-def _build_registered(name: str, seed: int, overrides: dict) -> ModelSpec:
+def _on(device: str | torch.device | None):
+    """A context that creates tensors on ``device`` (none given: nothing changes)."""
+    return contextlib.nullcontext() if device is None else torch.device(device)
+
+
+def _build_registered(name: str, seed: int, overrides: dict, device: str | torch.device | None) -> ModelSpec:
     entry = _REGISTRY[name]
     valid = [f.name for f in dataclasses.fields(entry.config_cls)]
     unknown = sorted(set(overrides) - set(valid))
@@ -134,13 +143,13 @@ def _build_registered(name: str, seed: int, overrides: dict) -> ModelSpec:
         raise ValueError(f"{name}: unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}")
     # lists (from JSON or a command line) stand for the tuple-valued fields
     config = entry.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-    with _seeded(seed):
+    with _seeded(seed), _on(device):
         model = entry.model_cls(config)
     data_shape = {key: getattr(config, key) for key in entry.data_keys}
     return ModelSpec(name, model, cross_entropy_loss, entry.task, data_shape, config)
 
 
-def _build_user_model(name: str, seed: int, overrides: dict) -> ModelSpec:
+def _build_user_model(name: str, seed: int, overrides: dict, device: str | torch.device | None) -> ModelSpec:
     module_name, _, attr_path = name.partition(":")
     if not module_name or not attr_path:
         raise ValueError(f"user model {name!r} must look like 'package.module:factory'")
@@ -157,7 +166,7 @@ def _build_user_model(name: str, seed: int, overrides: dict) -> ModelSpec:
         raise TypeError(f"user model {name!r}: {attr_path!r} is not callable")
 
     try:
-        with _seeded(seed):
+        with _seeded(seed), _on(device):
             result = factory(**overrides)
     except (TypeError, ValueError, RuntimeError) as err:
         if not overrides:

@@ -19,7 +19,9 @@ models' own token cross-entropy (targets -100 ignored: unmasked tokens, padding)
 ``output.logits`` in the logits' dtype. (The Transformers loss functions cast logits to float32,
 which would make a float64 measurement float32-accurate.) Models larger than
 :data:`MAX_PARAMETERS` are refused before any weight is allocated: Transformers' default configs are
-the full-size models (a default Llama has 6.7 billion parameters).
+the full-size models (a default Llama has 6.7 billion parameters); ``device="meta"`` builds any size
+(shapes only). A config that Transformers refuses is one ``ValueError`` naming the fields to change;
+special token ids of the family's defaults that fall outside a shrunk vocabulary move inside it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import contextlib
 import difflib
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +56,11 @@ def logits_cross_entropy(output: Any, targets: torch.Tensor) -> torch.Tensor:
     return cross_entropy_loss(output.logits, targets)
 
 
-def build_hf_model(source: str, *, seed: int = 0, **overrides: Any) -> ModelSpec:
+def build_hf_model(source: str, *, seed: int = 0, device: str | torch.device | None = None,
+                   **overrides: Any) -> ModelSpec:
     """The model named by ``source`` (what follows ``hf:``): a model class of ``transformers``
-    (``LlamaForCausalLM``) or the path of a ``config.json`` (its class is ``architectures[0]``)."""
+    (``LlamaForCausalLM``) or the path of a ``config.json`` (its class is ``architectures[0]``);
+    ``device`` as in :func:`spec_from_config` (``"meta"``: shapes only, any size)."""
     transformers = _transformers()
     context = overrides.pop("context", None)
     if source.endswith(".json") or Path(source).is_file():
@@ -70,9 +75,15 @@ def build_hf_model(source: str, *, seed: int = 0, **overrides: Any) -> ModelSpec
             raise ValueError(f"hf:{source}: transformers has no model class {source!r}{hint}; name one like "
                              "hf:LlamaForCausalLM or give the path of a config.json")
         config_cls, fields = model_cls.config_class, {}
-    _check_fields(config_cls, overrides, f"hf:{source}")
-    config = config_cls(**{**_BUILD_DEFAULTS, **fields, **overrides})
-    return spec_from_config(config, model_cls, seed=seed, context=context, name=f"{HF_PREFIX}{source}")
+    label = f"{HF_PREFIX}{source}"
+    _check_fields(config_cls, overrides, label)
+    settings = {**_BUILD_DEFAULTS, **fields, **overrides}
+    settings.update(_special_ids_in_vocabulary(config_cls, settings, overrides, label))
+    try:
+        config = config_cls(**settings)
+    except _config_errors() as err:
+        raise _config_error(err, label, config_cls, overrides) from err
+    return spec_from_config(config, model_cls, seed=seed, context=context, name=label, device=device)
 
 
 def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 0, context: int | None = None,
@@ -107,7 +118,7 @@ def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 
     if not meta:
         _check_size(model_cls, config, label)
     with _seeded(seed), (torch.device(device) if device is not None else contextlib.nullcontext()):
-        model = model_cls(config)
+        model = _instantiate(model_cls, config, label)
     model.eval()
     data_shape = {"vocab_size": config.vocab_size, "context": context}
     return ModelSpec(label, model, logits_cross_entropy, task, data_shape, config, keyword_inputs=True)
@@ -174,10 +185,91 @@ def _task(model_cls: type, label: str) -> str:
 def _check_size(model_cls: type, config: Any, label: str) -> None:
     """Count the parameters on the meta device (no memory) and refuse models above MAX_PARAMETERS."""
     with torch.device("meta"):
-        count = sum(p.numel() for p in model_cls(config).parameters())
+        count = sum(p.numel() for p in _instantiate(model_cls, config, label).parameters())
     if count > MAX_PARAMETERS:
         known = _known_fields(type(config))
         shrink = " ".join(f"--set {field}={value}" for field, value in _SMALL.items() if field in known)
         raise ValueError(f"{label} with this config has {count / 1e9:.2f} billion parameters (more than "
                          f"{MAX_PARAMETERS:.0e}): Transformers' defaults are the full-size model. Make it smaller, "
-                         f"e.g. {shrink}")
+                         f"e.g. {shrink} (hessian-blocks partition --small auto needs only its shapes and takes any "
+                         "size)")
+
+
+def _special_ids_in_vocabulary(config_cls: type, settings: dict, overrides: dict, label: str) -> dict:
+    """New values for the special token ids (``*_token_id``: bos, eos, pad, ...) that the family's
+    defaults (or a config file) put outside a vocabulary the user shrank: bos, eos and the others become
+    the last id, ``vocab_size - 1``; pad becomes None (a pad id inside the vocabulary would freeze that
+    token's embedding row through ``padding_idx``; the batches never pad). Ids the user set (``--set``)
+    outside the vocabulary are an error naming the field and the fix."""
+    defaults = config_cls().to_dict()
+    vocab = settings.get("vocab_size", defaults.get("vocab_size"))
+    if not (isinstance(vocab, int) and vocab >= 1):
+        return {}
+    changes = {}
+    for field in sorted(f for f in _known_fields(config_cls) if f.endswith("_token_id")):
+        value = settings.get(field, defaults.get(field))
+        ids = value if isinstance(value, list) else [value]
+        outside = [i for i in ids if isinstance(i, int) and not 0 <= i < vocab]
+        if not outside:
+            continue
+        if field in overrides:
+            raise ValueError(f"{label}: {field}={value} is outside the vocabulary of {vocab} ids (vocab_size): use "
+                             f"--set {field}=N with 0 <= N < {vocab}, or a larger vocab_size")
+        if field == "pad_token_id":
+            changes[field] = None
+        elif isinstance(value, list):
+            changes[field] = list(dict.fromkeys(i if i not in outside else vocab - 1 for i in ids))
+        else:
+            changes[field] = vocab - 1
+    return changes
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What Transformers raises for a config it refuses (at construction or when building the model)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # configs validated as strict dataclasses
+    except ImportError:
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, StrictDataclassError)
+
+
+def _instantiate(model_cls: type, config: Any, label: str) -> nn.Module:
+    """``model_cls(config)``; a config the model refuses is a ValueError naming the fields (see _config_error)."""
+    try:
+        return model_cls(config)
+    except _config_errors() as err:
+        defaults = type(config)().to_dict()
+        changed = {k: v for k, v in config.to_dict().items() if k in defaults and defaults[k] != v}
+        raise _config_error(err, label, type(config), changed) from err
+
+
+def _config_error(err: Exception, label: str, config_cls: type, settings: dict) -> ValueError:
+    """One line for a config that Transformers refuses: its reason, the config fields the reason names
+    (as words, ``hidden size``, ``number of attention heads``, or by name) and the ones it quotes by
+    value among ``settings`` (what the user set), and that ``--set`` changes them."""
+    reason = str(err.__cause__ if err.__cause__ is not None and not isinstance(err, (ValueError, TypeError))
+                 else err).strip()
+    text = " ".join(reason.lower().replace("`", " ").replace("_", " ").split())
+    known = _known_fields(config_cls) - set(_BUILD_DEFAULTS)
+    named = {}
+    for field in known:
+        words = field.replace("_", " ")
+        phrases = [words] + ([f"number of {words[len('num '):]}"] if words.startswith("num ") else [])
+        positions = [m.start() for phrase in phrases for m in re.finditer(rf"\b{re.escape(phrase)}\b", text)]
+        if positions:
+            named[field] = min(positions)
+    named = {f: at for f, at in named.items()  # a field's words inside a longer field's: the longer one only
+             if not any(other != f and other.endswith(f) and named[other] <= at for other in named)}
+    numbers = set(re.findall(r"-?\d+(?:\.\d+)?", reason))
+    quoted = [f for f, v in settings.items() if f not in named and f in known and not isinstance(v, bool)
+              and isinstance(v, (int, float)) and str(v) in numbers]
+    fields = sorted(named, key=named.get) + quoted
+    shown = ", ".join(f"{f}={settings[f]}" if f in settings else f"{f} (not set)" for f in fields)
+    yours = ", ".join(f"{k}={v}" for k, v in settings.items())
+    if fields:
+        fix = f"the fields it names: {shown}; change them with --set FIELD=VALUE"
+        if yours and not set(fields) & set(settings):
+            fix += f" (you set {yours})"
+    else:
+        fix = f"you set {yours}; change them with --set FIELD=VALUE" if yours else "change its fields with --set"
+    return ValueError(f"{label}: {config_cls.__name__} refuses this config: {' '.join(reason.split())} ({fix})")
