@@ -95,7 +95,9 @@ def _state_after_a_dry_step(optimizer: torch.optim.Optimizer, params: list[torch
     step = getattr(step, "__wrapped__", step) if getattr(step, "hooked", False) else step  # no step hooks
     try:
         dry.__dict__.update(copy.deepcopy(optimizer.__dict__, memo))
-        step(dry)
+        with warnings.catch_warnings():  # the copy's own fallbacks (meta tensors take no kernel) are not the user's
+            warnings.simplefilter("ignore")
+            step(dry)
     except Exception as err:  # noqa: BLE001 - any optimizer, any way of failing: the count says what it has
         warnings.warn(f"state_memory: a dry step of {type(optimizer).__name__} on the meta device failed "
                       f"({type(err).__name__}: {err}); only the state that exists is counted (before the first "
