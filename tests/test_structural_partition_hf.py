@@ -334,12 +334,18 @@ def test_user_head_count_splits_gqa_keys_by_the_same_width():
         default_rules(model, n_heads=5)
 
 
-def test_geometry_that_does_not_fit_is_an_error_naming_the_module():
-    model = build("phi3")
-    model.model.layers[0].self_attn.num_key_value_heads = 1  # now q|k|v would need (4 + 1 + 1) * 12 rows, not 96
+def test_registered_geometry_that_does_not_fit_is_an_error_naming_the_module():
+    class FusedAttention(nn.Module):  # q|k|v rows of 4 query and 2 key/value heads of 12: 96 rows
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.num_key_value_heads, self.head_dim = HEADS, 1, HEAD_DIM  # the layout reads 1
+            self.qkv_proj = nn.Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+
+    register_attention(FusedAttention, AttentionLayout({"qkv_proj": "q|k|v"}, heads="num_heads",
+                                                       kv_heads="num_key_value_heads", head_dim="head_dim"))
     with pytest.raises(ValueError,
-                       match=r"'model.layers.0.self_attn' \(Phi3Attention\).*'qkv_proj' has 96 outputs.*needs 72"):
-        default_rules(model)
+                       match=r"'layers.0' \(FusedAttention\).*'qkv_proj' has 96 outputs.*needs 72"):
+        default_rules(nn.ModuleDict({"layers": nn.ModuleList([FusedAttention()])}))
 
 
 def test_unregistered_attention_warns_once_naming_module_and_fix():

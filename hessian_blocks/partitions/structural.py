@@ -1,27 +1,31 @@
-"""The structural default partition for Adam-mini: blocks from module *types*, never from names.
+"""The structural default partition for Adam-mini: blocks from module *types* and the model's own
+forward pass, never from names.
 
-Rules, following the Adam-mini paper's partition (v1.1) as far as module types can tell:
+Rules, following the Adam-mini paper's partition (v1.1):
 
 - ``nn.Embedding`` / ``nn.EmbeddingBag`` weight: one block per token (row);
 - ``nn.Linear`` weight: one block per output neuron (row); ``nn.Conv1d/2d/3d``: one per output
   channel; HF ``Conv1D`` (weight stored ``[in, out]``): one per output neuron (column);
-- query and key projections of a known attention module: one block per head (``head_dim``
-  contiguous outputs; key heads counted by the key/value head count, so grouped-query attention gets
-  fewer, shared key blocks); value outputs of fused projections one per output neuron. Fused
-  layouts (concatenated ``q|k|v``, per-head interleaved ``[q, k, v]``) become run-length groups;
+- query and key projections: one block per head (key heads counted by the key/value heads, so
+  grouped- and multi-query attention get fewer, shared key blocks); the value rows of fused
+  projections one per output neuron. Where the heads are is read from one forward pass traced on
+  the meta device (:mod:`.trace`): which output rows of which weight reach the attention-score
+  product in which head, through whatever views, splits, fused or interleaved packings the model
+  uses. Fused layouts become run-length groups;
 - norm layers (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, batch/instance norms, the bundled models'
   ``LayerNorm`` and the RMS norms of the Hugging Face architectures below): the scale is one block;
-- biases of all the above: one block per element (plain Adam, as the reference implementation);
-- any other parameter: one block for the whole tensor (the PyTorch default).
+- biases of all the above, and parameters the trace sees added to a projection's output: one block
+  per element (plain Adam, as the reference implementation);
+- any other parameter: one block for the whole tensor (the PyTorch default). A 3-D expert tensor
+  (mixture-of-experts) falls here for now: its rule would come from :func:`_structural_spec`.
 
-Where the heads are is declared per attention module type by an :class:`AttentionLayout` (which
-child holds which projection, which attributes hold the head counts), kept in one registry filled
-by :func:`register_attention`. Built in: the bundled ``SelfAttention``, ``nn.MultiheadAttention``
-and, once transformers is imported by the caller (never from here), the attention modules of
-Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma2, Phi-3, GPT-NeoX, BERT, RoBERTa, ELECTRA, DistilBERT,
-T5, GPT-2, OPT, BART, Whisper, ViT and CLIP. A module of another type that looks like attention (it
-has a head-count attribute and two or more projections) keeps one block per output row, with one
-warning per type saying how to register it.
+An :class:`AttentionLayout` registered for an attention module type (:func:`register_attention`)
+overrides the trace for that type: it says which child holds which projection and which attributes
+hold the head counts. Built in: the bundled ``SelfAttention``, ``nn.MultiheadAttention`` and T5's
+attention (its relative position bias table, one block per head, is not a projection the trace
+follows). A module that looks like attention (a head-count attribute and two or more projections)
+whose heads neither the trace nor a layout placed keeps one block per output row, with one warning
+per type saying why and how to register it; so does what the trace saw but could not follow.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ import torch
 import torch.nn as nn
 
 from hessian_blocks.blocks import Partition, Rule
-from hessian_blocks.models.gpt import LayerNorm as BundledLayerNorm
-from hessian_blocks.models.gpt import SelfAttention as BundledSelfAttention
+
+from .trace import AttentionTrace, TracedProjection, trace_attention
 
 __all__ = ["NORM_TYPES", "AttentionLayout", "default_partition", "default_rules", "is_norm", "register_attention"]
 
@@ -50,10 +54,11 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.RMSNorm,
     nn.GroupNorm,
     nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm and InstanceNorm* share this base
-    BundledLayerNorm,
 )
-# Hugging Face norm classes (not subclasses of torch's), by import path: resolved only when loaded.
-HF_NORM_TYPES: tuple[str, ...] = (
+# Norm classes that are not subclasses of torch's, by import path: resolved only when their module is
+# loaded (nothing is imported from here): the bundled models' and those of Hugging Face architectures.
+LOADED_NORM_TYPES: tuple[str, ...] = (
+    "hessian_blocks.models.gpt.LayerNorm",
     "transformers.models.llama.modeling_llama.LlamaRMSNorm",
     "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm",
     "transformers.models.mistral.modeling_mistral.MistralRMSNorm",
@@ -62,6 +67,11 @@ HF_NORM_TYPES: tuple[str, ...] = (
     "transformers.models.t5.modeling_t5.T5LayerNorm",
     "transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm",  # also Qwen3's per-head q_norm / k_norm
     "transformers.models.gemma2.modeling_gemma2.Gemma2RMSNorm",
+    "transformers.models.gemma3.modeling_gemma3.Gemma3RMSNorm",
+    "transformers.models.olmo.modeling_olmo.OlmoLayerNorm",  # no parameters
+    "transformers.models.olmo2.modeling_olmo2.Olmo2RMSNorm",
+    "transformers.models.cohere.modeling_cohere.CohereLayerNorm",
+    "transformers.models.granite.modeling_granite.GraniteRMSNorm",
 )
 # Attributes that tell a module knows about heads (only used to warn about unregistered attention).
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "head_dim",
@@ -135,15 +145,16 @@ def register_attention(module_type: type[nn.Module] | str, layout: LayoutChoice)
 
 def is_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a normalisation layer (by type)."""
-    return isinstance(module, NORM_TYPES + _loaded_types(HF_NORM_TYPES))
+    return isinstance(module, NORM_TYPES + _loaded_types(LOADED_NORM_TYPES))
 
 
-def default_rules(model: nn.Module, n_heads: int | None = None) -> dict[str, Rule]:
+def default_rules(model: nn.Module, n_heads: int | None = None, inputs: object = None) -> dict[str, Rule]:
     """One structural rule per parameter of ``model`` (trainable or not), keyed by parameter name.
 
-    Names only label the rules; every decision comes from module types, attributes and shapes.
-    ``n_heads`` replaces the query head count of every attention module (key heads follow from the
-    key width); by default head counts come from each module (or its ``config``).
+    Names only label the rules; every decision comes from module types, shapes and one forward pass
+    traced on the meta device (:func:`~hessian_blocks.partitions.trace.trace_attention`; ``inputs``:
+    an example batch for it, only its shapes are used; by default one is made up). ``n_heads``
+    replaces the query head count of every attention (key heads follow from the key width).
     """
     if n_heads is not None and (isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1):
         raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}")
@@ -155,28 +166,36 @@ def default_rules(model: nn.Module, n_heads: int | None = None) -> dict[str, Rul
             spec = _structural_spec(module, param)
             if spec is not None:
                 specs.setdefault(id(param), spec)  # a tied parameter: the first owner whose type has a rule
+    params = dict(model.named_parameters())
+    traced = trace_attention(model, inputs)
+    for name in traced.biases:
+        specs.setdefault(id(params[name]), {"split": "elements", "why": "added to a projection's output (traced): "
+                                                                         "a bias, plain Adam"})
+    for name, projection in traced.projections.items():
+        specs[id(params[name])] = _traced_spec(projection, n_heads)
     layouts = _registered_layouts()
-    unregistered: dict[type, list[str]] = {}
+    unplaced: dict[type, list[str]] = {}
     for path, module in model.named_modules():
         layout = _layout_of(module, layouts)
         if layout is not None:
             where = f"'{path}' ({type(module).__name__})" if path else f"{type(module).__name__} (the model itself)"
             for param, spec in _attention_specs(where, module, layout, n_heads):
                 specs[id(param)] = spec
-        elif _looks_like_attention(module):
-            unregistered.setdefault(type(module), []).append(path)
-    for module_type, paths in unregistered.items():
-        _warn_unregistered(module_type, paths)
+        elif _looks_like_attention(module) and not _placed_by_trace(module, path, traced):
+            unplaced.setdefault(type(module), []).append(path)
+    for module_type, paths in unplaced.items():
+        _warn_unplaced(module_type, paths, traced.failure)
+    _warn_problems(model, traced)
     rules = {}
-    for name, param in model.named_parameters():
+    for name, param in params.items():
         fallback = {"split": "whole", "why": f"parameter of {owners[id(param)]}: no structural rule, one block"}
         rules[name] = Rule(name, **specs.get(id(param), fallback))
     return rules
 
 
-def default_partition(model: nn.Module, n_heads: int | None = None) -> Partition:
-    """The structural default :class:`Partition` of ``model``'s trainable parameters."""
-    rules = default_rules(model, n_heads)
+def default_partition(model: nn.Module, n_heads: int | None = None, inputs: object = None) -> Partition:
+    """The structural default :class:`Partition` of ``model``'s trainable parameters (see :func:`default_rules`)."""
+    rules = default_rules(model, n_heads, inputs)
     return Partition.from_rules(model, [rules[name] for name, p in model.named_parameters() if p.requires_grad])
 
 
@@ -207,7 +226,7 @@ def _biases(module: nn.Module) -> list[torch.Tensor]:
     if isinstance(module, nn.MultiheadAttention):
         return [b for b in (module.in_proj_bias, module.bias_k, module.bias_v) if b is not None]
     conv1d = _hf_conv1d_type()
-    known = ((nn.Linear, nn.modules.conv._ConvNd, *NORM_TYPES, *_loaded_types(HF_NORM_TYPES))
+    known = ((nn.Linear, nn.modules.conv._ConvNd, *NORM_TYPES, *_loaded_types(LOADED_NORM_TYPES))
              + ((conv1d,) if conv1d else ()))
     if isinstance(module, known) and isinstance(getattr(module, "bias", None), torch.Tensor):
         return [module.bias]
@@ -334,7 +353,7 @@ def _attention_specs(where: str, module: nn.Module, layout: AttentionLayout,
                 f"of dimension {geometry.head_dim} needs {needed}; "
                 f"pass the right n_heads, or {layout_fix}"
             )
-        runs = _head_runs(kind, segments, geometry.group)
+        runs = _head_runs(kind, [(role, width, geometry.group) for role, width in segments])
         split = {"size": runs[0][0]} if len(runs) == 1 else {"runs": tuple(runs)}
         why = (f"{kind} {packing}: one block per head of {geometry.group} ({geometry.heads} query, "
                f"{geometry.kv_heads} key/value heads)"
@@ -397,19 +416,63 @@ def _geometry(where: str, module: nn.Module, layout: AttentionLayout, projection
     return _Geometry(heads, kv_heads, head_dim, group)
 
 
-def _head_runs(kind: str, segments: list[tuple[str, int]], group: int) -> list[tuple[int, int]]:
-    """Run-length (size, count) groups: q and k segments in blocks of ``group``, v one per row."""
+def _head_runs(kind: str, segments: list[tuple[str, int, int]]) -> list[tuple[int, int]]:
+    """Run-length (size, count) groups of (role, width, head width) segments: q and k in blocks of
+    their head width, every other row (v, unplaced) one block."""
     runs: list[tuple[int, int]] = []
-    for role, width in segments:
-        if role != "v" and width % group:
+    for role, width, group in segments:
+        if role in ("q", "k") and width % group:
             raise ValueError(f"{kind}: {width} {role} projection features do not split into heads of {group}; "
                              "pass the right n_heads")
-        size, count = (1, width) if role == "v" else (group, width // group)
+        size, count = (group, width // group) if role in ("q", "k") else (1, width)
         if runs and runs[-1][0] == size:
             runs[-1] = (size, runs[-1][1] + count)
         else:
             runs.append((size, count))
     return runs
+
+
+# ----------------------------------------------------------------------------- traced heads
+
+
+def _traced_spec(projection: TracedProjection, n_heads: int | None) -> RuleSpec:
+    """The rule of a weight whose output rows the traced forward placed in heads."""
+    attention = projection.attention
+    where = f"traced attention '{attention.module}'" if attention.module else "traced attention (the model itself)"
+    group = None
+    if n_heads is not None:
+        if attention.query_features % n_heads:
+            raise ValueError(f"{where}: {attention.query_features} projection features do not split into {n_heads} "
+                             "heads; pass the right n_heads")
+        group = attention.query_features // n_heads
+    segments = [(s.role, s.stop - s.start, group or s.head) for s in projection.segments]
+    runs = _head_runs(where, segments)
+    split = {"size": runs[0][0]} if len(runs) == 1 else {"runs": tuple(runs)}
+    roles = [s.role or "other" for s in projection.segments]
+    if not {"q", "k"} & set(roles):
+        return {"split": "groups", "axis": projection.axis, "size": 1,
+                "why": f"{where} value: one block per output neuron"}
+    widths = sorted({width for role, _, width in segments if role in ("q", "k")})
+    why = (f"{where} {_packing(roles)}: one block per head of {'/'.join(map(str, widths))} "
+           f"({attention.heads} query, {attention.kv_heads} key/value heads)"
+           + (", one per row of v" if "v" in roles else "") + (", one per other row" if "other" in roles else ""))
+    return {"split": "groups", "axis": projection.axis, **split, "why": why}
+
+
+def _packing(roles: list[str]) -> str:
+    """Roles in storage order, a repeated unit written once: ``q|k|v``, ``(q|k|v) x 4``."""
+    for unit in range(1, len(roles) // 2 + 1):
+        if len(roles) % unit == 0 and roles == roles[:unit] * (len(roles) // unit):
+            return f"({'|'.join(roles[:unit])}) x {len(roles) // unit}" if unit > 1 else \
+                f"{roles[0]} x {len(roles)}"
+    return "|".join(roles)
+
+
+def _placed_by_trace(module: nn.Module, path: str, traced: AttentionTrace) -> bool:
+    """Whether the trace placed query/key heads on a weight inside ``module``."""
+    names = (f"{path}.{name}" if path else name for name, _ in module.named_parameters())
+    return any(name in traced.projections and {"q", "k"} & {s.role for s in traced.projections[name].segments}
+               for name in names)
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
@@ -426,86 +489,62 @@ def _looks_like_attention(module: nn.Module) -> bool:
     return knows_heads and projections >= 2
 
 
-def _warn_unregistered(module_type: type, paths: list[str]) -> None:
-    where = ((f"'{paths[0]}'" if paths[0] else "the model itself")
-             + (f" and {len(paths) - 1} more" if len(paths) > 1 else ""))
+def _where(paths: list[str]) -> str:
+    return ((f"'{paths[0]}'" if paths[0] else "the model itself")
+            + (f" and {len(paths) - 1} more" if len(paths) > 1 else ""))
+
+
+_REGISTER_HINT = ("AttentionLayout({'<query attribute>': 'q', '<key attribute>': 'k', '<value attribute>': 'v'}, "
+                  "heads='<head-count attribute>'))")
+
+
+def _warn_unplaced(module_type: type, paths: list[str], failure: str | None) -> None:
+    kind = module_type.__name__
+    reason = (f"the model's forward could not be traced: {failure}" if failure
+              else "the traced forward saw none of its projections reach a query-key product")
     warnings.warn(
-        f"{where} ({module_type.__name__}) looks like attention (it has a head count and projections), but no "
-        f"AttentionLayout is registered for {module_type.__name__}: its query/key weights get one block per "
-        "output row, not one per head. Register it: "
-        f"hessian_blocks.partitions.register_attention({module_type.__name__}, "
-        "AttentionLayout({'<query attribute>': 'q', '<key attribute>': 'k', '<value attribute>': 'v'}, "
-        "heads='<head-count attribute>')) "
+        f"{_where(paths)} ({kind}) looks like attention (it has a head count and projections), but {reason}, and "
+        f"no AttentionLayout is registered for {kind}: its query/key weights get one block per output row, not one "
+        f"per head. Pass an example batch (default_partition(model, inputs=...)) or register it: "
+        f"hessian_blocks.partitions.register_attention({kind}, {_REGISTER_HINT} "
         "(see docs/partition-default.md)",
         stacklevel=3,
     )
 
 
+def _warn_problems(model: nn.Module, traced: AttentionTrace) -> None:
+    """One warning per attention type and problem: what the trace saw but could not place."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for path, what in traced.problems:
+        kind = type(model.get_submodule(path)).__name__
+        grouped.setdefault((kind, what.replace(f"'{path}.", "'") if path else what), []).append(path)
+    for (kind, what), paths in grouped.items():
+        warnings.warn(
+            f"{_where(paths)} ({kind}): the traced forward reached its attention but cannot place its heads: {what}. "
+            "Its query/key weights keep their structural rule (one block per output row for nn.Linear), not one "
+            f"block per head. Register its layout: hessian_blocks.partitions.register_attention({kind}, "
+            f"{_REGISTER_HINT} (see docs/partition-default.md)",
+            stacklevel=3,
+        )
+
+
 # ----------------------------------------------------------------------------- built-in layouts
+
+# What a trace cannot see: T5's relative position bias table (one block per head: a column) is no
+# projection. The bundled attention and torch's nn.MultiheadAttention are registered too, so that
+# their heads do not depend on a forward that can run on made-up inputs.
 
 
 def _separate(q: str, k: str, v: str, **geometry) -> AttentionLayout:
     return AttentionLayout({q: "q", k: "k", v: "v"}, **geometry)
 
 
-_LLAMA_STYLE = _separate(
-    "q_proj", "k_proj", "v_proj", heads="config.num_attention_heads", kv_heads="config.num_key_value_heads",
-    head_dim="head_dim"
-)
-_BERT_STYLE = _separate("query", "key", "value", heads="num_attention_heads", head_dim="attention_head_size")
 _T5 = _separate("q", "k", "v", heads="n_heads", head_dim="key_value_proj_dim")
 _T5_WITH_BIAS = replace(_T5, head_columns=("relative_attention_bias",))
-_GPT2 = AttentionLayout({"c_attn": "q|k|v"}, heads="num_heads", head_dim="head_dim")
-_GPT2_CROSS = AttentionLayout({"q_attn": "q", "c_attn": "k|v"}, heads="num_heads", head_dim="head_dim")
 _MHA_FUSED = AttentionLayout({"in_proj_weight": "q|k|v"}, heads="num_heads", head_dim="head_dim")
 _MHA_SEPARATE = _separate("q_proj_weight", "k_proj_weight", "v_proj_weight", heads="num_heads", head_dim="head_dim")
 
-register_attention(BundledSelfAttention, _separate("q_proj", "k_proj", "v_proj", heads="n_head"))
+register_attention("hessian_blocks.models.gpt.SelfAttention", _separate("q_proj", "k_proj", "v_proj", heads="n_head"))
 register_attention(nn.MultiheadAttention, lambda m: _MHA_FUSED if m.in_proj_weight is not None else _MHA_SEPARATE)
-for _path in (
-    "transformers.models.llama.modeling_llama.LlamaAttention",
-    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention",
-    "transformers.models.mistral.modeling_mistral.MistralAttention",
-    "transformers.models.gemma.modeling_gemma.GemmaAttention",
-    "transformers.models.qwen3.modeling_qwen3.Qwen3Attention",
-    "transformers.models.gemma2.modeling_gemma2.Gemma2Attention",
-):
-    register_attention(_path, _LLAMA_STYLE)
-for _path in (
-    "transformers.models.opt.modeling_opt.OPTAttention",
-    "transformers.models.bart.modeling_bart.BartAttention",
-    "transformers.models.whisper.modeling_whisper.WhisperAttention",
-    "transformers.models.clip.modeling_clip.CLIPAttention",
-):
-    register_attention(_path, _separate("q_proj", "k_proj", "v_proj", heads="num_heads", head_dim="head_dim"))
-register_attention(
-    "transformers.models.vit.modeling_vit.ViTAttention",
-    _separate("q_proj", "k_proj", "v_proj", heads="num_attention_heads", head_dim="head_dim"),
-)
-register_attention(
-    "transformers.models.phi3.modeling_phi3.Phi3Attention",
-    AttentionLayout({"qkv_proj": "q|k|v"}, heads="config.num_attention_heads", kv_heads="num_key_value_heads",
-                    head_dim="head_dim"),
-)
-register_attention(
-    "transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXAttention",
-    AttentionLayout({"query_key_value": "[q,k,v]"}, heads="config.num_attention_heads", head_dim="head_size"),
-)
-for _path in (
-    "transformers.models.bert.modeling_bert.BertSelfAttention",
-    "transformers.models.bert.modeling_bert.BertCrossAttention",
-    "transformers.models.roberta.modeling_roberta.RobertaSelfAttention",
-    "transformers.models.roberta.modeling_roberta.RobertaCrossAttention",
-    "transformers.models.electra.modeling_electra.ElectraSelfAttention",
-    "transformers.models.electra.modeling_electra.ElectraCrossAttention",
-):
-    register_attention(_path, _BERT_STYLE)
-register_attention(
-    "transformers.models.distilbert.modeling_distilbert.DistilBertSelfAttention",
-    _separate("q_lin", "k_lin", "v_lin", heads="n_heads", head_dim="attention_head_size"),
-)
 register_attention("transformers.models.t5.modeling_t5.T5Attention",
                    lambda m: _T5_WITH_BIAS if m.has_relative_attention_bias else _T5)
-register_attention("transformers.models.gpt2.modeling_gpt2.GPT2Attention",
-                   lambda m: _GPT2_CROSS if m.is_cross_attention else _GPT2)
-del _path
