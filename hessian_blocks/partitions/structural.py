@@ -513,11 +513,13 @@ def _warn_unplaced(module_type: type, paths: list[str], failure: str | None) -> 
 
 
 def _warn_problems(model: nn.Module, traced: AttentionTrace) -> None:
-    """One warning per attention type and problem: what the trace saw but could not place."""
-    grouped: dict[tuple[str, str], list[str]] = {}
+    """One warning per attention type and set of problems: what the trace saw but could not place."""
+    found: dict[str, list[str]] = {}
     for path, what in traced.problems:
-        kind = type(model.get_submodule(path)).__name__
-        grouped.setdefault((kind, what.replace(f"'{path}.", "'") if path else what), []).append(path)
+        found.setdefault(path, []).append(what.replace(f"'{path}.", "'") if path else what)
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for path, whats in found.items():
+        grouped.setdefault((type(model.get_submodule(path)).__name__, "; ".join(whats)), []).append(path)
     for (kind, what), paths in grouped.items():
         warnings.warn(
             f"{_where(paths)} ({kind}): the traced forward reached its attention but cannot place its heads: {what}. "

@@ -43,7 +43,15 @@ SEQUENCE = 4  # tokens in the traced batch (one sample)
 _PRODUCTS = {"mm": (None, 0, 1), "bmm": (None, 0, 1), "addmm": (0, 1, 2), "baddbmm": (0, 1, 2)}  # (bias, a, b)
 _SOFTMAX = {"_softmax", "_safe_softmax", "softmax"}
 _COPIES = {"_to_copy", "clone", "contiguous", "alias", "detach", "lift_fresh", "lift_fresh_copy", "copy"}
+# views between real pairs and complex numbers (rotary embeddings): a complex feature carries the tag of
+# its real part, and the trace remembers that the imaginary part's row goes with it
+_COMPLEX_VIEWS = {"view_as_complex": lambda tags: tags[..., 0],
+                  "view_as_real": lambda tags: tags.unsqueeze(-1).expand(*tags.shape, 2)}
+# normalisations: output i is input i rescaled (the statistics and the scale are no projection's rows)
+_NORMS = {"native_layer_norm", "_fused_rms_norm", "native_group_norm", "native_batch_norm", "native_dropout",
+          "_native_batch_norm_legit", "_native_batch_norm_legit_no_training"}
 _MOVES = {"_unsafe_view", "cat", "stack", "repeat", "index_select", "index", "gather", "flip", "roll",
+          "slice_scatter", "select_scatter", "index_put",
           "repeat_interleave", "expand_copy", "view_copy", "permute_copy", "transpose_copy", "t_copy",
           "unsqueeze_copy", "squeeze_copy", "slice_copy", "select_copy", "split_copy", "unbind_copy"}
 
@@ -101,39 +109,57 @@ class AttentionTrace:
 
 
 def trace_attention(model: nn.Module, inputs: object = None) -> AttentionTrace:
-    """Trace one forward of ``model`` on the meta device and read where its attention heads are.
+    """Trace one forward of ``model`` and read where its attention heads are.
 
+    The forward runs on the meta device (shapes only); a model whose forward needs values (a
+    data-dependent branch, ``.item()``) runs once more on its own parameters, on a batch of one.
     ``inputs``: an example batch (a tensor, a tuple of positional arguments or a dict of keywords;
-    only shapes and dtypes are used). By default one is made up: Hugging Face models get the inputs
-    their ``forward`` names (``input_ids``, ``pixel_values``, ``input_features``, decoder ids, encoder
-    states for cross-attention) sized from their config; other models a ``[1, 4]`` token batch when
-    their first layer is an ``nn.Embedding``, ``[1, 4, in_features]`` when an ``nn.Linear``.
+    on the meta device only its shapes and dtypes count). By default one is made up: Hugging Face
+    models get the inputs their ``forward`` names (``input_ids``, ``pixel_values``,
+    ``input_features``, decoder ids, encoder states for cross-attention) sized from their config;
+    other models a ``[1, 4]`` token batch when their first layer is an ``nn.Embedding``,
+    ``[1, 4, in_features]`` when an ``nn.Linear``.
     """
     runner, prefix = (model._orig_mod, "_orig_mod.") if isinstance(getattr(model, "_orig_mod", None), nn.Module) \
         else (model, "")
-    example = _example(runner) if inputs is None else _as_call(inputs)
-    if example is None:
-        return AttentionTrace(failure="no example inputs could be made up for its forward: pass inputs=")
+    failures = []
+    for device in ("meta", next((p.device for p in runner.parameters()), torch.device("cpu"))):
+        example = _example(runner, device) if inputs is None else _as_call(inputs)
+        if example is None:
+            return AttentionTrace(failure="no example inputs could be made up for its forward: pass inputs=")
+        modes = {m: m.training for m in runner.modules()}
+        runner.eval()
+        try:
+            follower = _run(runner, prefix, example, on_meta=device == "meta")
+        except Exception as err:  # noqa: BLE001 (any model error: the default partition falls back and says so)
+            message = " ".join(str(err).split())
+            where = "on the meta device" if device == "meta" else "on its own parameters"
+            failures.append(f"{where} ({type(err).__name__}: {message[:160]}{'...' if len(message) > 160 else ''})")
+            continue
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+        layers = {prefix + path for path, module in runner.named_modules()  # leaves with a weight (and bias)
+                  if path and not next(module.children(), None)
+                  and {name for name, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}}
+        return follower.result(layers)
+    return AttentionTrace(failure="its forward failed " + ", then ".join(failures))
+
+
+def _run(runner: nn.Module, prefix: str, example: tuple[tuple, dict], on_meta: bool) -> _Follower:
+    """One forward under the follower: on meta copies of the parameters and buffers, or on the model's own."""
+    if not on_meta:
+        follower = _Follower({id(t): (prefix + name, t) for name, t in runner.named_parameters()})
+        with torch.no_grad(), follower:
+            runner(*example[0], **example[1])
+        return follower
     args, kwargs = tree_map(_to_meta, example)
     tensors = {name: torch.empty_like(t, device="meta") for name, t in runner.named_parameters()}
     buffers = {name: torch.empty_like(t, device="meta") for name, t in runner.named_buffers()}
     follower = _Follower({id(t): (prefix + name, t) for name, t in tensors.items()})
-    modes = {m: m.training for m in runner.modules()}
-    runner.eval()
-    try:
-        with torch.no_grad(), follower:
-            torch.func.functional_call(runner, tensors | buffers, args, kwargs, strict=False)
-    except Exception as err:  # noqa: BLE001 (any model error: the default partition falls back and says so)
-        message = " ".join(str(err).split())
-        return AttentionTrace(failure=f"its forward failed on the meta device ({type(err).__name__}: "
-                                      f"{message[:200]}{'...' if len(message) > 200 else ''})")
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-    layers = {prefix + path for path, module in runner.named_modules()  # layers: leaves with a weight (and bias)
-              if path and not next(module.children(), None)
-              and {name for name, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}}
-    return follower.result(layers)
+    with torch.no_grad(), follower:
+        torch.func.functional_call(runner, tensors | buffers, args, kwargs, strict=False)
+    return follower
 
 
 # ----------------------------------------------------------------------------- example inputs
@@ -149,23 +175,23 @@ def _as_call(inputs: object) -> tuple[tuple, dict]:
     return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
 
 
-def _example(model: nn.Module) -> tuple[tuple, dict] | None:
+def _example(model: nn.Module, device: torch.device | str) -> tuple[tuple, dict] | None:
     config = getattr(model, "config", None)
     if config is not None and isinstance(getattr(type(model), "main_input_name", None), str):
-        return (), _hf_example(model, config)
+        return (), _hf_example(model, config, device)
     first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
     if isinstance(first, nn.Embedding):
-        return (torch.zeros(1, SEQUENCE, dtype=torch.long, device="meta"),), {}
+        return (torch.zeros(1, SEQUENCE, dtype=torch.long, device=device),), {}
     if isinstance(first, nn.Linear):
-        return (torch.zeros(1, SEQUENCE, first.in_features, dtype=first.weight.dtype, device="meta"),), {}
+        return (torch.zeros(1, SEQUENCE, first.in_features, dtype=first.weight.dtype, device=device),), {}
     return None
 
 
-def _hf_example(model: nn.Module, config: object) -> dict:
-    """The inputs a Hugging Face model's ``forward`` names, sized from its config (meta tensors)."""
+def _hf_example(model: nn.Module, config: object, device: torch.device | str) -> dict:
+    """The inputs a Hugging Face model's ``forward`` names, sized from its config."""
     accepted = inspect.signature(model.forward).parameters
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    tokens = torch.zeros(1, SEQUENCE, dtype=torch.long, device="meta")
+    tokens = torch.zeros(1, SEQUENCE, dtype=torch.long, device=device)
     batch: dict = {}
     if "input_ids" in accepted:
         batch["input_ids"] = tokens
@@ -174,14 +200,16 @@ def _hf_example(model: nn.Module, config: object) -> dict:
         size = vision.image_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         batch["pixel_values"] = torch.zeros(1, getattr(vision, "num_channels", 3), height, width, dtype=dtype,
-                                            device="meta")
+                                            device=device)
     if "input_features" in accepted and getattr(config, "num_mel_bins", None):
         frames = 2 * getattr(config, "max_source_positions", 1500)  # audio encoders: two frames per position
-        batch["input_features"] = torch.zeros(1, config.num_mel_bins, frames, dtype=dtype, device="meta")
+        batch["input_features"] = torch.zeros(1, config.num_mel_bins, frames, dtype=dtype, device=device)
     if "decoder_input_ids" in accepted and getattr(config, "is_encoder_decoder", False):
         batch["decoder_input_ids"] = tokens
-    if "encoder_hidden_states" in accepted and getattr(config, "add_cross_attention", False):
-        batch["encoder_hidden_states"] = torch.zeros(1, SEQUENCE, config.hidden_size, dtype=dtype, device="meta")
+    if "encoder_hidden_states" in accepted and (getattr(config, "add_cross_attention", False)
+                                                or getattr(config, "is_encoder_decoder", False)):
+        width = getattr(config, "cross_attention_hidden_size", None) or config.hidden_size
+        batch["encoder_hidden_states"] = torch.zeros(1, SEQUENCE, width, dtype=dtype, device=device)
     return batch
 
 
@@ -205,8 +233,9 @@ class _Follower(TorchDispatchMode):
         super().__init__()
         self.keep: list[object] = []  # every tracked tensor stays alive: its id is never reused
         self.shapes = {name: tuple(t.shape) for name, t in params.values()}
-        # id -> (param, geometry): a meta tensor whose strides index the parameter's row-major entries
-        self.geometry: dict[int, tuple[str, torch.Tensor | None]] = {
+        # id -> (param, geometry): a meta tensor whose strides index the parameter's row-major entries, or
+        # why its entries cannot be followed any more
+        self.geometry: dict[int, tuple[str, torch.Tensor | str]] = {
             i: (name, torch.empty(t.shape, device="meta")) for i, (name, t) in params.items()}
         self.tags: dict[int, torch.Tensor] = {}  # id -> int64 row tags, the tensor's shape
         self.stage: dict[int, tuple[str, _Event]] = {}  # id -> ("scores" | "probs", event)
@@ -215,6 +244,7 @@ class _Follower(TorchDispatchMode):
         self.losses: list[tuple[str, str]] = []  # (param, what could not be followed); tag -2 - index
         self.events: list[_Event] = []
         self.biases: set[str] = set()
+        self.partners: dict[int, int] = {}  # real-part row tag -> imaginary-part row tag (complex views)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -280,6 +310,8 @@ class _Follower(TorchDispatchMode):
             self._move(func, name, args, kwargs, outs)
         elif torch.Tag.pointwise in func.tags or name == "copy_":
             self._pointwise(name, args, outs)
+        elif name in _NORMS and id(args[0]) in self.tags and tuple(outs[0].shape) == tuple(args[0].shape):
+            self._tag(outs[0], self.tags[id(args[0])])
 
     def _product(self, name: str, args, out: torch.Tensor) -> None:
         bias_at, a_at, b_at = _PRODUCTS[name]
@@ -303,13 +335,13 @@ class _Follower(TorchDispatchMode):
         self.events.append(event)
         return event
 
-    def _projection(self, param: str, geometry: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    def _projection(self, param: str, geometry: torch.Tensor | str, shape: tuple[int, ...]) -> torch.Tensor:
         """Row tags of a projection's output ``[..., m, n]`` from the geometry of its weight operand."""
-        if geometry is None:
-            return self._loss(param, "is reshaped in a way that mixes its axes before its product", shape)
+        if isinstance(geometry, str):
+            return self._loss(param, f"(shape {list(self.shapes[param])}) {geometry}", shape)
         if len(self.shapes[param]) != 2:
-            return self._loss(param, f"(shape {list(self.shapes[param])}) has its output features along more "
-                                     "than one axis", shape)
+            return self._loss(param, f"(shape {list(self.shapes[param])}) enters its product with its output "
+                                     "features along more than one axis", shape)
         rows, columns = self.shapes[param]
         *batch, depth, width = geometry.shape
         strides = geometry.stride()
@@ -333,15 +365,17 @@ class _Follower(TorchDispatchMode):
         first = next((a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)), None)
         if first is not None and id(first) in self.geometry:  # a view or copy of a weight
             param, geometry = self.geometry[id(first)]
-            if name in _COPIES:
-                moved = [geometry if geometry is not None and tuple(o.shape) == tuple(geometry.shape) else None
-                         for o in outs]
+            mixed = f"enters its product through aten.{name}, which mixes its axes"
+            if isinstance(geometry, str):
+                moved = [geometry] * len(outs)
+            elif name in _COPIES:
+                moved = [geometry if tuple(o.shape) == tuple(geometry.shape) else mixed for o in outs]
             else:
                 try:
                     moved = [g for g in tree_flatten(func(geometry, *args[1:], **kwargs))[0]]
-                    moved = [g if tuple(g.shape) == tuple(o.shape) else None for g, o in zip(moved, outs)]
+                    moved = [g if tuple(g.shape) == tuple(o.shape) else mixed for g, o in zip(moved, outs)]
                 except Exception:  # noqa: BLE001 (not a view of the weight's entries: its rows are lost)
-                    moved = [None] * len(outs)
+                    moved = [mixed] * len(outs)
             for o, g in zip(outs, moved):
                 self.keep.append(o)
                 self.geometry[id(o)] = (param, g)
@@ -352,6 +386,12 @@ class _Follower(TorchDispatchMode):
                 self.keep.append(o)
                 self.stage[id(o)] = stage
         if not any(id(a) in self.tags for a in tree_flatten(args)[0]):
+            return
+        if name in _COMPLEX_VIEWS and id(first) in self.tags:
+            tags = self.tags[id(first)]
+            if name == "view_as_complex":
+                self.partners.update(zip(tags[..., 0].flatten().tolist(), tags[..., 1].flatten().tolist()))
+            self._tag(outs[0], _COMPLEX_VIEWS[name](tags))
             return
         if name in _COPIES:
             source = self.tags[id(first)]
@@ -384,15 +424,17 @@ class _Follower(TorchDispatchMode):
                 return torch.full(value.shape, UNTAGGED, dtype=torch.long)
             if value.is_meta:
                 lost.append(value)
-            return value
+                return value
+            return value.cpu()
 
         return tree_map(replace, args), (lost[0] if lost else None)
 
     def _pointwise(self, name: str, args, outs: list[torch.Tensor]) -> None:
         flat = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
-        tagged = [a for a in flat if id(a) in self.tags]
         if name == "copy_":
-            tagged = [a for a in flat[1:] if id(a) in self.tags]
+            self._write(flat[0], flat[1])
+            return
+        tagged = [a for a in flat if id(a) in self.tags]
         if tagged:
             if name in ("add", "add_"):
                 self.biases.update(self.geometry[id(a)][0] for a in flat
@@ -411,9 +453,30 @@ class _Follower(TorchDispatchMode):
         if not tagged and first is not None and id(first) in self.geometry:
             param, geometry = self.geometry[id(first)]
             for o in outs:
-                if geometry is not None and tuple(o.shape) == tuple(geometry.shape):
+                if not isinstance(geometry, str) and tuple(o.shape) == tuple(geometry.shape):
                     self.keep.append(o)
                     self.geometry[id(o)] = (param, geometry)
+
+    def _write(self, target: torch.Tensor, source: torch.Tensor) -> None:
+        """``target.copy_(source)``: the target, and the tensor it is a view of, take the source's tags."""
+        tags = (torch.broadcast_to(self.tags[id(source)], target.shape) if id(source) in self.tags
+                else torch.full(target.shape, UNTAGGED, dtype=torch.long))
+        self.tags.pop(id(target), None)
+        self._tag(target, tags.contiguous())
+        base = target._base
+        if base is None:
+            return
+        size = base.untyped_storage().nbytes() // base.element_size()
+        storage = torch.full((size,), UNTAGGED, dtype=torch.long)
+
+        def positions(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.arange(size).as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+
+        if id(base) in self.tags:
+            storage[positions(base).reshape(-1)] = self.tags[id(base)].reshape(-1)
+        storage[positions(target).reshape(-1)] = tags.reshape(-1)
+        self.tags.pop(id(base), None)
+        self._tag(base, storage[positions(base)])
 
     # -- the result
 
@@ -424,10 +487,10 @@ class _Follower(TorchDispatchMode):
         attention_of: dict[int, TracedAttention] = {}
         problems: list[tuple[str, str]] = []
         for event in (e for e in self.events if e.confirmed):
-            sides = {"q": _row_sets(event.q), "k": _row_sets(event.k)}
+            sides = {"q": self._row_sets(event.q), "k": self._row_sets(event.k)}
             lost = {int(t) for sets in sides.values() for s in sets for t in s if t <= -2}
-            lost |= {int(t) for v in event.v for s in _row_sets(v) for t in s if t <= -2}
-            for code in sorted(lost):
+            lost |= {int(t) for v in event.v for s in self._row_sets(v) for t in s if t <= -2}
+            for code in sorted(lost, reverse=True):  # in the order the losses happened
                 param, what = self.losses[-2 - code]
                 problems.append((_attention_module([param], layers), f"'{param}' {what}"))
             if lost:
@@ -443,7 +506,7 @@ class _Follower(TorchDispatchMode):
                         heads.setdefault(source, {}).setdefault(rows, role)
                         attention_of.setdefault(source, attention)
             for v in event.v:
-                for split in (self._split(s) for s in _row_sets(v)):
+                for split in (self._split(s) for s in self._row_sets(v)):
                     for source, rows in split.items():
                         values.setdefault(source, set()).update(rows)
                         attention_of.setdefault(source, attention)
@@ -459,6 +522,14 @@ class _Follower(TorchDispatchMode):
             projections[param] = TracedProjection(param, axis, attention_of[source], segments)
         return AttentionTrace(projections, frozenset(self.biases), tuple(dict.fromkeys(problems)))
 
+    def _row_sets(self, tags: torch.Tensor) -> list[frozenset[int]]:
+        """The distinct row sets of the batch indices (untagged features dropped, complex partners added)."""
+        sets = []
+        for row in tags:
+            rows = set(torch.unique(row).tolist()) - {UNTAGGED}
+            sets.append(frozenset(rows | {self.partners[r] for r in rows if r in self.partners}))
+        return [s for s in dict.fromkeys(sets) if s]
+
     def _split(self, rows: frozenset[int]) -> dict[int, frozenset[int]]:
         """Global row tags -> {source: its local rows}."""
         local: dict[int, set[int]] = {}
@@ -472,12 +543,6 @@ class _Follower(TorchDispatchMode):
 def _per_batch(tags: torch.Tensor) -> torch.Tensor:
     """``[..., m, n]`` tags -> ``[batch indices, m * n]``: one row per batch (and head) index."""
     return tags.reshape(-1, tags.shape[-2] * tags.shape[-1]) if tags.ndim > 2 else tags.reshape(1, -1)
-
-
-def _row_sets(tags: torch.Tensor) -> list[frozenset[int]]:
-    """The distinct tag sets of the batch indices (untagged features dropped)."""
-    sets = [frozenset(torch.unique(row).tolist()) - {UNTAGGED} for row in tags]
-    return [s for s in dict.fromkeys(sets) if s]
 
 
 def _segments(length: int, sets: dict[frozenset, str], values: set[int]) -> tuple[HeadSegment, ...] | str:
