@@ -171,6 +171,9 @@ def default_rules(model: nn.Module, n_heads: int | None = None, inputs: object =
     for name in traced.biases:
         specs.setdefault(id(params[name]), {"split": "elements", "why": "added to a projection's output (traced): "
                                                                          "a bias, plain Adam"})
+    for name, axis in traced.linear_maps.items():
+        specs.setdefault(id(params[name]), {"split": "groups", "axis": axis, "size": 1,
+                                            "why": "a linear map in the traced forward: one block per output neuron"})
     for name, projection in traced.projections.items():
         specs[id(params[name])] = _traced_spec(projection, n_heads)
     layouts = _registered_layouts()

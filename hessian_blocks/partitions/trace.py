@@ -98,11 +98,13 @@ class TracedProjection:
 class AttentionTrace:
     """What one traced forward says about the model's attention heads.
 
-    ``projections`` by parameter name; ``biases``: 1-D parameters added to a projection's output
-    (one block per element); ``problems``: (module path, what was not understood); ``failure``:
-    why the forward could not run (``None`` when it ran)."""
+    ``projections`` by parameter name; ``linear_maps``: every 2-D parameter the forward used as a
+    linear map (a projection, an MLP or router weight), with its output axis; ``biases``: 1-D
+    parameters added to a projection's output (one block per element); ``problems``: (module path,
+    what was not understood); ``failure``: why the forward could not run (``None`` when it ran)."""
 
     projections: dict[str, TracedProjection] = field(default_factory=dict)
+    linear_maps: dict[str, int] = field(default_factory=dict)
     biases: frozenset[str] = frozenset()
     problems: tuple[tuple[str, str], ...] = ()
     failure: str | None = None
@@ -244,6 +246,7 @@ class _Follower(TorchDispatchMode):
         self.losses: list[tuple[str, str]] = []  # (param, what could not be followed); tag -2 - index
         self.events: list[_Event] = []
         self.biases: set[str] = set()
+        self.linear_maps: dict[str, int | None] = {}  # param -> output axis (None: used along both)
         self.partners: dict[int, int] = {}  # real-part row tag -> imaginary-part row tag (complex views)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -339,7 +342,7 @@ class _Follower(TorchDispatchMode):
         """Row tags of a projection's output ``[..., m, n]`` from the geometry of its weight operand."""
         if isinstance(geometry, str):
             return self._loss(param, f"(shape {list(self.shapes[param])}) {geometry}", shape)
-        if len(self.shapes[param]) != 2:
+        if len(self.shapes[param]) != 2:  # a 3-D expert tensor [experts, out, in] would get (expert, row) blocks here
             return self._loss(param, f"(shape {list(self.shapes[param])}) enters its product with its output "
                                      "features along more than one axis", shape)
         rows, columns = self.shapes[param]
@@ -358,6 +361,7 @@ class _Follower(TorchDispatchMode):
         if along_rows == along_columns:
             return self._loss(param, "enters its product with strides the trace cannot read", shape)
         axis, index = (0, base // columns) if along_rows else (1, base % columns)
+        self.linear_maps[param] = axis if self.linear_maps.get(param, axis) == axis else None
         tags = self._rows(param, axis) + index  # [batch, n]
         return tags[:, None, :].expand(tags.shape[0], shape[-2], shape[-1]).reshape(shape)
 
@@ -520,7 +524,8 @@ class _Follower(TorchDispatchMode):
                 problems.append((attention_of[source].module, f"'{param}' {segments}"))
                 continue
             projections[param] = TracedProjection(param, axis, attention_of[source], segments)
-        return AttentionTrace(projections, frozenset(self.biases), tuple(dict.fromkeys(problems)))
+        linear_maps = {param: axis for param, axis in self.linear_maps.items() if axis is not None}
+        return AttentionTrace(projections, linear_maps, frozenset(self.biases), tuple(dict.fromkeys(problems)))
 
     def _row_sets(self, tags: torch.Tensor) -> list[frozenset[int]]:
         """The distinct row sets of the batch indices (untagged features dropped, complex partners added)."""
