@@ -26,6 +26,7 @@ computed from data) is reported as a problem naming the module, never guessed.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import inspect
 import math
 import os
@@ -149,26 +150,46 @@ def trace_attention(model: nn.Module, inputs: object = None) -> AttentionTrace:
 
 
 def _run(runner: nn.Module, prefix: str, example: tuple[tuple, dict], on_meta: bool) -> _Follower:
-    """One forward under the follower: on meta copies of the parameters and buffers, or on the model's own."""
+    """One forward under the follower, without the modules' hooks (FSDP's all-gathers, a user's logging):
+    on meta copies of the parameters and buffers, or on the model's own."""
     if not on_meta:
         follower = _Follower({id(t): (prefix + name, t) for name, t in runner.named_parameters()})
-        with torch.no_grad(), follower:
+        with torch.no_grad(), _without_hooks(runner), follower:
             runner(*example[0], **example[1])
         return follower
     args, kwargs = tree_map(_to_meta, example)
-    tensors = {name: torch.empty_like(t, device="meta") for name, t in runner.named_parameters()}
-    buffers = {name: torch.empty_like(t, device="meta") for name, t in runner.named_buffers()}
+    tensors = {name: _to_meta(t) for name, t in runner.named_parameters()}
+    buffers = {name: _to_meta(t) for name, t in runner.named_buffers()}
     follower = _Follower({id(t): (prefix + name, t) for name, t in tensors.items()})
-    with torch.no_grad(), follower:
+    with torch.no_grad(), _without_hooks(runner), follower:
         torch.func.functional_call(runner, tensors | buffers, args, kwargs, strict=False)
     return follower
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _without_hooks(model: nn.Module):
+    saved = [(module, {name: getattr(module, name) for name in _HOOKS}) for module in model.modules()]
+    try:
+        for module, hooks in saved:
+            for name, value in hooks.items():
+                setattr(module, name, type(value)())
+        yield
+    finally:
+        for module, hooks in saved:
+            for name, value in hooks.items():
+                setattr(module, name, value)
 
 
 # ----------------------------------------------------------------------------- example inputs
 
 
 def _to_meta(value: object) -> object:
-    return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
+    """A plain meta tensor of ``value``'s (global) shape and dtype; anything else unchanged."""
+    return torch.empty(value.shape, dtype=value.dtype, device="meta") if isinstance(value, torch.Tensor) else value
 
 
 def _as_call(inputs: object) -> tuple[tuple, dict]:
