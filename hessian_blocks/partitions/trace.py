@@ -32,10 +32,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 __all__ = ["AttentionTrace", "HeadSegment", "TracedAttention", "TracedProjection", "trace_attention"]
 
@@ -273,15 +274,16 @@ class _Follower(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if any(id(t) in self.geometry or id(t) in self.tags or id(t) in self.stage for t in inputs):
+        if any(id(t) in self.geometry or id(t) in self.tags or id(t) in self.stage
+               for t in _tensors((args, tuple(kwargs.values())))):
             self._follow(func, args, kwargs, out)
         return out
 
     # -- bookkeeping
 
-    def _tag(self, tensor: torch.Tensor, tags: torch.Tensor) -> None:
-        if bool((tags != UNTAGGED).any()):
+    def _tag(self, tensor: torch.Tensor, tags: torch.Tensor, surely: bool = False) -> None:
+        """Record ``tags`` for ``tensor`` unless none of them is a row (``surely``: some are)."""
+        if surely or bool((tags != UNTAGGED).any()):
             self.keep.append(tensor)
             self.tags[id(tensor)] = tags
 
@@ -314,7 +316,7 @@ class _Follower(TorchDispatchMode):
 
     def _follow(self, func, args, kwargs, out) -> None:
         name = func.overloadpacket.__name__
-        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        outs = _tensors(out)
         if name in _PRODUCTS:
             self._product(name, args, out)
         elif "scaled_dot_product" in name:
@@ -335,7 +337,7 @@ class _Follower(TorchDispatchMode):
         elif torch.Tag.pointwise in func.tags or name == "copy_":
             self._pointwise(name, args, outs)
         elif name in _NORMS and id(args[0]) in self.tags and tuple(outs[0].shape) == tuple(args[0].shape):
-            self._tag(outs[0], self.tags[id(args[0])])
+            self._tag(outs[0], self.tags[id(args[0])], surely=True)
 
     def _product(self, name: str, args, out: torch.Tensor) -> None:
         bias_at, a_at, b_at = _PRODUCTS[name]
@@ -343,7 +345,7 @@ class _Follower(TorchDispatchMode):
         if id(b) in self.geometry and id(a) not in self.geometry:
             param, geometry = self.geometry[id(b)]
             tags = self._projection(param, geometry, tuple(out.shape))
-            self._tag(out, tags)
+            self._tag(out, tags, surely=True)
             if bias_at is not None and id(args[bias_at]) in self.geometry and tags.min() >= 0:
                 self.biases.add(self.geometry[id(args[bias_at])][0])
         elif id(a) in self.tags and id(b) in self.tags:
@@ -387,7 +389,8 @@ class _Follower(TorchDispatchMode):
         return tags[:, None, :].expand(tags.shape[0], shape[-2], shape[-1]).reshape(shape)
 
     def _move(self, func, name: str, args, kwargs, outs: list[torch.Tensor]) -> None:
-        first = next((a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)), None)
+        inputs = _tensors(args)
+        first = inputs[0] if inputs else None
         if first is not None and id(first) in self.geometry:  # a view or copy of a weight
             param, geometry = self.geometry[id(first)]
             mixed = f"enters its product through aten.{name}, which mixes its axes"
@@ -397,7 +400,7 @@ class _Follower(TorchDispatchMode):
                 moved = [geometry if tuple(o.shape) == tuple(geometry.shape) else mixed for o in outs]
             else:
                 try:
-                    moved = [g for g in tree_flatten(func(geometry, *args[1:], **kwargs))[0]]
+                    moved = _tensors(func(geometry, *args[1:], **kwargs))
                     moved = [g if tuple(g.shape) == tuple(o.shape) else mixed for g, o in zip(moved, outs)]
                 except Exception:  # noqa: BLE001 (not a view of the weight's entries: its rows are lost)
                     moved = [mixed] * len(outs)
@@ -405,31 +408,32 @@ class _Follower(TorchDispatchMode):
                 self.keep.append(o)
                 self.geometry[id(o)] = (param, g)
             return
-        stage = next((self.stage[id(a)] for a in tree_flatten(args)[0] if id(a) in self.stage), None)
+        stage = next((self.stage[id(a)] for a in inputs if id(a) in self.stage), None)
         if stage is not None:
             for o in outs:
                 self.keep.append(o)
                 self.stage[id(o)] = stage
-        if not any(id(a) in self.tags for a in tree_flatten(args)[0]):
+        if not any(id(a) in self.tags for a in inputs):
             return
         if name in _COMPLEX_VIEWS and id(first) in self.tags:
             tags = self.tags[id(first)]
             if name == "view_as_complex":
                 self.partners.update(zip(tags[..., 0].flatten().tolist(), tags[..., 1].flatten().tolist()))
-            self._tag(outs[0], _COMPLEX_VIEWS[name](tags))
+            self._tag(outs[0], _COMPLEX_VIEWS[name](tags), surely=True)
             return
         if name in _COPIES:
             source = self.tags[id(first)]
             for o in outs:
-                self._tag(o, source if tuple(o.shape) == tuple(source.shape) else self._lost(source, name, o.shape))
+                self._tag(o, source if tuple(o.shape) == tuple(source.shape) else self._lost(source, name, o.shape),
+                          surely=True)
             return
         replaced, lost_in = self._tag_arguments(args)
         try:
             if lost_in is not None:
                 raise ValueError
-            moved = [t for t in tree_flatten(func(*replaced, **kwargs))[0] if isinstance(t, torch.Tensor)]
+            moved = _tensors(func(*replaced, **kwargs))
         except Exception:  # noqa: BLE001 (an index computed on the meta device from data)
-            tags = next(self.tags[id(a)] for a in tree_flatten(args)[0] if id(a) in self.tags)
+            tags = next(self.tags[id(a)] for a in inputs if id(a) in self.tags)
             moved = [self._lost(tags, f"reaches attention through aten.{name} with an index computed from data",
                                 tuple(o.shape)) for o in outs]
         for o, t in zip(outs, moved):
@@ -455,7 +459,7 @@ class _Follower(TorchDispatchMode):
         return tree_map(replace, args), (lost[0] if lost else None)
 
     def _pointwise(self, name: str, args, outs: list[torch.Tensor]) -> None:
-        flat = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
+        flat = _tensors(args)
         if name == "copy_":
             self._write(flat[0], flat[1])
             return
@@ -466,7 +470,7 @@ class _Follower(TorchDispatchMode):
                                    if id(a) in self.geometry and a.ndim == 1 and self.tags[id(tagged[0])].min() >= 0)
             for o in outs:
                 try:
-                    self._tag(o, torch.broadcast_to(self.tags[id(tagged[0])], o.shape).clone())
+                    self._tag(o, torch.broadcast_to(self.tags[id(tagged[0])], o.shape), surely=True)
                 except RuntimeError:
                     continue
         stage = next((self.stage[id(a)] for a in flat if id(a) in self.stage), None)
@@ -551,19 +555,26 @@ class _Follower(TorchDispatchMode):
     def _row_sets(self, tags: torch.Tensor) -> list[frozenset[int]]:
         """The distinct row sets of the batch indices (untagged features dropped, complex partners added)."""
         sets = []
-        for row in tags:
-            rows = set(torch.unique(row).tolist()) - {UNTAGGED}
+        for row in torch.unique(tags.sort(dim=1).values, dim=0).numpy():
+            rows = set(np.unique(row).tolist()) - {UNTAGGED}
             sets.append(frozenset(rows | {self.partners[r] for r in rows if r in self.partners}))
         return [s for s in dict.fromkeys(sets) if s]
 
     def _split(self, rows: frozenset[int]) -> dict[int, frozenset[int]]:
         """Global row tags -> {source: its local rows}."""
-        local: dict[int, set[int]] = {}
-        for tag in rows:
-            if tag >= 0:
-                source = self._source_of(tag)
-                local.setdefault(source, set()).add(tag - self.starts[source])
-        return {source: frozenset(r) for source, r in local.items()}
+        tags = np.array(sorted(t for t in rows if t >= 0), dtype=np.int64)
+        sources = np.searchsorted(np.array(self.starts), tags, side="right") - 1
+        return {int(source): frozenset((tags[sources == source] - self.starts[source]).tolist())
+                for source in np.unique(sources)}
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    """The tensors in an ATen op's arguments or results (tensors, and lists or tuples of them, nested)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
 
 
 def _per_batch(tags: torch.Tensor) -> torch.Tensor:
