@@ -235,6 +235,18 @@ def test_traced_head_blocks_are_the_heads_of_the_forward_pass(family):
     assert_blocks_are_heads(moved, HEADS, FAMILIES[family][4])
 
 
+def test_keys_are_placed_when_the_queries_come_from_no_projection_the_trace_follows():
+    """JetMoE's queries come from 3-D expert tensors (mixture of attention heads): its key heads are still
+    read from the score product (the experts get their rule with the 3-D expert format)."""
+    config = transformers.JetMoeConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_key_value_heads=KV_HEADS,
+                                       kv_channels=HEAD_DIM, vocab_size=VOCAB, intermediate_size=FFN,
+                                       num_local_experts=4, num_experts_per_tok=2)
+    rules = default_rules(transformers.JetMoeForCausalLM(config))
+    kv = rules["model.layers.0.self_attention.kv_proj.weight"]
+    assert kv.runs == ((HEAD_DIM, KV_HEADS), (1, KV_HEADS * HEAD_DIM))  # [k heads | v rows]
+    assert "query heads not traced, 2 key/value heads" in kv.why
+
+
 def test_user_head_count_on_a_traced_fused_projection():
     model = build("mpt")
     rules = default_rules(model, n_heads=2)  # 32 query rows in 2 heads of 16; keys split by the same width

@@ -443,7 +443,7 @@ def _traced_spec(projection: TracedProjection, n_heads: int | None) -> RuleSpec:
     attention = projection.attention
     where = f"traced attention '{attention.module}'" if attention.module else "traced attention (the model itself)"
     group = None
-    if n_heads is not None:
+    if n_heads is not None and attention.query_features:  # (no query rows traced: the key widths stay)
         if attention.query_features % n_heads:
             raise ValueError(f"{where}: {attention.query_features} projection features do not split into {n_heads} "
                              "heads; pass the right n_heads")
@@ -457,7 +457,8 @@ def _traced_spec(projection: TracedProjection, n_heads: int | None) -> RuleSpec:
                 "why": f"{where} value: one block per output neuron"}
     widths = sorted({width for role, _, width in segments if role in ("q", "k")})
     why = (f"{where} {_packing(roles)}: one block per head of {'/'.join(map(str, widths))} "
-           f"({attention.heads} query, {attention.kv_heads} key/value heads)"
+           f"({f'{attention.heads} query' if attention.heads else 'query heads not traced'}, "
+           f"{attention.kv_heads} key/value heads)"
            + (", one per row of v" if "v" in roles else "") + (", one per other row" if "other" in roles else ""))
     return {"split": "groups", "axis": projection.axis, **split, "why": why}
 

@@ -321,8 +321,9 @@ class _Follower(TorchDispatchMode):
             self._product(name, args, out)
         elif "scaled_dot_product" in name:
             q, k, v = args[:3]
-            if id(q) in self.tags and id(k) in self.tags:
-                event = self._event(self.tags[id(q)], self.tags[id(k)])
+            if id(q) in self.tags or id(k) in self.tags:
+                event = self._event(*(self.tags.get(id(t), torch.full(t.shape, UNTAGGED, dtype=torch.long))
+                                      for t in (q, k)))
                 event.confirmed = True
                 if id(v) in self.tags:
                     event.v.append(_per_batch(self.tags[id(v)]))
@@ -348,12 +349,16 @@ class _Follower(TorchDispatchMode):
             self._tag(out, tags, surely=True)
             if bias_at is not None and id(args[bias_at]) in self.geometry and tags.min() >= 0:
                 self.biases.add(self.geometry[id(args[bias_at])][0])
-        elif id(a) in self.tags and id(b) in self.tags:
-            event = self._event(self.tags[id(a)], self.tags[id(b)])
+        elif self.stage.get(id(a), ("",))[0] == "probs":
+            if id(b) in self.tags:
+                self.stage[id(a)][1].v.append(_per_batch(self.tags[id(b)]))
+        elif (id(a) in self.tags or id(b) in self.tags) and id(a) not in self.geometry and id(b) not in self.geometry:
+            # a score product candidate; one side may come from no projection the trace followed (then only
+            # the other side's heads are read)
+            event = self._event(*(self.tags.get(id(t), torch.full(t.shape, UNTAGGED, dtype=torch.long))
+                                  for t in (a, b)))
             self.keep.append(out)
             self.stage[id(out)] = ("scores", event)
-        elif self.stage.get(id(a), ("",))[0] == "probs" and id(b) in self.tags:
-            self.stage[id(a)][1].v.append(_per_batch(self.tags[id(b)]))
 
     def _event(self, q: torch.Tensor, k: torch.Tensor) -> _Event:
         """Score product of ``q`` and ``k`` (either transposed): per batch index, the rows each contracts."""
