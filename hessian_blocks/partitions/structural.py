@@ -5,7 +5,9 @@ Rules, following the Adam-mini paper's partition (v1.1):
 
 - ``nn.Embedding`` / ``nn.EmbeddingBag`` weight: one block per token (row);
 - ``nn.Linear`` weight: one block per output neuron (row); ``nn.Conv1d/2d/3d``: one per output
-  channel; HF ``Conv1D`` (weight stored ``[in, out]``): one per output neuron (column);
+  channel; HF ``Conv1D`` (weight stored ``[in, out]``): one per output neuron (column); any other
+  2-D parameter the traced forward uses as a linear map (a mixture-of-experts router, a raw weight):
+  one per output neuron;
 - query and key projections: one block per head (key heads counted by the key/value heads, so
   grouped- and multi-query attention get fewer, shared key blocks); the value rows of fused
   projections one per output neuron. Where the heads are is read from one forward pass traced on
