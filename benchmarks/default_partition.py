@@ -20,16 +20,10 @@ import time
 
 import torch
 import transformers
+from partition_cost import LLAMA_1B, LLAMA_SMALL, PYTHIA_160M  # the shapes the partitioner's costs use
 
 from hessian_blocks.partitions import default_rules
 from hessian_blocks.partitions.trace import _example, _to_meta, _without_hooks, trace_attention
-
-LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
-PYTHIA_160M = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "vocab_size": 50304, "max_position_embeddings": 2048, "rotary_pct": 0.25}
-LLAMA_SMALL = {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 64}
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from hessian_blocks.blocks import Partition, Rule  # noqa: E402
 from hessian_blocks.partitions import AttentionLayout, default_rules, register_attention  # noqa: E402
 from optim import AdamMini  # noqa: E402
+from tests.oracles import hand_written_partition  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, FFN = 32, 4, 2, 12, 48, 40  # HEAD_DIM != HIDDEN / HEADS
 BATCH, LENGTH = 2, 6
@@ -29,7 +30,6 @@ IMAGE, PATCH, MEL_BINS = 8, 4, 8
 ROWS = {"split": "groups", "axis": 0, "size": 1}
 COLUMNS = {"split": "groups", "axis": 1, "size": 1}
 WHOLE = {"split": "whole"}
-ELEMENTS = {"split": "elements"}
 
 
 def heads(head_dim, axis=0):
@@ -207,16 +207,7 @@ def inputs(arch, seed=0):
 
 def paper_rules(model, arch):
     """The paper's partition of ``model`` written by hand: biases per element, the rest by name suffix."""
-    table = ARCHITECTURES[arch][3]
-    rules = {}
-    for name, _ in model.named_parameters():
-        if name.endswith(".bias"):
-            rules[name] = {"param": name, **ELEMENTS}
-            continue
-        suffix = max((key for key in table if name == key or name.endswith("." + key)), key=len, default=None)
-        assert suffix is not None, f"{arch}: no hand-written rule for {name}"
-        rules[name] = {"param": name, **table[suffix]}
-    return rules
+    return hand_written_partition(model, ARCHITECTURES[arch][3])
 
 
 def without_why(rules):

@@ -17,6 +17,7 @@ import math
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 from hessian_blocks.partitions import default_rules  # noqa: E402
 from hessian_blocks.partitions.trace import trace_attention  # noqa: E402
+from tests.oracles import hand_written_partition  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, FFN = 32, 4, 2, 8, 48, 40
 BATCH, LENGTH = 2, 6
@@ -145,19 +147,6 @@ def build(family, seed=0):
     return getattr(transformers, model_class)(config).double().eval()
 
 
-def paper_rules(model, table):
-    """The paper's partition written by hand: biases per element, the rest by name suffix."""
-    rules = {}
-    for name, _ in model.named_parameters():
-        if name.endswith("bias"):
-            rules[name] = {"param": name, **ELEMENTS}
-            continue
-        suffix = max((key for key in table if name == key or name.endswith("." + key)), key=len, default=None)
-        assert suffix is not None, f"no hand-written rule for {name}"
-        rules[name] = {"param": name, **table[suffix]}
-    return rules
-
-
 def without_why(rules):
     return {name: {k: v for k, v in rule.to_dict().items() if k != "why"} for name, rule in rules.items()}
 
@@ -214,7 +203,7 @@ def test_traced_partition_is_the_papers(family):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is left unplaced
         rules = default_rules(model)
-    assert without_why(rules) == paper_rules(model, FAMILIES[family][3])
+    assert without_why(rules) == hand_written_partition(model, FAMILIES[family][3])
     assert any("traced attention" in (rule.why or "") for rule in rules.values())
 
 
@@ -364,3 +353,10 @@ def test_importing_the_optimizer_does_not_import_the_model_zoo():
             "print(sorted(m for m in sys.modules if m.startswith('hessian_blocks.models')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_benchmark_quick_mode_runs():
+    """benchmarks/default_partition.py --quick: the trace of a 2-layer Llama places its 4 head weights."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "default_partition.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1].startswith("| Llama, 2 layers |") and out.splitlines()[-1].endswith("| 4 |")
