@@ -1,4 +1,5 @@
-"""Independent references for the tests: dense Hessians, and losses with a planted Hessian.
+"""Independent references for the tests: dense Hessians, losses with a planted Hessian, and the
+paper's partition written by hand.
 
 The dense Hessian comes from ``torch.autograd.functional.hessian`` (reverse-over-reverse, one
 backward per column). ``torch.func.hessian`` is not used: in torch 2.13 it returns a non-symmetric,
@@ -75,3 +76,18 @@ def planted_loss(matrices: dict):
         return sum(0.5 * out[n].reshape(-1) @ matrices[n] @ out[n].reshape(-1) for n in matrices) + 0 * y.sum()
 
     return loss
+
+
+def hand_written_partition(model, table: dict[str, dict]) -> dict[str, dict]:
+    """The paper's partition of ``model`` written by hand, as the official implementation reads names:
+    biases one block per element, every other parameter by the longest matching name suffix in ``table``
+    (``{"q_proj.weight": {"split": "groups", "axis": 0, "size": 8}, ...}``); rules as partition-file dicts."""
+    rules = {}
+    for name, _ in model.named_parameters():
+        if name.endswith("bias"):
+            rules[name] = {"param": name, "split": "elements"}
+            continue
+        suffix = max((key for key in table if name == key or name.endswith("." + key)), key=len, default=None)
+        assert suffix is not None, f"no hand-written rule for {name}"
+        rules[name] = {"param": name, **table[suffix]}
+    return rules

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from hessian_blocks.blocks import Partition, Rule  # noqa: E402
 from hessian_blocks.partitions import AttentionLayout, default_rules, register_attention  # noqa: E402
 from optim import AdamMini  # noqa: E402
+from tests.oracles import hand_written_partition  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, FFN = 32, 4, 2, 12, 48, 40  # HEAD_DIM != HIDDEN / HEADS
 BATCH, LENGTH = 2, 6
@@ -29,7 +30,6 @@ IMAGE, PATCH, MEL_BINS = 8, 4, 8
 ROWS = {"split": "groups", "axis": 0, "size": 1}
 COLUMNS = {"split": "groups", "axis": 1, "size": 1}
 WHOLE = {"split": "whole"}
-ELEMENTS = {"split": "elements"}
 
 
 def heads(head_dim, axis=0):
@@ -207,16 +207,7 @@ def inputs(arch, seed=0):
 
 def paper_rules(model, arch):
     """The paper's partition of ``model`` written by hand: biases per element, the rest by name suffix."""
-    table = ARCHITECTURES[arch][3]
-    rules = {}
-    for name, _ in model.named_parameters():
-        if name.endswith(".bias"):
-            rules[name] = {"param": name, **ELEMENTS}
-            continue
-        suffix = max((key for key in table if name == key or name.endswith("." + key)), key=len, default=None)
-        assert suffix is not None, f"{arch}: no hand-written rule for {name}"
-        rules[name] = {"param": name, **table[suffix]}
-    return rules
+    return hand_written_partition(model, ARCHITECTURES[arch][3])
 
 
 def without_why(rules):
@@ -334,12 +325,18 @@ def test_user_head_count_splits_gqa_keys_by_the_same_width():
         default_rules(model, n_heads=5)
 
 
-def test_geometry_that_does_not_fit_is_an_error_naming_the_module():
-    model = build("phi3")
-    model.model.layers[0].self_attn.num_key_value_heads = 1  # now q|k|v would need (4 + 1 + 1) * 12 rows, not 96
+def test_registered_geometry_that_does_not_fit_is_an_error_naming_the_module():
+    class FusedAttention(nn.Module):  # q|k|v rows of 4 query and 2 key/value heads of 12: 96 rows
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.num_key_value_heads, self.head_dim = HEADS, 1, HEAD_DIM  # the layout reads 1
+            self.qkv_proj = nn.Linear(HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+
+    register_attention(FusedAttention, AttentionLayout({"qkv_proj": "q|k|v"}, heads="num_heads",
+                                                       kv_heads="num_key_value_heads", head_dim="head_dim"))
     with pytest.raises(ValueError,
-                       match=r"'model.layers.0.self_attn' \(Phi3Attention\).*'qkv_proj' has 96 outputs.*needs 72"):
-        default_rules(model)
+                       match=r"'layers.0' \(FusedAttention\).*'qkv_proj' has 96 outputs.*needs 72"):
+        default_rules(nn.ModuleDict({"layers": nn.ModuleList([FusedAttention()])}))
 
 
 def test_unregistered_attention_warns_once_naming_module_and_fix():
