@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from hessian_blocks.blocks import Partition, Rule
+from hessian_blocks.blocks import Partition, Rule, runs_of
 from hessian_blocks.models.gpt import LayerNorm as BundledLayerNorm
 from hessian_blocks.models.gpt import SelfAttention as BundledSelfAttention
 
@@ -399,17 +399,13 @@ def _geometry(where: str, module: nn.Module, layout: AttentionLayout, projection
 
 def _head_runs(kind: str, segments: list[tuple[str, int]], group: int) -> list[tuple[int, int]]:
     """Run-length (size, count) groups: q and k segments in blocks of ``group``, v one per row."""
-    runs: list[tuple[int, int]] = []
+    sizes: list[int] = []
     for role, width in segments:
         if role != "v" and width % group:
             raise ValueError(f"{kind}: {width} {role} projection features do not split into heads of {group}; "
                              "pass the right n_heads")
-        size, count = (1, width) if role == "v" else (group, width // group)
-        if runs and runs[-1][0] == size:
-            runs[-1] = (size, runs[-1][1] + count)
-        else:
-            runs.append((size, count))
-    return runs
+        sizes += [1] * width if role == "v" else [group] * (width // group)
+    return list(runs_of(sizes))
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
