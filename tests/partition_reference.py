@@ -15,8 +15,9 @@ so that every candidate family (equal groups, groups with single slices, repeate
 layouts, near-diagonal whole/elements, stacked parts, diffuse and coupled whole) and the
 small-to-full mapping are covered::
 
-    python -m tests.partition_reference write DIR      # before the change (about 6 minutes on 2 loaded cores)
+    python -m tests.partition_reference write DIR      # before the change (5-15 minutes on 2 shared cores)
     python -m tests.partition_reference check DIR      # after it: writes again and compares byte for byte
+    python -m tests.partition_reference check DIR --quick   # without the two long runs (a few minutes)
     python -m tests.partition_reference check DIR --cases planted hf-gpt2   # a few cases only
 
 ``check`` exits 1 and names every file that differs (couplings files are compared array by array:
@@ -70,6 +71,7 @@ CLI_CASES: dict[str, list[str]] = {
                       "--data", "synthetic"],
     "hf-pythia-160m-small-auto": ["--model", "hf:GPTNeoXForCausalLM", *PYTHIA_160M, "--small", "auto"],
 }
+LONG = ("gpt2-nano-default", "hf-pythia-160m-small-auto")   # 1-8 minutes each, the others seconds
 # decision settings moved one at a time, for every kept couplings file
 SETTINGS: dict[str, dict] = {
     "threshold-0.3": {"threshold": 0.3}, "threshold-0.6": {"threshold": 0.6},
@@ -135,7 +137,11 @@ def lm_loss(output, targets):
 
 def hf_case(out: Path, name: str) -> None:
     """The Hugging Face configs of tests/test_partitioner_hf.py, every tensor measured (or mapped)."""
-    from hessian_blocks.partitions.measured import derive_partition, small_overrides
+    from hessian_blocks.partitions import derive_partition
+    try:
+        from hessian_blocks.partitions.transfer import small_overrides
+    except ImportError:  # before the stages
+        from hessian_blocks.partitions.measured import small_overrides
     from tests import test_partitioner_hf as hf
 
     fast = dict(hf.FAST, max_probes=8)
@@ -246,9 +252,10 @@ def main() -> int:
     parser.add_argument("folder", type=Path, help="the reference files (written by 'write', read by 'check')")
     parser.add_argument("--cases", nargs="*", choices=[*CLI_CASES, *LIBRARY_CASES],
                         help="only these cases (default: every one)")
+    parser.add_argument("--quick", action="store_true", help=f"every case but {' and '.join(LONG)}")
     args = parser.parse_args()
     torch.set_num_threads(1)   # one thread: the same reduction order in every run
-    cases = args.cases or [*CLI_CASES, *LIBRARY_CASES]
+    cases = args.cases or [case for case in [*CLI_CASES, *LIBRARY_CASES] if not (args.quick and case in LONG)]
     if args.action == "write":
         write(args.folder, cases)
         return 0
