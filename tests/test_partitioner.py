@@ -208,6 +208,34 @@ def test_saved_couplings_give_the_same_decisions(tmp_path):
         load_couplings(tmp_path / "probes2.npz", settings={"probes": 4, "data": "synthetic"})
 
 
+def test_derive_keeps_the_couplings_in_a_file_and_decides_again_from_it(tmp_path, monkeypatch):
+    import hessian_blocks.partitions.measured as measured_module
+    from hessian_blocks.partitions.measured import CouplingsFile, derive
+
+    model = Planted()
+    batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
+    loss = planted_loss(model.matrices)
+    kept = CouplingsFile(tmp_path / "c.npz", {"model": "planted", "probes": 2})
+    done = []
+    first = derive(model, loss, batches, couplings=kept, progress=done.append, method="probes", probes=2)
+    assert kept.path.exists() and sum(done) == sum(d.products for d in first.decisions) > 0
+    assert first.measured is model and [d.rule for d in first.decisions] == first.partition.rules
+
+    def no_measuring(*_, **__):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(measured_module, "measure_coupling", no_measuring)
+    progressed = len(done)
+    again = derive(model, loss, batches, couplings=kept, progress=done.append, method="probes", probes=2)
+    assert again.partition.to_dict() == first.partition.to_dict() and len(done) == progressed   # read, not measured
+    strict = derive_partition(model, loss, batches, couplings=kept, settings=DecisionSettings(threshold=1e-6))
+    assert strict.to_dict() != first.partition.to_dict()    # decided again: almost every axis one block
+    with pytest.raises(ValueError, match=r"other settings \(probes: 2 there, 4 now\)"):
+        derive(model, loss, batches, couplings=CouplingsFile(kept.path, {"model": "planted", "probes": 4}))
+    with pytest.raises(ValueError, match="does not hold the tensors of this model"):
+        derive(FusedStack(1, 4), loss, batches, couplings=kept)
+
+
 def test_slice_coupling_matches_the_definition():
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(6, 6, generator=gen, dtype=torch.float64)

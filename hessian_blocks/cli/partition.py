@@ -131,7 +131,7 @@ def run_partition(args: argparse.Namespace) -> int:
     planned = sum(planned_products(shape, args.method, args.probes, args.dense_max, args.max_slices)
                   for shape in shapes)
     with _HVPProgress(planned, f"{args.model}: measuring {len(shapes)} tensors", args.no_progress) as progress:
-        derived = derive(spec.model, measured.loss_fn, batches, **({"small": measured.model} if args.small else {}),
+        derived = derive(spec.model, measured.loss_fn, batches, small=measured.model if args.small else None,
                          settings=settings, couplings=couplings, progress=progress, dtype=dtype, device=args.device,
                          strategy=args.strategy, **measurement)
     if reading:

@@ -100,7 +100,7 @@ def derive_decisions(
     """
     decide = Decider(settings or DecisionSettings())
     if couplings is not None and Path(couplings.path).exists():
-        measured = load_couplings(couplings.path, settings=couplings.settings)
+        measured = load_couplings(couplings.path, settings=dict(couplings.settings))
         wanted = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
         if measure.get("params") is not None:
             wanted = {name: wanted.get(name) for name in measure["params"]}
