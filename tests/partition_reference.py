@@ -41,7 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from hessian_blocks.cli import main as cli
+from hessian_blocks.partitions import derive_partition, render, small_overrides
 from hessian_blocks.partitions.coupling import load_couplings
+from hessian_blocks.partitions.decide import DecisionSettings, decide_rule
+from hessian_blocks.partitions.measured import derive_decisions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GPT = ["--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=4", "--set", "vocab_size=64",
@@ -81,33 +84,9 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def decide(coupling, **settings):
-    """One tensor's decision with these settings (the library's decision API, old or new)."""
-    try:
-        from hessian_blocks.partitions.decide import DecisionSettings, decide_rule
-    except ImportError:  # before the stages: settings as keyword arguments
-        from hessian_blocks.partitions.measured import decide_rule
-
-        return decide_rule(coupling, **settings)
-    return decide_rule(coupling, DecisionSettings(**settings))
-
-
-def decisions_of(model, loss_fn, batches, **measure):
-    """derive_decisions with measurement options only (the decision defaults)."""
-    from hessian_blocks.partitions.measured import derive_decisions
-
-    return derive_decisions(model, loss_fn, batches, **measure)
-
-
 def table_rows(decisions) -> list[dict]:
     """What the CLI's table and a partition file say of each decision."""
-    try:
-        from hessian_blocks.partitions.render import table_rows as rows
-    except ImportError:
-        return [{"parameter": d.rule.param, "shape": "x".join(map(str, d.shape)),
-                 "split": d.summary + ("" if d.settled else " (undecided)"), "evidence": d.evidence,
-                 "rule": d.rule.to_dict()} for d in decisions]
-    return [{**row, "rule": d.rule.to_dict()} for row, d in zip(rows(decisions), decisions)]
+    return [{**row, "rule": d.rule.to_dict()} for row, d in zip(render.table_rows(decisions), decisions)]
 
 
 def write_json(path: Path, value) -> None:
@@ -127,7 +106,7 @@ def run_cli(name: str, args: list[str], out: Path) -> None:
     measured = load_couplings(couplings)
     for label, settings in SETTINGS.items():
         write_json(out / f"{name}.decided.{label}.json",
-                   [decide(c, **settings).rule.to_dict() for c in measured.values()])
+                   [decide_rule(c, DecisionSettings(**settings)).rule.to_dict() for c in measured.values()])
 
 
 def lm_loss(output, targets):
@@ -137,19 +116,14 @@ def lm_loss(output, targets):
 
 def hf_case(out: Path, name: str) -> None:
     """The Hugging Face configs of tests/test_partitioner_hf.py, every tensor measured (or mapped)."""
-    from hessian_blocks.partitions import derive_partition
-    try:
-        from hessian_blocks.partitions.transfer import small_overrides
-    except ImportError:  # before the stages
-        from hessian_blocks.partitions.measured import small_overrides
     from tests import test_partitioner_hf as hf
 
     fast = dict(hf.FAST, max_probes=8)
     plain, masked = hf.token_batches(masked=False), hf.token_batches(masked=True)
     if name == "hf-gpt2":
-        write_json(out / f"{name}.json", table_rows(decisions_of(hf.gpt2(), lm_loss, plain, **fast)))
+        write_json(out / f"{name}.json", table_rows(derive_decisions(hf.gpt2(), lm_loss, plain, **fast)))
     elif name == "hf-gpt2-untied":
-        write_json(out / f"{name}.json", table_rows(decisions_of(hf.gpt2(False), lm_loss, plain, **fast)))
+        write_json(out / f"{name}.json", table_rows(derive_decisions(hf.gpt2(False), lm_loss, plain, **fast)))
     elif name == "hf-bert":
         config = hf.transformers.BertConfig(
             vocab_size=hf.VOCAB, hidden_size=hf.WIDTH, num_hidden_layers=2, num_attention_heads=hf.HEADS,
@@ -157,7 +131,7 @@ def hf_case(out: Path, name: str) -> None:
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         torch.manual_seed(0)
         model = hf.transformers.BertForMaskedLM(config).double().eval()
-        write_json(out / f"{name}.json", table_rows(decisions_of(model, lm_loss, masked, seed=1, **fast)))
+        write_json(out / f"{name}.json", table_rows(derive_decisions(model, lm_loss, masked, seed=1, **fast)))
     elif name == "hf-phi3":
         config = hf.transformers.Phi3Config(
             vocab_size=hf.VOCAB, hidden_size=hf.WIDTH, num_hidden_layers=1, num_attention_heads=hf.HEADS,
@@ -165,11 +139,11 @@ def hf_case(out: Path, name: str) -> None:
             attn_implementation="eager", pad_token_id=0, eos_token_id=0, bos_token_id=0)
         torch.manual_seed(0)
         model = hf.transformers.Phi3ForCausalLM(config).double().eval()
-        write_json(out / f"{name}.json", table_rows(decisions_of(model, lm_loss, plain, **fast)))
+        write_json(out / f"{name}.json", table_rows(derive_decisions(model, lm_loss, plain, **fast)))
     elif name == "hf-gpt-neox":
         for seed in (0, 2):
             write_json(out / f"{name}-seed{seed}.json",
-                       table_rows(decisions_of(hf.gpt_neox(1, hf.HEADS, seed), lm_loss, plain, seed=seed, **fast)))
+                       table_rows(derive_decisions(hf.gpt_neox(1, hf.HEADS, seed), lm_loss, plain, seed=seed, **fast)))
     elif name == "hf-small-auto":
         full_config = hf.transformers.LlamaConfig(
             hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
@@ -197,11 +171,11 @@ def planted_case(out: Path, name: str) -> None:
         model = tp.Planted()
         batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
         for method, probes in (("dense", 2), ("probes", 3), ("probes", 1)):
-            decisions = decisions_of(model, planted_loss(model.matrices), batches, method=method, probes=probes)
+            decisions = derive_decisions(model, planted_loss(model.matrices), batches, method=method, probes=probes)
             write_json(out / f"planted-{method}-{probes}.json", table_rows(decisions))
         long = ts.PlantedLong()
         for max_slices in (16, 0):
-            decisions = decisions_of(long, planted_loss(long.matrices), ts.BATCHES, max_slices=max_slices, probes=2,
+            decisions = derive_decisions(long, planted_loss(long.matrices), ts.BATCHES, max_slices=max_slices, probes=2,
                                      max_probes=4, dense_max=0)
             write_json(out / f"planted-long-{max_slices}.json", table_rows(decisions))
     elif name == "scrambled":
@@ -210,7 +184,7 @@ def planted_case(out: Path, name: str) -> None:
             batches = make_batches(spec, "synthetic", batch_size=8, n_batches=1, dtype=torch.float64)
             scrambled = tp.Scrambled(spec.model, seed=1)
             write_json(out / f"scrambled-{model_name}.json",
-                       table_rows(decisions_of(scrambled, spec.loss_fn, batches, **tp.FAST)))
+                       table_rows(derive_decisions(scrambled, spec.loss_fn, batches, **tp.FAST)))
 
 
 LIBRARY_CASES: dict[str, Callable[[Path, str], None]] = {

@@ -6,7 +6,7 @@ Every candidate is a *regular* contiguous grouping of the slices of an axis (row
 - :data:`Family.EQUAL_GROUPS`: two or more groups of one size tiling the axis (heads).
 - :data:`Family.GROUPS_WITH_SINGLES` (``max_runs`` = 2): equal groups followed or preceded by single
   slices (a fused q|k|v weight: heads of q and k, then the neurons of v).
-- :data:`Family.REPEATED`: (``max_runs`` = 2): one group followed or preceded by single slices,
+- :data:`Family.REPEATED` (``max_runs`` = 2): one group followed or preceded by single slices,
   repeated every ``period`` slices (rows interleaved per head, GPT-NeoX's [q_h, k_h, v_h]: a q|k
   block, then the value rows).
 
