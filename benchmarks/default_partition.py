@@ -55,7 +55,7 @@ def row(label: str, config_class: str, model_class: str, shape: dict, meta: bool
     plain = median_seconds(lambda: plain_meta_forward(model), repeats)
     traced = median_seconds(lambda: trace_attention(model), repeats)
     rules = median_seconds(lambda: default_rules(model), repeats)
-    placed = sum(any(s.role in ("q", "k") for s in p.segments) for p in trace.projections.values())
+    placed = sum(any(s.role in ("q", "k") for s in p.spans) for p in trace.projections.values())
     print(f"| {label} | {size / 1e9:.2f}B | {'meta' if meta else f'float32 ({built:.0f} s to build)'} | "
           f"{plain:.3f} | {traced:.3f} | {traced / plain:.1f} | {rules:.3f} | {placed} |", flush=True)
 

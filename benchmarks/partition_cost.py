@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from hessian_blocks import Partition, build_model, make_batches
-from hessian_blocks.partitions.measured import derive_decisions, map_rules, small_overrides
+from hessian_blocks.partitions.measured import derive_decisions
+from hessian_blocks.partitions.transfer import map_rules, small_overrides
 
 MEASURE = {"probes": 2, "max_probes": 8, "dtype": torch.float32}
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,

@@ -1,6 +1,6 @@
 """Adam-mini with three partitions of a GPT-2 model, at two learning rates.
 
-* ``derived``: measured by the partitioner (hessian_blocks.partitions.measured) on the model at init;
+* ``derived``: measured by the partitioner (hessian_blocks.partitions) on the model at init;
 * ``paper``: the papers' rules written by hand (q/k per head, v/o/MLP per neuron, embeddings and
   output per token, norms whole, biases per coordinate);
 * ``per-tensor``: one block per parameter tensor (the "PyTorch default" partition the Adam-mini
@@ -42,7 +42,7 @@ from analysis.experiments.training import run_steps
 from hessian_blocks import Partition, Rule, build_model, make_batches
 from hessian_blocks.models import ModelSpec, cross_entropy_loss
 from hessian_blocks.partitions.coupling import load_couplings, measure_coupling, save_couplings
-from hessian_blocks.partitions.measured import decide_rule
+from hessian_blocks.partitions.decide import decide_rule
 
 SIZES = {  # (model config, steps, training batches) of the default and the --quick runs
     "gpt2-nano": ((dict(n_layer=4, n_embd=128, n_head=4, vocab_size=256, context=64), 600, 200),

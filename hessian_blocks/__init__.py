@@ -23,8 +23,8 @@ from .lazy import lazy_exports
 __all__ = [
     "Block", "BlockHessian", "BroadeningWarning", "DATA_SOURCES", "DataFaultError", "DensityResult",
     "HessianSetupError", "LanczosResult", "MODEL_NAMES", "ModelSpec", "Partition", "PartitionFileError",
-    "PrecisionWarning", "Rule", "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "lanczos",
-    "make_batches", "make_probes", "sample_layers", "select_blocks", "derive_partition",
+    "PrecisionWarning", "Rule", "STRATEGIES", "SpectrumResult", "block_spectra", "build_model", "make_batches",
+    "make_probes", "sample_layers", "select_blocks", "derive_partition",
 ]
 
 _EXPORTS = {
@@ -33,7 +33,7 @@ _EXPORTS = {
     "make_batches": ".data",
     **dict.fromkeys(("DataFaultError", "HessianSetupError", "PrecisionWarning"), ".guards"),
     "BlockHessian": ".hvp",
-    **dict.fromkeys(("LanczosResult", "lanczos", "make_probes"), ".lanczos"),
+    **dict.fromkeys(("LanczosResult", "make_probes"), ".lanczos"),
     **dict.fromkeys(("ModelSpec", "build_model"), ".models"),
     **dict.fromkeys(("BroadeningWarning", "DensityResult", "SpectrumResult"), ".results"),
     "block_spectra": ".slq",
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .data import make_batches
     from .guards import DataFaultError, HessianSetupError, PrecisionWarning
     from .hvp import BlockHessian
-    from .lanczos import LanczosResult, lanczos, make_probes
+    from .lanczos import LanczosResult, make_probes
     from .models import ModelSpec, build_model
     from .partitions import derive_partition
     from .results import BroadeningWarning, DensityResult, SpectrumResult

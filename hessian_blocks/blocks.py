@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import numbers
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -26,8 +25,8 @@ import torch
 
 from .files import atomic_write_text
 
-__all__ = ["FORMAT", "SPLITS", "VERSION", "Block", "Partition", "PartitionFileError", "Rule", "sample_layers",
-           "select_blocks", "trainable_shapes"]
+__all__ = ["FORMAT", "SPLITS", "VERSION", "Block", "Partition", "PartitionFileError", "Rule", "layer_indices",
+           "runs_of", "sample_layers", "select_blocks", "trainable_shapes"]
 
 FORMAT = "hessian-blocks/partition"
 VERSION = 1
@@ -185,6 +184,24 @@ class Rule:
         return self.axis % len(shape)
 
 
+def runs_of(sizes: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Run-length encoding of group sizes as (group size, count) pairs, the inverse of
+    :meth:`Rule.group_sizes`: ``[8, 8, 1, 1, 1]`` -> ``((8, 2), (1, 3))``."""
+    runs: list[tuple[int, int]] = []
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1] = (size, runs[-1][1] + 1)
+        else:
+            runs.append((size, 1))
+    return tuple(runs)
+
+
+def layer_indices(param: str) -> tuple[int, ...]:
+    """The integer components of a parameter path, outermost first: the positions of the tensor in
+    the repeated containers it sits in (``"h.3.mlp.0.weight"`` -> ``(3, 0)``; ``"wte.weight"`` -> ``()``)."""
+    return tuple(int(part) for part in param.split(".") if part.isdecimal())
+
+
 @dataclass
 class Partition:
     """One rule per parameter tensor of a model, resolved into blocks.
@@ -334,7 +351,7 @@ def sample_layers(blocks: Sequence[Block], n_layers: int = 3) -> list[Block]:
     if n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     matrices = [b for b in blocks if len(b.param_shape) >= 2]
-    layer_of = {b.param: _layer_index(b.param) for b in matrices}
+    layer_of = {b.param: next(iter(layer_indices(b.param)), None) for b in matrices}
     layers = sorted({i for i in layer_of.values() if i is not None})
     if len(layers) <= n_layers:
         kept = set(layers)
@@ -383,11 +400,6 @@ def _param_shapes(shapes: object) -> dict[str, tuple[int, ...]]:
             raise ValueError(f"'model.param_shapes' of '{name}' has a negative size: {list(sizes)}")
         checked[name] = sizes
     return checked
-
-
-def _layer_index(param: str) -> int | None:
-    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", param)
-    return int(match.group(1)) if match else None
 
 
 def _axis_label(axis: int, ndim: int) -> str:

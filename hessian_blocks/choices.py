@@ -3,15 +3,16 @@
 This module imports nothing (no torch, numpy or pandas), so ``hessian-blocks --help`` stays fast.
 The registries themselves live next to the code they name and take their names from here:
 :data:`MODEL_NAMES` (:mod:`hessian_blocks.models`), :data:`DATA_SOURCES` (:mod:`hessian_blocks.data`),
-:data:`STRATEGIES` (:mod:`hessian_blocks.hvp`) and the partitioner's ``DEFAULT_*`` thresholds
-(:mod:`hessian_blocks.partitions.measured`).
+:data:`STRATEGIES` (:mod:`hessian_blocks.hvp`), the partitioner's :data:`METHODS`
+(:mod:`hessian_blocks.partitions.coupling`) and its ``DEFAULT_*`` thresholds
+(:mod:`hessian_blocks.partitions.decide`).
 """
 
 from __future__ import annotations
 
 __all__ = [
     "DATA_SOURCES", "DEFAULT_CONTRAST", "DEFAULT_MASS_THRESHOLD", "DEFAULT_MAX_RUNS", "DEFAULT_MAX_SPREAD",
-    "DEFAULT_THRESHOLD", "DENSE_MAX", "MAX_SLICES", "MODEL_NAMES", "STRATEGIES",
+    "DEFAULT_THRESHOLD", "DENSE_MAX", "MAX_SLICES", "METHODS", "MODEL_NAMES", "STRATEGIES",
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("gpt2-nano", "bert-mini", "vit-tiny", "resnet18", "vgg16", "mlp", "mlp-mixer")
@@ -23,12 +24,14 @@ DATA_SOURCES: tuple[str, ...] = ("digits", "text", "synthetic")
 STRATEGIES: tuple[str, ...] = ("auto", "loop", "vmap")
 """How block Hessian-vector products are computed."""
 
-# the Hessian-derived partitioner's decision thresholds (see hessian_blocks.partitions.measured)
+# the Hessian-derived partitioner's decision thresholds (see hessian_blocks.partitions.decide)
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MASS_THRESHOLD = 0.2
 DEFAULT_CONTRAST = 4.0
 DEFAULT_MAX_RUNS = 2
 DEFAULT_MAX_SPREAD = 10.0
+METHODS: tuple[str, ...] = ("auto", "dense", "probes")
+"""How the partitioner measures a tensor's slice couplings (``auto``: dense when small or no dearer)."""
 DENSE_MAX = 256
 """Tensors up to this many entries are measured densely (exact); larger ones when dense is no dearer."""
 MAX_SLICES = 32

@@ -68,7 +68,7 @@ class Layout:
 
     blocks: list[Block]
     offsets: list[int]                    # start of block b in the concatenated vector
-    segments: torch.Tensor                # [P] block id of every coordinate
+    block_ids: torch.Tensor                # [P] block id of every coordinate
     params: list[str]                     # parameters touched, in order of first appearance
     positions: dict[str, torch.Tensor]    # param -> positions in the concatenated vector
     flat: dict[str, torch.Tensor]         # param -> flat indices in the parameter, aligned with positions
@@ -79,7 +79,7 @@ class Layout:
     def of(cls, blocks: Sequence[Block], device: torch.device) -> Layout:
         if not blocks:
             raise ValueError("no blocks selected: select at least one block")
-        offsets, segments, positions, flat, block_flat = [], [], {}, {}, []
+        offsets, block_ids, positions, flat, block_flat = [], [], {}, {}, []
         block_of: dict[str, torch.Tensor] = {}
         offset = 0
         for b, block in enumerate(blocks):
@@ -90,7 +90,7 @@ class Layout:
                 raise ValueError(f"block '{block.name}' overlaps a block selected before it (or is selected twice)")
             block_of[block.param][indices] = b
             offsets.append(offset)
-            segments.append(torch.full((len(indices),), b, dtype=torch.long))
+            block_ids.append(torch.full((len(indices),), b, dtype=torch.long))
             positions.setdefault(block.param, []).append(torch.arange(offset, offset + len(indices)))
             flat.setdefault(block.param, []).append(indices)
             block_flat.append(indices.to(device))
@@ -98,7 +98,7 @@ class Layout:
         return cls(
             blocks=list(blocks),
             offsets=offsets,
-            segments=torch.cat(segments).to(device),
+            block_ids=torch.cat(block_ids).to(device),
             params=list(positions),
             positions={p: torch.cat(v).to(device) for p, v in positions.items()},
             flat={p: torch.cat(v).to(device) for p, v in flat.items()},
@@ -108,7 +108,7 @@ class Layout:
 
     @property
     def size(self) -> int:
-        return int(self.segments.numel())
+        return int(self.block_ids.numel())
 
     def block_range(self, b: int) -> slice:
         return slice(self.offsets[b], self.offsets[b] + self.blocks[b].numel)
@@ -214,9 +214,9 @@ class BlockHessian:
         return self.layout.size
 
     @property
-    def segments(self) -> torch.Tensor:
+    def block_ids(self) -> torch.Tensor:
         """[P] block id of every coordinate (what batched Lanczos needs)."""
-        return self.layout.segments
+        return self.layout.block_ids
 
     def block_matvec(self, vectors: torch.Tensor) -> torch.Tensor:
         """H_bb v_b for every selected block b, for each row of ``vectors`` ([K, P] or [P])."""

@@ -1,12 +1,12 @@
 """Batched Lanczos on many independent (block, probe) problems at once.
 
 The operator is block diagonal on a concatenated coordinate vector of ``P`` coordinates:
-``segments[p]`` is the block id (0..B-1) of coordinate ``p`` and ``matvec(V)`` maps a ``[K, P]``
-tensor of ``K`` probe vectors to ``[K, P]``, applying ``H_bb`` to each block's segment. Every
+``block_ids[p]`` is the block id (0..B-1) of coordinate ``p`` and ``matvec(V)`` maps a ``[K, P]``
+tensor of ``K`` probe vectors to ``[K, P]``, applying ``H_bb`` to each block's coordinates. Every
 (block, probe) pair is an independent Lanczos problem; all ``B*K`` of them advance together with
-one ``matvec`` call per step. Per-segment inner products are ``index_add_`` reductions over
-``segments`` (no Python loop over blocks), the per-problem scalars ``[K, B]`` are broadcast back
-to coordinates with ``x[:, segments]``.
+one ``matvec`` call per step. Per-block inner products are ``index_add_`` reductions over
+``block_ids`` (no Python loop over blocks), the per-problem scalars ``[K, B]`` are broadcast back
+to coordinates with ``x[:, block_ids]``.
 
 Stochastic Lanczos quadrature (SLQ): for a unit start vector ``v`` the ``m``-step tridiagonal
 ``T`` gives Gauss quadrature nodes (eigenvalues of ``T``) and weights (squared first components
@@ -123,19 +123,19 @@ class LanczosResult:
         )
 
 
-def _segment_sums(x: torch.Tensor, segments: torch.Tensor, n_segments: int) -> torch.Tensor:
-    """Sum ``x[..., P]`` over the coordinates of each segment: ``[..., n_segments]``."""
+def _block_sums(x: torch.Tensor, block_ids: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """Sum ``x[..., P]`` over the coordinates of each block: ``[..., n_blocks]``."""
     flat = x.reshape(-1, x.shape[-1])
-    out = torch.zeros(flat.shape[0], n_segments, dtype=x.dtype, device=x.device)
-    out.index_add_(1, segments, flat)
-    return out.reshape(*x.shape[:-1], n_segments)
+    out = torch.zeros(flat.shape[0], n_blocks, dtype=x.dtype, device=x.device)
+    out.index_add_(1, block_ids, flat)
+    return out.reshape(*x.shape[:-1], n_blocks)
 
 
 def lanczos(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     start: torch.Tensor,
-    segments: torch.Tensor,
-    n_segments: int,
+    block_ids: torch.Tensor,
+    n_blocks: int,
     steps: int,
     *,
     reorthogonalize: bool = False,
@@ -147,19 +147,19 @@ def lanczos(
     Parameters
     ----------
     matvec:
-        ``[K, P] -> [K, P]``; block ``b``'s segment of the output is ``H_bb`` times that
-        block's segment of the input (blocks do not mix). Called once per step.
+        ``[K, P] -> [K, P]``; block ``b``'s coordinates of the output are ``H_bb`` times that
+        block's coordinates of the input (blocks do not mix). Called once per step.
     start:
-        ``[K, P]`` start vectors; each (block, probe) segment is normalised to unit norm here
-        (a zero segment raises ``ValueError``). Its dtype and device are used throughout.
-    segments:
-        ``LongTensor [P]``: block id in ``0..n_segments-1`` of each coordinate.
+        ``[K, P]`` start vectors; each (block, probe) part is normalised to unit norm here
+        (a zero part raises ``ValueError``). Its dtype and device are used throughout.
+    block_ids:
+        ``LongTensor [P]``: block id in ``0..n_blocks-1`` of each coordinate.
     steps:
         maximum number of Lanczos steps ``m`` (the papers use 100).
     reorthogonalize:
         ``False`` (default, the papers' method): plain three-term recurrence. ``True``: full
         reorthogonalisation against all previous Lanczos vectors (classical Gram-Schmidt,
-        twice, per segment); stores ``m`` vectors of shape ``[K, P]``.
+        twice, per block); stores ``m`` vectors of shape ``[K, P]``.
     breakdown_tol:
         problem ``(b, k)`` stops after step ``j`` (0-based) when its new residual norm satisfies
         ``beta_j <= breakdown_tol * max(|alpha_0|, ..., |alpha_j|, beta_0, ..., beta_{j-1})``,
@@ -181,37 +181,37 @@ def lanczos(
     n_probes, n_coords = start.shape
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if n_segments < 1:
-        raise ValueError(f"n_segments must be >= 1, got {n_segments}")
-    if segments.ndim != 1 or segments.shape[0] != n_coords:
-        raise ValueError(f"segments must be [P] = [{n_coords}], got shape {tuple(segments.shape)}")
-    if segments.dtype != torch.long:
-        raise ValueError(f"segments must be a LongTensor, got {segments.dtype}")
-    segments = segments.to(start.device)
-    if n_coords and (int(segments.min()) < 0 or int(segments.max()) >= n_segments):
-        raise ValueError(f"segments must lie in 0..{n_segments - 1}")
+    if n_blocks < 1:
+        raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
+    if block_ids.ndim != 1 or block_ids.shape[0] != n_coords:
+        raise ValueError(f"block_ids must be [P] = [{n_coords}], got shape {tuple(block_ids.shape)}")
+    if block_ids.dtype != torch.long:
+        raise ValueError(f"block_ids must be a LongTensor, got {block_ids.dtype}")
+    block_ids = block_ids.to(start.device)
+    if n_coords and (int(block_ids.min()) < 0 or int(block_ids.max()) >= n_blocks):
+        raise ValueError(f"block_ids must lie in 0..{n_blocks - 1}")
     if not torch.isfinite(start).all():
         raise ValueError("start contains NaN or inf")
-    dims = torch.bincount(segments, minlength=n_segments)  # [B]
+    dims = torch.bincount(block_ids, minlength=n_blocks)  # [B]
     if (dims == 0).any():
         empty = torch.nonzero(dims == 0).flatten().tolist()
         raise ValueError(f"blocks {empty} have no coordinates")
 
-    def seg_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _segment_sums(x * y, segments, n_segments)
+    def block_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _block_sums(x * y, block_ids, n_blocks)
 
-    norms = seg_dot(start, start).sqrt()  # [K, B]
+    norms = block_dot(start, start).sqrt()  # [K, B]
     if (norms == 0).any():
         k, b = torch.nonzero(norms == 0)[0].tolist()
-        raise ValueError(f"start vector {k} is zero on block {b}; every segment needs a nonzero start")
-    v = start / norms[:, segments]
+        raise ValueError(f"start vector {k} is zero on block {b}; every block needs a nonzero start")
+    v = start / norms[:, block_ids]
     v_prev = torch.zeros_like(v)
     beta_prev = torch.zeros_like(norms)
     active = torch.ones_like(norms, dtype=torch.bool)  # [K, B]
     n_done = torch.zeros_like(norms, dtype=torch.long)
     scale = torch.zeros_like(norms)  # largest |entry| of T so far
     max_steps = dims.unsqueeze(0).expand_as(n_done)
-    alphas = torch.zeros(steps, n_probes, n_segments, dtype=start.dtype, device=start.device)
+    alphas = torch.zeros(steps, n_probes, n_blocks, dtype=start.dtype, device=start.device)
     betas = torch.zeros_like(alphas)
     basis = None
     if reorthogonalize:
@@ -223,15 +223,15 @@ def lanczos(
         w = matvec(v)
         if w.shape != v.shape:
             raise ValueError(f"matvec returned shape {tuple(w.shape)} for input {tuple(v.shape)}")
-        w = w - beta_prev[:, segments] * v_prev
-        alpha = seg_dot(w, v)
-        w = w - alpha[:, segments] * v
+        w = w - beta_prev[:, block_ids] * v_prev
+        alpha = block_dot(w, v)
+        w = w - alpha[:, block_ids] * v
         if basis is not None:
             q = basis[: j + 1]
             for _ in range(2):  # classical Gram-Schmidt, twice
-                coeff = seg_dot(q, w.unsqueeze(0))  # [j+1, K, B]
-                w = w - (coeff[:, :, segments] * q).sum(0)
-        beta = seg_dot(w, w).sqrt()
+                coeff = block_dot(q, w.unsqueeze(0))  # [j+1, K, B]
+                w = w - (coeff[:, :, block_ids] * q).sum(0)
+        beta = block_dot(w, w).sqrt()
         if not bool(torch.isfinite(alpha).all() & torch.isfinite(beta).all()):
             raise FloatingPointError(f"non-finite Lanczos coefficients at step {j + 1}: matvec returned NaN/inf")
 
@@ -245,7 +245,7 @@ def lanczos(
 
         safe_beta = torch.where(cont, beta, 1.0)
         v_prev = v
-        v = torch.where(cont[:, segments], w / safe_beta[:, segments], 0.0)
+        v = torch.where(cont[:, block_ids], w / safe_beta[:, block_ids], 0.0)
         beta_prev = torch.where(cont, beta, 0.0)
         active = cont
         if callback is not None:

@@ -18,10 +18,8 @@ __all__ = ["lazy_exports"]
 
 
 class _LazyPackage(types.ModuleType):
-    """A package whose exported names load on first access. An export named like the submodule that
-    defines it (``hessian_blocks.lanczos``, the function, from ``hessian_blocks/lanczos.py``) stays the
-    function when that submodule is imported later (the import system sets the package attribute to
-    the submodule), as it did when the package imported everything up front."""
+    """A package whose exported names load on first access. No export may be named like a submodule:
+    ``import package.name as alias`` binds the package attribute, so one name must mean one thing."""
 
     _lazy_exports: Mapping[str, str]
 
@@ -33,19 +31,18 @@ class _LazyPackage(types.ModuleType):
         self.__dict__[name] = value  # later lookups skip __getattr__
         return value
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        exports = self.__dict__.get("_lazy_exports", {})
-        if isinstance(value, types.ModuleType) and exports.get(name) == f".{name}":
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
     def __dir__(self) -> list[str]:
         return sorted({*self.__dict__, *self.__dict__.get("_lazy_exports", {})})
 
 
 def lazy_exports(package: str, exports: Mapping[str, str]) -> None:
     """Make attribute ``name`` of the (already imported) ``package`` load ``exports[name]`` (a module
-    path relative to the package, e.g. ``".blocks"``) and take its attribute ``name``, on first access."""
+    path relative to the package, e.g. ``".blocks"``) and take its attribute ``name``, on first access.
+    An export named like one of its submodules is refused (see :class:`_LazyPackage`)."""
+    clashing = sorted(name for name, source in exports.items() if source == f".{name}")
+    if clashing:
+        raise ValueError(f"{package}: exports {clashing} are named like the submodules that define them; "
+                         "export the submodule or rename the attribute")
     module = sys.modules[package]
     module.__dict__["_lazy_exports"] = dict(exports)
     module.__class__ = _LazyPackage

@@ -53,12 +53,12 @@ def block_spectra(
     elif tuple(start.shape) != (probes, hessian.size):
         raise ValueError(f"start must be [probes, P] = [{probes}, {hessian.size}], got {tuple(start.shape)}")
     blocks = lanczos(
-        hessian.block_matvec, start, hessian.segments, len(hessian.blocks), steps,
+        hessian.block_matvec, start, hessian.block_ids, len(hessian.blocks), steps,
         reorthogonalize=reorthogonalize, callback=on_step,
     )
     full = None
     if full_model:
-        whole = torch.zeros_like(hessian.segments)
+        whole = torch.zeros_like(hessian.block_ids)
         full = lanczos(hessian.matvec, start, whole, 1, steps, reorthogonalize=reorthogonalize, callback=on_step)
     record = {
         "steps": steps,

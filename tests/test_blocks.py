@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hessian_blocks.blocks import Block, Partition, Rule, sample_layers, select_blocks
+from hessian_blocks.blocks import Block, Partition, Rule, layer_indices, runs_of, sample_layers, select_blocks
 
 
 class TwoLayer(nn.Module):
@@ -124,3 +124,18 @@ def test_select_blocks_by_glob_and_sample_layers():
         select_blocks(blocks, ["encoder.*"])
     sampled = [b.name for b in sample_layers(blocks, 3)]
     assert sampled == ["emb.weight", "h.0.fc.weight", "h.6.fc.weight", "h.11.fc.weight", "head.weight"]
+
+
+def test_runs_of_inverts_group_sizes():
+    rule = Rule("w", "groups", axis=1, runs=((8, 2), (1, 3), (8, 1)))
+    sizes = rule.group_sizes((4, 27))
+    assert sizes == [8, 8, 1, 1, 1, 8]
+    assert runs_of(sizes) == ((8, 2), (1, 3), (8, 1))
+    assert runs_of([]) == () and runs_of([4]) == ((4, 1),)
+
+
+def test_layer_indices_are_the_integer_components():
+    assert layer_indices("h.3.mlp.0.weight") == (3, 0)
+    assert layer_indices("encoder.layer.11.attention.self.query.weight") == (11,)
+    assert layer_indices("wte.weight") == () and layer_indices("0") == (0,)
+    assert layer_indices("block3.fc1.weight") == ()   # digits inside a name are not an index

@@ -11,10 +11,10 @@ from hessian_blocks.lanczos import LanczosResult, lanczos, make_probes
 
 
 def block_operator(blocks: list[np.ndarray]):
-    """``(matvec, segments)`` of the block-diagonal operator diag(blocks) on [K, P] tensors."""
+    """``(matvec, block_ids)`` of the block-diagonal operator diag(blocks) on [K, P] tensors."""
     mats = [torch.as_tensor(a, dtype=torch.float64) for a in blocks]
     sizes = [m.shape[0] for m in mats]
-    segments = torch.repeat_interleave(torch.arange(len(mats)), torch.tensor(sizes))
+    block_ids = torch.repeat_interleave(torch.arange(len(mats)), torch.tensor(sizes))
     bounds = np.concatenate([[0], np.cumsum(sizes)])
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,7 @@ def block_operator(blocks: list[np.ndarray]):
             out[:, lo:hi] = v[:, lo:hi] @ m.to(v).T
         return out
 
-    return matvec, segments
+    return matvec, block_ids
 
 
 def sym_with_spectrum(eigs, rng: np.random.Generator) -> np.ndarray:
@@ -40,9 +40,9 @@ def random_sym(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def run(blocks, steps, n_probes=3, seed=0, kind="gaussian", **kw) -> LanczosResult:
-    matvec, segments = block_operator(blocks)
-    start = make_probes(n_probes, segments.numel(), kind=kind, seed=seed)
-    return lanczos(matvec, start, segments, len(blocks), steps, **kw)
+    matvec, block_ids = block_operator(blocks)
+    start = make_probes(n_probes, block_ids.numel(), kind=kind, seed=seed)
+    return lanczos(matvec, start, block_ids, len(blocks), steps, **kw)
 
 
 def distinct(values: np.ndarray, tol: float) -> np.ndarray:
@@ -96,9 +96,9 @@ def test_quadrature_matches_moments():
     rng = np.random.default_rng(2)
     a = sym_with_spectrum(rng.uniform(-1, 2, size=30), rng)
     m = 6
-    matvec, segments = block_operator([a])
+    matvec, block_ids = block_operator([a])
     start = make_probes(2, 30, kind="gaussian", seed=3)
-    res = lanczos(matvec, start, segments, 1, m)
+    res = lanczos(matvec, start, block_ids, 1, m)
     nodes, weights = res.ritz()
     for k in range(2):
         v = start[k].numpy()
@@ -145,16 +145,16 @@ def test_batched_equals_each_problem_alone():
     rng = np.random.default_rng(7)
     blocks = [random_sym(n, rng) for n in (4, 11, 25)]
     steps = 15
-    matvec, segments = block_operator(blocks)
-    start = make_probes(3, segments.numel(), kind="gaussian", seed=8)
+    matvec, block_ids = block_operator(blocks)
+    start = make_probes(3, block_ids.numel(), kind="gaussian", seed=8)
     for reorth in (False, True):
-        batched = lanczos(matvec, start, segments, 3, steps, reorthogonalize=reorth)
+        batched = lanczos(matvec, start, block_ids, 3, steps, reorthogonalize=reorth)
         offset = 0
         for b, a in enumerate(blocks):
             n = a.shape[0]
-            solo_matvec, solo_segments = block_operator([a])
+            solo_matvec, solo_block_ids = block_operator([a])
             for k in range(3):
-                solo = lanczos(solo_matvec, start[k : k + 1, offset : offset + n], solo_segments, 1,
+                solo = lanczos(solo_matvec, start[k : k + 1, offset : offset + n], solo_block_ids, 1,
                                steps, reorthogonalize=reorth)
                 assert solo.steps[0, 0] == batched.steps[b, k]
                 for got, want in zip(batched.tridiagonal(b, k), solo.tridiagonal(0, 0)):
@@ -165,38 +165,38 @@ def test_batched_equals_each_problem_alone():
             offset += n
 
 
-def test_start_is_normalised_per_segment():
+def test_start_is_normalised_per_block():
     rng = np.random.default_rng(9)
     blocks = [random_sym(5, rng), random_sym(3, rng)]
-    matvec, segments = block_operator(blocks)
+    matvec, block_ids = block_operator(blocks)
     start = make_probes(2, 8, kind="gaussian", seed=1)
     scaled = start * torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1e3, 1e3, 1e3])
-    a = lanczos(matvec, start, segments, 2, 3)
-    b = lanczos(matvec, scaled, segments, 2, 3)
+    a = lanczos(matvec, start, block_ids, 2, 3)
+    b = lanczos(matvec, scaled, block_ids, 2, 3)
     np.testing.assert_allclose(a.alpha, b.alpha, rtol=1e-12, atol=1e-14)
     v = start[0, :5].numpy()
     assert a.alpha[0, 0, 0] == pytest.approx(v @ blocks[0] @ v / (v @ v), rel=1e-12)
 
 
-def test_zero_segment_raises():
-    matvec, segments = block_operator([np.eye(2), np.eye(3)])
+def test_zero_block_part_raises():
+    matvec, block_ids = block_operator([np.eye(2), np.eye(3)])
     start = torch.ones(2, 5, dtype=torch.float64)
     start[1, 2:] = 0.0
     with pytest.raises(ValueError, match="start vector 1 is zero on block 1"):
-        lanczos(matvec, start, segments, 2, 3)
+        lanczos(matvec, start, block_ids, 2, 3)
 
 
 def test_bad_arguments_raise():
-    matvec, segments = block_operator([np.eye(2), np.eye(3)])
+    matvec, block_ids = block_operator([np.eye(2), np.eye(3)])
     start = torch.ones(1, 5, dtype=torch.float64)
     with pytest.raises(ValueError, match="blocks \\[2\\] have no coordinates"):
-        lanczos(matvec, start, segments, 3, 2)
-    with pytest.raises(ValueError, match="segments must lie"):
-        lanczos(matvec, start, segments, 1, 2)
+        lanczos(matvec, start, block_ids, 3, 2)
+    with pytest.raises(ValueError, match="block_ids must lie"):
+        lanczos(matvec, start, block_ids, 1, 2)
     with pytest.raises(ValueError, match="steps"):
-        lanczos(matvec, start, segments, 2, 0)
-    with pytest.raises(ValueError, match="segments must be"):
-        lanczos(matvec, start[:, :4], segments, 2, 2)
+        lanczos(matvec, start, block_ids, 2, 0)
+    with pytest.raises(ValueError, match="block_ids must be"):
+        lanczos(matvec, start[:, :4], block_ids, 2, 2)
 
 
 def test_non_finite_matvec_raises():
@@ -209,14 +209,14 @@ def test_callback_and_early_stop():
     rng = np.random.default_rng(10)
     calls = []
     n_matvecs = []
-    matvec, segments = block_operator([random_sym(2, rng), random_sym(3, rng)])
+    matvec, block_ids = block_operator([random_sym(2, rng), random_sym(3, rng)])
 
     def counting(v):
         n_matvecs.append(1)
         return matvec(v)
 
     start = make_probes(2, 5, seed=2)
-    res = lanczos(counting, start, segments, 2, 50, callback=calls.append)
+    res = lanczos(counting, start, block_ids, 2, 50, callback=calls.append)
     assert calls == [1, 2, 3] and len(n_matvecs) == 3
     assert res.steps.tolist() == [[2, 2], [3, 3]] and res.max_steps == 50
 
@@ -224,9 +224,9 @@ def test_callback_and_early_stop():
 def test_float32_input_gives_float64_result():
     rng = np.random.default_rng(11)
     a = sym_with_spectrum([1.0, 2.0, 3.0, 4.0], rng)
-    matvec, segments = block_operator([a])
+    matvec, block_ids = block_operator([a])
     start = make_probes(2, 4, dtype=torch.float32)
-    res = lanczos(matvec, start, segments, 1, 4)
+    res = lanczos(matvec, start, block_ids, 1, 4)
     assert res.alpha.dtype == np.float64
     nodes, _ = res.ritz()
     np.testing.assert_allclose(nodes[0, :, :4], [[1, 2, 3, 4]] * 2, atol=1e-4)
@@ -236,10 +236,10 @@ def test_float32_input_gives_float64_result():
 def test_cuda_matches_cpu():
     rng = np.random.default_rng(12)
     blocks = [random_sym(n, rng) for n in (3, 30, 64)]
-    matvec, segments = block_operator(blocks)
-    start = make_probes(4, segments.numel(), seed=3)
-    cpu = lanczos(matvec, start, segments, 3, 20, reorthogonalize=True)
-    gpu = lanczos(matvec, start.cuda(), segments.cuda(), 3, 20, reorthogonalize=True)
+    matvec, block_ids = block_operator(blocks)
+    start = make_probes(4, block_ids.numel(), seed=3)
+    cpu = lanczos(matvec, start, block_ids, 3, 20, reorthogonalize=True)
+    gpu = lanczos(matvec, start.cuda(), block_ids.cuda(), 3, 20, reorthogonalize=True)
     assert (gpu.steps == cpu.steps).all()
     np.testing.assert_allclose(gpu.ritz()[0], cpu.ritz()[0], atol=1e-10)
 

@@ -26,7 +26,9 @@ from hessian_blocks.partitions.coupling import (
     save_couplings,
     slice_coupling,
 )
-from hessian_blocks.partitions.measured import decide_rule, derive_decisions, derive_partition, group_axis, map_rules
+from hessian_blocks.partitions.decide import DecisionSettings, decide_rule, group_axis
+from hessian_blocks.partitions.measured import derive_decisions, derive_partition
+from hessian_blocks.partitions.transfer import map_rules
 from tests.oracles import planted_block_diagonal, planted_loss
 
 FAST = dict(dtype=torch.float32, strategy="vmap", probes=2, max_probes=8, dense_max=256)
@@ -156,15 +158,15 @@ def test_a_split_within_the_interval_of_the_threshold_is_not_settled():
         return TensorCoupling("w", (6,), "probes", {0: samples.mean(0)}, 24, samples={0: samples})
 
     noisy = decide_rule(coupling(0.1))
-    assert noisy.rule.split == "whole" and noisy.agreeing == noisy.replicates == 4
-    assert noisy.near_threshold == (0,) and not noisy.settled
+    assert noisy.rule.split == "whole" and noisy.confidence.agreeing == noisy.confidence.replicates == 4
+    assert noisy.confidence.near_threshold == (0,) and not noisy.settled
     grouping = noisy.groupings[0]
     # leave-one-out values 0.52 -+ 0.1 / 3, twice each: SE = sqrt(3 / 4 * 4 * (0.1 / 3)^2) = 0.1 / sqrt(3)
-    assert grouping.weakest == pytest.approx(0.52) and grouping.weakest_error == pytest.approx(0.1 / np.sqrt(3))
+    assert grouping.weakest == pytest.approx(0.52) and noisy.errors[0].weakest == pytest.approx(0.1 / np.sqrt(3))
     assert "UNDECIDED: axis 0 splits at all: weakest grouping leaves 0.52 ± 0.058" in noisy.rule.why
     assert "within the 95 % t-interval (3.18 standard errors" in noisy.rule.why
     steady = decide_rule(coupling(0.001))
-    assert steady.rule.split == "whole" and steady.settled and steady.near_threshold == ()
+    assert steady.rule.split == "whole" and steady.settled and steady.confidence.near_threshold == ()
     assert "settled: all 4 leave-one-probe-out estimates agree; axis 0 splits at all: weakest grouping leaves " \
            "0.52 ± 0.00058, threshold 0.5 outside the 95 % t-interval" in steady.rule.why
 
@@ -206,6 +208,34 @@ def test_saved_couplings_give_the_same_decisions(tmp_path):
         load_couplings(tmp_path / "probes2.npz", settings={"probes": 4, "data": "synthetic"})
 
 
+def test_derive_keeps_the_couplings_in_a_file_and_decides_again_from_it(tmp_path, monkeypatch):
+    import hessian_blocks.partitions.measured as measured_module
+    from hessian_blocks.partitions.measured import CouplingsFile, derive
+
+    model = Planted()
+    batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
+    loss = planted_loss(model.matrices)
+    kept = CouplingsFile(tmp_path / "c.npz", {"model": "planted", "probes": 2})
+    done = []
+    first = derive(model, loss, batches, couplings=kept, progress=done.append, method="probes", probes=2)
+    assert kept.path.exists() and sum(done) == sum(d.products for d in first.decisions) > 0
+    assert first.measured is model and [d.rule for d in first.decisions] == first.partition.rules
+
+    def no_measuring(*_, **__):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(measured_module, "measure_coupling", no_measuring)
+    progressed = len(done)
+    again = derive(model, loss, batches, couplings=kept, progress=done.append, method="probes", probes=2)
+    assert again.partition.to_dict() == first.partition.to_dict() and len(done) == progressed   # read, not measured
+    strict = derive_partition(model, loss, batches, couplings=kept, settings=DecisionSettings(threshold=1e-6))
+    assert strict.to_dict() != first.partition.to_dict()    # decided again: almost every axis one block
+    with pytest.raises(ValueError, match=r"other settings \(probes: 2 there, 4 now\)"):
+        derive(model, loss, batches, couplings=CouplingsFile(kept.path, {"model": "planted", "probes": 4}))
+    with pytest.raises(ValueError, match="does not hold the tensors of this model"):
+        derive(FusedStack(1, 4), loss, batches, couplings=kept)
+
+
 def test_slice_coupling_matches_the_definition():
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(6, 6, generator=gen, dtype=torch.float64)
@@ -225,18 +255,18 @@ def test_group_axis_runs_zero_mass_and_background():
     coupling[8:, 8:] += 0.05 * (1 - np.eye(6))
     coupling[12, :] = coupling[:, 12] = 0.0  # a slice without Hessian mass
     grouping = group_axis(coupling)
-    assert grouping.sizes == [4, 4, 1, 1, 1, 1, 1, 1]
-    assert grouping.runs == [(4, 2), (1, 6)]
+    assert grouping.sizes == (4, 4, 1, 1, 1, 1, 1, 1)
+    assert grouping.runs == ((4, 2), (1, 6))
     assert grouping.zero_slices == 1
     off = (coupling.sum() - sum(coupling[a:b, a:b].sum() for a,
                                 b in [(0, 4), (4, 8)] + [(i, i + 1) for i in range(8, 14)]))
     assert grouping.off_block_mass == pytest.approx(off / coupling.sum())
     uniform = np.full((6, 6), 0.9) + 0.1 * np.eye(6)  # every slice couples to every other: one block
-    assert group_axis(uniform).sizes == [6]
+    assert group_axis(uniform).sizes == (6,)
     with pytest.raises(ValueError, match="threshold"):
-        group_axis(coupling, threshold=0)
+        DecisionSettings(threshold=0)
     with pytest.raises(ValueError, match="max_runs must be 1"):
-        group_axis(coupling, max_runs=3)
+        DecisionSettings(max_runs=3)
 
 
 def test_fused_heads_then_evenly_coupled_singles():
@@ -251,9 +281,9 @@ def test_fused_heads_then_evenly_coupled_singles():
     coupling[64:, 64:] = 0.12 * rng.uniform(0.7, 1.3, (32, 32))
     coupling = (coupling + coupling.T) / 2
     np.fill_diagonal(coupling, 1.0)
-    assert group_axis(coupling).runs == [(8, 8), (1, 32)]
+    assert group_axis(coupling).runs == ((8, 8), (1, 32))
     value_first = coupling[np.r_[64:96, 0:64]][:, np.r_[64:96, 0:64]]   # singles before the heads
-    assert group_axis(value_first).runs == [(1, 32), (8, 8)]
+    assert group_axis(value_first).runs == ((1, 32), (8, 8))
 
 
 def test_weakly_but_evenly_coupled_heads_stay_whole():
@@ -268,13 +298,13 @@ def test_weakly_but_evenly_coupled_heads_stay_whole():
         coupling[16 * head : 16 * head + 16, 16 * head : 16 * head + 16] = inside * rng.uniform(0.8, 1.2, (16, 16))
     coupling = (coupling + coupling.T) / 2
     np.fill_diagonal(coupling, 1.0)
-    assert group_axis(coupling).runs == [(16, 4)]
+    assert group_axis(coupling).runs == ((16, 4),)
     weak = coupling.copy()
     weak[:16, :16] *= 0.02 / 0.06
     np.fill_diagonal(weak, 1.0)
-    assert group_axis(weak).runs == [(1, 16), (16, 3)]
+    assert group_axis(weak).runs == ((1, 16), (16, 3))
     band = np.eye(64) + 0.1 * (np.eye(64, k=1) + np.eye(64, k=-1))  # neighbours only: single slices
-    assert group_axis(band).sizes == [1] * 64
+    assert group_axis(band).sizes == (1,) * 64
 
 
 def test_heads_interleaved_with_their_value_rows():
@@ -303,15 +333,15 @@ def test_heads_interleaved_with_their_value_rows():
     np.fill_diagonal(relative, 1.0)
     coupling = relative * np.outer(norms, norms)          # C_ij = K_ij sqrt(C_ii C_jj), C_ii = norm_i^2
     grouping = group_axis(coupling)
-    assert grouping.runs == [(2 * head, 1), (1, head)] * heads
+    assert grouping.runs == ((2 * head, 1), (1, head)) * heads
     columns = np.full((8, 8), 0.9) + 0.1 * np.eye(8)       # input features couple evenly: no split along them
     decision = decide_rule(TensorCoupling("w", (heads * period, 8), "dense", {0: coupling, 1: columns}, 0))
     assert decision.rule.runs == ((2 * head, 1), (1, head)) * heads
     assert "axis 0: 4 x (1 x 16, 8 x 1)" in decision.rule.why
-    assert group_axis(coupling, max_runs=1).sizes == [1] * heads * period   # repeated layouts need max_runs = 2
+    assert group_axis(coupling, DecisionSettings(max_runs=1)).sizes == (1,) * heads * period   # repeated: max_runs 2
     contiguous = np.concatenate([np.arange(h * period, h * period + 2 * head) for h in range(heads)] + [values])
     fused = coupling[np.ix_(contiguous, contiguous)]     # the same rows as [q_1 k_1 ... q_4 k_4 | v]: not repeated
-    assert group_axis(fused).runs == [(2 * head, heads), (1, heads * head)]
+    assert group_axis(fused).runs == ((2 * head, heads), (1, heads * head))
     # value rows that couple inside their head (0.3) more than across heads (0.02), and q|k rows a
     # hundredth of their norm: whole heads [q_h k_h v_h] keep more mass, but hold two scales
     for h in range(heads):
@@ -321,8 +351,8 @@ def test_heads_interleaved_with_their_value_rows():
         relative[np.ix_(v, v)] = 0.3
     np.fill_diagonal(relative, 1.0)
     per_head = relative * np.outer(norms, norms)
-    assert group_axis(per_head).runs == [(2 * head, 1), (1, head)] * heads
-    assert group_axis(per_head, max_spread=1e6).runs == [(period, heads)]   # no scale test: one block per head
+    assert group_axis(per_head).runs == ((2 * head, 1), (1, head)) * heads
+    assert group_axis(per_head, DecisionSettings(max_spread=1e6)).runs == ((period, heads),)   # one block per head
 
 
 def test_the_axis_that_keeps_the_most_mass_in_its_blocks_wins():
@@ -334,7 +364,7 @@ def test_the_axis_that_keeps_the_most_mass_in_its_blocks_wins():
     columns = np.full((n, n), 0.03) + 0.97 * np.eye(n)
     decision = decide_rule(TensorCoupling("w", (n, n), "dense", {0: rows, 1: columns}, 0))
     tokens, features = decision.groupings
-    assert tokens.sizes == [1] * n and features.sizes == [1] * n
+    assert tokens.sizes == (1,) * n and features.sizes == (1,) * n
     assert tokens.cross_coupling > features.cross_coupling and tokens.off_block_mass < features.off_block_mass
     assert tokens.off_block_mass == pytest.approx(3.0 / 19.0)
     assert (decision.rule.split, decision.rule.axis, decision.rule.size) == ("groups", 0, 1)
@@ -350,11 +380,11 @@ def test_rows_of_stacked_parts_pair_up_and_stay_single():
     columns = np.full((6, 6), 0.3) + 0.7 * np.eye(6)
     decision = decide_rule(TensorCoupling("w", (n, 6), "dense", {0: rows, 1: columns}, 0))
     by_rows = decision.groupings[0]
-    assert by_rows.sizes == [1] * n and by_rows.stacked == 2
+    assert by_rows.sizes == (1,) * n and by_rows.stacked.parts == 2
     total = 16 * 0.05 + 16 * 1.0 + 224 * 0.001          # diagonal, the 16 pair entries, the other 224 entries
     assert by_rows.off_block_mass == pytest.approx((16 + 0.224) / total)
-    assert by_rows.stacked_off_mass == pytest.approx(0.224 / total)
-    assert decision.groupings[1].off_block_mass == pytest.approx(9 / 15) and decision.groupings[1].stacked == 1
+    assert by_rows.stacked.off_mass == pytest.approx(0.224 / total)
+    assert decision.groupings[1].off_block_mass == pytest.approx(9 / 15) and decision.groupings[1].stacked is None
     assert (decision.rule.split, decision.rule.axis, decision.rule.size) == ("groups", 0, 1)
     assert "slice i with i + 8" in decision.rule.why
 
@@ -367,7 +397,7 @@ def test_low_mass_slices_do_not_decide_the_grouping():
     relative = np.kron(np.eye(2), np.full((4, 4), 0.8)) + 0.2 * np.eye(8)
     relative[2, 5] = relative[5, 2] = 50.0  # heavy tail: tiny slices, large relative coupling
     coupling = relative * np.sqrt(np.outer(mass, mass))
-    assert group_axis(coupling).sizes == [4, 4]
+    assert group_axis(coupling).sizes == (4, 4)
 
 
 # ---------------------------------------------------------------- bundled models, names scrambled
@@ -494,7 +524,7 @@ def _train(spec, partition, batches, optimizer_cls, steps: int = 60, lr: float =
 
 
 def test_cli_partition_keeps_and_reuses_couplings(tmp_path, capsys, monkeypatch):
-    import hessian_blocks.partitions.coupling as coupling_module
+    import hessian_blocks.partitions.measured as measured_module
 
     couplings = tmp_path / "couplings.npz"
     args = ["partition", "--model", "gpt2-nano", "--set", "n_layer=1", "--set", "n_embd=16", "--set", "n_head=2",
@@ -508,7 +538,7 @@ def test_cli_partition_keeps_and_reuses_couplings(tmp_path, capsys, monkeypatch)
     def no_measuring(*_, **__):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(coupling_module, "measure_coupling", no_measuring)
+    monkeypatch.setattr(measured_module, "measure_coupling", no_measuring)
     assert main(args + ["--out", str(tmp_path / "again.json")]) == 0
     assert f"couplings read from {couplings} (nothing measured)" in capsys.readouterr().err
     assert json.loads((tmp_path / "again.json").read_text()) == json.loads((tmp_path / "first.json").read_text())

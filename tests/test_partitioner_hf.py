@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from hessian_blocks import Partition
-from hessian_blocks.partitions.measured import derive_decisions, derive_partition, small_overrides
+from hessian_blocks.partitions.measured import derive_decisions, derive_partition
+from hessian_blocks.partitions.transfer import small_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -173,7 +174,7 @@ def test_phi3_fused_gqa_qkv_and_fused_gate_up():
     assert qkv == ("groups", 0, None, ((HEAD, HEADS + 2), (1, 2 * HEAD)))
     assert gate_up == ("groups", 0, 1, None)
     rows = decisions[1].groupings[0]
-    assert rows.stacked == 2 and rows.off_block_mass > 0.9 and rows.stacked_off_mass < 0.01
+    assert rows.stacked.parts == 2 and rows.off_block_mass > 0.9 and rows.stacked.off_mass < 0.01
     assert "off the pairs of 2 stacked parts (slice i with i + 48)" in decisions[1].rule.why
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from hessian_blocks.cli import main
 from hessian_blocks.partitions.coupling import measure_coupling, planned_products, sampled_slices
-from hessian_blocks.partitions.measured import decide_rule, derive_decisions
+from hessian_blocks.partitions.decide import decide_rule
+from hessian_blocks.partitions.measured import derive_decisions
 from tests.oracles import planted_block_diagonal, planted_loss
 
 

@@ -14,12 +14,12 @@ from tests.test_lanczos import block_operator, random_sym, sym_with_spectrum
 
 
 def spectrum(blocks, steps, n_probes, *, seed=0, reorth=False, full=False, kind="rademacher"):
-    matvec, segments = block_operator(blocks)
-    start = make_probes(n_probes, segments.numel(), kind=kind, seed=seed)
-    res = lanczos(matvec, start, segments, len(blocks), steps, reorthogonalize=reorth)
+    matvec, block_ids = block_operator(blocks)
+    start = make_probes(n_probes, block_ids.numel(), kind=kind, seed=seed)
+    res = lanczos(matvec, start, block_ids, len(blocks), steps, reorthogonalize=reorth)
     full_res = None
     if full:
-        full_res = lanczos(matvec, start, torch.zeros_like(segments), 1, steps, reorthogonalize=reorth)
+        full_res = lanczos(matvec, start, torch.zeros_like(block_ids), 1, steps, reorthogonalize=reorth)
     n = len(blocks)
     return SpectrumResult(
         names=[f"layer.{b}.weight[rows 0:{a.shape[0]}]" for b, a in enumerate(blocks)],

@@ -31,6 +31,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         DEFAULT_THRESHOLD,
         DENSE_MAX,
         MAX_SLICES,
+        METHODS,
     )
 
     command = commands.add_parser(
@@ -62,7 +63,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--mass-threshold", type=float, default=DEFAULT_MASS_THRESHOLD,
                          help=f"largest off-diagonal mass fraction of a near-diagonal Hessian ('whole' or 'elements' "
                               f"instead of slices; default: {DEFAULT_MASS_THRESHOLD})")
-    command.add_argument("--method", choices=("auto", "dense", "probes"), default="auto",
+    command.add_argument("--method", choices=METHODS, default="auto",
                          help="how to measure (default: auto)")
     command.add_argument("--probes", type=int, default=2,
                          help="Rademacher probes per slice in the first round (default: 2)")
@@ -92,98 +93,101 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 @holding_output_file("partition.json")
 def run_partition(args: argparse.Namespace) -> int:
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from ..blocks import Partition
     from ..data import make_batches
     from ..guards import check_device
     from ..models import build_model
-    from ..partitions.coupling import load_couplings, measure_coupling, planned_products, save_couplings
-    from ..partitions.measured import Decider, map_rules, small_overrides
+    from ..partitions.coupling import planned_products
+    from ..partitions.decide import DecisionSettings
+    from ..partitions.measured import CouplingsFile, derive
+    from ..partitions.render import table_rows
+    from ..partitions.transfer import small_overrides
 
     check_device(args.device)
     check_output_file(args.out, "--out", "partition.json")
     if args.couplings is not None:
         check_output_file(args.couplings, "--couplings", "couplings.npz")
-    decision = dict(threshold=args.threshold, contrast=args.contrast, max_runs=args.max_runs,
-                    mass_threshold=args.mass_threshold, max_spread=args.max_spread)
-    decide = Decider(**decision)
+    settings = DecisionSettings(threshold=args.threshold, contrast=args.contrast, max_runs=args.max_runs,
+                                mass_threshold=args.mass_threshold, max_spread=args.max_spread)
+    if args.max_probes < args.probes:
+        raise ValueError(f"--max-probes ({args.max_probes}) must be at least --probes ({args.probes})")
+    if args.max_slices < 0:
+        raise ValueError(f"--max-slices must be >= 0 (0: every slice), got {args.max_slices}")
     dtype = torch_dtype(args.dtype)
     overrides = parse_overrides(args.set)
     # with --small only the smaller instance is measured: the full model's shapes suffice (any size)
     spec = build_model(args.model, seed=args.seed, device="meta" if args.small else None, **overrides)
     note_eval_mode(args.model, spec.model)
-    if args.max_probes < args.probes:
-        raise ValueError(f"--max-probes ({args.max_probes}) must be at least --probes ({args.probes})")
-    if args.max_slices < 0:
-        raise ValueError(f"--max-slices must be >= 0 (0: every slice), got {args.max_slices}")
     small = parse_overrides([pair for pair in args.small if pair != "auto"])
     if "auto" in args.small:
         small = {**small_overrides(spec.config), **small}
     measured = build_model(args.model, seed=args.seed, **{**overrides, **small}) if args.small else spec
     batches = make_batches(measured, args.data, batch_size=args.batch_size, n_batches=args.batches, seed=args.seed,
                            dtype=dtype)
-    shapes = {name: tuple(p.shape) for name, p in measured.model.named_parameters() if p.requires_grad}
-    measurement = {key: getattr(args, key) for key in ("model", "set", "small", "data", "batches", "batch_size",
-                                                       "method", "probes", "max_probes", "dense_max", "max_slices",
-                                                       "seed", "dtype")}
-    if args.couplings is not None and args.couplings.exists():
-        couplings = load_couplings(args.couplings, settings=measurement)
-        if {name: c.shape for name, c in couplings.items()} != shapes:
-            raise ValueError(f"{args.couplings} does not hold the tensors of this model; delete it or give another "
-                             "path")
+    measurement = dict(method=args.method, probes=args.probes, max_probes=args.max_probes, dense_max=args.dense_max,
+                       max_slices=args.max_slices, seed=args.seed)
+    couplings = None if args.couplings is None else CouplingsFile(args.couplings, {
+        key: getattr(args, key) for key in ("model", "set", "small", "data", "batches", "batch_size", *measurement,
+                                            "dtype")})
+    reading = couplings is not None and args.couplings.exists()
+    shapes = [tuple(p.shape) for p in measured.model.parameters() if p.requires_grad]
+    planned = sum(planned_products(shape, args.method, args.probes, args.dense_max, args.max_slices)
+                  for shape in shapes)
+    with _HVPProgress(planned, f"{args.model}: measuring {len(shapes)} tensors", args.no_progress) as progress:
+        derived = derive(spec.model, measured.loss_fn, batches, small=measured.model if args.small else None,
+                         settings=settings, couplings=couplings, progress=progress, dtype=dtype, device=args.device,
+                         strategy=args.strategy, **measurement)
+    if reading:
         print(f"couplings read from {args.couplings} (nothing measured)", file=sys.stderr)
-    else:
-        planned = sum(planned_products(shape, args.method, args.probes, args.dense_max, args.max_slices)
-                      for shape in shapes.values())
-
-        def advance(products: int) -> None:
-            bar.total = max(bar.total, bar.n + products)  # a refining round: more products than first planned
-            bar.update(products)
-
-        with tqdm(total=planned, desc=f"{args.model}: measuring {len(shapes)} tensors", unit="HVP",
-                  disable=args.no_progress, file=sys.stderr) as bar:
-            couplings = measure_coupling(
-                measured.model, measured.loss_fn, batches, method=args.method, probes=args.probes,
-                max_probes=args.max_probes, refine=decide.unsettled, resample=decide.finer,
-                dense_max=args.dense_max, max_slices=args.max_slices, seed=args.seed, dtype=dtype, device=args.device,
-                strategy=args.strategy,
-                progress=advance,
-            )
-        if args.couplings is not None:
-            save_couplings(couplings, args.couplings, settings=measurement)
-    decisions = [decide(c) for c in couplings.values()]
-    rules = [d.rule for d in decisions]
-    if args.small:
-        rules = map_rules(measured.model, rules, spec.model)
-    partition = Partition.from_rules(spec.model, rules)
-    partition.save(args.out)
+    derived.partition.save(args.out)
     for param in args.heatmap:
         from analysis import save_figure
         from analysis.hessian_map import hessian_map, plot_hessian_blocks
 
-        measured_partition = Partition.from_rules(measured.model, [d.rule for d in decisions])
+        from ..blocks import Partition
+
+        measured_partition = Partition.from_rules(measured.model, [d.rule for d in derived.decisions])
         hmap = hessian_map(measured.model, measured.loss_fn, batches, measured_partition, params=[param],
                            dtype=dtype, device=args.device, strategy=args.strategy)
         path = args.out.with_name(f"{args.out.stem}_{folder_name(param)}.png")
         save_figure(plot_hessian_blocks(hmap.matrix, hmap.boundaries, title=f"{param}: Hessian and derived blocks"),
                     path)
         print(f"wrote {path}")
-    table = pd.DataFrame({
-        "parameter": [d.rule.param for d in decisions],
-        "shape": ["x".join(map(str, d.shape)) for d in decisions],
-        "split": [d.summary + ("" if d.settled else " (undecided)") for d in decisions],
-        "evidence": [d.evidence for d in decisions],
-    })
     measured_on = "" if not args.small else (
         f" (measured on the smaller instance {' '.join(f'{k}={v}' for k, v in small.items())})" if small
         else " (--small auto: the model is already that small, measured itself)")
-    undecided = [d.rule.param for d in decisions if not d.settled]
+    undecided = [d.coupling.param for d in derived.decisions if not d.settled]
     if undecided:
         print(f"warning: {len(undecided)} decision(s) change without one of their probes (UNDECIDED in the evidence: "
               f"{', '.join(undecided[:5])}{' ...' if len(undecided) > 5 else ''}); the rule of the full estimate is "
               f"written. Raise --max-probes (now {args.max_probes}) to settle them.", file=sys.stderr)
-    print(f"\n{args.model}: {len(partition.blocks)} blocks over {len(rules)} tensors{measured_on}")
-    print(table.to_string(index=False, max_colwidth=90))
+    print(f"\n{args.model}: {len(derived.partition.blocks)} blocks over {len(derived.partition.rules)} tensors"
+          f"{measured_on}")
+    print(pd.DataFrame(table_rows(derived.decisions)).to_string(index=False, max_colwidth=90))
     print(f"wrote {args.out}")
     return 0
+
+
+class _HVPProgress:
+    """A progress bar of Hessian-vector products, shown from the first product on (none when a kept
+    measurement is read); a refining round may do more products than first planned."""
+
+    def __init__(self, planned: int, description: str, disable: bool):
+        self.planned, self.description, self.disable = planned, description, disable
+        self.bar = None
+
+    def __enter__(self) -> _HVPProgress:
+        return self
+
+    def __call__(self, products: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.planned, desc=self.description, unit="HVP", disable=self.disable,
+                            file=sys.stderr)
+        self.bar.total = max(self.bar.total, self.bar.n + products)
+        self.bar.update(products)
+
+    def __exit__(self, *_: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -57,16 +57,15 @@ import torch
 from torch import nn
 
 from ..blocks import Rule
-from ..choices import DENSE_MAX, MAX_SLICES
+from ..choices import DENSE_MAX, MAX_SLICES, METHODS
 from ..hvp import BlockHessian
 
-METHODS = ("auto", "dense", "probes")
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 VECTOR_BUDGET = 1 << 24  # entries of one chunk of probe vectors ([vectors, selected coordinates])
 STRIDES = (2, 4, 8)      # sampling strides: head sizes, fused runs and stacked parts are multiples of 8
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class TensorCoupling:
     """Measured slice couplings of one parameter tensor.
 
@@ -232,9 +231,8 @@ def measure_coupling(
         jobs = [first_round(name, 0) for name in again]
         _run(hessian, jobs, progress)
         for job in jobs:
-            spent = results[job.name].products
-            results[job.name] = replace(job.result(), resampled=True)
-            results[job.name].products += spent
+            again = job.result()
+            results[job.name] = replace(again, resampled=True, products=results[job.name].products + again.products)
     for round_ in range(1, max_probes):
         more = [name for name in names if results[name].method == "probes" and results[name].probes < max_probes
                 and refine is not None and refine(results[name])]

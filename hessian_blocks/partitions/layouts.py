@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
+from hessian_blocks.blocks import runs_of
+
 __all__ = ["AttentionLayout", "register_attention"]
 
 # What a rule does, without the parameter's name: keyword arguments of Rule (split, axis, size, runs, why).
@@ -175,7 +177,7 @@ class _Geometry:
     head_dim: int
     group: int
 
-    def segments(self, roles: tuple[str, ...], interleaved: bool) -> list[tuple[str, int]]:
+    def spans(self, roles: tuple[str, ...], interleaved: bool) -> list[tuple[str, int]]:
         """(role, width) of consecutive output features of a projection packed as ``roles``."""
         if interleaved:  # per key/value head: its group of query heads, its key head, its value head
             return ([("q", self.heads // self.kv_heads * self.head_dim), ("k", self.head_dim), ("v", self.head_dim)]
@@ -198,8 +200,8 @@ def attention_specs(where: str, module: nn.Module, layout: AttentionLayout,
             specs.append((weight, {"split": "groups", "axis": axis, "size": 1,
                                    "why": f"{kind} value: one block per output neuron"}))
             continue
-        segments = geometry.segments(roles, interleaved)
-        needed = sum(width for _, width in segments)
+        spans = geometry.spans(roles, interleaved)
+        needed = sum(width for _, width in spans)
         if needed != weight.shape[axis]:
             raise ValueError(
                 f"attention module {where}: its projection '{attribute}' has {weight.shape[axis]} outputs, "
@@ -207,7 +209,7 @@ def attention_specs(where: str, module: nn.Module, layout: AttentionLayout,
                 f"of dimension {geometry.head_dim} needs {needed}; "
                 f"pass the right n_heads, or {layout_fix}"
             )
-        runs = head_runs(kind, [(role, width, geometry.group) for role, width in segments])
+        runs = head_runs(kind, [(role, width, geometry.group) for role, width in spans])
         split = {"size": runs[0][0]} if len(runs) == 1 else {"runs": tuple(runs)}
         why = (f"{kind} {packing}: one block per head of {geometry.group} ({geometry.heads} query, "
                f"{geometry.kv_heads} key/value heads)"
@@ -270,20 +272,16 @@ def _geometry(where: str, module: nn.Module, layout: AttentionLayout, projection
     return _Geometry(heads, kv_heads, head_dim, group)
 
 
-def head_runs(kind: str, segments: list[tuple[str, int, int]]) -> list[tuple[int, int]]:
-    """Run-length (size, count) groups of (role, width, head width) segments: q and k in blocks of
+def head_runs(kind: str, spans: list[tuple[str, int, int]]) -> list[tuple[int, int]]:
+    """Run-length (size, count) groups of (role, width, head width) spans: q and k in blocks of
     their head width, every other row (v, unplaced) one block."""
-    runs: list[tuple[int, int]] = []
-    for role, width, group in segments:
+    sizes: list[int] = []
+    for role, width, group in spans:
         if role in ("q", "k") and width % group:
             raise ValueError(f"{kind}: {width} {role} projection features do not split into heads of {group}; "
                              "pass the right n_heads")
-        size, count = (group, width // group) if role in ("q", "k") else (1, width)
-        if runs and runs[-1][0] == size:
-            runs[-1] = (size, runs[-1][1] + count)
-        else:
-            runs.append((size, count))
-    return runs
+        sizes += [group] * (width // group) if role in ("q", "k") else [1] * width
+    return list(runs_of(sizes))
 
 
 # ----------------------------------------------------------------------------- built-in layouts

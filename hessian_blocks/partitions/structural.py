@@ -194,14 +194,14 @@ def _traced_spec(projection: TracedProjection, n_heads: int | None) -> RuleSpec:
             raise ValueError(f"{where}: {attention.query_features} projection features do not split into {n_heads} "
                              "heads; pass the right n_heads")
         group = attention.query_features // n_heads
-    segments = [(s.role, s.stop - s.start, group or s.head) for s in projection.segments]
-    runs = head_runs(where, segments)
+    spans = [(s.role, s.stop - s.start, group or s.head) for s in projection.spans]
+    runs = head_runs(where, spans)
     split = {"size": runs[0][0]} if len(runs) == 1 else {"runs": tuple(runs)}
-    roles = [s.role or "other" for s in projection.segments]
+    roles = [s.role or "other" for s in projection.spans]
     if not {"q", "k"} & set(roles):
         return {"split": "groups", "axis": projection.axis, "size": 1,
                 "why": f"{where} value: one block per output neuron"}
-    widths = sorted({width for role, _, width in segments if role in ("q", "k")})
+    widths = sorted({width for role, _, width in spans if role in ("q", "k")})
     why = (f"{where} {_packing(roles)}: one block per head of {'/'.join(map(str, widths))} "
            f"({f'{attention.heads} query' if attention.heads else 'query heads not traced'}, "
            f"{attention.kv_heads} key/value heads)"
@@ -221,7 +221,7 @@ def _packing(roles: list[str]) -> str:
 def _placed_by_trace(module: nn.Module, path: str, traced: AttentionTrace) -> bool:
     """Whether the trace placed query/key heads on a weight inside ``module``."""
     names = (f"{path}.{name}" if path else name for name, _ in module.named_parameters())
-    return any(name in traced.projections and {"q", "k"} & {s.role for s in traced.projections[name].segments}
+    return any(name in traced.projections and {"q", "k"} & {s.role for s in traced.projections[name].spans}
                for name in names)
 
 

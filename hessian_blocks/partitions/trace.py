@@ -27,13 +27,13 @@ from torch.utils._pytree import tree_map
 
 from .follow import RowFollower
 
-__all__ = ["AttentionTrace", "HeadSegment", "TracedAttention", "TracedProjection", "trace_attention"]
+__all__ = ["AttentionTrace", "RowSpan", "TracedAttention", "TracedProjection", "trace_attention"]
 
 SEQUENCE = 4  # tokens in the traced batch (one sample)
 
 
 @dataclass(frozen=True)
-class HeadSegment:
+class RowSpan:
     """Consecutive output rows ``start:stop`` of a weight with one role, in blocks of ``head`` rows.
 
     ``role`` is ``"q"`` or ``"k"`` (one block per head), ``"v"`` (the value product's rows) or ``""``
@@ -62,12 +62,12 @@ class TracedProjection:
     param: str
     axis: int
     attention: TracedAttention
-    segments: tuple[HeadSegment, ...]
+    spans: tuple[RowSpan, ...]
 
     @property
     def packing(self) -> str:
         """The roles in storage order, e.g. ``"q"``, ``"q|k|v"`` or ``"q|k|v|q|k|v"`` (interleaved)."""
-        return "|".join(s.role or "-" for s in self.segments)
+        return "|".join(s.role or "-" for s in self.spans)
 
 
 @dataclass(frozen=True)
@@ -247,17 +247,17 @@ def _read(follower: RowFollower, layers: set[str]) -> AttentionTrace:
     projections = {}
     for source, sets in heads.items():
         param, axis = follower.sources[source]
-        segments = _segments(follower.shapes[param][axis], sets, values.get(source, set()))
-        if isinstance(segments, str):
-            problems.append((attention_of[source].module, f"'{param}' {segments}"))
+        spans = _spans(follower.shapes[param][axis], sets, values.get(source, set()))
+        if isinstance(spans, str):
+            problems.append((attention_of[source].module, f"'{param}' {spans}"))
             continue
-        projections[param] = TracedProjection(param, axis, attention_of[source], segments)
+        projections[param] = TracedProjection(param, axis, attention_of[source], spans)
     linear_maps = {param: axis for param, axis in follower.linear_maps.items() if axis is not None}
     return AttentionTrace(projections, linear_maps, frozenset(follower.biases), tuple(dict.fromkeys(problems)))
 
 
-def _segments(length: int, sets: dict[frozenset, str], values: set[int]) -> tuple[HeadSegment, ...] | str:
-    """Consecutive segments of one weight's output rows, or what is wrong with its heads."""
+def _spans(length: int, sets: dict[frozenset, str], values: set[int]) -> tuple[RowSpan, ...] | str:
+    """Consecutive spans of one weight's output rows, or what is wrong with its heads."""
     owner: dict[int, frozenset] = {}
     for rows in sets:
         for row in rows:
@@ -267,18 +267,18 @@ def _segments(length: int, sets: dict[frozenset, str], values: set[int]) -> tupl
         if max(rows) - min(rows) + 1 != len(rows):
             return (f"has a head of rows that are not contiguous ({_span(rows)}): the partition groups contiguous "
                     "rows, one block per output row kept")
-    segments: list[HeadSegment] = []
+    spans: list[RowSpan] = []
     row = 0
     while row < length:
         rows = owner.get(row)
         role, size = (sets[rows], len(rows)) if rows else ("v" if row in values else "", 1)
-        last = segments[-1] if segments else None
+        last = spans[-1] if spans else None
         if last and last.role == role and last.head == size and last.stop == row:
-            segments[-1] = HeadSegment(role, last.start, row + size, size)
+            spans[-1] = RowSpan(role, last.start, row + size, size)
         else:
-            segments.append(HeadSegment(role, row, row + size, size))
+            spans.append(RowSpan(role, row, row + size, size))
         row += size
-    return tuple(segments)
+    return tuple(spans)
 
 
 def _span(rows: frozenset[int]) -> str:
