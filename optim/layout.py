@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hessian_blocks.blocks import Rule
+from hessian_blocks.blocks import Rule, runs_of
 
 __all__ = ["BlockLayout", "Segment"]
 
@@ -86,14 +86,8 @@ class BlockLayout:
         sizes = rule.group_sizes(shape)  # raises a clear error when the groups do not fit the axis
         axis = rule.axis % len(shape)
         outer, length, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
-        runs: list[list[int]] = []  # [size, count] of consecutive equal groups
-        for size in sizes:
-            if runs and runs[-1][0] == size:
-                runs[-1][1] += 1
-            else:
-                runs.append([size, 1])
         segments, start, first_block = [], 0, 0
-        for size, count in runs:
+        for size, count in runs_of(sizes):
             segments.append(Segment(outer, length, inner, start, count, size, first_block))
             start += size * count
             first_block += count
