@@ -31,6 +31,7 @@ from hessian_blocks.partitions.structural import default_rules
 from .distributed import ShardedBlockLayout, block_layout, local_tensor, shard_offset, sharded_scales
 from .functional import choose_implementation, run_updates
 from .hooks import ParamTransform, UpdateHook
+from .kernels import KERNEL_DTYPES
 from .layout import BlockLayout
 from .low_precision import (
     QUANT_BLOCK,
@@ -311,7 +312,8 @@ class AdamMini(torch.optim.Optimizer):
                 exp_avg, target = state["exp_avg"], param
             else:
                 exp_avg, target = self._working_tensors(name, param, state, write_backs)
-            if grad.dtype != exp_avg.dtype or not grad.is_contiguous():
+            if not grad.is_contiguous() or grad.dtype != exp_avg.dtype and not (
+                    on_device and grad.dtype in KERNEL_DTYPES):  # the kernels read bf16/fp16/fp32 gradients as they are
                 grad = grad.to(dtype=exp_avg.dtype, memory_format=torch.contiguous_format)
             transform = self._transforms.get(param)
             if transform is None:

@@ -119,15 +119,18 @@ def test_weight_decay_and_maximize_match_the_plain_path(maximize):
     assert relative_difference(models["kernel"], models["plain"]) <= 1e-6
 
 
-def test_bfloat16_parameters_compute_in_float32_within_two_ulps():
-    """bf16 parameters and first moments: the kernel keeps float32 between the operations that the
-    plain path rounds to bf16 one by one; after 20 steps they differ by at most 2 bf16 ulps."""
+@pytest.mark.parametrize("state_dtype", [None, torch.float32])
+def test_bfloat16_parameters_compute_in_float32_within_two_ulps(state_dtype):
+    """bf16 parameters with bf16 (or float32) first moments: the kernel keeps float32 between the
+    operations that the plain path rounds to bf16 one by one, and reads the bf16 gradients as they
+    are; after 20 steps they differ by at most 2 bf16 ulps."""
     models = {}
     for path, flags in (("kernel", KERNEL), ("plain", PLAIN)):
         model = LargeBlocks(torch.bfloat16)
-        optimizer = AdamMini(model.named_parameters(), model.partition(), lr=1e-3, weight_decay=0.1, **flags)
+        optimizer = AdamMini(model.named_parameters(), model.partition(), lr=1e-3, weight_decay=0.1,
+                             state_dtype=state_dtype, **flags)
         train_on_fixed_grads(model, optimizer, steps=20, scale=1e-2)
-        assert optimizer.state[model.rows]["exp_avg"].dtype == torch.bfloat16
+        assert optimizer.state[model.rows]["exp_avg"].dtype == (state_dtype or torch.bfloat16)
         models[path] = model
     for a, b in zip(models["kernel"].parameters(), models["plain"].parameters()):
         ulp = 2.0 ** (math.floor(math.log2(b.abs().max().item())) - 7)
