@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -48,10 +47,11 @@ import torch
 
 from .layout import BlockLayout
 
-__all__ = ["CHUNK", "MAX_BLOCK", "TILE", "KERNEL_DTYPES", "ParamTables", "WorkTable", "kernel_update",
+__all__ = ["CHUNK", "MAX_BLOCK", "TILE", "KERNEL_DTYPES", "ParamTables", "WorkTable", "interpreted", "kernel_update",
            "unavailable_reason", "work_table"]
 
-TILE = 4096       # coordinates one program of the tile kernel covers (R blocks of N, R * N = max(N, TILE))
+# powers of two (Triton's block shapes): a tile holds R blocks of N coordinates, R * N = max(N, TILE)
+TILE = 4096       # coordinates one program of the tile kernel covers
 MAX_BLOCK = 8192  # blocks up to this many coordinates are updated in one pass by one program
 CHUNK = 4096      # coordinates per program for larger blocks (two launches)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # parameter / gradient / first-moment dtypes
@@ -298,8 +298,3 @@ def _triton_type(dtype: torch.dtype):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
-# a tile of R blocks of N coordinates with R * N = max(N, TILE): both powers of two
-assert TILE & (TILE - 1) == 0 and MAX_BLOCK & (MAX_BLOCK - 1) == 0 and CHUNK & (CHUNK - 1) == 0
-assert math.log2(MAX_BLOCK) >= math.log2(TILE)
