@@ -16,15 +16,14 @@ __all__ = [
 ]
 
 DTYPE_NAMES = ("auto", "float64", "float32")
-AUTO_DTYPE = {"cuda": "float32", "cpu": "float64"}
-"""What ``--dtype auto`` means on each device type: float32 products on CUDA (the Lanczos recurrences stay
-in float64; JS0 and every block's extremes stay within the SLQ sampling error of float64, tested on CPU),
-float64 on the CPU (the committed results' precision)."""
 
 
 def torch_dtype(name: str, device: str = "cpu"):
-    """The torch dtype called ``name`` (one of DTYPE_NAMES; ``auto``: by the type of ``device``)."""
+    """The torch dtype called ``name`` (one of DTYPE_NAMES; ``auto``: by the type of ``device``, see
+    :data:`hessian_blocks.choices.AUTO_DTYPE`)."""
     import torch
+
+    from ..choices import AUTO_DTYPE
 
     if name == "auto":
         name = AUTO_DTYPE.get(torch.device(device).type, "float64")
