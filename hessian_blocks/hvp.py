@@ -14,16 +14,24 @@ another (P coordinates) and offers two products on [K, P] tensors of K vectors:
 * :meth:`BlockHessian.matvec`: the Hessian restricted to all selected coordinates (the full-model
   Hessian when every parameter is selected).
 
-Two strategies give the same numbers:
+Two strategies give the same numbers. Both take the (block, vector) pairs of one parameter together,
+in chunks sized to a memory budget (a chunk never spans two parameters, so no pair pays for work below
+its parameter's layer or for another parameter's products), each vector masked to its block:
 
-* ``"loop"``: the papers' method. One forward and one backward with ``create_graph`` per batch,
-  then one extra backward per (block, vector) pair.
+* ``"loop"``: the papers' method (reverse-over-reverse). One forward and one backward with
+  ``create_graph`` per batch, shared by every pair; then one backward of the gradient per chunk,
+  vectorised over its pairs (``torch.autograd.grad(..., is_grads_batched=True)``), which autograd
+  prunes to the part of the graph that leads to the parameter.
 * ``"vmap"``: forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) vectorised with
-  ``torch.func.vmap`` over block-masked tangents, in chunks sized to a memory budget. The forward
-  and gradient pass is shared by every tangent of a chunk.
+  ``torch.func.vmap`` over the chunk's tangents; the forward and gradient pass is redone per chunk.
 
-``"auto"`` chooses ``"vmap"`` on CUDA, where the vectorised tangents fill the device, and
-``"loop"`` on CPU, where the two cost about the same and the loop needs less memory.
+``"auto"`` picks by device (:data:`AUTO_STRATEGY`): the loop on both the CPU (vmap is 1.5-3x slower
+there) and CUDA (it shares one forward and gradient pass among all chunks, where vmap redoes it per
+parameter; benchmarks/gpu_proof.py's ``hvp_sweep_gpt2_small`` part measures both). When vmap cannot run
+a model (an ``autograd.Function`` without ``setup_context``, an operation without a batching rule),
+``"auto"`` falls back once, with a :class:`VectorizationWarning` naming the module: from vmap to the
+loop, from the loop's vectorised backward to one pair per backward. Float32 products run without TF32
+(:func:`~hessian_blocks.guards.full_float32_precision`).
 """
 
 from __future__ import annotations
@@ -66,8 +74,11 @@ _MISSING_DERIVATIVE = re.compile(
 _VMAP_FAILURE = re.compile(r"functorch|vmap|setup_context|[Bb]atched ?[Tt]ensor|[Bb]atching rule")
 AUTO_STRATEGY = {"cpu": "loop", "cuda": "loop"}
 """The strategy ``"auto"`` picks on each device type (see the module docstring)."""
-CPU_CHUNK_BYTES = 2 * 1024**3
-"""Memory one vectorized call may use on the CPU when no ``memory_budget`` is given."""
+CPU_CHUNK_BYTES = 256 * 1024**2
+"""Memory one vectorized call may use on the CPU when no ``memory_budget`` is given. Vectorizing pays on the
+CPU where a pair's work is small (the overhead per call dominates: a 2-layer width-16 GPT, 2x faster); where
+a pair's activations are tens of MB, bigger batches only cost (GPT2-nano, 10 probes: chunks of 1, 2, 5, 10
+pairs 43, 41, 43, 48 s): this budget keeps those one or two pairs per call."""
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 Batch = tuple[Any, torch.Tensor]
 
@@ -150,10 +161,10 @@ class BlockHessian:
         dtype: precision of parameters, floating inputs and vectors (float64 by default).
         device: where to compute (default: the model's device).
         strategy: "auto", "loop" or "vmap" (see the module docstring).
-        chunk_size: (block, vector) pairs per vectorised call of the "vmap" strategy; default from
-            ``memory_budget``.
-        memory_budget: bytes the "vmap" strategy may use for one chunk (default: half the free CUDA
-            memory, or 2 GiB on CPU).
+        chunk_size: (block, vector) pairs (or vectors, for :meth:`matvec`) per vectorised call; default
+            from ``memory_budget``; 1 computes one pair per backward (the loop before vectorising).
+        memory_budget: bytes one vectorised call may use (default: half the free CUDA memory, or
+            :data:`CPU_CHUNK_BYTES` on the CPU).
         check: run the guards (eval mode, determinism, gradients present and finite, second
             derivatives available) before the first product, and warn once (:class:`PrecisionWarning`)
             when the forward computes parameter-dependent values in a lower precision than ``dtype``.
@@ -555,4 +566,5 @@ class BlockHessian:
         return batch_to(inputs, self.device, self.dtype), batch_to(targets, self.device, self.dtype)
 
 
-__all__ = ["AUTO_STRATEGY", "BlockHessian", "HessianSetupError", "Layout", "STRATEGIES", "VectorizationWarning"]
+__all__ = ["AUTO_STRATEGY", "BlockHessian", "CPU_CHUNK_BYTES", "HessianSetupError", "Layout", "STRATEGIES",
+           "VectorizationWarning"]

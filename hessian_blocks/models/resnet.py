@@ -4,8 +4,9 @@ BasicBlocks in four stages of ``layers`` = (2, 2, 2, 2) blocks with widths width
 stride 2 at the start of stages 2-4; 1x1 conv + BatchNorm shortcuts where the shape changes;
 global average pooling and a linear head. The stem is a 3x3 convolution (``stem="cifar"``), or the
 ImageNet ResNet's 7x7 stride-2 convolution and 3x3 stride-2 max pooling (``stem="imagenet"``: with
-width 64, 224x224 images and 1000 classes, the ResNet18 of the papers' Table 1). In eval mode (as the registry returns it) BatchNorm uses
-its running statistics, so the network is a fixed, deterministic function of its parameters.
+width 64, 224x224 images and 1000 classes, the ResNet18 of the papers' Table 1). In eval mode (as the
+registry returns it) BatchNorm uses its running statistics, so the network is a fixed, deterministic
+function of its parameters.
 """
 
 from __future__ import annotations
