@@ -465,20 +465,12 @@ def spectra_profile(ctx: Context) -> dict[str, Any]:
 
 def table1_part(models: tuple[str, ...] | None) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
-        """The papers' Table 1 at their sizes (``hessian-blocks figures --only table1 --size paper``): the models
+        """The papers' Table 1 at their sizes (``hessian-blocks table1``): the models
         in order (cheapest first) until the part's time budget is spent, less 20 s to write the table and the
         figures (benchmarks/results/table1/); records which finished, the JS0 table, whether the papers'
         orderings hold, seconds per model. Target (all five): <= 10 minutes."""
         from analysis import save_figure
-        from analysis.experiments.table1 import (
-            Table1Config,
-            figure3,
-            ordering_verdict,
-            plot_js0_bars,
-            table1_experiment,
-            table1_orderings,
-            table1_table,
-        )
+        from analysis.experiments.table1 import Table1Config, table1_experiment, table1_outputs
 
         quick = dict(steps=3, probes=2) if ctx.quick else {}
         config = Table1Config.preset("small" if ctx.quick else "paper", models=models, device=str(ctx.device), **quick)
@@ -491,17 +483,12 @@ def table1_part(models: tuple[str, ...] | None) -> Callable[[Context], dict[str,
                                "seconds_per_model": {m: s.settings["seconds"] for m, s in spectra.items()},
                                "measure_s": time.perf_counter() - started}
         if spectra:
-            table = table1_table(spectra, config)
-            orderings = table1_orderings(table)
-            verdict = ordering_verdict(orderings)
-            out["table"] = table.to_dict("records")
-            out["orderings"] = orderings.to_dict("records")
-            out["verdict"] = verdict
-            figures = {"table1_js0.png": plot_js0_bars(table, verdict),
-                       "table1_block_spectra.png": figure3(spectra, config, verdict)}
+            tables, figures = table1_outputs(spectra, config)
+            out["table"] = tables["table1"].to_dict("records")
+            out["orderings"] = tables["table1_orderings"].to_dict("records")
             if not ctx.quick:  # beside the JSON: benchmarks/results/table1/
-                for name, figure in figures.items():
-                    save_figure(figure, DEFAULT_OUT.parent / "table1" / name)
+                for stem, figure in figures.items():
+                    save_figure(figure, DEFAULT_OUT.parent / "table1" / f"{stem}.png")
         if not ctx.quick and models is None:
             out["targets"] = {"all five models <= 600 s": _target(
                 out["measure_s"] if not unfinished else float("inf"), 600.0, "<=")}

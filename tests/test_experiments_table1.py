@@ -1,8 +1,6 @@
 """The papers' Table 1: the paper preset's architectures, the quick (small) run end to end from the CLI,
 and the time budget that lets a GPU run stop after the models it finishes."""
 
-import json
-
 import pandas as pd
 import pytest
 
@@ -23,23 +21,26 @@ def test_the_paper_preset_builds_the_published_architectures(label, count):
 
 
 def test_quick_table1_writes_the_table_heatmaps_figure3_and_whether_the_orderings_hold(tmp_path, capsys):
-    out, results = tmp_path / "figs", tmp_path / "results"
-    assert main(["figures", "--size", "small", "--only", "table1", "--out", str(out), "--results", str(results),
-                 "--no-progress"]) == 0
+    out = tmp_path / "table1"
+    assert main(["table1", "--size", "small", "--out", str(out), "--no-progress"]) == 0
     labels = ["ResNet18", "VGG16", "ViT-base", "BERT-base", "GPT-2-small"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(
         ["table1_js0.png", "table1_block_spectra.png", *[f"table1_js_heatmap_{label}.png" for label in labels]])
-    table = pd.read_csv(results / "table1.csv")
+    table = pd.read_csv(out / "table1.csv")
     assert sorted(table["model"]) == sorted(labels) and (table["JS0"] > 0).all()
     assert table["JS0"].is_monotonic_decreasing and set(table["family"]) == {"CNN", "Transformer"}
-    orderings = pd.read_csv(results / "table1_orderings.csv")
+    orderings = pd.read_csv(out / "table1_orderings.csv")
     assert orderings["ordering"][0] == "every Transformer's JS0 above every CNN's"
     lowest = table[table["family"] == "Transformer"]["JS0"].min()
     assert orderings["holds"][0] == bool(lowest > table[table["family"] == "CNN"]["JS0"].max())
     printed = capsys.readouterr().out
-    assert "table1_orderings" in printed and "holds" in printed
-    manifest = json.loads((results / "figures.json").read_text())
-    assert len(manifest["groups"]["table1"]) == 7
+    assert "the papers' orderings" in printed and "every Transformer's JS0 above every CNN's" in printed
+    assert len(list((out / "results").glob("spectrum-*.npz"))) == 5  # kept: a rerun resumes
+    assert main(["table1", "--size", "small", "--model", "VGG16", "--budget", "0.000001", "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 0
+    assert "ran out before VGG16 finished" in capsys.readouterr().out
+    assert main(["table1", "--size", "small", "--model", "GPT-3", "--out", str(tmp_path / "c")]) == 2
+    assert "not in Table 1: GPT-3" in capsys.readouterr().err
 
 
 def test_a_time_budget_stops_before_the_models_it_cannot_finish_and_says_which(tmp_path):

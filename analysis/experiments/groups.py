@@ -62,32 +62,6 @@ def spectra_group(size: str, results: Path | None, progress: bool, device: str) 
     return GroupResult({"spectra": spectra_table(every)}, figures)
 
 
-def table1_group(size: str, results: Path | None, progress: bool, device: str) -> GroupResult:
-    from analysis import js0, js_matrix, plot_js_heatmap
-
-    from .table1 import (
-        Table1Config,
-        figure3,
-        ordering_verdict,
-        plot_js0_bars,
-        table1_experiment,
-        table1_orderings,
-        table1_table,
-    )
-
-    config = Table1Config.preset(size, device=device)
-    spectra, _ = table1_experiment(config, out=results, progress=progress)
-    table = table1_table(spectra, config)
-    orderings = table1_orderings(table)
-    verdict = ordering_verdict(orderings)
-    figures = {"table1_js0": plot_js0_bars(table, verdict), "table1_block_spectra": figure3(spectra, config, verdict)}
-    for label, spectrum in spectra.items():
-        matrix = js_matrix(spectrum.density().densities)
-        title = f"{label} ({config.models[label].family}): JS0 = {js0(matrix):.3g}\n{verdict}"
-        figures[f"table1_js_heatmap_{label}"] = plot_js_heatmap(matrix, spectrum.names, title=title)
-    return GroupResult({"table1": table, "table1_orderings": orderings}, figures)
-
-
 def heterogeneity_group(size: str, results: Path | None, progress: bool, device: str) -> GroupResult:
     from .heterogeneity import HeterogeneityConfig, heterogeneity_experiment, plot_js0_vs_gap
 
@@ -132,7 +106,6 @@ FIGURE_GROUPS: dict[str, Callable[[str, Path | None, bool, str], GroupResult]] =
     "quadratics": quadratics_group,
     "manmade_mlp": manmade_group,
     "spectra": spectra_group,
-    "table1": table1_group,
     "heterogeneity": heterogeneity_group,
     "comparison": comparison_group,
     "hessian": hessian_group,

@@ -9,8 +9,9 @@ input shapes. The outputs: the JS0 table, each model's JS heatmap, the papers' F
 density over its eigenvalues divided by its 10th largest) and, with each figure, whether the papers'
 ordering holds (every Transformer's JS0 above every CNN's; "hundreds of times" in the papers' text).
 
-``size="paper"`` is that, for one GPU (about 9 minutes on an H200 in float32 products, all five models);
-``"medium"`` and ``"small"`` run the same families at the zoo's CPU sizes (``"small"``: seconds, what CI runs).
+``size="paper"`` is that, for one GPU (``hessian-blocks table1``; about 8-10 minutes on an H200 with float32
+products, estimated from FLOP counts); ``"medium"`` and ``"small"`` run the same families at the zoo's CPU
+sizes (``"small"``: seconds, what CI runs).
 A ``budget_s`` measures the models in order until it is spent and says which finished.
 """
 
@@ -26,7 +27,7 @@ from .store import ResultStore, check_size, progress_bar
 from .zoo import FAMILIES, zoo_models
 
 __all__ = ["BudgetSpent", "PAPER_MODELS", "Table1Config", "Table1Model", "figure3", "ordering_verdict", "plot_js0_bars",
-           "table1_experiment", "table1_orderings", "table1_table"]
+           "table1_experiment", "table1_orderings", "table1_outputs", "table1_table"]
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,22 @@ def figure3(spectra: dict, config: Table1Config, verdict: str):
     fig = plot_sampled_densities(spectra, panels=config.panels, rescale_rank=config.rescale_rank)
     fig.suptitle(f"Hessian block spectra at initialisation\n{verdict}", fontsize=10)
     return fig
+
+
+def table1_outputs(spectra: dict, config: Table1Config) -> tuple[dict[str, pd.DataFrame], dict]:
+    """(tables, figures) of finished spectra: the JS0 table and the orderings; the JS0 bar chart, Figure 3 and
+    each model's JS heatmap, every figure titled with whether the papers' ordering holds."""
+    from analysis import js0, js_matrix, plot_js_heatmap
+
+    table = table1_table(spectra, config)
+    orderings = table1_orderings(table)
+    verdict = ordering_verdict(orderings)
+    figures = {"table1_js0": plot_js0_bars(table, verdict), "table1_block_spectra": figure3(spectra, config, verdict)}
+    for label, spectrum in spectra.items():
+        matrix = js_matrix(spectrum.density().densities)
+        title = f"{label} ({config.models[label].family}): JS0 = {js0(matrix):.3g}\n{verdict}"
+        figures[f"table1_js_heatmap_{label}"] = plot_js_heatmap(matrix, spectrum.names, title=title)
+    return {"table1": table, "table1_orderings": orderings}, figures
 
 
 def _describe(row: Table1Model) -> tuple[int, str]:
