@@ -195,14 +195,19 @@ def figure3(spectra: dict, config: Table1Config, verdict: str):
 def table1_outputs(spectra: dict, config: Table1Config) -> tuple[dict[str, pd.DataFrame], dict]:
     """(tables, figures) of finished spectra: the JS0 table and the orderings; the JS0 bar chart, Figure 3 and
     each model's JS heatmap, every figure titled with whether the papers' ordering holds."""
+    import warnings
+
     from analysis import js0, js_matrix, plot_js_heatmap
+    from hessian_blocks.results import BroadeningWarning
 
     table = table1_table(spectra, config)
     orderings = table1_orderings(table)
     verdict = ordering_verdict(orderings)
     figures = {"table1_js0": plot_js0_bars(table, verdict), "table1_block_spectra": figure3(spectra, config, verdict)}
     for label, spectrum in spectra.items():
-        matrix = js_matrix(spectrum.density().densities)
+        with warnings.catch_warnings():  # the table's densities warned already
+            warnings.simplefilter("ignore", BroadeningWarning)
+            matrix = js_matrix(spectrum.density().densities)
         title = f"{label} ({config.models[label].family}): JS0 = {js0(matrix):.3g}\n{verdict}"
         figures[f"table1_js_heatmap_{label}"] = plot_js_heatmap(matrix, spectrum.names, title=title)
     return {"table1": table, "table1_orderings": orderings}, figures
