@@ -120,8 +120,8 @@ def variants(shape: str, device: torch.device, dtype: torch.dtype, start: torch.
     other = torch.float32 if dtype == torch.float64 else torch.float64
     hessians = {
         f"loop, one pair per backward (before), {_name(dtype)}": build(shape, dtype, device, "loop", chunk_size=1)[0],
-        f"loop, pairs vectorized (now), {_name(dtype)}": build(shape, dtype, device, "loop")[0],
-        f"loop, pairs vectorized (now), {_name(other)}": build(shape, other, device, "loop")[0],
+        f"loop, default chunks (now), {_name(dtype)}": build(shape, dtype, device, "loop")[0],
+        f"loop, default chunks (now), {_name(other)}": build(shape, other, device, "loop")[0],
         f"vmap, {_name(dtype)}": build(shape, dtype, device, "vmap")[0],
     }
     for hessian in hessians.values():
