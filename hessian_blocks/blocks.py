@@ -344,21 +344,32 @@ def sample_layers(blocks: Sequence[Block], n_layers: int = 3) -> list[Block]:
     """The papers' "sample of layers": matrix blocks of ``n_layers`` evenly spaced layers plus the
     matrix blocks outside the repeated layers (embeddings, output head).
 
-    A *layer* is an entry of the first repeated container in the module tree (the first integer
-    component of the parameter path, e.g. ``h.3`` or ``encoder.layer.3``); a *matrix block* belongs
-    to a parameter with two or more dimensions.
+    A *layer* is an entry of the first repeated container in the module tree (``h.3`` of
+    ``h.3.attn.c_attn.weight``: the path up to its first integer component); matrices in a later
+    container (a VGG's ``classifier.0`` after its ``features.N``) count as outside the layers, like the
+    head. A *matrix block* belongs to a parameter with two or more dimensions.
     """
     if n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     matrices = [b for b in blocks if len(b.param_shape) >= 2]
-    layer_of = {b.param: next(iter(layer_indices(b.param)), None) for b in matrices}
-    layers = sorted({i for i in layer_of.values() if i is not None})
+    layer = {b.param: _layer_of(b.param) for b in matrices}
+    container = next((place[0] for place in layer.values() if place is not None), None)
+    index = {param: place[1] for param, place in layer.items() if place is not None and place[0] == container}
+    layers = sorted(set(index.values()))
     if len(layers) <= n_layers:
         kept = set(layers)
     else:
         positions = torch.linspace(0, len(layers) - 1, n_layers).round().long().tolist()
         kept = {layers[i] for i in positions}
-    return [b for b in matrices if layer_of[b.param] is None or layer_of[b.param] in kept]
+    return [b for b in matrices if b.param not in index or index[b.param] in kept]
+
+
+def _layer_of(param: str) -> tuple[str, int] | None:
+    """(container, index) of a parameter's first integer path component (``("h", 3)`` of
+    ``h.3.attn.c_attn.weight``; see :func:`layer_indices`), or None outside every repeated container."""
+    parts = param.split(".")
+    first = next((i for i, part in enumerate(parts) if part.isdecimal()), None)
+    return None if first is None else (".".join(parts[:first]), int(parts[first]))
 
 
 def _integer(value: object, what: str) -> int:

@@ -11,8 +11,8 @@ The registries themselves live next to the code they name and take their names f
 from __future__ import annotations
 
 __all__ = [
-    "DATA_SOURCES", "DEFAULT_CONTRAST", "DEFAULT_MASS_THRESHOLD", "DEFAULT_MAX_RUNS", "DEFAULT_MAX_SPREAD",
-    "DEFAULT_THRESHOLD", "DENSE_MAX", "MAX_SLICES", "METHODS", "MODEL_NAMES", "STRATEGIES",
+    "AUTO_DTYPE", "DATA_SOURCES", "DEFAULT_CONTRAST", "DEFAULT_MASS_THRESHOLD", "DEFAULT_MAX_RUNS",
+    "DEFAULT_MAX_SPREAD", "DEFAULT_THRESHOLD", "DENSE_MAX", "MAX_SLICES", "METHODS", "MODEL_NAMES", "STRATEGIES",
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("gpt2-nano", "bert-mini", "vit-tiny", "resnet18", "vgg16", "mlp", "mlp-mixer")
@@ -23,6 +23,11 @@ DATA_SOURCES: tuple[str, ...] = ("digits", "text", "synthetic")
 
 STRATEGIES: tuple[str, ...] = ("auto", "loop", "vmap")
 """How block Hessian-vector products are computed."""
+
+AUTO_DTYPE: dict[str, str] = {"cuda": "float32", "cpu": "float64"}
+"""The precision of the Hessian-vector products that ``auto`` picks on each device type: float32 on CUDA
+(the Lanczos recurrences stay in float64; JS0 and every block's extreme eigenvalues stay within the SLQ
+sampling error of a float64 run, tested on CPU), float64 on the CPU (the committed results' precision)."""
 
 # the Hessian-derived partitioner's decision thresholds (see hessian_blocks.partitions.decide)
 DEFAULT_THRESHOLD = 0.5

@@ -298,7 +298,7 @@ def split_block_spectra(
     first = sum(block.numel for block in all_blocks[: share.start])
     every_probe = make_probes(
         probes, sum(block.numel for block in all_blocks), kind=probe_kind, seed=seed,
-        dtype=hessian.dtype, device=hessian.device,
+        dtype=torch.float64, device=hessian.device,
     )
     local = block_spectra(
         hessian, steps=steps, probes=probes, probe_kind=probe_kind, seed=seed, reorthogonalize=reorthogonalize,

@@ -22,8 +22,8 @@ from .batching import batch_tensors, batch_to, call_model, describe_batch
 
 __all__ = [
     "DataFaultError", "HessianSetupError", "PrecisionWarning", "check_batches", "check_device", "check_eval_mode",
-    "check_gradients", "check_precision", "check_same_loss", "explain_double_backward_failure",
-    "lower_precision_operations", "train_mode_modules", "twice_differentiable_attention",
+    "check_gradients", "check_precision", "check_same_loss", "explain_double_backward_failure", "failing_module",
+    "full_float32_precision", "lower_precision_operations", "train_mode_modules", "twice_differentiable_attention",
 ]
 
 
@@ -273,9 +273,10 @@ class LowerPrecisionRecorder(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def lower_precision_operations(model: nn.Module, dtype: torch.dtype) -> Iterator[LowerPrecisionRecorder]:
-    """Within the block, record the operations of ``model`` (run with parameters that require grad) that
-    compute parameter-dependent values in a lower precision than ``dtype``, with the module they run in."""
+def _module_stack(model: nn.Module, *, pop_on_error: bool = True) -> Iterator[Callable[[], str]]:
+    """Within the block, track which of ``model``'s modules runs its forward; yields ``where()``, the
+    innermost one as "'name' (Type)" ("the loss function" outside every module). With ``pop_on_error``
+    False a module whose forward raised stays on the stack, so ``where()`` names it afterwards."""
     stack: list[int] = []  # ids of the modules whose forward runs
     names = {id(module): (name, type(module).__name__) for name, module in model.named_modules()}
 
@@ -296,12 +297,30 @@ def lower_precision_operations(model: nn.Module, dtype: torch.dtype) -> Iterator
     try:
         for module in dict.fromkeys(m for _, m in model.named_modules()):
             handles.append(module.register_forward_pre_hook(enter))
-            handles.append(module.register_forward_hook(leave, always_call=True))
-        with LowerPrecisionRecorder(dtype, where) as recorder:
-            yield recorder
+            handles.append(module.register_forward_hook(leave, always_call=pop_on_error))
+        yield where
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def lower_precision_operations(model: nn.Module, dtype: torch.dtype) -> Iterator[LowerPrecisionRecorder]:
+    """Within the block, record the operations of ``model`` (run with parameters that require grad) that
+    compute parameter-dependent values in a lower precision than ``dtype``, with the module they run in."""
+    with _module_stack(model) as where, LowerPrecisionRecorder(dtype, where) as recorder:
+        yield recorder
+
+
+def failing_module(model: nn.Module, run: Callable[[], Any]) -> str | None:
+    """The module of ``model`` whose forward raised when ``run()`` failed ("'name' (Type)", or "the loss
+    function"), or None when ``run()`` succeeds."""
+    with _module_stack(model, pop_on_error=False) as where:
+        try:
+            run()
+        except Exception:  # noqa: BLE001 - any failure is located, the caller reports it
+            return where()
+    return None
 
 
 def _listed(items: list[str], limit: int = 3) -> str:
@@ -343,3 +362,17 @@ def check_precision(model: nn.Module, loss: Callable[[], torch.Tensor], dtype: t
         PrecisionWarning, stacklevel=stacklevel + 1,
     )
     return True
+
+
+@contextlib.contextmanager
+def full_float32_precision() -> Iterator[None]:
+    """Within the block, float32 matrix products and convolutions on CUDA run in full float32 (IEEE), not
+    TF32: cuDNN convolutions use TF32 by default (and a program may have allowed it for matmuls), which
+    rounds their inputs to 10 mantissa bits, about 1e-3 relative, far from float32's 1e-7."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved

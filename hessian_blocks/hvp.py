@@ -14,21 +14,30 @@ another (P coordinates) and offers two products on [K, P] tensors of K vectors:
 * :meth:`BlockHessian.matvec`: the Hessian restricted to all selected coordinates (the full-model
   Hessian when every parameter is selected).
 
-Two strategies give the same numbers:
+Two strategies give the same numbers. Both take the (block, vector) pairs of one parameter together,
+in chunks sized to a memory budget (a chunk never spans two parameters, so no pair pays for work below
+its parameter's layer or for another parameter's products), each vector masked to its block:
 
-* ``"loop"``: the papers' method. One forward and one backward with ``create_graph`` per batch,
-  then one extra backward per (block, vector) pair.
+* ``"loop"``: the papers' method (reverse-over-reverse). One forward and one backward with
+  ``create_graph`` per batch, shared by every pair; then one backward of the gradient per chunk,
+  vectorised over its pairs (``torch.autograd.grad(..., is_grads_batched=True)``), which autograd
+  prunes to the part of the graph that leads to the parameter.
 * ``"vmap"``: forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) vectorised with
-  ``torch.func.vmap`` over block-masked tangents, in chunks sized to a memory budget. The forward
-  and gradient pass is shared by every tangent of a chunk.
+  ``torch.func.vmap`` over the chunk's tangents; the forward and gradient pass is redone per chunk.
 
-``"auto"`` chooses ``"vmap"`` on CUDA, where the vectorised tangents fill the device, and
-``"loop"`` on CPU, where the two cost about the same and the loop needs less memory.
+``"auto"`` picks by device (:data:`AUTO_STRATEGY`): the loop on both the CPU (vmap is 1.5-3x slower
+there) and CUDA (it shares one forward and gradient pass among all chunks, where vmap redoes it per
+parameter; benchmarks/gpu_proof.py's ``hvp_sweep_gpt2_small`` part measures both). When vmap cannot run
+a model (an ``autograd.Function`` without ``setup_context``, an operation without a batching rule),
+``"auto"`` falls back once, with a :class:`VectorizationWarning` naming the module: from vmap to the
+loop, from the loop's vectorised backward to one pair per backward. Float32 products run without TF32
+(:func:`~hessian_blocks.guards.full_float32_precision`).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -47,6 +56,8 @@ from .guards import (
     check_precision,
     check_same_loss,
     explain_double_backward_failure,
+    failing_module,
+    full_float32_precision,
     twice_differentiable_attention,
 )
 
@@ -58,8 +69,22 @@ _MISSING_DERIVATIVE = re.compile(
     r"|appears to not have been used in the graph|does not require grad and does not have a grad_fn",
     re.S,
 )
+# How functorch reports a model that vmap cannot run (an autograd.Function without setup_context, an
+# operation it cannot batch): vectorized products then fall back (see BlockHessian._run).
+_VMAP_FAILURE = re.compile(r"functorch|vmap|setup_context|[Bb]atched ?[Tt]ensor|[Bb]atching rule")
+AUTO_STRATEGY = {"cpu": "loop", "cuda": "loop"}
+"""The strategy ``"auto"`` picks on each device type (see the module docstring)."""
+CPU_CHUNK_BYTES = 256 * 1024**2
+"""Memory one vectorized call may use on the CPU when no ``memory_budget`` is given. Vectorizing pays on the
+CPU where a pair's work is small (the overhead per call dominates: a 2-layer width-16 GPT, 2x faster); where
+a pair's activations are tens of MB, bigger batches only cost (GPT2-nano, 10 probes: chunks of 1, 2, 5, 10
+pairs 43, 41, 43, 48 s): this budget keeps those one or two pairs per call."""
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 Batch = tuple[Any, torch.Tensor]
+
+
+class VectorizationWarning(UserWarning):
+    """vmap cannot run the model, so the products fall back to a slower way (see :class:`BlockHessian`)."""
 
 
 @dataclass
@@ -136,10 +161,10 @@ class BlockHessian:
         dtype: precision of parameters, floating inputs and vectors (float64 by default).
         device: where to compute (default: the model's device).
         strategy: "auto", "loop" or "vmap" (see the module docstring).
-        chunk_size: (block, vector) pairs per vectorised call of the "vmap" strategy; default from
-            ``memory_budget``.
-        memory_budget: bytes the "vmap" strategy may use for one chunk (default: half the free CUDA
-            memory, or 2 GiB on CPU).
+        chunk_size: (block, vector) pairs (or vectors, for :meth:`matvec`) per vectorised call; default
+            from ``memory_budget``; 1 computes one pair per backward (the loop before vectorising).
+        memory_budget: bytes one vectorised call may use (default: half the free CUDA memory, or
+            :data:`CPU_CHUNK_BYTES` on the CPU).
         check: run the guards (eval mode, determinism, gradients present and finite, second
             derivatives available) before the first product, and warn once (:class:`PrecisionWarning`)
             when the forward computes parameter-dependent values in a lower precision than ``dtype``.
@@ -190,7 +215,9 @@ class BlockHessian:
         self.layout = Layout.of(block_list, self.device)
         self.params = {name: p.detach().to(self.device, dtype) for name, p in model.named_parameters()}
         self.buffers = {name: batch_to(b.detach(), self.device, dtype) for name, b in model.named_buffers()}
-        self.strategy = self._resolve_strategy(strategy)
+        self._requested = strategy
+        self.strategy = AUTO_STRATEGY[self.device.type] if strategy == "auto" else strategy
+        self._batch_pairs = True  # False once vmap failed on the loop's batched backward: one pair at a time
         self._chunk_size = chunk_size
         self._memory_budget = memory_budget
         if chunk_size is not None and chunk_size < 1:
@@ -282,7 +309,7 @@ class BlockHessian:
             grads = torch.autograd.grad(second, [leaves[n] for n in names], allow_unused=True)
         check_gradients(names, list(grads))
         probe = torch.ones(1, self.size, dtype=self.dtype, device=self.device)
-        self._with_explained_errors(lambda: self._loop_block_diagonal(probe, self.batches[:1], [1.0], first_only=True))
+        self._run(lambda: self._block_diagonal(probe, self.batches[:1], [1.0], first_only=True))
         if not getattr(self, "_precision_checked", False):  # one forward, one PrecisionWarning per BlockHessian
             self._precision_checked = True
             with twice_differentiable_attention():
@@ -297,94 +324,161 @@ class BlockHessian:
             raise ValueError(f"vectors must have {self.size} columns (selected coordinates), got shape "
                              f"{tuple(vectors.shape)}")
         vectors = vectors.to(self.device, self.dtype)
-        if block_diagonal:
-            run = self._loop_block_diagonal if self.strategy == "loop" else self._vmap_block_diagonal
-        else:
-            run = self._loop_full if self.strategy == "loop" else self._vmap_full
-        out = self._with_explained_errors(lambda: run(vectors, self.batches, self.weights))
+        run = self._block_diagonal if block_diagonal else self._full
+        out = self._run(lambda: run(vectors, self.batches, self.weights))
         return out[0] if single else out
+
+    def _run(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``run()`` with autograd's errors explained. When vmap cannot run the model (an operation
+        without a batching rule, an autograd.Function without ``setup_context``), an ``auto`` strategy
+        falls back, once and with a :class:`VectorizationWarning`: from ``vmap`` to the loop, from
+        products batched over (block, vector) pairs to one pair at a time; ``vmap`` asked for is an error."""
+        while True:
+            try:
+                return self._with_explained_errors(run)
+            except (RuntimeError, NotImplementedError) as err:
+                vectorized = self.strategy == "vmap" or self._batch_pairs
+                if not vectorized or not _VMAP_FAILURE.search(str(err)):
+                    raise
+                self._fall_back(err)
+
+    def _fall_back(self, err: Exception) -> None:
+        where = self._vmap_failure_module()
+        place = f" in {where}" if where else ""
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if self.strategy == "vmap" and self._requested == "vmap":
+            raise HessianSetupError(
+                f"strategy 'vmap' cannot run this model: vmap fails{place} ({reason}). Use strategy='loop' "
+                "(--strategy loop), which needs no forward-mode derivatives, or make that module's "
+                "autograd.Function define setup_context (see torch.func's 'Extending torch.func with "
+                "autograd.Function')"
+            ) from err
+        if self.strategy == "vmap":
+            self.strategy, what = "loop", "computing the products with the loop strategy instead"
+        else:
+            self._batch_pairs, what = False, "computing one (block, vector) product at a time instead (slower)"
+        warnings.warn(f"vmap cannot run this model{place} ({reason}); {what}. For vectorized products, make that "
+                      "module vmap-compatible (an autograd.Function needs setup_context)",
+                      VectorizationWarning, stacklevel=5)
+
+    def _vmap_failure_module(self) -> str | None:
+        """The module whose forward fails under vmap (e.g. one applying an autograd.Function without
+        setup_context), found by one vmapped forward-mode product on the first batch; None if it runs."""
+        inputs, targets = self.batches[0]
+        name = self.layout.params[0]
+        tangent = {name: torch.zeros(1, *self.params[name].shape, dtype=self.dtype, device=self.device)}
+        return failing_module(self.model, lambda: self._vmapped_hvp([name], tangent, inputs, targets))
 
     def _with_explained_errors(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         try:
-            with twice_differentiable_attention():
+            with twice_differentiable_attention(), full_float32_precision():
                 return run()
         except (RuntimeError, NotImplementedError) as err:
             if _MISSING_DERIVATIVE.search(str(err)):
                 raise explain_double_backward_failure(err) from err
             raise
 
-    def _loop_block_diagonal(
-        self, vectors: torch.Tensor, batches: list[Batch], weights: list[float], first_only: bool = False
-    ) -> torch.Tensor:
-        """Papers' method: a shared double-backward graph per batch, one backward per (block, vector)."""
-        layout, result = self.layout, torch.zeros_like(vectors)
-        names = layout.params
-        active = self._active_pairs(vectors)
+    def _block_diagonal(self, vectors: torch.Tensor, batches: list[Batch], weights: list[float],
+                        first_only: bool = False) -> torch.Tensor:
+        """H_bb v_b of every active (block, vector) pair, the pairs in chunks (see :meth:`_pair_chunks`).
+
+        The loop (the papers' method): one forward and one backward with ``create_graph`` per batch,
+        shared by every pair; then one backward of the gradient per chunk, vectorized over its pairs
+        (``is_grads_batched``). vmap: forward-over-reverse per chunk, vectorized over its pairs.
+        ``first_only``: only the first chunk of the first batch (what the guards try)."""
+        result = torch.zeros_like(vectors)
+        chunks = self._pair_chunks(vectors)
         for weight, (inputs, targets) in zip(weights, batches):
-            leaves = self._leaves(names)
-            grads = dict(zip(names, torch.autograd.grad(
-                self._loss(leaves, inputs, targets), [leaves[n] for n in names], create_graph=True
-            )))
-            for b, block in enumerate(layout.blocks):
-                span, flat = layout.block_range(b), layout.block_flat[b]
-                grad_b = grads[block.param].reshape(-1)[flat]
-                for k in active[b]:
-                    (hv,) = torch.autograd.grad(grad_b @ vectors[k, span], leaves[block.param], retain_graph=True)
-                    result[k, span] += weight * hv.reshape(-1)[flat]
+            leaves, grads = (None, None) if self.strategy == "vmap" else self._first_derivatives(inputs, targets)
+            for chunk in chunks:
+                names, masks, tangents, vector_ids = self._masked_tangents(chunk, vectors)
+                if self.strategy == "vmap":
+                    products = self._vmapped_hvp(names, tangents, inputs, targets)
+                else:
+                    products = self._second_derivatives(leaves, grads, names, tangents)
+                for name in names:
+                    masked = products[name].reshape(len(chunk), -1) * masks[name]
+                    per_vector = masked.new_zeros(vectors.shape[0], masked.shape[1]).index_add_(0, vector_ids, masked)
+                    self.layout.add_gathered(result, name, weight * per_vector)
                 if first_only:
                     return result
         return result
 
-    def _loop_full(self, vectors: torch.Tensor, batches: list[Batch], weights: list[float]) -> torch.Tensor:
+    def _full(self, vectors: torch.Tensor, batches: list[Batch], weights: list[float]) -> torch.Tensor:
+        """The Hessian on all selected coordinates times every vector, the vectors in chunks."""
         layout, result = self.layout, torch.zeros_like(vectors)
         names = layout.params
+        size = self._pairs_per_chunk(names)
+        chunks = [list(range(start, min(start + size, vectors.shape[0])))
+                  for start in range(0, vectors.shape[0], size)]
         for weight, (inputs, targets) in zip(weights, batches):
-            leaves = self._leaves(names)
-            grads = torch.autograd.grad(self._loss(leaves, inputs, targets), [leaves[n] for n in names],
-                                        create_graph=True)
-            for k in range(vectors.shape[0]):
-                dot = sum((g.reshape(-1) * layout.scatter(vectors[k : k + 1], n)[0]).sum() for n,
-                          g in zip(names, grads))
-                hvs = torch.autograd.grad(dot, [leaves[n] for n in names], retain_graph=True)
-                for name, hv in zip(names, hvs):
-                    layout.add_gathered(result[k : k + 1], name, weight * hv.reshape(1, -1))
-        return result
-
-    def _vmap_block_diagonal(self, vectors: torch.Tensor, batches: list[Batch], weights: list[float]) -> torch.Tensor:
-        """Forward-over-reverse, vmapped over block-masked tangents, chunked."""
-        layout, result = self.layout, torch.zeros_like(vectors)
-        n_vectors = vectors.shape[0]
-        pairs = [(b, k) for b, ks in enumerate(self._active_pairs(vectors)) for k in ks]
-        for chunk in self._chunks(pairs):
-            block_ids = torch.tensor([b for b, _ in chunk], device=self.device)
-            vector_ids = torch.tensor([k for _, k in chunk], device=self.device)
-            names = list(dict.fromkeys(layout.blocks[b].param for b, _ in chunk))
-            masks = {n: layout.block_of[n].unsqueeze(0) == block_ids.unsqueeze(1) for n in names}
-            tangents = {
-                n: (layout.scatter(vectors, n)[vector_ids] * masks[n]).reshape(len(chunk), *self.params[n].shape)
-                for n in names
-            }
-            for weight, (inputs, targets) in zip(weights, batches):
-                products = self._vmapped_hvp(names, tangents, inputs, targets)
-                for name in names:
-                    masked = products[name].reshape(len(chunk), -1) * masks[name]
-                    per_vector = masked.new_zeros(n_vectors, masked.shape[1]).index_add_(0, vector_ids, masked)
-                    layout.add_gathered(result, name, weight * per_vector)
-        return result
-
-    def _vmap_full(self, vectors: torch.Tensor, batches: list[Batch], weights: list[float]) -> torch.Tensor:
-        layout, result = self.layout, torch.zeros_like(vectors)
-        names = layout.params
-        for chunk in self._chunks(list(range(vectors.shape[0])), all_params=True):
-            rows = vectors[chunk]
-            tangents = {n: layout.scatter(rows, n).reshape(len(chunk), *self.params[n].shape) for n in names}
-            for weight, (inputs, targets) in zip(weights, batches):
-                products = self._vmapped_hvp(names, tangents, inputs, targets)
+            leaves, grads = (None, None) if self.strategy == "vmap" else self._first_derivatives(inputs, targets)
+            for chunk in chunks:
+                rows = vectors[chunk]
+                tangents = {n: layout.scatter(rows, n).reshape(len(chunk), *self.params[n].shape) for n in names}
+                if self.strategy == "vmap":
+                    products = self._vmapped_hvp(names, tangents, inputs, targets)
+                else:
+                    products = self._second_derivatives(leaves, grads, names, tangents)
                 part = torch.zeros_like(rows)
                 for name in names:
                     layout.add_gathered(part, name, weight * products[name].reshape(len(chunk), -1))
                 result[chunk] += part
         return result
+
+    def _first_derivatives(self, inputs: Any, targets: torch.Tensor) -> tuple[dict, dict]:
+        """(leaves, gradients): the selected parameters as leaves and the batch loss's gradient with respect
+        to each, with ``create_graph`` (the graph every second derivative of the batch goes back through)."""
+        names = self.layout.params
+        leaves = self._leaves(names)
+        grads = torch.autograd.grad(self._loss(leaves, inputs, targets), [leaves[n] for n in names], create_graph=True)
+        return leaves, dict(zip(names, grads))
+
+    def _second_derivatives(self, leaves: dict, grads: dict, names: list[str], tangents: dict) -> dict:
+        """For each of the ``C`` tangents (``tangents[n]``: ``[C, *shape]``): the product of the Hessian rows of
+        ``names`` with it, by one backward of the gradients of ``names`` vectorized over the tangents."""
+        count = next(iter(tangents.values())).shape[0]
+        outputs, inputs = [grads[n] for n in names], [leaves[n] for n in names]
+        if count == 1:
+            products = torch.autograd.grad(outputs, inputs, [tangents[n][0] for n in names], retain_graph=True,
+                                           allow_unused=True)
+            products = [None if p is None else p.unsqueeze(0) for p in products]
+        else:
+            products = torch.autograd.grad(outputs, inputs, [tangents[n] for n in names], retain_graph=True,
+                                           allow_unused=True, is_grads_batched=True)
+        unused = [n for n, p in zip(names, products) if p is None]
+        if unused:  # as autograd reports it (a second derivative lost, e.g. by a once_differentiable operation)
+            raise RuntimeError(f"One of the differentiated Tensors appears to not have been used in the graph: the "
+                               f"gradient does not depend on {', '.join(unused)}")
+        return dict(zip(names, products))
+
+    def _masked_tangents(self, chunk: list[tuple[int, int]], vectors: torch.Tensor):
+        """(names, masks, tangents, vector_ids) of a chunk of (block, vector) pairs: the parameters the
+        chunk touches; per parameter a ``[C, numel]`` mask of each pair's block; per parameter ``[C, *shape]``
+        tangents, the pair's vector on its block and zero elsewhere; the pairs' vector ids."""
+        layout = self.layout
+        block_ids = torch.tensor([b for b, _ in chunk], device=self.device)
+        vector_ids = torch.tensor([k for _, k in chunk], device=self.device)
+        names = list(dict.fromkeys(layout.blocks[b].param for b, _ in chunk))
+        masks = {n: layout.block_of[n].unsqueeze(0) == block_ids.unsqueeze(1) for n in names}
+        rows = vectors[vector_ids]
+        tangents = {n: (layout.scatter(rows, n) * masks[n]).reshape(len(chunk), *self.params[n].shape)
+                    for n in names}
+        return names, masks, tangents, vector_ids
+
+    def _pair_chunks(self, vectors: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """The active (block, vector) pairs in chunks of at most :meth:`_pairs_per_chunk` pairs, ordered by
+        block and vector; a chunk never spans two parameters, so its backward (loop) or forward-mode (vmap)
+        work reaches no deeper than that parameter's layer, and no pair pays for another parameter's
+        products (chunks spanning the parameters of one layer cost more than they save: measured on CPU)."""
+        by_param: dict[str, list[tuple[int, int]]] = {}
+        for b, ks in enumerate(self._active_pairs(vectors)):
+            by_param.setdefault(self.layout.blocks[b].param, []).extend((b, k) for k in ks)
+        chunks = []
+        for param, pairs in by_param.items():
+            size = self._pairs_per_chunk([param])
+            chunks += [pairs[start : start + size] for start in range(0, len(pairs), size)]
+        return chunks
 
     def _active_pairs(self, vectors: torch.Tensor) -> list[list[int]]:
         """For each block, the vectors that are not zero on it (a zero part has a zero product: skipped)."""
@@ -402,26 +496,25 @@ class BlockHessian:
         grad_fn = torch.func.grad(loss_of)
         return torch.func.vmap(lambda t: torch.func.jvp(grad_fn, (primals,), (t,))[1])(tangents)
 
-    def _chunks(self, items: list, all_params: bool = False) -> Iterable[list]:
-        size = self._chunk_size or self._auto_chunk_size(all_params)
-        for start in range(0, len(items), size):
-            yield items[start : start + size]
+    def _pairs_per_chunk(self, names: list[str]) -> int:
+        """Pairs (or vectors) per vectorized call that touch the parameters ``names``: ``chunk_size`` if
+        given, else what fits ``memory_budget``; 1 once products are computed one at a time.
 
-    def _auto_chunk_size(self, all_params: bool) -> int:
-        """Pairs per vectorised call that fit ``memory_budget``.
-
-        Each tangent carries a copy of the parameters it touches through the forward and the
-        backward (about 4 parameter-sized tensors) and a tangent for every activation saved for
-        the backward (about 3 activation-sized tensors).
+        Each pair carries a tangent, a product and a mask of the parameters it touches (about 4
+        parameter-sized tensors) and, through the forward and backward, a tangent of every activation
+        saved for the backward (about 3 activation-sized tensors).
         """
+        if self.strategy == "loop" and not self._batch_pairs:
+            return 1
+        if self._chunk_size is not None:
+            return self._chunk_size
         if self._memory_budget is not None:
             budget = self._memory_budget
         elif self.device.type == "cuda":
             budget = torch.cuda.mem_get_info(self.device)[0] // 2
         else:
-            budget = 2 * 1024**3
+            budget = CPU_CHUNK_BYTES
         itemsize = torch.finfo(self.dtype).bits // 8
-        names = self.layout.params if all_params else [max(self.layout.params, key=lambda n: self.params[n].numel())]
         param_bytes = sum(self.params[n].numel() for n in names) * itemsize
         per_pair = 4 * param_bytes + 3 * self._activation_bytes()
         return max(1, int(budget // per_pair))
@@ -472,10 +565,6 @@ class BlockHessian:
             raise ValueError(f"batch {index} is empty")
         return batch_to(inputs, self.device, self.dtype), batch_to(targets, self.device, self.dtype)
 
-    def _resolve_strategy(self, strategy: str) -> str:
-        if strategy != "auto":
-            return strategy
-        return "vmap" if self.device.type == "cuda" else "loop"
 
-
-__all__ = ["BlockHessian", "Layout", "STRATEGIES", "HessianSetupError"]
+__all__ = ["AUTO_STRATEGY", "BlockHessian", "CPU_CHUNK_BYTES", "HessianSetupError", "Layout", "STRATEGIES",
+           "VectorizationWarning"]

@@ -246,6 +246,7 @@ def lanczos(
         safe_beta = torch.where(cont, beta, 1.0)
         v_prev = v
         v = torch.where(cont[:, block_ids], w / safe_beta[:, block_ids], 0.0)
+        del w  # not held through the next matvec: [K, P] less for its memory budget
         beta_prev = torch.where(cont, beta, 0.0)
         active = cont
         if callback is not None:

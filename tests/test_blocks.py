@@ -139,3 +139,13 @@ def test_layer_indices_are_the_integer_components():
     assert layer_indices("encoder.layer.11.attention.self.query.weight") == (11,)
     assert layer_indices("wte.weight") == () and layer_indices("0") == (0,)
     assert layer_indices("block3.fc1.weight") == ()   # digits inside a name are not an index
+
+
+def test_sample_layers_takes_the_first_repeated_container_as_the_layers():
+    """A VGG's classifier.N counts as head, not as layers 0, 2, 4 mixed into features.N's."""
+    shapes = [*[(f"features.{i}.weight", (4, 4, 3, 3)) for i in (0, 2, 5, 7, 10, 12, 14)],
+              *[(f"classifier.{i}.weight", (4, 4)) for i in (0, 2, 4)]]
+    blocks = [Block(n, n, s, None, 0, torch.Size(s).numel()) for n, s in shapes]
+    assert [b.name for b in sample_layers(blocks, 3)] == [
+        "features.0.weight", "features.7.weight", "features.14.weight",
+        "classifier.0.weight", "classifier.2.weight", "classifier.4.weight"]

@@ -89,3 +89,16 @@ def test_a_partition_file_that_does_not_fit_is_refused(tmp_path, capsys):
     path = Partition.per_tensor(other).save(tmp_path / "p.json")
     assert main(["js", *TINY, "--partition", str(path), "--out", str(tmp_path)]) == 2
     assert "wte.weight' has shape [300, 8] in the file but [300, 16]" in capsys.readouterr().err
+
+
+def test_auto_device_and_dtype_pick_cuda_and_float32_products_where_there_is_a_gpu(monkeypatch):
+    import torch
+
+    from hessian_blocks.cli.options import device_name, torch_dtype
+
+    assert torch_dtype("auto", "cuda") == torch.float32 and torch_dtype("auto", "cuda:1") == torch.float32
+    assert torch_dtype("auto", "cpu") == torch.float64 and torch_dtype("float32", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_name("auto") == "cuda" and device_name("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_name("auto") == "cpu"

@@ -39,9 +39,17 @@ def test_quick_mode_runs_every_part_and_passes_its_checks(gpu_proof, tmp_path, c
     step = report["parts"]["optim_step_small"]
     assert {"torch AdamW fused", "ours foreach"} <= set(step["rows"]) and step["rows"]["ours foreach"]["median_ms"] > 0
     sweep = report["parts"]["hvp_sweep_nano"]
-    assert (set(sweep["timings_s"]) == {"full HVP", "sweep loop", "sweep vmap"}
-            and "loop / sweep vmap >= 6" in sweep["targets"])
+    assert (set(sweep["timings_s"]) == {"full HVP", "sweep loop, one pair per backward", "sweep loop, vectorized",
+                                        "sweep vmap"}
+            and "best sweep / full HVP <= 2" in sweep["targets"] and sweep["lanczos_step_s"] > 0)
     assert report["parts"]["js_gpt2_small"]["argv"][-4:] == ["--sample-layers", "4", "--batch-size", "1"]
+    assert report["parts"]["js_gpt2_nano"]["dtype"] == "float64"  # --dtype auto on the CPU
+    profile = report["parts"]["spectra_profile"]
+    assert profile["step_breakdown"]["wall_s"] > 0 and "guards" in profile["phases_s"]
+    table1 = report["parts"]["table1"]
+    assert table1["finished"] == ["ResNet18", "VGG16", "ViT-base", "BERT-base", "GPT-2-small"]
+    assert table1["unfinished"] == [] and table1["orderings"][0]["ordering"].startswith("every Transformer")
+    assert report["parts"]["table1_short"]["finished"] == ["ResNet18", "VGG16", "ViT-base"]
     table = capsys.readouterr().out
     assert table.count("\n| ") == len(gpu_proof.PARTS) + 1 and "| optim_correctness | ok |" in table
 

@@ -221,3 +221,13 @@ def test_check_batches_checks_later_targets_without_running_the_model():
     batches[3] = (torch.randn(2, 6), torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match=r"fails on batch 4 of 5 .*labels fit its output"):
         check_batches(model, F.cross_entropy, batches, forward_batches=1)
+
+
+def test_full_float32_precision_turns_tf32_off_for_the_products_and_restores_the_settings():
+    from hessian_blocks.guards import full_float32_precision
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    with full_float32_precision():
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    assert (matmul.fp32_precision, conv.fp32_precision) == before

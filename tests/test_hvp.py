@@ -1,6 +1,7 @@
 """Block and full Hessian-vector products against dense torch.func.hessian (float64)."""
 
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -212,3 +213,108 @@ def test_layer_norm_cross_terms_match_finite_differences():
 def gradient_free_loss(model, names, point, batches, loss_fn):
     state = dict(zip(names, point.split(4)))
     return loss_fn(torch.func.functional_call(model, state, (batches[0][0],)), batches[0][1])
+
+
+class OldStyleTanh(torch.autograd.Function):
+    """An autograd.Function without setup_context (like Hugging Face Bloom's GeLU): vmap refuses it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * OneMinusSquare.apply(y)
+
+
+class OneMinusSquare(torch.autograd.Function):
+    """1 - y^2, whose own backward reads a Python number out of its gradient: vmap cannot batch that."""
+
+    @staticmethod
+    def forward(ctx, y):
+        ctx.save_for_backward(y)
+        return 1 - y * y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        assert grad.abs().sum().item() >= 0  # a host read, as custom kernels' wrappers do
+        return -2 * y * grad
+
+
+class OldStyleTanh2(torch.autograd.Function):
+    """Like OldStyleTanh, with a plain double backward (what Bloom's GeLU is)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class OldStyleActivation(nn.Module):
+    def __init__(self, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function.apply(x)
+
+
+def old_style_mlp(function=OldStyleTanh):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), OldStyleActivation(function), nn.Linear(6, 3)).double()
+    reference = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    reference.load_state_dict(model.state_dict())
+    batches = [(torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (7, 3)]
+    return model, reference, nn.functional.cross_entropy, batches
+
+
+def test_auto_falls_back_once_naming_the_module_when_vmap_cannot_run_the_model(monkeypatch):
+    """auto on CUDA may pick vmap: forced here on CPU. The old-style Function stops vmap (forward mode) and
+    the batched loop (a host read in its double backward): both fall back, once each, naming the module."""
+    from hessian_blocks import hvp
+
+    model, reference, loss_fn, batches = old_style_mlp()
+    dense = dense_hessian(reference, loss_fn, batches)
+    monkeypatch.setitem(hvp.AUTO_STRATEGY, "cpu", "vmap")
+    with pytest.warns(hvp.VectorizationWarning) as caught:
+        hessian = BlockHessian(model, loss_fn, batches)  # the guards' first product, one vector: not batched
+        vectors = torch.randn(3, hessian.size, dtype=torch.float64)
+        got = hessian.block_matvec(vectors)
+    messages = [str(w.message) for w in caught if w.category is hvp.VectorizationWarning]
+    assert len(messages) == 2 and all("in '1' (OldStyleActivation)" in m for m in messages)
+    assert "setup_context" in messages[0] and "loop strategy instead" in messages[0]
+    assert "one (block, vector) product at a time" in messages[1]
+    assert hessian.strategy == "loop"
+    expected = vectors @ dense.restrict(hessian.blocks, block_diagonal=True).T
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hvp.VectorizationWarning)  # once: no warning again
+        torch.testing.assert_close(hessian.block_matvec(vectors), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_vmap_asked_for_names_the_module_it_cannot_run_and_the_batched_loop_runs_old_style_functions():
+    from hessian_blocks.guards import HessianSetupError
+
+    model, reference, loss_fn, batches = old_style_mlp()
+    with pytest.raises(HessianSetupError, match=r"strategy 'vmap' cannot run this model: vmap fails in '1' "
+                                                r"\(OldStyleActivation\) .*setup_context.*strategy='loop'"):
+        BlockHessian(model, loss_fn, batches, strategy="vmap")
+    model, reference, loss_fn, batches = old_style_mlp(OldStyleTanh2)  # the loop, vectorized over pairs, runs it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hessian = BlockHessian(model, loss_fn, batches, strategy="loop")
+        vectors = torch.randn(4, hessian.size, dtype=torch.float64)
+        torch.testing.assert_close(hessian.block_matvec(vectors),
+                                   vectors @ dense_hessian(reference, loss_fn, batches).restrict(hessian.blocks,
+                                                                                                  True).T,
+                                   rtol=1e-10, atol=1e-12)

@@ -88,3 +88,51 @@ def test_bad_settings_raise():
     model, loss_fn, batches = small_mlp()
     with pytest.raises(ValueError, match="steps and probes must be >= 1"):
         block_spectra(BlockHessian(model, loss_fn, batches), steps=0)
+
+
+def _leave_one_probe_out_se(spectrum) -> float:
+    """Jackknife standard error of JS0 over the probes (the SLQ sampling error of JS0)."""
+    from analysis import js0, js_matrix
+    from hessian_blocks import LanczosResult, SpectrumResult
+
+    runs, count = spectrum.lanczos, spectrum.lanczos.n_probes
+    values = []
+    for left_out in range(count):
+        keep = [k for k in range(count) if k != left_out]
+        part = SpectrumResult(names=spectrum.names, params=spectrum.params, shapes=spectrum.shapes,
+                              sizes=spectrum.sizes, settings={},
+                              lanczos=LanczosResult(runs.alpha[:, keep], runs.beta[:, keep], runs.steps[:, keep]))
+        values.append(js0(js_matrix(part.density().densities)))
+    values = np.array(values)
+    return float(np.sqrt((count - 1) / count * ((values - values.mean()) ** 2).sum()))
+
+
+@pytest.mark.parametrize("name", ["gpt2-nano", "vit-tiny", "vgg16"])
+def test_float32_products_keep_js0_and_every_blocks_extremes_within_the_sampling_error(name):
+    """The lever of the fast path: products in float32, Lanczos recurrences in float64. JS0 within two
+    jackknife standard errors (over probes) of the float64 run's; each block's lambda_min and lambda_max
+    within the spread of the float64 run's per-probe extremes, or, where the probes agree to better than
+    float32 can resolve, within 1e-4 of the model's largest |eigenvalue|."""
+    import warnings
+
+    from analysis import js0, js_matrix
+    from analysis.experiments.zoo import zoo_models
+    from hessian_blocks import build_model, make_batches
+
+    spec = build_model(name, seed=0, **zoo_models("small", (name,))[name])
+    spectra = {}
+    for dtype in (torch.float64, torch.float32):
+        batches = make_batches(spec, "auto", batch_size=4, n_batches=1, dtype=dtype)
+        spectra[dtype] = block_spectra(BlockHessian(spec.model, spec.loss_fn, batches, dtype=dtype), steps=30, probes=5)
+    exact, fast = spectra[torch.float64], spectra[torch.float32]
+    assert fast.settings["dtype"] == "float32" and fast.lanczos.alpha.dtype == np.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # blocks narrower than the broadening (a key bias: exactly zero)
+        difference = abs(js0(js_matrix(fast.density().densities)) - js0(js_matrix(exact.density().densities)))
+        assert difference <= 2 * _leave_one_probe_out_se(exact)
+    nodes = exact.ritz()[0]
+    floor = 1e-4 * max(np.abs(exact.lambda_max()).max(), np.abs(exact.lambda_min()).max())
+    for extreme, per_probe in (("lambda_max", np.nanmax(nodes, axis=2)), ("lambda_min", np.nanmin(nodes, axis=2))):
+        spread = np.maximum(per_probe.max(axis=1) - per_probe.min(axis=1), floor)
+        error = np.abs(getattr(fast, extreme)() - getattr(exact, extreme)())
+        assert (error <= spread).all(), (extreme, [exact.names[b] for b in np.flatnonzero(error > spread)])

@@ -9,12 +9,21 @@ a :class:`ResultStore`, so a spectrum is measured once per setting).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from hessian_blocks import BlockHessian, Partition, SpectrumResult, block_spectra, build_model, make_batches
+from hessian_blocks import (
+    BlockHessian,
+    Partition,
+    SpectrumResult,
+    block_spectra,
+    build_model,
+    make_batches,
+    sample_layers,
+)
 from hessian_blocks.guards import check_device
 
 from .store import ResultStore, check_size, model_fingerprint, params_key, progress_bar
@@ -33,34 +42,63 @@ def _ordinal(k: int) -> str:
 def measure_spectrum(
     model: str, overrides: dict | None = None, *, data: str = "auto", batch_size: int = 4, n_batches: int = 1,
     steps: int = 25, probes: int = 2, seed: int = 0, device: str = "cpu", store: ResultStore | None = None,
-    progress: bool = False,
+    progress: bool = False, layers: int | None = None, dtype: str = "float64",
+    on_step: Callable[[], None] | None = None,
 ) -> SpectrumResult:
-    """SLQ spectra of every parameter tensor (one block each) of a zoo model at initialisation.
+    """SLQ spectra of the parameter tensors (one block each) of a zoo model at initialisation.
 
-    float64 products, the papers' plain Lanczos recurrence, Rademacher probes; the model, the data
-    and the probes come from ``seed``. With a ``store`` the result is kept as ``.npz`` and reused.
-    ``device`` is where the products run; it is not part of the stored key: float64 products on
-    CPU and CUDA agree to rounding, so a spectrum measured on one resumes a run on the other (the
+    The papers' plain Lanczos recurrence (in float64), Rademacher probes; the model, the data and the
+    probes come from ``seed``. ``layers``: only the matrix blocks of that many evenly spaced layers plus
+    embeddings and head (:func:`~hessian_blocks.blocks.sample_layers`, the papers' sample; default: every
+    tensor). ``dtype``: precision of the products, "float64", "float32" or "auto" (by the device type,
+    :data:`~hessian_blocks.choices.AUTO_DTYPE`). ``on_step()`` is called after every Lanczos step (e.g. to
+    enforce a deadline). With a ``store`` the result is kept as ``.npz`` and reused.
+    ``device`` is where the products run; it is not part of the stored key: products of one precision on
+    CPU and CUDA agree to its rounding, so a spectrum measured on one resumes a run on the other (the
     result's settings record where it was measured).
     """
-    check_device(device)
+    from hessian_blocks.choices import AUTO_DTYPE
+
+    target = check_device(device)
+    if dtype == "auto":
+        dtype = AUTO_DTYPE.get(target.type, "float64")
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"dtype must be float64, float32 or auto, got {dtype!r}")
     overrides = dict(overrides or {})
     params = {"model": model, "overrides": overrides, "data": data, "batch_size": batch_size,
               "n_batches": n_batches, "steps": steps, "probes": probes, "seed": seed}
+    if layers is not None:  # left out at their defaults: results stored before these options existed stay valid
+        params["layers"] = layers
+    if dtype != "float64":
+        params["dtype"] = dtype
     spec = build_model(model, seed=seed, **overrides)  # its fingerprint decides whether a stored result is reused
 
     def compute() -> SpectrumResult:
         import sys
+        import time
 
         import torch
         from tqdm.auto import tqdm
 
-        batches = make_batches(spec, data, batch_size=batch_size, n_batches=n_batches, seed=seed, dtype=torch.float64)
-        hessian = BlockHessian(spec.model, spec.loss_fn, batches, Partition.per_tensor(spec.model), device=device)
+        precision = getattr(torch, dtype)
+        batches = make_batches(spec, data, batch_size=batch_size, n_batches=n_batches, seed=seed, dtype=precision)
+        blocks = Partition.per_tensor(spec.model).blocks
+        if layers is not None:
+            blocks = sample_layers(blocks, layers)
+        hessian = BlockHessian(spec.model, spec.loss_fn, batches, blocks, dtype=precision, device=device)
         with tqdm(total=steps, desc=f"{model}: SLQ on {len(hessian.blocks)} blocks", unit="step",
                   disable=not progress, file=sys.stderr, leave=False) as bar:
-            return block_spectra(hessian, steps=steps, probes=probes, seed=seed, progress=bar.update,
-                                 settings={"model": model, "overrides": overrides, "data": data})
+
+            def step(count: int) -> None:
+                bar.update(count)
+                if on_step is not None:
+                    on_step()
+
+            started = time.perf_counter()
+            result = block_spectra(hessian, steps=steps, probes=probes, seed=seed, progress=step,
+                                   settings={"model": model, "overrides": overrides, "data": data, "layers": layers})
+        result.settings["seconds"] = round(time.perf_counter() - started, 3)
+        return result
 
     return (store or ResultStore(None)).run_file(
         params_key(f"spectrum-{model}", params), params, compute,
@@ -145,12 +183,15 @@ def plot_sampled_densities(spectra: dict[str, SpectrumResult], *, panels: int = 
     return fig
 
 
-def spectra_table(spectra: dict[str, SpectrumResult], sigma2: float = 1e-5) -> pd.DataFrame:
-    """Per model: family, number of blocks, JS0 (mean JS distance between the blocks' densities) and
-    JS0 divided by the largest JS0 of the CNN-style models (the papers' Table 1; NaN without a CNN)."""
+def spectra_table(spectra: dict[str, SpectrumResult], sigma2: float = 1e-5,
+                  families: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per model: family (``families[model]``, default the zoo's :data:`~.zoo.FAMILIES`), number of blocks,
+    JS0 (mean JS distance between the blocks' densities) and JS0 divided by the largest JS0 of the CNN-style
+    models (the papers' Table 1; NaN without a CNN)."""
     from analysis import js0, js_matrix
 
-    table = pd.DataFrame([{"model": model, "family": FAMILIES.get(model, "other"), "blocks": len(spectrum.names),
+    families = FAMILIES if families is None else families
+    table = pd.DataFrame([{"model": model, "family": families.get(model, "other"), "blocks": len(spectrum.names),
                            "JS0": js0(js_matrix(spectrum.density(sigma2=sigma2).densities))}
                           for model, spectrum in spectra.items()])
     cnn = table.loc[table["family"] == "CNN", "JS0"]

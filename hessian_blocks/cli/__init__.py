@@ -1,4 +1,4 @@
-"""The command line, the top floor of the layers: ``hessian-blocks spectrum | js | partition | compare | figures``.
+"""The command line, the top floor: ``hessian-blocks spectrum | js | partition | compare | figures | table1``.
 
 One module per command family (:mod:`.measure`, :mod:`.partition`, :mod:`.experiments`), the shared
 option groups in :mod:`.options`. Every command prints a table, writes CSV / JSON / NPZ / PNG files

@@ -1,6 +1,6 @@
-"""``hessian-blocks compare`` and ``hessian-blocks figures``: the experiments' commands.
+"""``hessian-blocks compare``, ``hessian-blocks figures`` and ``hessian-blocks table1``: the experiments' commands.
 
-Both commands keep every finished work unit under ``--results`` and resume from it; Ctrl-C ends them
+They keep every finished work unit under ``--results`` and resume from it; Ctrl-C ends them
 with one line saying so (exit code 130).
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..files import hold_output
 from .options import (
+    DTYPE_NAMES,
     add_compute_options,
     add_model_options,
     add_output_options,
@@ -23,11 +24,11 @@ from .options import (
     parse_overrides,
 )
 
-__all__ = ["add_commands", "run_compare", "run_figures"]
+__all__ = ["add_commands", "run_compare", "run_figures", "run_table1"]
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Register ``compare`` and ``figures`` on the CLI's subparsers."""
+    """Register ``compare``, ``figures`` and ``table1`` on the CLI's subparsers."""
     from analysis.experiments.groups import FIGURE_GROUPS
     from analysis.experiments.store import SIZES
     from optim.choices import OPTIMIZERS, PARTITIONED
@@ -82,6 +83,31 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          "(default: cpu)")
     add_output_options(figures, Path("figures"), what="folder of the PNG files")
     figures.set_defaults(run=run_figures)
+
+    table1 = commands.add_parser(
+        "table1", help="the papers' Table 1 at their sizes: JS0 of ResNet18, VGG16, ViT-base, BERT-base, GPT-2-small",
+        description="JS0 at initialisation of the papers' five models (4 sampled layers plus embeddings and head, "
+        "100 Lanczos steps x 10 probes, one synthetic batch of the real input shapes): the JS0 table, whether the "
+        "papers' orderings hold, the JS heatmaps and the papers' Figure 3. --size paper is for a GPU (about 10 "
+        "minutes on one H200); small and medium run the same families at CPU sizes.",
+    )
+    table1.add_argument("--size", choices=SIZES, default="paper",
+                        help="paper (the published sizes; a GPU), medium (CPU minutes) or small (seconds) (default: "
+                             "paper)")
+    table1.add_argument("--model", action="append", metavar="NAME",
+                        help="only this model (ResNet18, VGG16, ViT-base, BERT-base, GPT-2-small); repeatable "
+                             "(default: all five, in that order)")
+    table1.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="measure the models in order until this many seconds are spent; the table says which "
+                             "finished (default: no limit)")
+    table1.add_argument("--steps", type=int, help="Lanczos steps (default: the size's; 100 at paper size)")
+    table1.add_argument("--probes", type=int, help="probes per block (default: the size's; 10 at paper size)")
+    group = add_compute_options(table1, products=False)
+    group.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                       help="precision of the products (default: auto: float32 on CUDA, float64 on the CPU)")
+    add_output_options(table1, Path("runs/table1"), what="folder of the tables and figures")
+    table1.add_argument("--results", type=Path, help="work-unit folder for resuming (default: OUT/results)")
+    table1.set_defaults(run=run_table1)
 
 
 def _resumable(default_results: Callable[[argparse.Namespace], Path]):
@@ -234,4 +260,41 @@ def run_figures(args: argparse.Namespace) -> int:
         written += len(group.figures)
         atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")  # read back by the next run
     print(f"\nwrote {written} figures to {args.out}/ and the tables to {args.results}/")
+    return 0
+
+
+@_resumable(lambda args: args.out / "results")
+def run_table1(args: argparse.Namespace) -> int:
+    from analysis import format_table, save_figure
+    from analysis.experiments.table1 import Table1Config, table1_experiment, table1_outputs
+
+    from ..guards import check_device
+
+    check_device(args.device)
+    changes = {"device": args.device, "dtype": args.dtype}
+    for flag, field, value in (("--steps", "steps", args.steps), ("--probes", "probes", args.probes)):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+            changes[field] = value
+    if args.budget is not None and not args.budget > 0:
+        raise ValueError(f"--budget must be a positive number of seconds, got {args.budget}")
+    config = Table1Config.preset(args.size, models=tuple(args.model) if args.model else None, **changes)
+    spectra, unfinished = table1_experiment(config, out=args.results, progress=not args.no_progress,
+                                            budget_s=args.budget)
+    if unfinished:
+        print(f"\nthe --budget of {args.budget:g} s ran out before {', '.join(unfinished)} finished; rerun the same "
+              f"command to resume (the finished models are kept in {args.results})")
+    if not spectra:
+        return 0
+    tables, figures = table1_outputs(spectra, config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for stem, frame in tables.items():
+        frame.to_csv(args.out / f"{stem}.csv", index=False)
+    for stem, figure in figures.items():
+        save_figure(figure, args.out / f"{stem}.png")
+    print(f"\nTable 1 ({args.size} size, {config.steps} Lanczos steps x {config.probes} probes, {config.layers} "
+          f"sampled layers)\n{format_table(tables['table1'])}\n\nthe papers' orderings\n"
+          f"{format_table(tables['table1_orderings'])}")
+    print(f"wrote {args.out}/(table1.csv, table1_orderings.csv and {len(figures)} figures)")
     return 0

@@ -292,7 +292,7 @@ def measure_model(name: str, args: argparse.Namespace) -> SpectrumResult | None:
     if args.split_blocks and args.full_model:
         raise ValueError("--full-model needs every block in one process: drop --split-blocks (the default splits the "
                          "batches)")
-    dtype, device, world_size = torch_dtype(args.dtype), device_for_rank(args.device), get_world_size()
+    dtype, device, world_size = torch_dtype(args.dtype, args.device), device_for_rank(args.device), get_world_size()
     spec = build_model(name, seed=args.seed, **parse_overrides(args.set))
     if is_main_process():
         note_eval_mode(name, spec.model)

@@ -11,18 +11,33 @@ from typing import Callable, Sequence
 
 __all__ = [
     "DTYPE_NAMES", "add_compute_options", "add_model_options", "add_output_options", "check_output_file",
-    "check_output_folder", "exit_on_interrupt", "folder_name", "holding_output_file", "note_eval_mode",
-    "parse_overrides", "torch_dtype",
+    "check_output_folder", "device_name", "exit_on_interrupt", "folder_name", "holding_output_file",
+    "note_eval_mode", "parse_overrides", "torch_dtype",
 ]
 
-DTYPE_NAMES = ("float64", "float32")
+DTYPE_NAMES = ("auto", "float64", "float32")
 
 
-def torch_dtype(name: str):
-    """The torch dtype called ``name`` (one of DTYPE_NAMES)."""
+def torch_dtype(name: str, device: str = "cpu"):
+    """The torch dtype called ``name`` (one of DTYPE_NAMES; ``auto``: by the type of ``device``, see
+    :data:`hessian_blocks.choices.AUTO_DTYPE`)."""
     import torch
 
+    from ..choices import AUTO_DTYPE
+
+    if name == "auto":
+        name = AUTO_DTYPE.get(torch.device(device).type, "float64")
     return {"float64": torch.float64, "float32": torch.float32}[name]
+
+
+def device_name(name: str) -> str:
+    """``--device``'s value: ``auto`` is cuda where this machine has a CUDA GPU, else cpu; any other name as
+    given (checked before any work)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, repeatable: bool = False, default: str | None = None,
@@ -51,18 +66,22 @@ def add_model_options(parser: argparse.ArgumentParser, *, repeatable: bool = Fal
 
 
 def add_compute_options(parser: argparse.ArgumentParser, *, products: bool = True,
-                        dtype: str = "float64") -> argparse._ArgumentGroup:
+                        dtype: str = "auto") -> argparse._ArgumentGroup:
     """``--device`` (and ``--dtype`` with default ``dtype``, ``--strategy`` of the Hessian-vector products where
     ``products``)."""
     from ..choices import STRATEGIES
 
     group = parser.add_argument_group("compute")
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    group.add_argument("--device", type=device_name, default="auto",
+                       help="auto, cpu, cuda, cuda:1, ... (default: auto, cuda when this machine has a CUDA GPU)")
     if products:
         group.add_argument("--dtype", choices=DTYPE_NAMES, default=dtype,
-                           help=f"precision of the products (default: {dtype})")
+                           help="precision of the Hessian-vector products; the Lanczos recurrences run in float64 "
+                                "(default: " + ("auto: float32 on CUDA, float64 on the CPU" if dtype == "auto"
+                                                else dtype) + ")")
         group.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                           help="block Hessian-vector product strategy (default: auto)")
+                           help="block Hessian-vector product strategy (default: auto, the per-device choice of "
+                                "hessian_blocks.hvp.AUTO_STRATEGY)")
     return group
 
 

@@ -1,9 +1,12 @@
-"""ResNet18-style network for small images ("resnet18"; CIFAR-style stem, 10 classes).
+"""ResNet18-style network ("resnet18"; CIFAR-style stem for small images by default, 10 classes).
 
 BasicBlocks in four stages of ``layers`` = (2, 2, 2, 2) blocks with widths width * (1, 2, 4, 8);
 stride 2 at the start of stages 2-4; 1x1 conv + BatchNorm shortcuts where the shape changes;
-global average pooling and a linear head. In eval mode (as the registry returns it) BatchNorm uses
-its running statistics, so the network is a fixed, deterministic function of its parameters.
+global average pooling and a linear head. The stem is a 3x3 convolution (``stem="cifar"``), or the
+ImageNet ResNet's 7x7 stride-2 convolution and 3x3 stride-2 max pooling (``stem="imagenet"``: with
+width 64, 224x224 images and 1000 classes, the ResNet18 of the papers' Table 1). In eval mode (as the
+registry returns it) BatchNorm uses its running statistics, so the network is a fixed, deterministic
+function of its parameters.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from .checks import check_positive
 __all__ = ["BasicBlock", "conv3x3", "ResNet", "ResNetConfig"]
 
 
+STEMS = ("cifar", "imagenet")
+
+
 @dataclass
 class ResNetConfig:
     width: int = 16  # channels of the stem and the first stage
@@ -26,11 +32,14 @@ class ResNetConfig:
     channels: int = 3
     image_size: int = 32  # any size works (global pooling); recorded for the data
     num_classes: int = 10
+    stem: str = "cifar"  # "cifar": 3x3 conv; "imagenet": 7x7 stride-2 conv + 3x3 stride-2 max pooling
 
     def __post_init__(self):
         check_positive(self, "width", "channels", "image_size", "num_classes", sequences=("layers",))
         if not self.layers:
             raise ValueError("ResNetConfig.layers must name at least one stage, e.g. (2, 2, 2, 2)")
+        if self.stem not in STEMS:
+            raise ValueError(f"ResNetConfig.stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -62,8 +71,12 @@ class ResNet(nn.Module):
     def __init__(self, config: ResNetConfig | None = None):
         super().__init__()
         self.config = config = config or ResNetConfig()
-        self.conv1 = conv3x3(config.channels, config.width)
+        if config.stem == "imagenet":
+            self.conv1 = nn.Conv2d(config.channels, config.width, kernel_size=7, stride=2, padding=3, bias=False)
+        else:
+            self.conv1 = conv3x3(config.channels, config.width)
         self.bn1 = nn.BatchNorm2d(config.width)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if config.stem == "imagenet" else nn.Identity()
         stages, in_ch = [], config.width
         for i, n_blocks in enumerate(config.layers):
             out_ch = config.width * 2**i
@@ -81,6 +94,6 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(images)))
+        x = self.pool(F.relu(self.bn1(self.conv1(images))))
         x = self.stages(x)
         return self.fc(x.mean(dim=(2, 3)))
