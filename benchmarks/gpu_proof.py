@@ -1,45 +1,45 @@
 """GPU proof: every check and measurement a GPU session owes, in one command (JSON + a markdown table).
 
-    python benchmarks/gpu_proof.py                       # CUDA: every part, <= 8 minutes on one H100/H200
+    python benchmarks/gpu_proof.py                       # CUDA: the default parts, about 6 minutes on one H200
+    python benchmarks/gpu_proof.py --parts all           # and the long measurements (about 25 minutes more)
     python benchmarks/gpu_proof.py --parts optim_step_small,hvp_sweep_nano
-    python benchmarks/gpu_proof.py --quick               # every part on CPU at tiny sizes (< 1 minute; CI runs it)
+    python benchmarks/gpu_proof.py --quick               # every part on CPU at tiny sizes (CI runs it)
 
-Parts (``--parts``, comma-separated; default all):
+Parts (``--parts``, comma-separated; ``default``: all but the long ones marked *long*; ``all``):
 
 - ``optim_correctness``: the Triton kernels (the CUDA default) vs foreach vs plain Adam-mini, 20 steps,
   float32 and bfloat16 params, first-step (JIT) seconds; one kernel step captured in a CUDA graph and
   replayed equals eager steps.
 - ``optim_llama``: a Hugging Face Llama, 4 layers at TinyLlama width (307M params), 3 steps of fixed
   gradients, weight decay 0: kernels, foreach and the official adam-mini 1.1.1 (when installed) against
-  the plain path, tensor by tensor. ``optim_llama_compiled``: the same for ``torch.compile`` of the update
-  (the CUDA default before the kernels), last, since its compile may not fit its budget.
-- ``hvp_correctness``: block HVPs by ``vmap`` and ``loop`` vs a dense Hessian; SLQ Ritz values vs eigvalsh.
+  the plain path, tensor by tensor.
 - ``optim_step_small`` / ``optim_step_medium`` / ``optim_step_llama4`` / ``optim_step_tinyllama``:
   optimizer step time, GPT-2-small (163M, untied head), GPT-2-medium (406M), the 4-layer Llama above and
   the TinyLlama-1.1B shape (22 layers), float32: torch AdamW (foreach, fused), the official adam-mini
   1.1.1, ours (foreach, kernels); first steps apart. Targets: ours <= 0.8x fused AdamW, >= 10x the
   official, first step <= 5 s.
+- ``hvp_correctness``: block HVPs by ``vmap`` and ``loop`` vs a dense Hessian; SLQ Ritz values vs eigvalsh.
 - ``spectra_profile``: where one Lanczos step's seconds go on the GPT-2-small shape (4 sampled layers,
   1 x 1024 tokens, float32 products): set-up phases, CUDA kernel time by kind, GPU idle, kernel counts.
 - ``hvp_sweep_nano`` / ``hvp_sweep_gpt2_small``: the block-HVP sweep (one pair per backward as before,
   the vectorized loop, vmap) vs one full HVP (GPT2-nano shape, 69 blocks, float64; GPT-2-small shape, 4
   sampled layers, float32), then one Lanczos step's products at 10 probes per probe: vectorized loop,
   vmap, the other precision. Target: sweep <= 2x one full HVP.
-- ``js_gpt2_nano`` / ``js_gpt2_small``: ``hessian-blocks js`` at the papers' settings (100 steps x 10
-  probes) and its CUDA defaults, wall time (GPT-2-small shape with ``--sample-layers 4``). Targets
-  <= 60 s and <= 5 minutes.
-- ``table1_short`` / ``table1``: the papers' Table 1 at their sizes (ResNet18, VGG16, ViT-base only /
-  all five models), in order until the part's budget is spent, recording which finished; JS0 table,
-  orderings, figures in benchmarks/results/table1/. Target (all five) <= 10 minutes.
-
-Expected on one H200 (estimates from FLOP counts; the spectra parts): spectra_profile ~30 s,
-hvp_sweep_nano ~10 s, hvp_sweep_gpt2_small ~45 s, js_gpt2_nano ~30 s, js_gpt2_small ~4-5.5 min,
-table1_short ~2-2.5 min, table1 ~8-10 min. A short session picks parts with ``--parts``.
+- ``js_gpt2_nano``: ``hessian-blocks js`` at the papers' settings (100 steps x 10 probes) and its CUDA
+  defaults, wall time. Target <= 60 s. ``js_gpt2_small`` (*long*): the same on the GPT-2-small shape
+  with ``--sample-layers 4``. Target <= 5 minutes.
 - ``distributed``: a 1-process group (NCCL on CUDA, gloo on CPU): DataParallelBlockHessian and
   Adam-mini under FSDP2 ``fully_shard`` equal the single-process results.
+- ``table1_short`` / ``table1`` (*long*): the papers' Table 1 at their sizes (ResNet18, VGG16, ViT-base
+  only / all five models), in order until the part's budget is spent, recording which finished; JS0
+  table, orderings, figures in benchmarks/results/table1/. Target (all five) <= 10 minutes.
+- ``optim_llama_compiled`` (*long*): the ``optim_llama`` comparison for ``torch.compile`` of the update
+  (the CUDA default before the kernels, which drifted on some tensors), since its compile is long.
 
-Every part runs in a try/except under its own time budget (9.75 minutes in all; a GPU run should
-take under 8; ``--budget-scale`` stretches them): an
+Expected on one H200 (estimates from FLOP counts and the budgets): the default parts about 6 minutes;
+js_gpt2_small ~4-5.5 min, table1_short ~2-2.5 min, table1 ~8-10 min, optim_llama_compiled ~1-1.5 min.
+
+Every part runs in a try/except under its own time budget (``--budget-scale`` stretches them): an
 error or a timeout is recorded and the next part runs. The JSON (``--out``, default
 ``benchmarks/results/gpu_proof.json``) is rewritten after every part, so an interrupted run keeps what
 it finished. Each part records its wall time and peak GPU memory. A part's status is "ok", "failed"
@@ -564,6 +564,7 @@ PARTS: dict[str, tuple[Callable[[Context], dict[str, Any]], float]] = {  # part 
     "distributed": (distributed, 35),
     "optim_llama_compiled": (optim_llama_compiled, 90),  # last: its compile may run out of its budget
 }
+LONG_PARTS = ("js_gpt2_small", "table1_short", "table1", "optim_llama_compiled")  # left out of "default"
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -698,13 +699,16 @@ def _write_json(path: Path, report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every part on CPU at tiny sizes (under a minute)")
-    parser.add_argument("--parts", default=",".join(PARTS),
-                        help=f"comma-separated parts (default all: {','.join(PARTS)})")
+    parser.add_argument("--parts", default=None,
+                        help=f"comma-separated parts, 'default' (all but {', '.join(LONG_PARTS)}) or 'all' "
+                             f"(default: 'default'; 'all' with --quick); parts: {','.join(PARTS)}")
     parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --quick)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file to write (default: {DEFAULT_OUT})")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time budget (default 1)")
     args = parser.parse_args(argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    named = {"default": [p for p in PARTS if p not in LONG_PARTS], "all": list(PARTS)}
+    parts = [part for p in (args.parts or ("all" if args.quick else "default")).split(",") if p.strip()
+             for part in named.get(p.strip(), [p.strip()])]
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         parser.error(f"unknown part(s) {unknown}: choose from {', '.join(PARTS)}")
