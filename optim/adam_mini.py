@@ -313,7 +313,8 @@ class AdamMini(torch.optim.Optimizer):
             else:
                 exp_avg, target = self._working_tensors(name, param, state, write_backs)
             if not grad.is_contiguous() or grad.dtype != exp_avg.dtype and not (
-                    on_device and grad.dtype in KERNEL_DTYPES):  # the kernels read bf16/fp16/fp32 gradients as they are
+                    on_device and exp_avg.dtype == torch.float32 and grad.dtype in KERNEL_DTYPES):
+                # (the kernels read bf16/fp16 gradients of a float32 first moment as they are: the same numbers)
                 grad = grad.to(dtype=exp_avg.dtype, memory_format=torch.contiguous_format)
             transform = self._transforms.get(param)
             if transform is None:
