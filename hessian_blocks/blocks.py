@@ -1,15 +1,19 @@
 """Blocks and partitions of a model's parameters.
 
 A *Block* is a named slice of one parameter tensor: the whole tensor, a contiguous group of
-indices along one axis (an attention head, an output neuron, a token row), or a single element.
-A *Rule* says how one parameter tensor is split into blocks; a *Partition* is an ordered list of
-rules, one per parameter, checked against a model and resolved into blocks.
+indices along one axis (an attention head, an output neuron, a token row) or along a merged run of
+consecutive axes (an output row of one expert of a ``[experts, rows, columns]`` tensor), or a single
+element. A *Rule* says how one parameter tensor is split into blocks; a *Partition* is an ordered
+list of rules, one per parameter, checked against a model and resolved into blocks.
 
-Partition files are JSON (see DESIGN.md)::
+Partition files are JSON (docs/partition-format.md)::
 
     {"format": "hessian-blocks/partition", "version": 1,
      "model": {"class": "GPT", "param_shapes": {"wte.weight": [512, 128], ...}},
      "rules": [{"param": "wte.weight", "split": "groups", "axis": 0, "size": 1}, ...]}
+
+Version 2 lets ``"axis"`` be a list of consecutive axes (``[0, 1]``: groups along the row-major merge
+of axes 0 and 1); a file is written as version 2 only when some rule uses such a list.
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .files import atomic_write_text
 
-__all__ = ["FORMAT", "SPLITS", "VERSION", "Block", "Partition", "PartitionFileError", "Rule", "layer_indices",
-           "runs_of", "sample_layers", "select_blocks", "trainable_shapes"]
+__all__ = ["FORMAT", "SPLITS", "VERSION", "VERSIONS", "Axis", "Block", "Partition", "PartitionFileError", "Rule",
+           "layer_indices", "runs_of", "sample_layers", "select_blocks", "trainable_shapes"]
 
 FORMAT = "hessian-blocks/partition"
-VERSION = 1
+VERSION = 2            # the newest version this release writes: 2 only where a rule merges axes, else 1
+VERSIONS = (1, 2)      # the versions it reads
 SPLITS = ("whole", "elements", "groups")
+
+Axis = int | tuple[int, ...]  # one tensor axis, or a run of two or more consecutive axes, merged row-major
 
 
 class PartitionFileError(ValueError):
@@ -42,27 +50,34 @@ class PartitionFileError(ValueError):
 class Block:
     """A contiguous slice of one parameter tensor.
 
-    ``axis`` is the tensor axis the slice runs along, with ``start:stop`` the index range on it;
-    ``axis=None`` means a range of the flattened tensor (a whole tensor or a single element).
+    ``axis`` is the tensor axis the slice runs along, with ``start:stop`` the index range on it, or a
+    tuple of consecutive axes (non-negative, increasing) merged into one axis in row-major order
+    (their product its length: ``(0, 1)`` of ``[experts, rows, columns]`` runs over (expert, row)
+    pairs); ``axis=None`` means a range of the flattened tensor (a whole tensor or a single element).
     """
 
     name: str
     param: str
     param_shape: tuple[int, ...]
-    axis: int | None
+    axis: Axis | None
     start: int
     stop: int
 
     @property
+    def axes(self) -> tuple[int, ...]:
+        """The tensor axes the slice runs along (one, or the merged run; empty for a flat range)."""
+        return () if self.axis is None else (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of the slice (1-D for flat ranges of a tensor with more than one element)."""
+        """Shape of the slice (1-D for flat ranges of a tensor with more than one element); merged
+        axes count as one axis of length ``stop - start``."""
         if self.axis is None:
             if self.start == 0 and self.stop == _numel(self.param_shape):
                 return self.param_shape
             return (self.stop - self.start,)
-        shape = list(self.param_shape)
-        shape[self.axis] = self.stop - self.start
-        return tuple(shape)
+        first, last = self.axes[0], self.axes[-1]
+        return self.param_shape[:first] + (self.stop - self.start,) + self.param_shape[last + 1 :]
 
     @property
     def numel(self) -> int:
@@ -73,8 +88,10 @@ class Block:
         """Indices of the block's entries in the flattened parameter, in row-major order."""
         if self.axis is None:
             return torch.arange(self.start, self.stop)
-        index = torch.arange(_numel(self.param_shape)).reshape(self.param_shape)
-        return index.narrow(self.axis, self.start, self.stop - self.start).reshape(-1)
+        first, last = self.axes[0], self.axes[-1]
+        merged = self.param_shape[:first] + (_numel(self.param_shape[first : last + 1]),) + self.param_shape[last + 1 :]
+        index = torch.arange(_numel(self.param_shape)).reshape(merged)
+        return index.narrow(first, self.start, self.stop - self.start).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -83,12 +100,17 @@ class Rule:
 
     split="whole": one block; "elements": one block per entry; "groups": contiguous groups along
     ``axis``, either all of ``size`` indices or run-length ``runs`` of (group_size, count) pairs.
-    ``why`` records the evidence for the choice (free text, kept in partition files).
+    ``axis`` is one tensor axis or a tuple of two or more consecutive increasing axes (a list is
+    taken as a tuple, one axis in a list as that axis): the groups then run along the row-major
+    merge of those axes, whose length is the product of theirs, and a group may not straddle an
+    index of the outer merged axes (it lies inside one expert of ``(0, 1)`` on ``[experts, rows,
+    columns]``, or covers whole experts). ``why`` records the evidence for the choice (free text,
+    kept in partition files).
     """
 
     param: str
     split: str
-    axis: int | None = None
+    axis: Axis | None = None
     size: int | None = None
     runs: tuple[tuple[int, int], ...] | None = None
     why: str | None = None
@@ -103,7 +125,7 @@ class Rule:
         if self.split == "groups":
             if self.axis is None:
                 raise ValueError(f"rule for '{self.param}': split 'groups' needs an 'axis'")
-            object.__setattr__(self, "axis", _integer(self.axis, f"rule for '{self.param}': 'axis'"))
+            object.__setattr__(self, "axis", _axis(self.axis, self.param))
             if (self.size is None) == (self.runs is None):
                 raise ValueError(f"rule for '{self.param}': split 'groups' needs exactly one of 'size' or 'runs'")
             if self.size is not None:
@@ -115,24 +137,66 @@ class Rule:
         elif self.axis is not None or self.size is not None or self.runs is not None:
             raise ValueError(f"rule for '{self.param}': split '{self.split}' takes no axis, size or runs")
 
+    @property
+    def merged(self) -> bool:
+        """Whether the groups run along a merged run of axes (a version-2 rule)."""
+        return isinstance(self.axis, tuple)
+
+    def axes(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The (non-negative) tensor axes the groups run along for a tensor of ``shape``: one axis,
+        or the merged run (split='groups' only); an axis out of range raises."""
+        ndim = len(shape)
+        axes = (self.axis,) if isinstance(self.axis, int) else self.axis
+        if any(not -ndim <= a < ndim for a in axes):
+            raise ValueError(f"rule for '{self.param}': axis {_axis_text(self.axis)} is out of range for shape "
+                             f"{tuple(shape)} ({ndim} axes: 0..{ndim - 1}, or negative from the end)")
+        return tuple(a % ndim for a in axes)
+
     def group_sizes(self, shape: Sequence[int]) -> list[int]:
-        """Sizes of the groups along ``axis`` for a tensor of ``shape`` (split='groups' only)."""
-        axis = self._checked_axis(shape)
-        length = shape[axis]
+        """Sizes of the groups along ``axis`` (the merged axes' product, if merged) for a tensor of
+        ``shape`` (split='groups' only)."""
+        axes = self.axes(shape)
+        length = _numel([shape[a] for a in axes])
+        where = (f"axis {axes[0]} of length {length}" if len(axes) == 1 else
+                 f"axes {list(axes)} (merged length {' x '.join(str(shape[a]) for a in axes)} = {length})")
         if self.size is not None:
             if length % self.size:
                 raise ValueError(
-                    f"rule for '{self.param}': group size {self.size} does not divide axis {axis} of length {length} "
+                    f"rule for '{self.param}': group size {self.size} does not divide {where} "
                     f"(shape {tuple(shape)}); use a divisor or run-length 'runs'"
                 )
-            return [self.size] * (length // self.size)
-        sizes = [s for s, c in self.runs for _ in range(c)]
-        if sum(sizes) != length:
-            raise ValueError(
-                f"rule for '{self.param}': runs {list(map(list, self.runs))} cover {sum(sizes)} indices "
-                f"but axis {axis} has length {length} (shape {tuple(shape)})"
-            )
+            sizes = [self.size] * (length // self.size)
+        else:
+            sizes = [s for s, c in self.runs for _ in range(c)]
+            if sum(sizes) != length:
+                raise ValueError(
+                    f"rule for '{self.param}': runs {list(map(list, self.runs))} cover {sum(sizes)} indices "
+                    f"but {where} (shape {tuple(shape)})"
+                )
+        if len(axes) > 1:
+            self._check_straddles(shape, axes, sizes)
         return sizes
+
+    def _check_straddles(self, shape: Sequence[int], axes: tuple[int, ...], sizes: list[int]) -> None:
+        """Refuse a group that holds part of one index of an outer merged axis and part of the next
+        (the last rows of one expert and the first of the next): each group lies inside one such
+        index or covers whole ones, at every level of the merge."""
+        edges = np.cumsum([0, *sizes])
+        for level in range(1, len(axes)):
+            unit = _numel([shape[a] for a in axes[level:]])  # slices per index of the axes before `level`
+            start, stop = edges[:-1], edges[1:]
+            inside = start // unit == (stop - 1) // unit
+            whole = (start % unit == 0) & (stop % unit == 0)
+            bad = np.flatnonzero(~(inside | whole))
+            if bad.size:
+                g = int(bad[0])
+                outer = " x ".join(str(shape[a]) for a in axes[:level])
+                raise ValueError(
+                    f"rule for '{self.param}': group {g} (merged indices {edges[g]}:{edges[g + 1]}) straddles a "
+                    f"boundary of the outer merged axes {list(axes[:level])} ({outer} indices of {unit} slices "
+                    f"each, shape {tuple(shape)}): a group must lie inside one index or cover whole ones; use a "
+                    f"group size that divides {unit} or is a multiple of it, or 'runs' that respect it"
+                )
 
     def resolve(self, shape: Sequence[int]) -> list[Block]:
         """The blocks this rule makes of a parameter of ``shape``."""
@@ -144,10 +208,11 @@ class Rule:
             return [Block(self.param, self.param, shape, None, 0, numel)]
         if self.split == "elements":
             return [Block(f"{self.param}[{i}]", self.param, shape, None, i, i + 1) for i in range(numel)]
-        axis = self._checked_axis(shape)
+        axes = self.axes(shape)
+        axis = axes[0] if len(axes) == 1 else axes
+        label = _axis_label(axes, len(shape))
         blocks, start = [], 0
         for size in self.group_sizes(shape):
-            label = _axis_label(axis, len(shape))
             blocks.append(Block(f"{self.param}[{label} {start}:{start + size}]", self.param, shape, axis, start,
                                 start + size))
             start += size
@@ -156,7 +221,7 @@ class Rule:
     def to_dict(self) -> dict:
         out: dict = {"param": self.param, "split": self.split}
         if self.axis is not None:
-            out["axis"] = self.axis
+            out["axis"] = list(self.axis) if self.merged else self.axis
         if self.size is not None:
             out["size"] = self.size
         if self.runs is not None:
@@ -178,10 +243,6 @@ class Rule:
         return cls(param=data["param"], split=data["split"], axis=data.get("axis"), size=data.get("size"),
                    runs=data.get("runs"), why=data.get("why"))
 
-    def _checked_axis(self, shape: Sequence[int]) -> int:
-        if not -len(shape) <= self.axis < len(shape):
-            raise ValueError(f"rule for '{self.param}': axis {self.axis} is out of range for shape {tuple(shape)}")
-        return self.axis % len(shape)
 
 
 def runs_of(sizes: Iterable[int]) -> tuple[tuple[int, int], ...]:
@@ -243,10 +304,16 @@ class Partition:
         """One block per trainable parameter tensor (the papers' blockwise spectra)."""
         return cls.from_rules(model, [Rule(name, "whole") for name in trainable_shapes(model)])
 
+    @property
+    def version(self) -> int:
+        """The file version this partition needs: 2 when some rule merges axes, else 1 (readable by
+        older releases)."""
+        return 2 if any(rule.merged for rule in self.rules) else 1
+
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
-            "version": VERSION,
+            "version": self.version,
             "model": {"class": self.model_class, "param_shapes": {k: list(v) for k, v in self.param_shapes.items()}},
             "rules": [rule.to_dict() for rule in self.rules],
         }
@@ -291,8 +358,10 @@ class Partition:
             raise TypeError(f"a partition file holds one JSON object {layout}, got {type(data).__name__}")
         if data.get("format") != FORMAT:
             raise ValueError(f"'format' must be {FORMAT!r}, got {data.get('format')!r}")
-        if data.get("version") != VERSION:
-            raise ValueError(f"unsupported version {data.get('version')!r} (this release reads version {VERSION})")
+        version = data.get("version")
+        if isinstance(version, bool) or version not in VERSIONS:
+            raise ValueError(f"unsupported version {version!r} (this release reads versions "
+                             f"{', '.join(map(str, VERSIONS))}): load it with the (newer) hessian-blocks that wrote it")
         described = data.get("model", {})
         if not isinstance(described, Mapping):
             raise TypeError(f"'model' must be an object {{\"class\": ..., \"param_shapes\": ...}}, got {described!r}")
@@ -300,6 +369,12 @@ class Partition:
         rules = data.get("rules", [])
         if not isinstance(rules, list):
             raise TypeError(f"'rules' must be a list of rule objects, got {type(rules).__name__}")
+        if version == 1:
+            merged = next((r for r in rules if isinstance(r, Mapping) and isinstance(r.get("axis"), (list, tuple))),
+                          None)
+            if merged is not None:
+                raise ValueError(f"rule for '{merged.get('param')}': 'axis' {merged.get('axis')!r} (a list of axes) "
+                                 "needs a version-2 file: write \"version\": 2")
         rules = [Rule.from_dict(r) for r in rules]
         model_class = described.get("class")
         if model is None:
@@ -380,6 +455,28 @@ def _integer(value: object, what: str) -> int:
     return int(value)
 
 
+def _axis(axis: object, param: str) -> Axis:
+    """A rule's ``axis``: an integer, or a list/tuple of consecutive increasing integers (one entry: that
+    axis); negative entries count from the end, all of one sign."""
+    what = f"rule for '{param}': 'axis'"
+    if isinstance(axis, (list, tuple)):
+        axes = tuple(_integer(a, f"{what} entry") for a in axis)
+        if not axes:
+            raise ValueError(f"{what} is an empty list: give one axis (e.g. 0) or consecutive axes (e.g. [0, 1])")
+        if len(axes) == 1:
+            return axes[0]
+        if any(b != a + 1 for a, b in zip(axes, axes[1:])) or (axes[0] < 0) != (axes[-1] < 0):
+            raise ValueError(f"{what} {list(axes)} must be consecutive increasing axes of one sign, e.g. [0, 1] or "
+                             "[-2, -1]: groups run along the row-major merge of neighbouring axes only (for other "
+                             "axes, reorder the parameter or write one rule per axis)")
+        return axes
+    return _integer(axis, what)
+
+
+def _axis_text(axis: Axis) -> str:
+    return str(list(axis)) if isinstance(axis, tuple) else str(axis)
+
+
 def _runs(runs: object, param: str) -> tuple[tuple[int, int], ...]:
     """Run-length ``runs`` as a tuple of (group_size, count) pairs of positive integers."""
     what = f"rule for '{param}': 'runs'"
@@ -413,7 +510,10 @@ def _param_shapes(shapes: object) -> dict[str, tuple[int, ...]]:
     return checked
 
 
-def _axis_label(axis: int, ndim: int) -> str:
+def _axis_label(axes: tuple[int, ...], ndim: int) -> str:
+    if len(axes) > 1:
+        return f"axes{axes[0]}-{axes[-1]}"
+    (axis,) = axes
     if ndim >= 2 and axis == 0:
         return "rows"
     if ndim == 2 and axis == 1:

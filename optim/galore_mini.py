@@ -18,7 +18,8 @@ How the partition's blocks map to ``R``: the side is chosen so that the partitio
   projection, and ``R`` gets the same row groups; groups along axis 1 keep the columns: left
   projection, same column groups;
 - "whole": one block, the whole of ``R``; "elements": one block per entry of ``R`` (GaLore with Adam);
-  for these the side is GaLore's shape rule: the shorter side is projected (right when ``m >= n``).
+  for these the side is GaLore's shape rule: the shorter side is projected (right when ``m >= n``);
+- groups along both axes merged (a version-2 rule ``"axis": [0, 1]``): not projected (plain Adam-mini).
 
 So no block is ever lost or invented. The state is ``(m + n) * r`` numbers either way (moment plus
 projector), and at a refresh both sides span the same best rank-``r`` approximation of ``G``.
@@ -107,8 +108,9 @@ class Projection:
 
 def choose_projection(rule: Rule, shape: tuple[int, ...], rank: int | float | None) -> Projection | None:
     """The projection of a parameter of ``shape`` under ``rule`` (see the module docstring), or None
-    for plain Adam-mini (not 2-D, ``rank`` None, or an int ``rank`` above ``min(shape)``)."""
-    if rank is None or len(shape) != 2:
+    for plain Adam-mini (not 2-D, ``rank`` None, an int ``rank`` above ``min(shape)``, or groups along
+    merged axes, which no projection keeps)."""
+    if rank is None or len(shape) != 2 or rule.merged:
         return None
     m, n = shape
     if rule.split == "groups":

@@ -1,8 +1,9 @@
 """How a partition rule lays one parameter tensor out as blocks, in a form tensor ops can use.
 
-A rule of a :class:`~hessian_blocks.blocks.Partition` cuts a tensor along one axis into contiguous
-groups (or takes it whole, or element by element). Seen around that axis, a tensor of shape
-``shape`` is a 3-D array ``[outer, length, inner]``; a run of equal groups of ``size`` indices is
+A rule of a :class:`~hessian_blocks.blocks.Partition` cuts a tensor along one axis (or a merged
+run of consecutive axes) into contiguous groups (or takes it whole, or element by element). Seen
+around that axis, a tensor of shape ``shape`` is a 3-D array ``[outer, length, inner]`` (merged
+axes: ``length`` is their product); a run of equal groups of ``size`` indices is
 then the view ``[outer, groups, size * inner]`` in which every block is one slice ``[:, b, :]``.
 A :class:`BlockLayout` is the list of such uniform runs (*segments*): one for "whole", "elements"
 and groups of one size, several for run-length groups. Per-block reductions become one
@@ -84,8 +85,10 @@ class BlockLayout:
         if rule.split == "elements":
             return cls(shape, (Segment(1, numel, 1, 0, numel, 1, 0),))
         sizes = rule.group_sizes(shape)  # raises a clear error when the groups do not fit the axis
-        axis = rule.axis % len(shape)
-        outer, length, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+        axes = rule.axes(shape)  # one axis, or a merged run of consecutive axes: its length is their product
+        first, last = axes[0], axes[-1]
+        outer, inner = math.prod(shape[:first]), math.prod(shape[last + 1 :])
+        length = math.prod(shape[first : last + 1])
         segments, start, first_block = [], 0, 0
         for size, count in runs_of(sizes):
             segments.append(Segment(outer, length, inner, start, count, size, first_block))

@@ -23,7 +23,8 @@ from optim.hooks import ParamTransform, UpdateHook
 PATHS = {"reference": dict(foreach=False), "foreach": dict(foreach=True)}
 
 # Random tensors and rules that exercise every layout: groups along axis 0, 1 and the last axis,
-# inner and outer extents, run-length groups, elements and whole tensors.
+# inner and outer extents, run-length groups, elements and whole tensors, groups along merged axes
+# (one block per (expert, row) of [experts, rows, columns]; the last two axes of [3, 2, 4]).
 SHAPES_AND_RULES = {
     "a": ((6, 4), dict(split="groups", axis=1, size=2)),
     "b": ((12, 5), dict(split="groups", axis=0, runs=((2, 3), (1, 6)))),
@@ -33,10 +34,12 @@ SHAPES_AND_RULES = {
     "f": ((10, 3), dict(split="groups", axis=0, size=1)),
     "g": ((2, 9, 2), dict(split="groups", axis=1, runs=((3, 2), (1, 3)))),
     "h": ((8, 6), dict(split="groups", axis=-1, runs=((1, 2), (2, 2)))),
+    "i": ((2, 3, 4), dict(split="groups", axis=[0, 1], size=1)),
+    "j": ((3, 2, 4), dict(split="groups", axis=[-2, -1], runs=((4, 1), (1, 2), (2, 1)))),
 }
 GROUP_HYPER = [  # two param groups with their own hyperparameters
-    dict(names="abcd", lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
-    dict(names="efgh", lr=3e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.0),
+    dict(names="abcdi", lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
+    dict(names="efghj", lr=3e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.0),
 ]
 
 
@@ -534,7 +537,8 @@ def test_an_update_hook_that_changes_nothing_is_adam_mini(path):
         assert torch.allclose(a, b, rtol=0, atol=1e-12), name
     assert optimizer.state[hooked.a]["calls"].item() == 6 and "calls" not in optimizer.state[hooked.d]
     saved = checkpoint(optimizer)[0]
-    assert saved["param_groups"][0]["identities"] == [["identity"], ["identity"], None, None]  # a, b 2-D; c 3-D; d 1-D
+    # a, b 2-D; c 3-D; d 1-D; i 3-D
+    assert saved["param_groups"][0]["identities"] == [["identity"], ["identity"], None, None, None]
     resumed = AdamMini(groups_of(Tensors()), random_partition(hooked), hook=IdentityHook({"gain": 1.0}))
     resumed.load_state_dict(saved)
     assert resumed.state[resumed.param_groups[0]["params"][0]]["calls"].item() == 6

@@ -4,7 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from hessian_blocks.blocks import Block, Partition, Rule, layer_indices, runs_of, sample_layers, select_blocks
+from hessian_blocks.blocks import (
+    Block,
+    Partition,
+    PartitionFileError,
+    Rule,
+    layer_indices,
+    runs_of,
+    sample_layers,
+    select_blocks,
+)
 
 
 class TwoLayer(nn.Module):
@@ -149,3 +158,101 @@ def test_sample_layers_takes_the_first_repeated_container_as_the_layers():
     assert [b.name for b in sample_layers(blocks, 3)] == [
         "features.0.weight", "features.7.weight", "features.14.weight",
         "classifier.0.weight", "classifier.2.weight", "classifier.4.weight"]
+
+
+# ----------------------------------------------------------------------------- merged axes (format version 2)
+
+
+class Experts(nn.Module):
+    """Two experts of 3 output rows and 4 inputs stored [experts, rows, columns], and a router."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(4, 2, bias=False)
+        self.experts = nn.Parameter(torch.randn(2, 3, 4))
+
+
+def test_merged_axes_give_one_block_per_expert_and_row():
+    shape = (2, 3, 4)
+    reference = torch.arange(24).reshape(shape)
+    blocks = Rule("w", "groups", axis=[0, 1], size=1).resolve(shape)
+    assert torch.equal(covered_entries(blocks, shape), torch.ones(24, dtype=torch.long))
+    assert len(blocks) == 6 and blocks[4].axis == (0, 1) and blocks[4].axes == (0, 1)
+    assert blocks[4].name == "w[axes0-1 4:5]" and blocks[4].shape == (1, 4) and blocks[4].numel == 4
+    for expert in range(2):
+        for row in range(3):
+            block = blocks[3 * expert + row]
+            assert torch.equal(reference.reshape(-1)[block.flat_indices()], reference[expert, row])
+    # heads of 3 rows per expert = one block per expert; the last two axes merged: (row, column) of every expert
+    per_expert = Rule("w", "groups", axis=(0, 1), size=3).resolve(shape)
+    assert [torch.equal(reference.reshape(-1)[b.flat_indices()], reference[e].reshape(-1))
+            for e, b in enumerate(per_expert)] == [True, True]
+    inner = Rule("w", "groups", axis=[-2, -1], size=4).resolve(shape)
+    assert inner[0].axis == (1, 2) and inner[0].shape == (2, 4)
+    assert torch.equal(reference.reshape(-1)[inner[1].flat_indices()], reference[:, 1].reshape(-1))
+    assert Rule("w", "groups", axis=[1], size=1) == Rule("w", "groups", axis=1, size=1)  # one axis in a list
+
+
+def test_a_group_may_not_straddle_two_experts():
+    """Groups run along the merged (expert, row) axis; one that holds the last rows of one expert and the first
+    of the next is refused (it is nearly always a size that does not divide the rows per expert), one that
+    covers whole experts is fine."""
+    shape = (2, 3, 4)
+    with pytest.raises(ValueError, match=r"group 1 \(merged indices 2:4\) straddles a boundary of the outer merged "
+                                         r"axes \[0\].*use a group size that divides 3"):
+        Rule("w", "groups", axis=[0, 1], size=2).resolve(shape)
+    with pytest.raises(ValueError, match="straddles"):
+        Rule("w", "groups", axis=[0, 1], runs=((1, 2), (2, 1), (1, 2))).resolve(shape)
+    assert len(Rule("w", "groups", axis=[0, 1], size=6).resolve(shape)) == 1
+    assert [b.numel for b in Rule("w", "groups", axis=[0, 1], runs=((2, 1), (1, 1), (1, 3))).resolve(shape)] == \
+        [8, 4, 4, 4, 4]
+    with pytest.raises(ValueError, match=r"axes \[0, 1\] \(2 x 3 indices of 4 slices"):   # every level of a merge
+        Rule("w", "groups", axis=[0, 1, 2], size=6).resolve(shape)
+    Rule("w", "groups", axis=[0, 1, 2], size=12).resolve(shape)
+
+
+@pytest.mark.parametrize("axis, message", [
+    ([0, 2], r"'axis' \[0, 2\] must be consecutive increasing axes"),
+    ([1, 0], r"'axis' \[1, 0\] must be consecutive increasing axes"),
+    ([-1, 0], r"'axis' \[-1, 0\] must be consecutive increasing axes of one sign"),
+    ([], "'axis' is an empty list"),
+    ([0, "1"], "'axis' entry must be an integer"),
+])
+def test_malformed_merged_axes_raise(axis, message):
+    with pytest.raises((ValueError, TypeError), match=f"rule for 'w': {message}"):
+        Rule("w", "groups", axis=axis, size=1)
+
+
+def test_merged_axes_out_of_range_raise():
+    with pytest.raises(ValueError, match=r"rule for 'w': axis \[1, 2\] is out of range for shape \(6, 4\)"):
+        Rule("w", "groups", axis=[1, 2], size=1).resolve((6, 4))
+    with pytest.raises(ValueError, match=r"group size 5 does not divide axes \[0, 1\] \(merged length 2 x 3 = 6\)"):
+        Rule("w", "groups", axis=[0, 1], size=5).resolve((2, 3, 4))
+
+
+def test_version_2_file_round_trip_and_version_1_files_still_load(tmp_path):
+    model = Experts()
+    merged = Partition.from_rules(model, [Rule("router.weight", "groups", axis=0, size=1),
+                                          Rule("experts", "groups", axis=[0, 1], size=1, why="per (expert, row)")])
+    data = json.loads(merged.save(tmp_path / "v2.json").read_text())
+    by_param = {rule["param"]: rule for rule in data["rules"]}
+    assert data["version"] == 2 and by_param["experts"]["axis"] == [0, 1] and by_param["router.weight"]["axis"] == 0
+    loaded = Partition.load(tmp_path / "v2.json", model)
+    assert loaded.rules == merged.rules and loaded.blocks == merged.blocks and len(loaded.blocks) == 2 + 6
+    # no rule merges axes: version 1, readable by older releases
+    plain = Partition.from_rules(model, [Rule("router.weight", "groups", axis=0, size=1), Rule("experts", "whole")])
+    assert json.loads(plain.save(tmp_path / "v1.json").read_text())["version"] == 1
+    assert Partition.load(tmp_path / "v1.json", model).rules == plain.rules
+    # a list axis in a version-1 file: a clear error naming the rule and the fix
+    data["version"] = 1
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PartitionFileError, match=r"bad.json: rule for 'experts': 'axis' \[0, 1\] \(a list of axes\) "
+                                                 r"needs a version-2 file: write \"version\": 2"):
+        Partition.load(tmp_path / "bad.json", model)
+    for version in (3, "2", True, None):
+        data["version"] = version
+        with pytest.raises(PartitionFileError, match=f"unsupported version {version!r}"):
+            Partition.from_dict(data, model)
+    data["version"], by_param["experts"]["axis"] = 2, [0, 2]
+    with pytest.raises(PartitionFileError, match=r"rule for 'experts': 'axis' \[0, 2\] must be consecutive"):
+        Partition.from_dict(data, model)

@@ -13,7 +13,8 @@ from hessian_blocks import build_model
 from hessian_blocks.blocks import Partition, Rule
 from optim import AdamMini, GaLoreMini, make, param_groups_no_decay, state_memory
 
-# Every rule kind on 2-D weights whose projected side has length 4, plus parameters never projected.
+# Every rule kind on 2-D weights whose projected side has length 4, plus parameters never projected (not 2-D,
+# or groups along merged axes).
 SHAPES_AND_RULES = {
     "rows": ((6, 4), dict(split="groups", axis=0, size=2)),  # right: rows kept
     "cols": ((4, 10), dict(split="groups", axis=1, size=5)),  # left: columns kept
@@ -21,11 +22,12 @@ SHAPES_AND_RULES = {
     "tall": ((8, 4), dict(split="whole")),  # shape rule: right
     "wide": ((4, 7), dict(split="whole")),  # shape rule: left
     "cube": ((2, 3, 4), dict(split="whole")),  # not 2-D: Adam-mini
+    "merged": ((4, 6), dict(split="groups", axis=[0, 1], size=3)),  # half rows: no projection keeps them
     "bias": ((5,), dict(split="elements")),
 }
 EXPECTED_SIDES = {"rows": "right", "cols": "left", "runs": "right", "tall": "right", "wide": "left"}
 GROUP_HYPER = [
-    dict(names=("rows", "cols", "cube"), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
+    dict(names=("rows", "cols", "cube", "merged"), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
     dict(names=("runs", "tall", "wide", "bias"), lr=3e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.0),
 ]
 

@@ -4,11 +4,12 @@ A model too large to measure is measured on a smaller instance of the same archi
 layers, narrower, same head size; :func:`small_overrides` chooses one from a config, the CLI's
 ``--small auto``); :func:`map_rules` carries its rules over to the full model by module structure
 (parameter path with layer indices abstracted, module type, nearest relative depth), scaling
-run-length groups with the axis.
+run-length groups with the axis (a merged run of axes, with their product).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 from torch import nn
@@ -115,36 +116,39 @@ def _scaled_rule(rule: Rule, small_shape: tuple[int, ...], name: str, shape: tup
         )
     if rule.split != "groups":
         return Rule(name, rule.split, why=why)
-    axis = rule.axis % len(shape)
+    axes = rule.axes(shape)
+    axis = axes[0] if len(axes) == 1 else axes                 # one axis, or a merged run (its length: the product)
+    where = f"axis {axis}" if len(axes) == 1 else f"axes {list(axes)}"
+    length, small_length = math.prod(shape[a] for a in axes), math.prod(small_shape[a] for a in axes)
     if rule.size is not None:
-        if shape[axis] % rule.size:
+        if length % rule.size:
             raise ValueError(
-                f"cannot map groups of {rule.size} along axis {axis} from '{rule.param}' to '{name}' (shape "
-                f"{list(shape)}): {rule.size} does not divide {shape[axis]}. The small model must keep the group "
+                f"cannot map groups of {rule.size} along {where} from '{rule.param}' to '{name}' (shape "
+                f"{list(shape)}): {rule.size} does not divide {length}. The small model must keep the group "
                 "(head) size of the full model."
             )
         return Rule(name, "groups", axis=axis, size=rule.size, why=why)
     period = repeat_period(rule.runs)
     if period < len(rule.runs):   # a pattern repeated per head: repeat it as often as the full axis holds it
         pattern = rule.runs[:period]
-        length = sum(size * count for size, count in pattern)
-        if shape[axis] % length:
+        unit = sum(size * count for size, count in pattern)
+        if length % unit:
             raise ValueError(
-                f"cannot map the run-length groups of '{rule.param}' ({runs_text(rule.runs)} along axis {axis}) to "
-                f"'{name}' (length {shape[axis]}): the repeated pattern of {length} slices does not divide it. The "
+                f"cannot map the run-length groups of '{rule.param}' ({runs_text(rule.runs)} along {where}) to "
+                f"'{name}' (length {length}): the repeated pattern of {unit} slices does not divide it. The "
                 "small model must keep the head size of the full model."
             )
-        return Rule(name, "groups", axis=axis, runs=tuple(pattern) * (shape[axis] // length), why=why)
+        return Rule(name, "groups", axis=axis, runs=tuple(pattern) * (length // unit), why=why)
     runs = []
     for size, count in rule.runs:
-        covered = size * count * shape[axis]
-        if covered % small_shape[axis] or (covered // small_shape[axis]) % size:
+        covered = size * count * length
+        if covered % small_length or (covered // small_length) % size:
             raise ValueError(
-                f"cannot map run-length groups {list(map(list, rule.runs))} of '{rule.param}' (axis {axis} of length "
-                f"{small_shape[axis]}) to '{name}' (length {shape[axis]}): the run of {count} groups of {size} does "
+                f"cannot map run-length groups {list(map(list, rule.runs))} of '{rule.param}' ({where} of length "
+                f"{small_length}) to '{name}' (length {length}): the run of {count} groups of {size} does "
                 "not scale to whole groups. Choose a small instance whose widths divide the full model's."
             )
-        runs.append((size, covered // small_shape[axis] // size))
+        runs.append((size, covered // small_length // size))
     return Rule(name, "groups", axis=axis, runs=tuple(runs), why=why)
 
 
