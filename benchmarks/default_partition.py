@@ -4,7 +4,9 @@ with the same forward on the meta device without the trace, and with the whole d
 Rows: a TinyLlama-1.1B-shaped Llama config (22 layers, hidden 2048, 32 query / 4 key-value heads,
 vocabulary 32000) built on the meta device (what the trace runs on anyway: the timing does not
 depend on where the weights live) and, with ``--real``, built with real float32 weights (4.4 GB);
-a Pythia-160M-shaped GPT-NeoX (per-head interleaved [q_h, k_h, v_h]); ``--quick``: a 2-layer Llama.
+a Pythia-160M-shaped GPT-NeoX (per-head interleaved [q_h, k_h, v_h]); a Mixtral-8x7B-shaped
+mixture of experts (46.7B parameters, 3-D expert tensors through transformers' grouped_mm);
+``--quick``: a 2-layer Llama.
 Target: the trace <= 2 s for a 1B-parameter model.
 
     python benchmarks/default_partition.py             # the 1.1B and 160M shapes on the meta device
@@ -21,9 +23,15 @@ import time
 import torch
 import transformers
 from partition_cost import LLAMA_1B, LLAMA_SMALL, PYTHIA_160M  # the shapes the partitioner's costs use
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hessian_blocks.partitions import default_rules
+from hessian_blocks.partitions.follow import _meta_grouped_mm
 from hessian_blocks.partitions.trace import _example, _to_meta, _without_hooks, trace_attention
+
+MIXTRAL_8X7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2,
+                "max_position_embeddings": 4096}
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -35,11 +43,25 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+class GroupedOnMeta(TorchDispatchMode):
+    """Only what the trace adds to run at all: the meta kernel of ``_grouped_mm`` takes bfloat16 only."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError:
+            out = _meta_grouped_mm(func, args, kwargs)
+            if out is None:
+                raise
+            return out
+
+
 def plain_meta_forward(model: torch.nn.Module) -> None:
     """The forward the trace runs, without following it."""
     args, kwargs = _example(model, "meta")
     tensors = {name: _to_meta(t) for name, t in list(model.named_parameters()) + list(model.named_buffers())}
-    with torch.no_grad(), _without_hooks(model):
+    with torch.no_grad(), _without_hooks(model), GroupedOnMeta():
         torch.func.functional_call(model, tensors, args, kwargs, strict=False)
 
 
@@ -74,6 +96,7 @@ def main() -> None:
         return
     row("TinyLlama-1.1B shape", "LlamaConfig", "LlamaForCausalLM", LLAMA_1B, True, args.repeats)
     row("Pythia-160M shape (GPT-NeoX)", "GPTNeoXConfig", "GPTNeoXForCausalLM", PYTHIA_160M, True, args.repeats)
+    row("Mixtral-8x7B shape (experts)", "MixtralConfig", "MixtralForCausalLM", MIXTRAL_8X7B, True, args.repeats)
     if args.real:
         row("TinyLlama-1.1B shape", "LlamaConfig", "LlamaForCausalLM", LLAMA_1B, False, args.repeats)
 

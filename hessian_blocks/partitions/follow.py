@@ -4,11 +4,13 @@
 that carries a projection's output features it keeps a real integer tensor of the same shape, the
 *row tags* (which row of which weight each feature comes from):
 
-- a projection is a matrix product (``mm``/``addmm``/``bmm``/``baddbmm``, which ``nn.Linear``, HF
-  ``Conv1D``, ``matmul`` and ``einsum`` all become) whose right operand is a view of a 2-D parameter;
-  the view's strides (followed on a meta "geometry" tensor of the parameter's shape) say whether its
-  output features are the weight's rows (``nn.Linear``, ``[out, in]``) or columns (``Conv1D``,
-  ``[in, out]``) and which ones (a slice of a fused weight);
+- a projection is a matrix product (``mm``/``addmm``/``bmm``/``baddbmm``/``_grouped_mm``, which
+  ``nn.Linear``, HF ``Conv1D``, ``matmul``, ``einsum`` and mixture-of-experts kernels become) with
+  one operand a view of a parameter; the view's strides (followed on a meta "geometry" tensor of the
+  parameter's shape) say which axes of the parameter it contracts and along which its output
+  features run: the weight's rows (``nn.Linear``, ``[out, in]``), columns (``Conv1D``, ``[in, out]``),
+  which ones (a slice of a fused weight), and for a tensor of experts (``[experts, out, in]``, one
+  expert picked per product or all of them batched or grouped) the axes beside the contracted one;
 - views, reshapes, transposes, splits, chunks, indexing, ``cat``/``stack``, copies and writes into
   slices move the tags with the features (the same op runs on the tag tensor); pointwise ops and
   normalisations keep them (rotary embeddings, casts, q/k norms); reductions and other products
@@ -35,7 +37,9 @@ from torch.utils._pytree import tree_map
 __all__ = ["Event", "RowFollower"]
 
 UNTAGGED = -1  # a feature that comes from no projection; tags <= -2 encode a loss (what could not be followed)
-_PRODUCTS = {"mm": (None, 0, 1), "bmm": (None, 0, 1), "addmm": (0, 1, 2), "baddbmm": (0, 1, 2)}  # (bias, a, b)
+_PRODUCTS = {"mm": (None, 0, 1), "bmm": (None, 0, 1), "addmm": (0, 1, 2), "baddbmm": (0, 1, 2),  # (bias, a, b)
+             "_grouped_mm": (None, 0, 1)}   # tokens grouped by expert: [tokens, in] x [experts, in, out]
+_PICKS = {"index", "index_select"}  # a parameter indexed along its first axis by a tensor: the experts a product uses
 _SOFTMAX = {"_softmax", "_safe_softmax", "softmax"}
 _COPIES = {"_to_copy", "clone", "contiguous", "alias", "detach", "lift_fresh", "lift_fresh_copy", "copy"}
 # views between real pairs and complex numbers (rotary embeddings): a complex feature carries the tag of
@@ -74,17 +78,23 @@ class RowFollower(TorchDispatchMode):
             i: (name, torch.empty(t.shape, device="meta")) for i, (name, t) in params.items()}
         self.tags: dict[int, torch.Tensor] = {}  # id -> int64 row tags, the tensor's shape
         self.stage: dict[int, tuple[str, Event]] = {}  # id -> ("scores" | "probs", event)
-        self.sources: list[tuple[str, int]] = []  # (param, output axis); row tags of source s start at starts[s]
+        self.sources: list[tuple[str, int | tuple[int, ...]]] = []  # (param, output axes); tags start at starts[s]
         self.starts: list[int] = []
         self.losses: list[tuple[str, str]] = []  # (param, what could not be followed); tag -2 - index
         self.events: list[Event] = []
         self.biases: set[str] = set()
-        self.linear_maps: dict[str, int | None] = {}  # param -> output axis (None: used along both)
+        self.linear_maps: dict[str, tuple[int, ...] | None] = {}  # param -> axes not contracted (None: differ)
+        self.picks: set[int] = set()  # geometries of a parameter indexed along its first axis (an expert's bias)
         self.partners: dict[int, int] = {}  # real-part row tag -> imaginary-part row tag (complex views)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except RuntimeError:
+            out = _meta_grouped_mm(func, args, kwargs)   # its meta kernel takes bfloat16 only
+            if out is None:
+                raise
         if any(id(t) in self.geometry or id(t) in self.tags or id(t) in self.stage
                for t in _tensors((args, tuple(kwargs.values())))):
             self._follow(func, args, kwargs, out)
@@ -115,11 +125,15 @@ class RowFollower(TorchDispatchMode):
     def _source_of(self, tag: int) -> int:
         return bisect.bisect_right(self.starts, tag) - 1
 
-    def _rows(self, param: str, axis: int) -> int:
-        """The first row tag of ``param``'s output axis (allocated on first use)."""
+    def length(self, source: int) -> int:
+        """The number of rows of a source: its axis' length (merged axes: their product)."""
+        param, axis = self.sources[source]
+        return math.prod(self.shapes[param][a] for a in ((axis,) if isinstance(axis, int) else axis))
+
+    def _rows(self, param: str, axis: int | tuple[int, ...]) -> int:
+        """The first row tag of ``param``'s output axis (or merged axes; allocated on first use)."""
         if (param, axis) not in self.sources:
-            last = self.sources[-1] if self.sources else None
-            self.starts.append(self.starts[-1] + self.shapes[last[0]][last[1]] if last else 0)
+            self.starts.append(self.starts[-1] + self.length(len(self.sources) - 1) if self.sources else 0)
             self.sources.append((param, axis))
         return self.starts[self.sources.index((param, axis))]
 
@@ -154,9 +168,10 @@ class RowFollower(TorchDispatchMode):
     def _product(self, name: str, args, out: torch.Tensor) -> None:
         bias_at, a_at, b_at = _PRODUCTS[name]
         a, b = args[a_at], args[b_at]
-        if id(b) in self.geometry and id(a) not in self.geometry:
-            param, geometry = self.geometry[id(b)]
-            tags = self._projection(param, geometry, tuple(out.shape))
+        if (id(a) in self.geometry) != (id(b) in self.geometry):   # a projection: the weight is one operand
+            left = id(a) in self.geometry
+            param, geometry = self.geometry[id(a) if left else id(b)]
+            tags = self._projection(param, geometry, tuple(out.shape), left, grouped=name == "_grouped_mm")
             self._tag(out, tags, surely=True)
             if bias_at is not None and id(args[bias_at]) in self.geometry and tags.min() >= 0:
                 self.biases.add(self.geometry[id(args[bias_at])][0])
@@ -177,32 +192,24 @@ class RowFollower(TorchDispatchMode):
         self.events.append(event)
         return event
 
-    def _projection(self, param: str, geometry: torch.Tensor | str, shape: tuple[int, ...]) -> torch.Tensor:
-        """Row tags of a projection's output ``[..., m, n]`` from the geometry of its weight operand."""
-        if isinstance(geometry, str):
-            return self._loss(param, f"(shape {list(self.shapes[param])}) {geometry}", shape)
-        if len(self.shapes[param]) != 2:  # a 3-D expert tensor [experts, out, in] would get (expert, row) blocks here
-            return self._loss(param, f"(shape {list(self.shapes[param])}) enters its product with its output "
-                                     "features along more than one axis", shape)
-        rows, columns = self.shapes[param]
-        *batch, depth, width = geometry.shape
-        strides = geometry.stride()
-        base = torch.full((1, 1), geometry.storage_offset())
-        if batch:
-            base = base + torch.arange(math.prod(batch))[:, None] * (strides[0] if len(batch) == 1 else 0)
-            if len(batch) > 1 and any(s for s in strides[:-2]):
-                return self._loss(param, "is batched over more than one axis in its product", shape)
-        base = base + torch.arange(width)[None, :] * strides[-1]  # flat index of column n's first entry
-        step, feature_step = strides[-2], strides[-1] if width > 1 else None
-        along_rows = step == 1 and feature_step in (None, columns) and bool((base % columns + depth <= columns).all())
-        along_columns = (step == columns and feature_step in (None, 1)
-                         and bool((base // columns + depth <= rows).all()))
-        if along_rows == along_columns:
-            return self._loss(param, "enters its product with strides the trace cannot read", shape)
-        axis, index = (0, base // columns) if along_rows else (1, base % columns)
-        self.linear_maps[param] = axis if self.linear_maps.get(param, axis) == axis else None
-        tags = self._rows(param, axis) + index  # [batch, n]
-        return tags[:, None, :].expand(tags.shape[0], shape[-2], shape[-1]).reshape(shape)
+    def _projection(self, param: str, geometry: torch.Tensor | str, shape: tuple[int, ...], left: bool,
+                    grouped: bool) -> torch.Tensor:
+        """Row tags of a projection's output ``[..., m, n]`` from the geometry of its weight operand: the
+        right one (``[..., k, n]``: features along its last dim) or the ``left`` one (``[..., m, k]``).
+        ``grouped``: the product's batch (experts) is not in its output (``_grouped_mm``)."""
+        if isinstance(geometry, str) or len(self.shapes[param]) < 2:
+            what = geometry if isinstance(geometry, str) else "is a vector used as a matrix"
+            return self._loss(param, f"(shape {list(self.shapes[param])}) {what}", shape)
+        placed = _place(self.shapes[param], geometry.transpose(-2, -1) if left else geometry, grouped)
+        if isinstance(placed, str):
+            return self._loss(param, f"(shape {list(self.shapes[param])}) {placed}", shape)
+        axes, kept, index = placed
+        self.linear_maps[param] = kept if self.linear_maps.get(param, kept) == kept else None
+        tags = self._rows(param, axes[0] if len(axes) == 1 else axes) + index  # [batch, features]
+        if tags.shape[0] * shape[-2] * shape[-1] != math.prod(shape):
+            return self._loss(param, "enters a product whose output the trace cannot lay out", shape)
+        tags = tags[:, :, None] if left else tags[:, None, :]
+        return tags.expand(tags.shape[0], shape[-2], shape[-1]).reshape(shape)
 
     def _move(self, func, name: str, args, kwargs, outs: list[torch.Tensor]) -> None:
         inputs = _tensors(args)
@@ -212,6 +219,9 @@ class RowFollower(TorchDispatchMode):
             mixed = f"enters its product through aten.{name}, which mixes its axes"
             if isinstance(geometry, str):
                 moved = [geometry] * len(outs)
+            elif name in _PICKS and (picked := _pick(name, geometry, args)) is not None:
+                moved = [picked if tuple(picked.shape) == tuple(outs[0].shape) else mixed]
+                self.picks.update(id(o) for o in outs)
             elif name in _COPIES:
                 moved = [geometry if tuple(o.shape) == tuple(geometry.shape) else mixed for o in outs]
             else:
@@ -282,8 +292,8 @@ class RowFollower(TorchDispatchMode):
         tagged = [a for a in flat if id(a) in self.tags]
         if tagged:
             if name in ("add", "add_"):
-                self.biases.update(self.geometry[id(a)][0] for a in flat
-                                   if id(a) in self.geometry and a.ndim == 1 and self.tags[id(tagged[0])].min() >= 0)
+                self.biases.update(self.geometry[id(a)][0] for a in flat if id(a) in self.geometry
+                                   and (a.ndim == 1 or id(a) in self.picks) and self.tags[id(tagged[0])].min() >= 0)
             for o in outs:
                 try:
                     self._tag(o, torch.broadcast_to(self.tags[id(tagged[0])], o.shape), surely=True)
@@ -346,6 +356,58 @@ def _tensors(value: object) -> list[torch.Tensor]:
     if isinstance(value, (list, tuple)):
         return [t for item in value for t in _tensors(item)]
     return []
+
+
+def _place(shape: tuple[int, ...], geometry: torch.Tensor, grouped: bool
+           ) -> tuple[tuple[int, ...], tuple[int, ...], torch.Tensor] | str:
+    """Where a weight operand ``[*batch, depth, width]`` (a view of a parameter of ``shape``) sits in it:
+    (the parameter axes its output features run along, over the batch too unless ``grouped``; the axes
+    it does not contract; ``[batch, width]`` feature indices along the former, row-major), or what the
+    trace cannot read. The contracted axes must be apart from the feature axes: then every entry of the
+    view is (feature position) + (depth position) in the parameter, exactly."""
+    *batch, depth, width = geometry.shape
+    strides = geometry.stride()
+    flat = np.full((1, 1), geometry.storage_offset(), dtype=np.int64)
+    for size, stride in ([] if grouped else list(zip(batch, strides[:-2]))):
+        flat = (flat[:, None] + np.arange(size)[None, :, None] * stride).reshape(-1, 1)
+    flat = flat + np.arange(width)[None, :] * strides[-1]
+    contiguous = [math.prod(shape[a + 1 :]) for a in range(len(shape))]
+    try:
+        grid = np.stack(np.unravel_index(flat.reshape(-1), shape), axis=-1)               # [positions, ndim]
+        span = np.stack(np.unravel_index(geometry.storage_offset() + np.arange(depth) * strides[-2], shape), -1)
+    except ValueError:
+        return "enters its product with strides the trace cannot read"
+    moving = [a for a in range(len(shape)) if (grid[:, a] != grid[0, a]).any()]
+    contracted = ([a for a in range(len(shape)) if (span[:, a] != span[0, a]).any()] if depth > 1 else
+                  [a for a in range(len(shape)) if contiguous[a] == strides[-2] and a not in moving][-1:])
+    if not contracted or set(contracted) & set(moving):
+        return "enters its product with strides the trace cannot read"
+    kept = tuple(a for a in range(len(shape)) if a not in contracted)
+    axes = tuple(moving) or kept
+    index = np.ravel_multi_index(tuple(grid[:, list(axes)].T), tuple(shape[a] for a in axes))
+    return axes, kept, torch.from_numpy(index.reshape(flat.shape))
+
+
+def _pick(name: str, geometry: torch.Tensor, args) -> torch.Tensor | None:
+    """The geometry of ``parameter[index]`` (``index_select`` along dim 0): entry 0 of its first axis,
+    repeated (the experts picked are data: any one of them has the same rows and columns), or None
+    when the index is not one integer tensor along the first axis."""
+    index = (args[1][0] if len(args[1]) == 1 else None) if name == "index" else (args[2] if args[1] == 0 else None)
+    if not isinstance(index, torch.Tensor) or index.dtype in (torch.bool, torch.uint8) or geometry.ndim < 2:
+        return None
+    picked = geometry.select(0, 0)
+    return picked.reshape((1,) * index.ndim + tuple(picked.shape)).expand(*index.shape, *picked.shape)
+
+
+def _meta_grouped_mm(func, args, kwargs) -> torch.Tensor | None:
+    """The output of ``_grouped_mm`` (``[tokens, in] x [experts, in, out]``) on the meta device, whose
+    kernel there refuses every dtype but bfloat16 (only shapes matter here); None for anything else."""
+    if func.overloadpacket.__name__ != "_grouped_mm" or len(args) < 2:
+        return None
+    a, b = args[:2]
+    if not (a.is_meta and b.is_meta and a.ndim == 2 and b.ndim == 3):
+        return None
+    return torch.empty(a.shape[0], b.shape[-1], dtype=kwargs.get("out_dtype") or a.dtype, device="meta")
 
 
 def _per_batch(tags: torch.Tensor) -> torch.Tensor:

@@ -8,18 +8,26 @@ Rules, following the Adam-mini paper's partition (v1.1):
   channel; HF ``Conv1D`` (weight stored ``[in, out]``): one per output neuron (column); any other
   2-D parameter the traced forward uses as a linear map (a mixture-of-experts router, a raw weight):
   one per output neuron;
+- a tensor of experts (``[experts, out, in]``, 3-D or more, used by the traced forward as one matrix
+  per expert: picked, batched or grouped): one block per (expert, output row), a group along the
+  merged axes it does not contract (``"axis": [0, 1]``); where those axes are not neighbours
+  (``[experts, in, out]``: the contracted axis between them, which the partition format cannot
+  merge) one block per expert, with a warning;
 - query and key projections: one block per head (key heads counted by the key/value heads, so
   grouped- and multi-query attention get fewer, shared key blocks); the value rows of fused
   projections one per output neuron. Where the heads are is read from one forward pass traced on
   the meta device (:mod:`.trace`): which output rows of which weight reach the attention-score
   product in which head, through whatever views, splits, fused or interleaved packings the model
   uses. Fused layouts become run-length groups;
-- norm layers (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, batch/instance norms, the bundled models'
-  ``LayerNorm`` and the RMS norms of the Hugging Face architectures below): the scale is one block;
-- biases of all the above, and parameters the trace sees added to a projection's output: one block
-  per element (plain Adam, as the reference implementation);
-- any other parameter: one block for the whole tensor (the PyTorch default). A 3-D expert tensor
-  (mixture-of-experts) falls here for now: its rule would come from :func:`_structural_spec`.
+- norm layers: the scale is one block, the bias one block per element. Found by type (``LayerNorm``,
+  ``RMSNorm``, ``GroupNorm``, batch/instance norms, the bundled models' ``LayerNorm`` and the RMS norms
+  of the Hugging Face architectures below) and, for any other family, by structure in the traced
+  forward (:mod:`.norms`: a parameter multiplying activations divided by their root mean square or
+  standard deviation, or passed to a fused normalisation);
+- biases of all the above, and parameters the trace sees added to a projection's output (an expert's
+  bias picked by the routing too): one block per element (plain Adam, as the reference implementation);
+- any other parameter: one block for the whole tensor (the PyTorch default); one of three or more axes
+  that the traced forward multiplies in a way it cannot read warns (it keeps one block).
 
 An :class:`AttentionLayout` registered for an attention module type (:func:`register_attention`)
 overrides the trace for that type: it says which child holds which projection and which attributes
@@ -54,7 +62,8 @@ from .layouts import (
 )
 from .trace import AttentionTrace, TracedProjection, trace_attention
 
-__all__ = ["NORM_TYPES", "AttentionLayout", "default_partition", "default_rules", "is_norm", "register_attention"]
+__all__ = ["NORM_TYPES", "AttentionLayout", "default_partition", "default_rules", "is_norm", "no_decay_parameters",
+           "register_attention"]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
@@ -80,14 +89,27 @@ LOADED_NORM_TYPES: tuple[str, ...] = (
     "transformers.models.cohere.modeling_cohere.CohereLayerNorm",
     "transformers.models.granite.modeling_granite.GraniteRMSNorm",
 )
+# Attributes that tell a module knows an expert count (only used to warn about experts an untraced forward hides).
+EXPERT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 # Attributes that tell a module knows about heads (only used to warn about unregistered attention).
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "head_dim",
                    "head_size")
 
 
 def is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalisation layer (by type)."""
+    """Whether ``module`` is a normalisation layer by type (:func:`no_decay_parameters` also reads the forward)."""
     return isinstance(module, NORM_TYPES + loaded_types(LOADED_NORM_TYPES))
+
+
+def no_decay_parameters(model: nn.Module, inputs: object = None) -> set[str]:
+    """Names of ``model``'s parameters that get no weight decay in the papers: those of normalisation layers
+    (by type, :func:`is_norm`, and by structure in the traced forward: scales and biases of normalised
+    activations, whatever their class) and biases added to a projection's output (traced: a 2-D bias of
+    one row per expert too). Parameters with fewer than two axes are the caller's to add."""
+    traced = trace_attention(model, inputs)
+    by_type = {id(p) for module in model.modules() if is_norm(module) for p in module.parameters(recurse=False)}
+    return ({name for name, p in model.named_parameters() if id(p) in by_type}
+            | traced.norms | traced.norm_biases | traced.biases)
 
 
 def default_rules(model: nn.Module, n_heads: int | None = None, inputs: object = None) -> dict[str, Rule]:
@@ -110,12 +132,16 @@ def default_rules(model: nn.Module, n_heads: int | None = None, inputs: object =
                 specs.setdefault(id(param), spec)  # a tied parameter: the first owner whose type has a rule
     params = dict(model.named_parameters())
     traced = trace_attention(model, inputs)
+    for name in traced.norms:
+        specs.setdefault(id(params[name]), {"split": "whole", "why": "scale of a normalisation (traced: multiplies "
+                                                                      "normalised activations), one block"})
+    for name in traced.norm_biases:
+        specs.setdefault(id(params[name]), {"split": "elements", "why": "bias of a normalisation (traced): plain Adam"})
     for name in traced.biases:
         specs.setdefault(id(params[name]), {"split": "elements", "why": "added to a projection's output (traced): "
                                                                          "a bias, plain Adam"})
-    for name, axis in traced.linear_maps.items():
-        specs.setdefault(id(params[name]), {"split": "groups", "axis": axis, "size": 1,
-                                            "why": "a linear map in the traced forward: one block per output neuron"})
+    for name, axes in traced.linear_maps.items():
+        specs.setdefault(id(params[name]), _linear_spec(axes, tuple(params[name].shape)))
     for name, projection in traced.projections.items():
         specs[id(params[name])] = _traced_spec(projection, n_heads)
     layouts = registered_layouts()
@@ -131,6 +157,7 @@ def default_rules(model: nn.Module, n_heads: int | None = None, inputs: object =
     for module_type, paths in unplaced.items():
         _warn_unplaced(module_type, paths, traced.failure)
     _warn_problems(model, traced)
+    _warn_experts(model, traced, specs)
     rules = {}
     for name, param in params.items():
         fallback = {"split": "whole", "why": f"parameter of {owners[id(param)]}: no structural rule, one block"}
@@ -178,7 +205,23 @@ def _biases(module: nn.Module) -> list[torch.Tensor]:
     return []
 
 
-# ----------------------------------------------------------------------------- attention heads
+# ----------------------------------------------------------------------------- traced linear maps
+
+
+def _linear_spec(kept: int | tuple[int, ...], shape: tuple[int, ...]) -> RuleSpec:
+    """The rule of a weight the traced forward uses as a linear map, from the axes it does not contract:
+    one block per output neuron (a 2-D weight), per (expert, output row) (a tensor of experts)."""
+    if isinstance(kept, int):
+        return {"split": "groups", "axis": kept, "size": 1,
+                "why": "a linear map in the traced forward: one block per output neuron"}
+    contracted = [a for a in range(len(shape)) if a not in kept]
+    if all(b == a + 1 for a, b in zip(kept, kept[1:])):
+        return {"split": "groups", "axis": kept if len(kept) > 1 else kept[0], "size": 1,
+                "why": f"experts in one tensor (traced: one matrix per expert, contracted along axis "
+                       f"{'/'.join(map(str, contracted))}): one block per (expert, output row)"}
+    return {"split": "groups", "axis": kept[0], "size": 1,
+            "why": f"experts in one tensor (traced: contracted along axis {'/'.join(map(str, contracted))}, between "
+                   f"the axes {list(kept)} it keeps, which the partition format cannot merge): one block per expert"}
 
 
 # ----------------------------------------------------------------------------- traced heads
@@ -216,6 +259,41 @@ def _packing(roles: list[str]) -> str:
             return f"({'|'.join(roles[:unit])}) x {len(roles) // unit}" if unit > 1 else \
                 f"{roles[0]} x {len(roles)}"
     return "|".join(roles)
+
+
+def _warn_experts(model: nn.Module, traced: AttentionTrace, specs: dict[int, RuleSpec]) -> None:
+    """One warning for the tensors of three or more axes whose products the trace could not read, one for
+    those whose experts' output rows are not a run of neighbouring axes (one block per expert), and, when
+    the forward could not be traced, one for those of a module that knows an expert count."""
+    unread, apart, untraced = [], [], []
+    for path, module in model.named_modules():
+        for local, param in module.named_parameters(recurse=False):
+            name = f"{path}.{local}" if path else local
+            if param.ndim < 3 or id(param) in specs and name not in traced.linear_maps:
+                continue
+            where = f"'{name}' {list(param.shape)} ({type(module).__name__})"
+            kept = traced.linear_maps.get(name)
+            if name in traced.unplaced:
+                unread.append(f"{where} {traced.unplaced[name].replace(repr(name) + ' ', '')}")
+            elif isinstance(kept, tuple) and any(b != a + 1 for a, b in zip(kept, kept[1:])):
+                apart.append(f"{where}: its products keep axes {list(kept)}")
+            elif traced.failure and any(read_count(module, a) in param.shape for a in EXPERT_ATTRIBUTES):
+                untraced.append(where)
+    fix = ("write its rule in a partition file (docs/partition-format.md), e.g. {\"split\": \"groups\", "
+           "\"axis\": [0, 1], \"size\": 1} for [experts, out, in]")
+    if unread:
+        warnings.warn(f"the traced forward cannot tell the output axis of {'; '.join(unread)}: one block for the "
+                      f"whole tensor, not one per (expert, output row); {fix}", stacklevel=3)
+    if apart:
+        warnings.warn(f"experts stored with their contracted axis between the axes of (expert, output row): "
+                      f"{'; '.join(apart)}. The partition format merges neighbouring axes only, so each gets one "
+                      "block per expert (per index of its first kept axis), not one per (expert, output row); for "
+                      "the paper's blocks store the experts [experts, out, in], or write 'elements' (plain Adam) "
+                      "for them in a partition file", stacklevel=3)
+    if untraced:
+        warnings.warn(f"the model's forward could not be traced ({traced.failure}): the experts {', '.join(untraced)} "
+                      f"keep one block for the whole tensor; pass an example batch (default_partition(model, "
+                      f"inputs=...)) or {fix}", stacklevel=3)
 
 
 def _placed_by_trace(module: nn.Module, path: str, traced: AttentionTrace) -> bool:

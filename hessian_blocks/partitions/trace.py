@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
 from .follow import RowFollower
+from .norms import NormFinder
 
 __all__ = ["AttentionTrace", "RowSpan", "TracedAttention", "TracedProjection", "trace_attention"]
 
@@ -57,10 +58,10 @@ class TracedAttention:
 
 @dataclass(frozen=True)
 class TracedProjection:
-    """The output rows of one weight (along ``axis``) that feed an attention, by role and head."""
+    """The output rows of one weight (along ``axis``, or merged axes) that feed an attention, by role and head."""
 
     param: str
-    axis: int
+    axis: int | tuple[int, ...]
     attention: TracedAttention
     spans: tuple[RowSpan, ...]
 
@@ -74,15 +75,24 @@ class TracedProjection:
 class AttentionTrace:
     """What one traced forward says about the model's attention heads.
 
-    ``projections`` by parameter name; ``linear_maps``: every 2-D parameter the forward used as a
-    linear map (a projection, an MLP or router weight), with its output axis; ``biases``: 1-D
-    parameters added to a projection's output (one block per element); ``problems``: (module path,
-    what was not understood); ``failure``: why the forward could not run (``None`` when it ran)."""
+    ``projections`` by parameter name; ``linear_maps``: every parameter the forward used as a linear
+    map (a projection, an MLP or router weight, a tensor of experts), with the axes its products do not
+    contract: the output axis of a 2-D weight (an int), the expert and output axes of a tensor of
+    experts (a tuple: ``(0, 1)`` for ``[experts, out, in]``, ``(0, 2)`` for ``[experts, in, out]``);
+    ``unplaced``: parameters of three or more axes that entered a product the trace could not read
+    (what went wrong); ``biases``: parameters added to a projection's output (one block per element:
+    1-D, or one row per expert picked by the routing); ``problems``: (module path, what was not
+    understood about an attention); ``norms`` / ``norm_biases``: parameters that scale / shift
+    normalised activations (:mod:`.norms`); ``failure``: why the forward could not run (``None`` when it
+    ran)."""
 
     projections: dict[str, TracedProjection] = field(default_factory=dict)
-    linear_maps: dict[str, int] = field(default_factory=dict)
+    linear_maps: dict[str, int | tuple[int, ...]] = field(default_factory=dict)
+    unplaced: dict[str, str] = field(default_factory=dict)
     biases: frozenset[str] = frozenset()
     problems: tuple[tuple[str, str], ...] = ()
+    norms: frozenset[str] = frozenset()
+    norm_biases: frozenset[str] = frozenset()
     failure: str | None = None
 
 
@@ -108,7 +118,7 @@ def trace_attention(model: nn.Module, inputs: object = None) -> AttentionTrace:
         modes = {m: m.training for m in runner.modules()}
         runner.eval()
         try:
-            follower = _run(runner, prefix, example, on_meta=device == "meta")
+            follower, norms = _run(runner, prefix, example, on_meta=device == "meta")
         except Exception as err:  # noqa: BLE001 (any model error: the default partition falls back and says so)
             message = " ".join(str(err).split())
             where = "on the meta device" if device == "meta" else "on its own parameters"
@@ -120,25 +130,26 @@ def trace_attention(model: nn.Module, inputs: object = None) -> AttentionTrace:
         layers = {prefix + path for path, module in runner.named_modules()  # leaves with a weight (and bias)
                   if path and not next(module.children(), None)
                   and {name for name, _ in module.named_parameters(recurse=False)} <= {"weight", "bias"}}
-        return _read(follower, layers)
+        return replace(_read(follower, layers), norms=frozenset(norms.scales), norm_biases=frozenset(norms.biases))
     return AttentionTrace(failure="its forward failed " + ", then ".join(failures))
 
 
-def _run(runner: nn.Module, prefix: str, example: tuple[tuple, dict], on_meta: bool) -> RowFollower:
-    """One forward under the follower, without the modules' hooks (FSDP's all-gathers, a user's logging):
-    on meta copies of the parameters and buffers, or on the model's own."""
-    if not on_meta:
-        follower = RowFollower({id(t): (prefix + name, t) for name, t in runner.named_parameters()})
-        with torch.no_grad(), _without_hooks(runner), follower:
-            runner(*example[0], **example[1])
-        return follower
-    args, kwargs = tree_map(_to_meta, example)
-    tensors = {name: _to_meta(t) for name, t in runner.named_parameters()}
-    buffers = {name: _to_meta(t) for name, t in runner.named_buffers()}
+def _run(runner: nn.Module, prefix: str, example: tuple[tuple, dict], on_meta: bool
+         ) -> tuple[RowFollower, NormFinder]:
+    """One forward under the follower and the norm finder, without the modules' hooks (FSDP's all-gathers,
+    a user's logging): on meta copies of the parameters and buffers, or on the model's own."""
+    tensors = dict(runner.named_parameters()) if not on_meta else {
+        name: _to_meta(t) for name, t in runner.named_parameters()}
     follower = RowFollower({id(t): (prefix + name, t) for name, t in tensors.items()})
-    with torch.no_grad(), _without_hooks(runner), follower:
-        torch.func.functional_call(runner, tensors | buffers, args, kwargs, strict=False)
-    return follower
+    norms = NormFinder({id(t): prefix + name for name, t in tensors.items()})
+    with torch.no_grad(), _without_hooks(runner), follower, norms:
+        if not on_meta:
+            runner(*example[0], **example[1])
+        else:
+            args, kwargs = tree_map(_to_meta, example)
+            buffers = {name: _to_meta(t) for name, t in runner.named_buffers()}
+            torch.func.functional_call(runner, tensors | buffers, args, kwargs, strict=False)
+    return follower, norms
 
 
 _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
@@ -218,6 +229,7 @@ def _read(follower: RowFollower, layers: set[str]) -> AttentionTrace:
     values: dict[int, set[int]] = {}
     attention_of: dict[int, TracedAttention] = {}
     problems: list[tuple[str, str]] = []
+    in_attention: set[str] = set()  # weights whose lost rows reached an attention (its problems name them)
     for event in (e for e in follower.events if e.confirmed):
         sides = {"q": follower.row_sets(event.q), "k": follower.row_sets(event.k)}
         lost = {int(t) for sets in sides.values() for s in sets for t in s if t <= -2}
@@ -225,6 +237,7 @@ def _read(follower: RowFollower, layers: set[str]) -> AttentionTrace:
         for code in sorted(lost, reverse=True):  # in the order the losses happened
             param, what = follower.losses[-2 - code]
             problems.append((_attention_module([param], layers), f"'{param}' {what}"))
+            in_attention.add(param)
         if lost:
             continue
         per_source = {role: [follower.split(s) for s in sets] for role, sets in sides.items()}
@@ -247,13 +260,20 @@ def _read(follower: RowFollower, layers: set[str]) -> AttentionTrace:
     projections = {}
     for source, sets in heads.items():
         param, axis = follower.sources[source]
-        spans = _spans(follower.shapes[param][axis], sets, values.get(source, set()))
+        spans = _spans(follower.length(source), sets, values.get(source, set()))
         if isinstance(spans, str):
             problems.append((attention_of[source].module, f"'{param}' {spans}"))
             continue
         projections[param] = TracedProjection(param, axis, attention_of[source], spans)
-    linear_maps = {param: axis for param, axis in follower.linear_maps.items() if axis is not None}
-    return AttentionTrace(projections, linear_maps, frozenset(follower.biases), tuple(dict.fromkeys(problems)))
+    linear_maps = {param: axes[0] if len(follower.shapes[param]) == 2 else axes
+                   for param, axes in follower.linear_maps.items() if axes is not None}
+    unplaced = {param: "enters products that contract different axes" for param, axes in
+                follower.linear_maps.items() if axes is None and len(follower.shapes[param]) > 2}
+    for param, what in follower.losses:
+        if len(follower.shapes[param]) > 2 and param not in linear_maps and param not in in_attention:
+            unplaced.setdefault(param, what)
+    return AttentionTrace(projections, linear_maps, unplaced, frozenset(follower.biases),
+                          tuple(dict.fromkeys(problems)))
 
 
 def _spans(length: int, sets: dict[frozenset, str], values: set[int]) -> tuple[RowSpan, ...] | str:
