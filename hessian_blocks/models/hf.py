@@ -10,18 +10,20 @@ its defaults, overridden by keyword (``--set FIELD=VALUE`` on the command line).
 errors (a config would keep a misspelt one silently). ``context`` is not a config field: it is the
 tokens per sample of the data (default: :data:`DEFAULT_CONTEXT`, at most the model's positions).
 
-Every model is built with eager attention (``attn_implementation="eager"``: fused attention
-kernels have no second derivative; the engine also forces ``scaled_dot_product_attention`` onto its
-math backend) and without a key/value cache, seeded, in eval mode. Its task comes from the
-Transformers registries: a causal LM (next-token targets, task "text") or a masked LM (task
-"masked-text"); batches pass ``input_ids`` and ``attention_mask`` as keywords, and the loss is the
-models' own token cross-entropy (targets -100 ignored: unmasked tokens, padding) computed from
-``output.logits`` in the logits' dtype. (The Transformers loss functions cast logits to float32,
-which would make a float64 measurement float32-accurate.) Models larger than
-:data:`MAX_PARAMETERS` are refused before any weight is allocated: Transformers' default configs are
-the full-size models (a default Llama has 6.7 billion parameters); ``device="meta"`` builds any size
-(shapes only). A config that Transformers refuses is one ``ValueError`` naming the fields to change;
-special token ids of the family's defaults that fall outside a shrunk vocabulary move inside it.
+Every model is built with eager attention (``attn_implementation="eager"``: fused attention kernels
+have no second derivative; the engine also forces ``scaled_dot_product_attention`` onto its math
+backend), eager experts in a mixture of experts (``experts_implementation="eager"``: the grouped
+product Transformers prefers takes no float64 and has no second derivative) and without a key/value
+cache, seeded, in eval mode. Its task comes from the Transformers registries: a causal LM
+(next-token targets, task "text") or a masked LM (task "masked-text"); batches pass ``input_ids`` and
+``attention_mask`` as keywords, and the loss is the models' own token cross-entropy (targets -100
+ignored: unmasked tokens, padding) computed from ``output.logits`` in the logits' dtype. (The
+Transformers loss functions cast logits to float32, which would make a float64 measurement
+float32-accurate.) Models larger than :data:`MAX_PARAMETERS` are refused before any weight is
+allocated: Transformers' default configs are the full-size models (a default Llama has 6.7 billion
+parameters); ``device="meta"`` builds any size (shapes only). A config that Transformers refuses is
+one ``ValueError`` naming the fields to change; special token ids of the family's defaults that fall
+outside a shrunk vocabulary move inside it.
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ def build_hf_model(source: str, *, seed: int = 0, device: str | torch.device | N
 def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 0, context: int | None = None,
                      name: str | None = None, device: str | torch.device | None = None) -> ModelSpec:
     """A :class:`ModelSpec` of ``model_cls`` (default: the config's ``architectures[0]``) built from the
-    Transformers config object ``config``: seeded, eval mode, eager attention (unless the config names
-    another implementation; the engine then still runs SDPA on its math backend); refused above
+    Transformers config object ``config``: seeded, eval mode, eager attention and experts (unless the
+    config names another implementation; the engine then still runs SDPA on its math backend); refused above
     :data:`MAX_PARAMETERS`. ``context``: tokens per sample (default: :data:`DEFAULT_CONTEXT`, at most
     the model's ``max_position_embeddings``). ``device="meta"`` builds the parameters' shapes only (no
     memory, no values, any size): enough to map a partition measured on a smaller instance."""
@@ -114,6 +116,8 @@ def spec_from_config(config: Any, model_cls: type | None = None, *, seed: int = 
         raise ValueError(f"{label}: context {context} exceeds the model's {positions} positions "
                          f"(max_position_embeddings): use --set context={positions} or less")
     config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if hasattr(config, "_experts_implementation"):  # mixtures of experts: one matrix product per expert
+        config._experts_implementation = getattr(config, "_experts_implementation", None) or "eager"
     meta = device is not None and torch.device(device).type == "meta"
     if not meta:
         _check_size(model_cls, config, label)

@@ -78,8 +78,8 @@ class NormFinder(TorchDispatchMode):
             return
         kinds = [self._kind(t) for t in tensors]
         pointwise = torch.Tag.pointwise in func.tags
-        if name in _REDUCTIONS and kinds == ["activation"] and out.ndim == tensors[0].ndim \
-                and out.numel() < tensors[0].numel():                      # mean(x^2, -1, keepdim=True)
+        if name in _REDUCTIONS and len(kinds) == 1 and kinds[0] not in ("parameter", "statistic") \
+                and out.ndim == tensors[0].ndim and out.numel() < tensors[0].numel():   # mean(x^2, -1, keepdim=True)
             self._mark(self.stats, out, name in _ROOTS)
         elif set(kinds) == {"statistic"} and pointwise:                    # + eps, rsqrt, clamp
             self._mark(self.stats, out, name in _ROOTS or any(self.stats[id(t)] for t in tensors))
@@ -111,7 +111,8 @@ class NormFinder(TorchDispatchMode):
 
     def _product(self, name: str, tensors: list[torch.Tensor], kinds: list[str], out: torch.Tensor) -> None:
         root = [k == "statistic" and self.stats[id(t)] for t, k in zip(tensors, kinds)]
-        if kinds.count("activation") == 1 and any(root) and (name == "mul" or root[1]):
+        moving = [k not in ("statistic", "parameter") for k in kinds]     # activations, normalised or not
+        if sum(moving) == 1 and any(root) and (name == "mul" or root[1]):
             self._mark(self.normalised, out)                                # x * rsqrt(...), x / sqrt(...)
         elif name == "mul" and "normalised" in kinds and "parameter" in kinds:
             self.scales.add(self.derived[id(tensors[kinds.index("parameter")])])

@@ -105,7 +105,8 @@ def trace_attention(model: nn.Module, inputs: object = None) -> AttentionTrace:
     on the meta device only its shapes and dtypes count). By default one is made up: Hugging Face
     models get the inputs their ``forward`` names (``input_ids``, ``pixel_values``,
     ``input_features``, decoder ids, encoder states for cross-attention) sized from their config;
-    other models a ``[1, 4]`` token batch when their first layer is an ``nn.Embedding``,
+    other models a ``[1, 4]`` token batch when their first layer (module without children that has
+    parameters) is an ``nn.Embedding``,
     ``[1, 4, in_features]`` when an ``nn.Linear``.
     """
     runner, prefix = (model._orig_mod, "_orig_mod.") if isinstance(getattr(model, "_orig_mod", None), nn.Module) \
@@ -188,7 +189,8 @@ def _example(model: nn.Module, device: torch.device | str) -> tuple[tuple, dict]
     config = getattr(model, "config", None)
     if config is not None and isinstance(getattr(type(model), "main_input_name", None), str):
         return (), _hf_example(model, config, device)
-    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    first = next((m for m in model.modules()  # the first layer: a module without children that has parameters
+                  if next(m.children(), None) is None and next(m.parameters(recurse=False), None) is not None), None)
     if isinstance(first, nn.Embedding):
         return (torch.zeros(1, SEQUENCE, dtype=torch.long, device=device),), {}
     if isinstance(first, nn.Linear):
