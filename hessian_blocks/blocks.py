@@ -31,7 +31,7 @@ import torch
 from .files import atomic_write_text
 
 __all__ = ["FORMAT", "SPLITS", "VERSION", "VERSIONS", "Axis", "Block", "Partition", "PartitionFileError", "Rule",
-           "layer_indices", "runs_of", "sample_layers", "select_blocks", "trainable_shapes"]
+           "layer_indices", "runs_of", "straddling", "sample_layers", "select_blocks", "trainable_shapes"]
 
 FORMAT = "hessian-blocks/partition"
 VERSION = 2            # the newest version this release writes: 2 only where a rule merges axes, else 1
@@ -179,24 +179,19 @@ class Rule:
 
     def _check_straddles(self, shape: Sequence[int], axes: tuple[int, ...], sizes: list[int]) -> None:
         """Refuse a group that holds part of one index of an outer merged axis and part of the next
-        (the last rows of one expert and the first of the next): each group lies inside one such
-        index or covers whole ones, at every level of the merge."""
-        edges = np.cumsum([0, *sizes])
-        for level in range(1, len(axes)):
-            unit = _numel([shape[a] for a in axes[level:]])  # slices per index of the axes before `level`
-            start, stop = edges[:-1], edges[1:]
-            inside = start // unit == (stop - 1) // unit
-            whole = (start % unit == 0) & (stop % unit == 0)
-            bad = np.flatnonzero(~(inside | whole))
-            if bad.size:
-                g = int(bad[0])
-                outer = " x ".join(str(shape[a]) for a in axes[:level])
-                raise ValueError(
-                    f"rule for '{self.param}': group {g} (merged indices {edges[g]}:{edges[g + 1]}) straddles a "
-                    f"boundary of the outer merged axes {list(axes[:level])} ({outer} indices of {unit} slices "
-                    f"each, shape {tuple(shape)}): a group must lie inside one index or cover whole ones; use a "
-                    f"group size that divides {unit} or is a multiple of it, or 'runs' that respect it"
-                )
+        (the last rows of one expert and the first of the next); see :func:`straddling`."""
+        units = tuple(_numel([shape[a] for a in axes[level:]]) for level in range(1, len(axes)))
+        found = straddling(sizes, units)
+        if found is not None:
+            g, level = found
+            edges = np.cumsum([0, *sizes])
+            outer = " x ".join(str(shape[a]) for a in axes[: level + 1])
+            raise ValueError(
+                f"rule for '{self.param}': group {g} (merged indices {edges[g]}:{edges[g + 1]}) straddles a "
+                f"boundary of the outer merged axes {list(axes[: level + 1])} ({outer} indices of {units[level]} "
+                f"slices each, shape {tuple(shape)}): a group must lie inside one index or cover whole ones; use a "
+                f"group size that divides {units[level]} or is a multiple of it, or 'runs' that respect it"
+            )
 
     def resolve(self, shape: Sequence[int]) -> list[Block]:
         """The blocks this rule makes of a parameter of ``shape``."""
@@ -243,6 +238,20 @@ class Rule:
         return cls(param=data["param"], split=data["split"], axis=data.get("axis"), size=data.get("size"),
                    runs=data.get("runs"), why=data.get("why"))
 
+
+
+def straddling(sizes: Sequence[int], units: Sequence[int]) -> tuple[int, int] | None:
+    """The first group of ``sizes`` (along a merged run of axes) that straddles an index of the outer
+    axes, as (group, level), or None. ``units[level]`` is the number of slices per index of the merged
+    axes before ``level + 1`` (for ``[0, 1]`` of ``[experts, rows, ...]``: ``(rows,)``); a group must lie
+    inside one such index or cover whole ones, at every level."""
+    edges = np.cumsum([0, *sizes])
+    start, stop = edges[:-1], edges[1:]
+    for level, unit in enumerate(units):
+        bad = np.flatnonzero(~((start // unit == (stop - 1) // unit) | ((start % unit == 0) & (stop % unit == 0))))
+        if bad.size:
+            return int(bad[0]), level
+    return None
 
 
 def runs_of(sizes: Iterable[int]) -> tuple[tuple[int, int], ...]:

@@ -173,12 +173,12 @@ def test_a_split_within_the_interval_of_the_threshold_is_not_settled():
 
 @pytest.mark.parametrize("method", ["dense", "probes"])
 def test_measurement_in_chunks_gives_the_same_coupling(method, monkeypatch):
-    from hessian_blocks.partitions import coupling
+    from hessian_blocks.partitions import probes
 
     model = Planted()
     batches = [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
     whole = measure_coupling(model, planted_loss(model.matrices), batches, method=method, probes=2)
-    monkeypatch.setattr(coupling, "VECTOR_BUDGET", 1)  # one probe vector per chunk
+    monkeypatch.setattr(probes, "VECTOR_BUDGET", 1)  # one probe vector per chunk
     chunked = measure_coupling(model, planted_loss(model.matrices), batches, method=method, probes=2)
     for name in whole:
         for axis in whole[name].axes:

@@ -8,8 +8,10 @@ Frobenius masses
     C_ij = ||H_ij||_F^2.
 
 A Hessian that is block-diagonal along the axis (one block per head, per neuron, per token) has
-C zero outside the diagonal blocks. :func:`measure_coupling` measures C for every axis of every
-selected tensor with exact Hessian-vector products of one :class:`~hessian_blocks.hvp.BlockHessian`
+C zero outside the diagonal blocks. An *axis* is one tensor axis or, for a 3-D tensor, its first
+two axes merged (row-major: one slice per (expert, row) of ``[experts, rows, columns]``;
+:func:`measured_axes`). :func:`measure_coupling` measures C for every axis of every selected tensor
+with exact Hessian-vector products (the jobs of :mod:`.probes`) of one :class:`~hessian_blocks.hvp.BlockHessian`
 holding every selected tensor as one block (one parameter copy, one graph per batch and chunk;
 the product is block-diagonal, so a vector carries the probes of many tensors at once and each
 tensor only sees its own part, H_WW v_W):
@@ -47,7 +49,7 @@ not yet settled get more probes, round after round, up to ``max_probes`` per sli
 from __future__ import annotations
 
 import json
-import zlib
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -56,12 +58,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..blocks import Rule
+from ..blocks import Axis, Rule
 from ..choices import DENSE_MAX, MAX_SLICES, METHODS
 from ..hvp import BlockHessian
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
-VECTOR_BUDGET = 1 << 24  # entries of one chunk of probe vectors ([vectors, selected coordinates])
 STRIDES = (2, 4, 8)      # sampling strides: head sizes, fused runs and stacked parts are multiples of 8
 
 
@@ -70,8 +71,9 @@ class TensorCoupling:
     """Measured slice couplings of one parameter tensor.
 
     ``axes[a]`` holds rows of the [n_a, n_a] matrix C of squared Frobenius masses between slices
-    along axis ``a`` (only axes longer than 1): the rows of the measured slices ``slices[a]``
-    against every slice ([sampled, n_a]; every row, the square C, when the axis is not sampled).
+    along axis ``a`` (only axes longer than 1; a tuple: a merged run, see :func:`measured_axes`): the
+    rows of the measured slices ``slices[a]`` against every slice ([sampled, n_a]; every row, the
+    square C, when the axis is not sampled).
     Exact for ``method == "dense"``, else the mean of the per-probe estimates ``samples[a]``
     ([probes, sampled, n_a], symmetric between measured slices). ``strides[a]`` is the sampling
     stride (absent: every slice measured). ``hessian`` is the dense within-tensor Hessian [numel,
@@ -83,12 +85,12 @@ class TensorCoupling:
     param: str
     shape: tuple[int, ...]
     method: str
-    axes: dict[int, np.ndarray]
+    axes: dict[Axis, np.ndarray]
     products: int
     hessian: np.ndarray | None = None
-    samples: dict[int, np.ndarray] = field(default_factory=dict)
-    slices: dict[int, np.ndarray] = field(default_factory=dict)
-    strides: dict[int, int] = field(default_factory=dict)
+    samples: dict[Axis, np.ndarray] = field(default_factory=dict)
+    slices: dict[Axis, np.ndarray] = field(default_factory=dict)
+    strides: dict[Axis, int] = field(default_factory=dict)
     resampled: bool = False
 
     @property
@@ -96,29 +98,34 @@ class TensorCoupling:
         """Probes per slice behind the estimate (0: measured densely, exact)."""
         return next((len(s) for s in self.samples.values()), 0)
 
-    def measured(self, axis: int) -> np.ndarray:
-        """Indices of the slices measured along ``axis`` (the rows of ``axes[axis]``)."""
-        return self.slices.get(axis, np.arange(self.shape[axis]))
+    def length(self, axis: Axis) -> int:
+        """Number of slices along ``axis`` (a merged run: the product of its axes' lengths)."""
+        view, at = merged_view(self.shape, axis)
+        return view[at]
 
-    def stride(self, axis: int) -> int:
+    def measured(self, axis: Axis) -> np.ndarray:
+        """Indices of the slices measured along ``axis`` (the rows of ``axes[axis]``)."""
+        return self.slices.get(axis, np.arange(self.length(axis)))
+
+    def stride(self, axis: Axis) -> int:
         """Sampling stride along ``axis`` (1: every slice measured)."""
         return self.strides.get(axis, 1)
 
-    def regular(self, axis: int) -> np.ndarray:
+    def regular(self, axis: Axis) -> np.ndarray:
         """Every ``stride(axis)``-th slice: the sample a sampled axis is decided on (every slice if not sampled)."""
-        return np.arange(0, self.shape[axis], self.stride(axis))
+        return np.arange(0, self.length(axis), self.stride(axis))
 
-    def rows(self, axis: int, slices: np.ndarray, matrix: np.ndarray | None = None) -> np.ndarray:
+    def rows(self, axis: Axis, slices: np.ndarray, matrix: np.ndarray | None = None) -> np.ndarray:
         """[len(slices), n]: C between the given measured slices and every slice (of ``matrix``,
         default ``axes[axis]``)."""
         matrix = self.axes[axis] if matrix is None else matrix
         return matrix[np.searchsorted(self.measured(axis), slices)]
 
-    def principal(self, axis: int, slices: np.ndarray, matrix: np.ndarray | None = None) -> np.ndarray:
+    def principal(self, axis: Axis, slices: np.ndarray, matrix: np.ndarray | None = None) -> np.ndarray:
         """[len(slices), len(slices)]: C between the given measured slices."""
         return self.rows(axis, slices, matrix)[:, slices]
 
-    def standard_error(self, axis: int) -> np.ndarray:
+    def standard_error(self, axis: Axis) -> np.ndarray:
         """Standard error of ``axes[axis]``: sqrt(sample variance / probes); zeros when exact."""
         samples = self.samples.get(axis)
         if samples is None or len(samples) < 2:
@@ -132,6 +139,28 @@ class TensorCoupling:
         count = self.probes
         return [replace(self, axes={a: (s.sum(0) - s[k]) / (count - 1) for a, s in self.samples.items()}, samples={})
                 for k in range(count)]
+
+
+def measured_axes(shape: Sequence[int]) -> list[Axis]:
+    """The axes measured on a tensor of ``shape``: every axis longer than 1, and for a 3-D tensor whose first
+    two axes are both longer than 1 those two merged, ``(0, 1)`` (one slice per (expert, row) of
+    ``[experts, rows, columns]``: the rule ``"axis": [0, 1]``)."""
+    axes: list[Axis] = [axis for axis, n in enumerate(shape) if n > 1]
+    return axes
+
+
+def merged_view(shape: Sequence[int], axis: Axis) -> tuple[tuple[int, ...], int]:
+    """``shape`` with a merged run of axes as one axis (row-major), and that axis' position; one axis: as it is."""
+    shape = tuple(int(n) for n in shape)
+    if isinstance(axis, int):
+        return shape, axis
+    first, last = axis[0], axis[-1]
+    return shape[:first] + (math.prod(shape[first : last + 1]),) + shape[last + 1 :], first
+
+
+def axis_order(axis: Axis) -> tuple[int, ...]:
+    """Sort key of axes: 0, (0, 1), 1, 2 (one axis before the runs it starts)."""
+    return (axis,) if isinstance(axis, int) else tuple(axis)
 
 
 def sampled_slices(n: int, max_slices: int = MAX_SLICES) -> tuple[np.ndarray, int]:
@@ -216,20 +245,22 @@ def measure_coupling(
     blocks = [Rule(name, "whole").resolve(shapes[name])[0] for name in names]
     hessian = BlockHessian(model, loss_fn, batches, blocks, dtype=dtype, device=device, strategy=strategy)
 
-    def first_round(name: str, limit: int) -> _DenseJob | _ProbeJob:
+    from .probes import DenseJob, ProbeJob, run_jobs  # (the jobs build this module's TensorCoupling)
+
+    def first_round(name: str, limit: int) -> DenseJob | ProbeJob:
         chosen, _ = _plan(shapes[name], method, probes, dense_max, limit)
-        sampling = {axis: sampled_slices(n, limit) for axis, n in enumerate(shapes[name]) if n > 1}
+        sampling = {axis: sampled_slices(_length(shapes[name], axis), limit) for axis in measured_axes(shapes[name])}
         if chosen == "dense":
-            return _DenseJob(name, shapes[name], sampling if len(shapes[name]) == 1 else {})
-        return _ProbeJob(name, shapes[name], probes, seed, 0, sampling)
+            return DenseJob(name, shapes[name], sampling if len(shapes[name]) == 1 else {})
+        return ProbeJob(name, shapes[name], probes, seed, 0, sampling)
 
     jobs = [first_round(name, max_slices) for name in names]
-    _run(hessian, jobs, progress)
+    run_jobs(hessian, jobs, progress)
     results = {job.name: job.result() for job in jobs}
     again = [name for name in names if results[name].strides and resample is not None and resample(results[name])]
     if again:
         jobs = [first_round(name, 0) for name in again]
-        _run(hessian, jobs, progress)
+        run_jobs(hessian, jobs, progress)
         for job in jobs:
             again = job.result()
             results[job.name] = replace(again, resampled=True, products=results[job.name].products + again.products)
@@ -238,11 +269,11 @@ def measure_coupling(
                 and refine is not None and refine(results[name])]
         if not more:
             break
-        jobs = [_ProbeJob(name, shapes[name], min(results[name].probes, max_probes - results[name].probes),
+        jobs = [ProbeJob(name, shapes[name], min(results[name].probes, max_probes - results[name].probes),
                           seed, round_, {axis: (results[name].measured(axis), results[name].stride(axis))
                                          for axis in results[name].axes})
                 for name in more]
-        _run(hessian, jobs, progress)
+        run_jobs(hessian, jobs, progress)
         for job in jobs:
             results[job.name] = job.merged(results[job.name])
     return results
@@ -270,13 +301,14 @@ def save_couplings(couplings: dict[str, TensorCoupling], path: str | Path, setti
     stored with them, so :func:`load_couplings` can refuse a file measured in another way.
     """
     tensors = [{"param": c.param, "shape": list(c.shape), "method": c.method, "products": c.products,
-                "axes": sorted(c.axes), "strides": {str(a): s for a, s in c.strides.items()},
-                "resampled": c.resampled} for c in couplings.values()]
+                "axes": [a if isinstance(a, int) else list(a) for a in sorted(c.axes, key=axis_order)],
+                "strides": {_text(a): s for a, s in c.strides.items()}, "resampled": c.resampled}
+               for c in couplings.values()]
     header = json.dumps({"format": "hessian-blocks/couplings", "settings": settings or {}, "tensors": tensors})
-    arrays = {f"t{i}_axis{axis}": c.axes[axis] for i, c in enumerate(couplings.values()) for axis in c.axes}
-    arrays.update({f"t{i}_axis{axis}_samples": s
+    arrays = {f"t{i}_axis{_text(axis)}": c.axes[axis] for i, c in enumerate(couplings.values()) for axis in c.axes}
+    arrays.update({f"t{i}_axis{_text(axis)}_samples": s
                    for i, c in enumerate(couplings.values()) for axis, s in c.samples.items()})
-    arrays.update({f"t{i}_axis{axis}_slices": s
+    arrays.update({f"t{i}_axis{_text(axis)}_slices": s
                    for i, c in enumerate(couplings.values()) for axis, s in c.slices.items()})
     np.savez_compressed(path, header=np.array(header), **arrays)
 
@@ -298,24 +330,37 @@ def load_couplings(path: str | Path, settings: dict | None = None) -> dict[str, 
                 changes = ", ".join(f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in differ)
                 raise ValueError(f"{path} was measured with other settings ({changes}); "
                                  f"delete it or give another path to measure again")
-        return {
-            entry["param"]: TensorCoupling(
-                entry["param"], tuple(entry["shape"]), entry["method"],
-                {axis: data[f"t{i}_axis{axis}"] for axis in entry["axes"]}, entry["products"],
-                samples={axis: data[f"t{i}_axis{axis}_samples"]
-                         for axis in entry["axes"] if f"t{i}_axis{axis}_samples" in data},
-                slices={axis: data[f"t{i}_axis{axis}_slices"]
-                        for axis in entry["axes"] if f"t{i}_axis{axis}_slices" in data},
-                strides={int(a): s for a, s in entry.get("strides", {}).items()},
+        out = {}
+        for i, entry in enumerate(header["tensors"]):
+            axes = [a if isinstance(a, int) else tuple(a) for a in entry["axes"]]
+            arrays = {kind: {a: data[f"t{i}_axis{_text(a)}{kind}"] for a in axes
+                             if f"t{i}_axis{_text(a)}{kind}" in data} for kind in ("", "_samples", "_slices")}
+            out[entry["param"]] = TensorCoupling(
+                entry["param"], tuple(entry["shape"]), entry["method"], arrays[""], entry["products"],
+                samples=arrays["_samples"], slices=arrays["_slices"],
+                strides={_parse(a): s for a, s in entry.get("strides", {}).items()},
                 resampled=entry.get("resampled", False))
-            for i, entry in enumerate(header["tensors"])
-        }
+        return out
+
+
+def _length(shape: Sequence[int], axis: Axis) -> int:
+    view, at = merged_view(shape, axis)
+    return view[at]
+
+
+def _text(axis: Axis) -> str:
+    """An axis in a couplings file's array names: ``0``, or ``0-1`` for a merged run."""
+    return str(axis) if isinstance(axis, int) else "-".join(map(str, axis))
+
+
+def _parse(text: str) -> Axis:
+    return int(text) if "-" not in text else tuple(int(a) for a in text.split("-"))
 
 
 def _plan(shape: tuple[int, ...], method: str, probes: int, dense_max: int, max_slices: int) -> tuple[str, int]:
     """(method, products of the first round) for a tensor of ``shape``."""
     numel = int(np.prod(shape))
-    sampled = [len(sampled_slices(n, max_slices)[0]) for n in shape if n > 1]
+    sampled = [len(sampled_slices(_length(shape, axis), max_slices)[0]) for axis in measured_axes(shape)]
     probe_cost = probes * sum(sampled)
     dense_cost = sampled[0] if len(shape) == 1 and sampled else numel  # 1-D: one unit vector per measured entry
     if method == "auto":
@@ -323,119 +368,5 @@ def _plan(shape: tuple[int, ...], method: str, probes: int, dense_max: int, max_
     return method, dense_cost if method == "dense" else probe_cost
 
 
-def _symmetric_between_measured(rows: np.ndarray, measured: np.ndarray) -> np.ndarray:
-    """``rows`` ([..., sampled, n]) with the block between measured slices symmetrised (H is symmetric)."""
-    rows = rows.copy()
-    block = rows[..., measured]
-    rows[..., measured] = (block + np.swapaxes(block, -1, -2)) / 2
-    return rows
-
-
-class _DenseJob:
-    """Unit vectors of one tensor (of the measured entries of a sampled 1-D tensor); their products
-    are columns of its Hessian."""
-
-    def __init__(self, name: str, shape: tuple[int, ...], sampling: dict[int, tuple[np.ndarray, int]]):
-        self.name, self.shape = name, shape
-        self.numel = int(np.prod(shape))
-        self.sampling = {axis: chosen for axis, chosen in sampling.items() if chosen[1] > 1}
-        self.entries = self.sampling[0][0] if self.sampling else np.arange(self.numel)
-        self.count = len(self.entries)
-        self.matrix = np.empty((self.count, self.numel))
-
-    def vectors(self, start: int, stop: int) -> torch.Tensor:
-        unit = torch.zeros(stop - start, self.numel, dtype=torch.float64)
-        unit[torch.arange(stop - start), torch.as_tensor(self.entries[start:stop])] = 1.0
-        return unit
-
-    def take(self, start: int, stop: int, products: torch.Tensor) -> None:
-        self.matrix[start:stop] = products.numpy()
-
-    def result(self) -> TensorCoupling:
-        matrix = _symmetric_between_measured(self.matrix, self.entries)
-        if self.sampling:  # 1-D: the slices are the entries, C_ij = H_ij^2
-            return TensorCoupling(self.name, self.shape, "dense", {0: matrix ** 2}, self.count,
-                                  slices={0: self.entries}, strides={0: self.sampling[0][1]})
-        axes = {axis: slice_coupling(matrix, self.shape, axis) for axis, n in enumerate(self.shape) if n > 1}
-        return TensorCoupling(self.name, self.shape, "dense", axes, self.numel, matrix)
-
-
-class _ProbeJob:
-    """``probes`` Rademacher vectors per measured slice of every axis of one tensor, ordered (axis,
-    probe, slice)."""
-
-    def __init__(self, name: str, shape: tuple[int, ...], probes: int, seed: int, round_: int,
-                 sampling: dict[int, tuple[np.ndarray, int]]):
-        self.name, self.shape, self.probes = name, shape, probes
-        self.numel = int(np.prod(shape))
-        self.axes = [axis for axis, n in enumerate(shape) if n > 1]
-        self.measured = {axis: np.asarray(sampling[axis][0]) for axis in self.axes}
-        self.strides = {axis: sampling[axis][1] for axis in self.axes if sampling[axis][1] > 1}
-        self.offsets = np.cumsum([0] + [probes * len(self.measured[axis]) for axis in self.axes])
-        self.count = int(self.offsets[-1])
-        self.signs = {}
-        for axis in self.axes:  # each tensor's probes depend on the seed, its name, the axis and the round only
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
-                [seed, zlib.crc32(name.encode()), axis, round_]).generate_state(1)[0]))
-            signs = torch.randint(0, 2, (probes, *shape), generator=generator, dtype=torch.int8).double() * 2 - 1
-            self.signs[axis] = signs.movedim(axis + 1, 1)                               # [probes, n, rest...]
-        self.samples = {axis: np.zeros((probes, len(self.measured[axis]), shape[axis])) for axis in self.axes}
-
-    def _pieces(self, start: int, stop: int) -> Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray, int, int]]:
-        """(axis, probe ids, row ids, slice ids, from, to) of the jobs start:stop, one piece per axis."""
-        for k, axis in enumerate(self.axes):
-            lo, hi = max(start, self.offsets[k]), min(stop, self.offsets[k + 1])
-            if lo < hi:
-                probe, row = np.divmod(np.arange(lo, hi) - self.offsets[k], len(self.measured[axis]))
-                yield axis, probe, row, self.measured[axis][row], lo - start, hi - start
-
-    def vectors(self, start: int, stop: int) -> torch.Tensor:
-        out = torch.zeros(stop - start, self.numel, dtype=torch.float64)
-        for axis, probe, _, index, lo, hi in self._pieces(start, stop):
-            signs = self.signs[axis]
-            vectors = torch.zeros(hi - lo, *signs.shape[1:], dtype=torch.float64)         # [jobs, n, rest...]
-            rows = torch.arange(hi - lo)
-            vectors[rows, torch.as_tensor(index)] = signs[torch.as_tensor(probe), torch.as_tensor(index)]
-            out[lo:hi] = vectors.movedim(1, axis + 1).reshape(hi - lo, self.numel)
-        return out
-
-    def take(self, start: int, stop: int, products: torch.Tensor) -> None:
-        for axis, probe, row, _, lo, hi in self._pieces(start, stop):
-            n = self.shape[axis]
-            part = products[lo:hi].reshape(hi - lo, *self.shape).movedim(axis + 1, 1).reshape(hi - lo, n, -1)
-            self.samples[axis][probe, row] = part.pow(2).sum(-1).numpy()                # row i ~ ||H_ji||_F^2 over j
-
-    def result(self) -> TensorCoupling:
-        samples = {axis: _symmetric_between_measured(s, self.measured[axis]) for axis, s in self.samples.items()}
-        return TensorCoupling(self.name, self.shape, "probes", {a: s.mean(0) for a, s in samples.items()}, self.count,
-                              samples=samples, slices={a: self.measured[a] for a in self.strides},
-                              strides=dict(self.strides))
-
-    def merged(self, before: TensorCoupling) -> TensorCoupling:
-        """The earlier rounds' estimate with this round's probes added."""
-        new = self.result()
-        samples = {axis: np.concatenate([before.samples[axis], new.samples[axis]]) for axis in self.axes}
-        return replace(before, axes={a: s.mean(0) for a, s in samples.items()}, samples=samples,
-                       products=before.products + new.products)
-
-
-def _run(hessian: BlockHessian, jobs: list, progress: Callable[[int], None] | None) -> None:
-    """All jobs' products: row r of a chunk carries job r of every tensor, each in its own block."""
-    layout = hessian.layout
-    spans = {block.param: layout.block_range(b) for b, block in enumerate(layout.blocks)}
-    rows = max(1, VECTOR_BUDGET // layout.size)
-    for start in range(0, max(job.count for job in jobs), rows):
-        active = [job for job in jobs if job.count > start]
-        stop = min(start + rows, max(job.count for job in active))
-        vectors = torch.zeros(stop - start, layout.size, dtype=torch.float64)
-        for job in active:
-            vectors[: min(stop, job.count) - start, spans[job.name]] = job.vectors(start, min(stop, job.count))
-        products = hessian.block_matvec(vectors.to(hessian.device, hessian.dtype)).double().cpu()
-        for job in active:
-            job.take(start, min(stop, job.count), products[: min(stop, job.count) - start, spans[job.name]])
-        if progress is not None:
-            progress(sum(min(stop, job.count) - start for job in active))
-
-
-__all__ = ["DENSE_MAX", "MAX_SLICES", "METHODS", "TensorCoupling", "load_couplings", "measure_coupling",
-           "planned_products", "sampled_slices", "save_couplings", "slice_coupling"]
+__all__ = ["DENSE_MAX", "MAX_SLICES", "METHODS", "TensorCoupling", "axis_order", "load_couplings", "measure_coupling",
+           "measured_axes", "merged_view", "planned_products", "sampled_slices", "save_couplings", "slice_coupling"]

@@ -45,7 +45,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-from ..blocks import Rule, runs_of
+from ..blocks import Axis, Rule, runs_of
 from ..choices import (
     DEFAULT_CONTRAST,
     DEFAULT_MASS_THRESHOLD,
@@ -55,7 +55,7 @@ from ..choices import (
 )
 from . import render
 from .candidates import Candidate, Family, candidates
-from .coupling import TensorCoupling
+from .coupling import TensorCoupling, axis_order
 from .evidence import AxisEvidence, SliceCoupling, cross_coupling, off_block_mass, ratios
 
 __all__ = ["AxisErrors", "AxisGrouping", "Confidence", "Decision", "DecisionSettings", "Reason", "StackedParts",
@@ -111,7 +111,7 @@ class StackedParts:
 class AxisGrouping:
     """The grouping of one axis and its evidence.
 
-    ``axes``: the tensor axes the slices run along (one; see :class:`AxisEvidence`); ``sizes``: group
+    ``axes``: the tensor axes the slices run along (one, or a merged run; see :class:`AxisEvidence`); ``sizes``: group
     sizes along the axis, in order; ``cross_coupling``: mean coupling between
     neighbouring groups (one group: between its slices); ``off_block_mass``: fraction of ||H_WW||_F^2
     outside the groups' diagonal blocks; ``zero_slices``: slices with no Hessian mass; ``spread``:
@@ -136,10 +136,9 @@ class AxisGrouping:
     stacked: StackedParts | None = None
 
     @property
-    def axis(self) -> int:
-        """The tensor axis the slices run along."""
-        (axis,) = self.axes
-        return axis
+    def axis(self) -> Axis:
+        """The tensor axis the slices run along, or the merged run (a tuple), as a rule's ``axis``."""
+        return self.axes[0] if len(self.axes) == 1 else self.axes
 
     @property
     def runs(self) -> tuple[tuple[int, int], ...]:
@@ -161,7 +160,7 @@ def group(evidence: AxisEvidence, settings: DecisionSettings, stacked: bool = Fa
     """The grouping of one axis (see the module docstring); ``stacked``: look for stacked parts where
     the slices stay single (a tensor of two or more axes)."""
     slices = evidence.slices
-    found = candidates(slices, settings)
+    found = [c for c in candidates(slices, settings) if evidence.fits(c.sizes)]   # (a merged run: within experts)
     weakest = min(c.cross for c in found)
     if weakest > settings.threshold:                 # every grouping leaves strong coupling: one group
         sample, cross, family = (slices.size,), found[0].cross, None   # report how the single slices couple
@@ -169,7 +168,7 @@ def group(evidence: AxisEvidence, settings: DecisionSettings, stacked: bool = Fa
         chosen = choose(slices, [c for c in found if c.distinct], settings)
         sample, cross, family = chosen.sizes, chosen.cross, chosen.family
     stride, finer = evidence.stride, False
-    sizes = tuple(size for g in sample for size in ([g * stride] if g > 1 else [1] * stride))
+    sizes = evidence.scaled(sample)
     if stride > 1:
         finer = _finer(evidence, sizes, cross, settings) or 2 in sample
     off = off_block_mass(evidence.rows, evidence.sample, sizes)
@@ -383,7 +382,7 @@ def _decide(coupling: TensorCoupling, settings: DecisionSettings) -> Decision:
     """The decision of one estimate, without the jackknife."""
     shape = coupling.shape
     groupings = tuple(group(AxisEvidence.of(coupling, axis), settings, stacked=len(shape) > 1)
-                      for axis in sorted(coupling.axes))
+                      for axis in sorted(coupling.axes, key=axis_order))
     if not groupings:  # a single entry
         return Decision(coupling, settings, Reason.ONE_ENTRY)
     split = [g for g in groupings if len(g.sizes) > 1]
@@ -403,7 +402,7 @@ def _decide(coupling: TensorCoupling, settings: DecisionSettings) -> Decision:
         reason = Reason.DIFFUSE
     else:
         reason = Reason.GROUPS
-        chosen = min(split, key=lambda g: (g.kept_off_mass, g.cross_coupling, -len(g.sizes), g.axis))
+        chosen = min(split, key=lambda g: (g.kept_off_mass, g.cross_coupling, -len(g.sizes), g.axes))
     return Decision(coupling, settings, reason, groupings, chosen, off_diagonal, spread)
 
 

@@ -14,9 +14,10 @@ matrix; its masses come from the sampled rows of C against *every* slice, and sl
 *window*) show structure finer than s.
 
 *An axis* is anything whose slices have a coupling matrix: nothing here or in the candidate and
-decision stages reads which tensor axes the slices run along (:attr:`AxisEvidence.axes`). Today it
-is one tensor axis; a merged run of consecutive tensor axes (experts x rows of an MoE weight, one
-slice per (expert, row)) is the same object with ``axes=(0, 1)``.
+decision stages reads which tensor axes the slices run along (:attr:`AxisEvidence.axes`): one tensor
+axis, or a merged run of consecutive tensor axes (experts x rows of an MoE weight, one slice per
+(expert, row): ``axes=(0, 1)``). A merged run says one thing more, its ``units`` (slices per index of
+the outer axes, the rows per expert): a grouping may not straddle them (:meth:`AxisEvidence.fits`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..blocks import Axis, straddling
 from .coupling import TensorCoupling
 
 __all__ = ["AxisEvidence", "SliceCoupling", "cross_coupling", "off_block_mass", "ratios"]
@@ -75,7 +77,9 @@ class AxisEvidence:
 
     ``rows`` ([k, length]) are the rows of C between the sampled slices (every ``stride``-th) and
     every slice; ``window`` ([stride + 1, stride + 1]) is C between slices 0..stride, for an axis
-    decided on a sample (None when every slice decides).
+    decided on a sample (None when every slice decides); ``units``: for a merged run of axes, the
+    slices per index of the axes before each inner one (``(rows,)`` for ``(0, 1)`` of ``[experts,
+    rows, columns]``), which no group may straddle.
     """
 
     axes: tuple[int, ...]
@@ -83,19 +87,30 @@ class AxisEvidence:
     stride: int
     rows: np.ndarray
     window: np.ndarray | None = None
+    units: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, coupling: TensorCoupling, axis: int) -> AxisEvidence:
-        """The evidence of ``axis`` of a measured tensor (see :class:`TensorCoupling`)."""
+    def of(cls, coupling: TensorCoupling, axis: Axis) -> AxisEvidence:
+        """The evidence of ``axis`` (one, or a merged run) of a measured tensor (see :class:`TensorCoupling`)."""
         stride = coupling.stride(axis)
         window = coupling.principal(axis, np.arange(stride + 1)) if stride > 1 else None
-        return cls((axis,), coupling.shape[axis], stride, coupling.rows(axis, coupling.regular(axis)), window)
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        units = tuple(int(np.prod([coupling.shape[a] for a in axes[level:]])) for level in range(1, len(axes)))
+        return cls(axes, coupling.length(axis), stride, coupling.rows(axis, coupling.regular(axis)), window, units)
 
     @property
-    def axis(self) -> int:
-        """The tensor axis the slices run along (an axis of one tensor axis)."""
-        (axis,) = self.axes
-        return axis
+    def axis(self) -> Axis:
+        """The tensor axis the slices run along, or the merged run (a tuple), as a rule's ``axis``."""
+        return self.axes[0] if len(self.axes) == 1 else self.axes
+
+    def scaled(self, sample: tuple[int, ...]) -> tuple[int, ...]:
+        """Group sizes along the whole axis of a grouping of the sample (every ``stride``-th slice): a
+        group of g sampled slices holds g * stride slices, a single slice stands for ``stride``."""
+        return tuple(size for g in sample for size in ([g * self.stride] if g > 1 else [1] * self.stride))
+
+    def fits(self, sample: tuple[int, ...]) -> bool:
+        """Whether a grouping of the sample, scaled back, straddles no unit of a merged run (always, for one axis)."""
+        return not self.units or straddling(self.scaled(sample), self.units) is None
 
     @cached_property
     def sample(self) -> np.ndarray:

@@ -10,12 +10,14 @@ nothing reads it back.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from .decide import AxisErrors, AxisGrouping, Decision, RuleKey
 
-__all__ = ["RESAMPLED", "describe", "evidence_text", "repeat_period", "runs_text", "summary", "table_rows", "why"]
+__all__ = ["RESAMPLED", "axis_text", "describe", "evidence_text", "repeat_period", "runs_text", "summary", "table_rows",
+           "why"]
 
 RESAMPLED = "; measured again on every slice: a sample of slices missed finer structure"
 
@@ -25,7 +27,7 @@ def why(decision: Decision) -> str:
     coupling = decision.coupling
     again = RESAMPLED if coupling.resampled else ""
     reason = decision.reason.value.format(off_diagonal=decision.off_diagonal, spread=decision.spread,
-                                          axis=decision.chosen.axis if decision.chosen else None)
+                                          axis=axis_text(decision.chosen.axis) if decision.chosen else None)
     if not decision.groupings:
         return f"{reason} ({coupling.method}, {coupling.products} HVPs{again})"
     every_axis = "; ".join(map(_axis_evidence, decision.groupings, decision.errors))
@@ -34,7 +36,7 @@ def why(decision: Decision) -> str:
         return f"{reason}: {every_axis} ({coupling.method}, {coupling.products} HVPs{again})"
     threshold = decision.settings.threshold
     errors = dict(zip((g.axis for g in decision.groupings), decision.errors))
-    split = "; ".join(f"axis {g.axis} splits at all: weakest grouping leaves {g.weakest:.3g} "
+    split = "; ".join(f"axis {axis_text(g.axis)} splits at all: weakest grouping leaves {g.weakest:.3g} "
                       f"± {errors[g.axis].weakest:.2g}" for g in decision.resting)
     total = confidence.replicates
     if confidence.agreeing == total and not confidence.near_threshold:
@@ -75,8 +77,14 @@ def describe(key: RuleKey, shape: tuple[int, ...]) -> str:
     split, axis, size, runs = key
     if split != "groups":
         return split
-    runs = [(size, shape[axis] // size)] if size is not None else list(runs)
-    return f"axis {axis}: {runs_text(runs)}"
+    length = math.prod(shape[a] for a in ((axis,) if isinstance(axis, int) else axis))
+    runs = [(size, length // size)] if size is not None else list(runs)
+    return f"axis {axis_text(axis)}: {runs_text(runs)}"
+
+
+def axis_text(axis: int | tuple[int, ...]) -> str:
+    """An axis as a partition file writes it: ``0``, or ``[0, 1]`` for a merged run."""
+    return str(axis) if isinstance(axis, int) else str(list(axis))
 
 
 def runs_text(runs: Sequence[tuple[int, int]]) -> str:
@@ -100,11 +108,11 @@ def _axis_evidence(grouping: AxisGrouping, errors: AxisErrors) -> str:
                     if grouping.finer else ""))
     cross = f"{grouping.cross_coupling:.3g}" + (f" ± {errors.cross_coupling:.2g}" if errors.cross_coupling else "")
     if len(grouping.sizes) == 1:
-        return f"axis {grouping.axis}: one group (neighbouring slices couple at {cross}{zero})"
+        return f"axis {axis_text(grouping.axis)}: one group (neighbouring slices couple at {cross}{zero})"
     off = f"{grouping.off_block_mass:.1%}" + (f" ± {errors.off_block_mass:.1%}" if errors.off_block_mass else "")
     if grouping.stacked is not None:
         width = len(grouping.sizes) // grouping.stacked.parts
         off += (f", {grouping.stacked.off_mass:.1%} off the pairs of {grouping.stacked.parts} stacked parts "
                 f"(slice i with i + {width})")
-    return (f"axis {grouping.axis}: {runs_text(grouping.runs)} (off-block mass {off}, coupling between groups "
-            f"{cross}{zero})")
+    return (f"axis {axis_text(grouping.axis)}: {runs_text(grouping.runs)} (off-block mass {off}, coupling between "
+            f"groups {cross}{zero})")
