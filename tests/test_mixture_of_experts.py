@@ -421,3 +421,25 @@ def test_mixtral_block_products_match_the_dense_hessian_to_its_routers_float32()
     vectors = torch.randn(3, hessian.size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     expected = vectors @ dense.restrict(blocks, True).T
     torch.testing.assert_close(hessian.block_matvec(vectors), expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
+
+
+def test_partition_command_writes_one_block_per_expert_and_row_on_a_mixtral(tmp_path, capsys):
+    """The measured partitioner on a Mixtral-style model (2 experts, every token through both): the rows of
+    gate_up_proj decouple across experts (axis 0 splits) and inside each expert (its gate|up rows pair up as
+    stacked parts), so the merged axes [0, 1] give the rule, and the file is version 2. (down_proj's rows
+    of the two experts feed the same output neuron of every token: they couple, and its rule is per row
+    of both experts, axis 1, as the Hessian says.)"""
+    cli = ["--model", "hf:MixtralForCausalLM", "--set", "num_hidden_layers=1", "--set", "hidden_size=16",
+           "--set", "intermediate_size=8", "--set", "num_attention_heads=2", "--set", "num_key_value_heads=1",
+           "--set", "num_local_experts=2", "--set", "num_experts_per_tok=2", "--set", "vocab_size=32",
+           "--set", "context=8", "--batch-size", "4", "--no-progress"]
+    out = tmp_path / "partition.json"
+    assert main(["partition", *cli, "--method", "probes", "--probes", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rules = {rule["param"]: rule for rule in data["rules"]}
+    gate_up = rules["model.layers.0.mlp.experts.gate_up_proj"]
+    assert data["version"] == 2 and (gate_up["split"], gate_up["axis"], gate_up["size"]) == ("groups", [0, 1], 1)
+    assert gate_up["why"].startswith("groups along axis [0, 1]: axis 0: 2 x 1")
+    assert "axis [0, 1]: 32 x 1" in capsys.readouterr().out   # the table: 2 experts x 16 gate|up rows
+    down = rules["model.layers.0.mlp.experts.down_proj"]
+    assert (down["axis"], down["size"]) == (1, 1) and "axis 0: one group" in down["why"]

@@ -124,6 +124,29 @@ def with_row_coupling(coupling: np.ndarray, columns: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_merged_expert_rows(method):
+    """A tensor of 3 experts [experts, rows, columns] whose Hessian has one block per (expert, row), as a
+    mixture of experts' weight: single slices along the merged axes [0, 1], one block per (expert, row)
+    (along axis 0 or 1 alone a block would hold every row or every expert)."""
+    shape = (3, 4, 5)
+    decision = decided(shape, blocks(shape, lambda index: index.reshape(12, 5)), method)
+    assert key(decision) == ("groups", (0, 1), 1, None) and decision.chosen.family is Family.SINGLE_SLICES
+    assert decision.chosen.off_block_mass < 1e-12 and decision.settled
+    assert decision.rule.why.startswith("groups along axis [0, 1]: axis 0: 3 x 1 (off-block mass 0.0%")
+    assert {g.axis for g in decision.groupings} == {0, 1, 2, (0, 1)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_expert_heads(method):
+    """Heads of 4 rows inside each of 2 experts: equal groups along the merged axes [0, 1]; a grouping that
+    would straddle two experts is never a candidate (here: groups of 8 rows would be experts, of 12 none)."""
+    shape = (2, 8, 3)
+    decision = decided(shape, blocks(shape, lambda index: index.reshape(4, 12)), method)
+    assert key(decision) == ("groups", (0, 1), 4, None) and decision.chosen.family is Family.EQUAL_GROUPS
+    assert decision.chosen.off_block_mass < 1e-12 and decision.settled
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_repeated_per_head_layout(method):
     """GPT-NeoX's rows interleaved per head, [q_h, k_h, v_h]: per head one block of its 16 query and
     key rows, then its 8 value rows single, repeated for the 4 heads. No contiguous grouping with

@@ -146,6 +146,8 @@ def measured_axes(shape: Sequence[int]) -> list[Axis]:
     two axes are both longer than 1 those two merged, ``(0, 1)`` (one slice per (expert, row) of
     ``[experts, rows, columns]``: the rule ``"axis": [0, 1]``)."""
     axes: list[Axis] = [axis for axis, n in enumerate(shape) if n > 1]
+    if len(shape) == 3 and shape[0] > 1 and shape[1] > 1:
+        axes.append((0, 1))
     return axes
 
 

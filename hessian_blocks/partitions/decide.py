@@ -24,13 +24,17 @@ on the axis' evidence (:mod:`~hessian_blocks.partitions.evidence`).
 
 Per tensor (:func:`decide_rule`, the reasons of :class:`Reason`): the axis whose grouping leaves the
 least Hessian mass off its blocks wins (ties: the weaker coupling between groups, more groups, the
-lower axis); no axis split: ``"whole"``. When every axis splits into single slices the coordinates
-themselves may be decoupled: the sum of the axes' off-block mass fractions bounds the off-diagonal
-mass from above; at most ``mass_threshold`` of it is a near-diagonal Hessian, ``"whole"`` when its
-diagonal is even (90th/10th percentile of the slices' diagonal norms at most ``max_spread``: one
-learning rate fits) and ``"elements"`` when uneven. A 1-D tensor with more of its mass off the
-diagonal, spread over many weak pairs (diffuse coupling), is ``"whole"``; a tensor of two or more
-axes keeps the split of its best axis.
+lower axis); no axis split: ``"whole"``. A merged run of axes (experts x rows of a 3-D tensor)
+refines its axes' groupings, so it always leaves more mass off: it wins when the winner is one of
+its axes, each of its axes splits, and its groups nest inside theirs (experts apart, rows apart, and
+inside each expert the rows' own grouping: one block per (expert, row), :func:`_merged_run`). When
+every axis splits into single slices the coordinates themselves may be decoupled: the sum of the
+single axes' off-block mass fractions bounds the off-diagonal mass from above; at most
+``mass_threshold`` of it is a near-diagonal Hessian, ``"whole"`` when its diagonal is even
+(90th/10th percentile of the slices' diagonal norms at most ``max_spread``: one learning rate fits)
+and ``"elements"`` when uneven. A 1-D tensor with more of its mass off the diagonal, spread over
+many weak pairs (diffuse coupling), is ``"whole"``; a tensor of two or more axes keeps the split of
+its best axis.
 
 A probe estimate is also decided without each of its probes in turn (jackknife, :class:`Confidence`).
 """
@@ -56,7 +60,7 @@ from ..choices import (
 from . import render
 from .candidates import Candidate, Family, candidates
 from .coupling import TensorCoupling, axis_order
-from .evidence import AxisEvidence, SliceCoupling, cross_coupling, off_block_mass, ratios
+from .evidence import AxisEvidence, SliceCoupling, cross_coupling, nests, off_block_mass, ratios
 
 __all__ = ["AxisErrors", "AxisGrouping", "Confidence", "Decision", "DecisionSettings", "Reason", "StackedParts",
            "choose", "decide_rule", "group", "group_axis"]
@@ -386,11 +390,12 @@ def _decide(coupling: TensorCoupling, settings: DecisionSettings) -> Decision:
     if not groupings:  # a single entry
         return Decision(coupling, settings, Reason.ONE_ENTRY)
     split = [g for g in groupings if len(g.sizes) > 1]
-    single_slices = all(g.single_slices for g in groupings)  # every block would be one coordinate
+    single = [g for g in groupings if len(g.axes) == 1]        # (a merged run refines them: it adds nothing here)
+    single_slices = all(g.single_slices for g in single)  # every block would be one coordinate
     # an entry is off the diagonal when it is off the slice-diagonal of some axis: the union bound
-    off_diagonal = min(sum(g.off_block_mass for g in groupings), 1.0)
+    off_diagonal = min(sum(g.off_block_mass for g in single), 1.0)
     near_diagonal = off_diagonal <= settings.mass_threshold
-    spread = max(g.spread for g in groupings)
+    spread = max(g.spread for g in single)
     chosen = None
     if not split:
         reason = Reason.COUPLED
@@ -398,11 +403,12 @@ def _decide(coupling: TensorCoupling, settings: DecisionSettings) -> Decision:
         reason = Reason.EVEN_DIAGONAL
     elif single_slices and near_diagonal:
         reason = Reason.UNEVEN_DIAGONAL
-    elif single_slices and len(groupings) == 1:
+    elif single_slices and len(single) == 1:
         reason = Reason.DIFFUSE
     else:
         reason = Reason.GROUPS
-        chosen = min(split, key=lambda g: (g.kept_off_mass, g.cross_coupling, -len(g.sizes), g.axes))
+        chosen = _merged_run(min(split, key=lambda g: (g.kept_off_mass, g.cross_coupling, -len(g.sizes), g.axes)),
+                             groupings)
     return Decision(coupling, settings, reason, groupings, chosen, off_diagonal, spread)
 
 
@@ -418,3 +424,14 @@ def _jackknife_error(values: Sequence[float]) -> float:
     values = np.asarray(values, dtype=np.float64)
     k = len(values)
     return float(np.sqrt((k - 1) / k * np.sum((values - values.mean()) ** 2))) if k > 1 else 0.0
+
+
+def _merged_run(chosen: AxisGrouping, groupings: Sequence[AxisGrouping]) -> AxisGrouping:
+    """A merged run of axes that splits, whose axes each split and whose groups nest inside theirs, in
+    place of ``chosen`` when that is one of its axes (see the module docstring)."""
+    for merged in (g for g in groupings if len(g.axes) > 1 and len(g.sizes) > 1 and chosen.axes[0] in g.axes):
+        parts = [next((g for g in groupings if g.axes == (axis,)), None) for axis in merged.axes]
+        if len(chosen.axes) == 1 and all(p is not None and len(p.sizes) > 1 for p in parts) \
+                and nests(merged.sizes, [p.sizes for p in parts]):
+            return merged
+    return chosen

@@ -31,7 +31,7 @@ import numpy as np
 from ..blocks import Axis, straddling
 from .coupling import TensorCoupling
 
-__all__ = ["AxisEvidence", "SliceCoupling", "cross_coupling", "off_block_mass", "ratios"]
+__all__ = ["AxisEvidence", "SliceCoupling", "cross_coupling", "nests", "off_block_mass", "ratios"]
 
 
 class SliceCoupling:
@@ -165,3 +165,16 @@ def cross_coupling(matrix: np.ndarray, sizes: Sequence[int]) -> float:
     sizes = np.asarray(sizes)
     links = ratios(slices.links(np.cumsum(sizes)[:-1] - sizes[:-1], sizes[:-1], sizes[1:]))   # group i -> i + 1
     return float(links.mean()) if links.size else 0.0
+
+
+def nests(sizes: Sequence[int], parts: Sequence[Sequence[int]]) -> bool:
+    """Whether groups of ``sizes`` along the row-major merge of axes lie inside the groups of every axis
+    (``parts[j]``: group sizes along axis j, repeated for every index of the axes before it)."""
+    edges = set(np.cumsum([0, *sizes]).tolist())
+    lengths = [sum(p) for p in parts]
+    for j, part in enumerate(parts):
+        unit, outer = int(np.prod(lengths[j + 1:])), int(np.prod(lengths[:j]))
+        inner = np.cumsum([0, *part]) * unit
+        if not edges >= {int(o * lengths[j] * unit + e) for o in range(outer) for e in inner}:
+            return False
+    return True

@@ -27,6 +27,7 @@ _CONFIG_FIELDS = {
     "kv_heads": ("num_key_value_heads",),
     "head_dim": ("head_dim",),
     "ffn": ("intermediate_size",),
+    "expert_ffn": ("moe_intermediate_size",),  # the experts' width of a mixture of experts (Qwen-MoE, DeepSeek)
     "vocab": ("vocab_size",),
 }
 SMALL_LAYERS = 2      # --small auto: at most this many layers,
@@ -40,11 +41,12 @@ def small_overrides(config: Any) -> dict[str, int]:
     ``config`` is a bundled model's config (``n_layer``, ``n_embd``, ``n_head``, ``vocab_size``)
     or a Hugging Face ``PretrainedConfig`` (``num_hidden_layers``, ``hidden_size``,
     ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``intermediate_size``,
-    ``vocab_size``). The smaller instance keeps the head size, has at most 2 layers, at least 2
-    key/value heads (so per-head structure stays visible; at most 2 query heads per key/value
-    head with grouped-query attention), the width those heads need, the MLP width in the same
-    ratio to it, and at most 512 tokens. Fields already at most that size are left alone. A config
-    without layers, width and heads is an error naming what is missing.
+    ``vocab_size``, ``moe_intermediate_size``). The smaller instance keeps the head size, has at most
+    2 layers, at least 2 key/value heads (so per-head structure stays visible; at most 2 query heads
+    per key/value head with grouped-query attention), the width those heads need, the MLP (and
+    experts') width in the same ratio to it, its experts, and at most 512 tokens. Fields already at
+    most that size are left alone. A config without layers, width and heads is an error naming what
+    is missing.
     """
     found = {key: next((name for name in names if getattr(config, name, None) is not None), None)
              for key, names in _CONFIG_FIELDS.items()}
@@ -67,8 +69,9 @@ def small_overrides(config: Any) -> dict[str, int]:
     small_width = value["width"] * small_heads // value["heads"]
     wanted = {"layers": min(value["layers"], SMALL_LAYERS), "heads": small_heads, "kv_heads": small_kv,
               "width": small_width, "head_dim": head_dim, "vocab": min(value.get("vocab", SMALL_VOCAB), SMALL_VOCAB)}
-    if "ffn" in value:
-        wanted["ffn"] = max(1, round(value["ffn"] * small_width / value["width"]))
+    for ffn in ("ffn", "expert_ffn"):
+        if ffn in value:
+            wanted[ffn] = max(1, round(value[ffn] * small_width / value["width"]))
     return {found[key]: size for key, size in wanted.items() if found.get(key) is not None and size != value[key]}
 
 
