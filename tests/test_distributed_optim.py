@@ -5,7 +5,9 @@ One spawn of two CPU processes runs every scenario and saves the full parameters
 with; the tests compare them with single-process Adam-mini on the whole batch. The model's blocks
 are cut by the shards in every way the sharded layout handles: token rows split 4/3, a head of 4
 rows straddling the shard boundary (3 heads of 4 rows over 2 ranks), column groups, whole-tensor
-blocks, per-element biases with uneven shards, and a one-row tensor whose second shard is empty.
+blocks, per-element biases with uneven shards, a one-row tensor whose second shard is empty, and
+3 experts [experts, rows, columns] with one block per (expert, row) (merged axes [0, 1]: 2 experts
+on rank 0, 1 on rank 1).
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ class Net(nn.Module):
         self.norm = nn.LayerNorm(5)
         self.out = nn.Linear(5, 3)
         self.gate = nn.Linear(5, 1)
+        self.experts = nn.Parameter(torch.randn(3, 2, 5) / 2)   # [experts, rows, columns]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.q(self.emb(tokens).mean(dim=1)))
         h = self.norm(torch.tanh(self.mix(h)))
-        return self.out(h) + self.gate(h)
+        experts = torch.einsum("erc,bc->ber", self.experts, h).tanh().sum(-1)   # [batch, 3]: one class per expert
+        return self.out(h) + self.gate(h) + experts
 
 
 RULES = [
@@ -56,6 +60,7 @@ RULES = [
     Rule("out.bias", "elements"),
     Rule("gate.weight", "groups", axis=1, size=1),           # one row: the second shard is empty
     Rule("gate.bias", "elements"),
+    Rule("experts", "groups", axis=[0, 1], size=1),          # 6 blocks of (expert, row): rows 0-1 | 2 of dim 0
 ]
 
 
