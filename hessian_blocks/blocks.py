@@ -21,7 +21,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -193,12 +194,21 @@ class Rule:
                 f"group size that divides {units[level]} or is a multiple of it, or 'runs' that respect it"
             )
 
+    def check(self, shape: Sequence[int]) -> None:
+        """Raise a clear error unless this rule fits a parameter of ``shape`` (what :meth:`resolve` checks,
+        without making the blocks)."""
+        if _numel(shape) == 0:
+            raise ValueError(f"parameter '{self.param}' has no entries (shape {tuple(shape)}): an empty block has no "
+                             "spectrum")
+        if self.split == "groups":
+            self.group_sizes(shape)
+
     def resolve(self, shape: Sequence[int]) -> list[Block]:
         """The blocks this rule makes of a parameter of ``shape``."""
         shape = tuple(int(s) for s in shape)
         numel = _numel(shape)
         if numel == 0:
-            raise ValueError(f"parameter '{self.param}' has no entries (shape {shape}): an empty block has no spectrum")
+            self.check(shape)   # raises: an empty tensor has no block
         if self.split == "whole":
             return [Block(self.param, self.param, shape, None, 0, numel)]
         if self.split == "elements":
@@ -277,13 +287,14 @@ class Partition:
     """One rule per parameter tensor of a model, resolved into blocks.
 
     Build it with :meth:`per_tensor` (the papers' default: one block per tensor),
-    :meth:`from_rules` or :meth:`load`; every constructor checks the rules against the model.
+    :meth:`from_rules` or :meth:`load`; every constructor checks the rules against the model. The
+    blocks are made when first asked for (a Mixtral-8x7B shape has 8.6 million; an optimizer reads
+    the rules only).
     """
 
     rules: list[Rule]
     param_shapes: dict[str, tuple[int, ...]]
     model_class: str | None = None
-    blocks: list[Block] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.param_shapes = {name: tuple(int(s) for s in shape) for name, shape in self.param_shapes.items()}
@@ -301,7 +312,13 @@ class Partition:
                              "rule")
         by_param = {rule.param: rule for rule in self.rules}
         self.rules = [by_param[name] for name in self.param_shapes]
-        self.blocks = [block for rule in self.rules for block in rule.resolve(self.param_shapes[rule.param])]
+        for rule in self.rules:
+            rule.check(self.param_shapes[rule.param])
+
+    @cached_property
+    def blocks(self) -> list[Block]:
+        """Every rule's blocks, in parameter order."""
+        return [block for rule in self.rules for block in rule.resolve(self.param_shapes[rule.param])]
 
     @classmethod
     def from_rules(cls, model: torch.nn.Module, rules: Iterable[Rule]) -> Partition:
