@@ -321,6 +321,41 @@ def test_einsum_over_packed_heads_warns_naming_the_module_and_what():
     assert rules["attn.wq"].split == "whole"  # the fallback it announces
 
 
+def test_attention_the_forward_does_not_use_warns_so():
+    """BART's decoder run alone (BartForCausalLM, no encoder states) never enters its cross-attention:
+    the warning says its weights were not used and how to reach them; its self-attention is placed."""
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=HIDDEN, decoder_layers=1, encoder_layers=1,
+                                     decoder_attention_heads=HEADS, encoder_attention_heads=HEADS,
+                                     decoder_ffn_dim=FFN, encoder_ffn_dim=FFN, max_position_embeddings=16)
+    model = transformers.BartForCausalLM(config)
+    with pytest.warns(UserWarning) as caught:
+        rules = default_rules(model)
+    messages = [str(w.message) for w in caught if "looks like attention" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("'model.decoder.layers.0.encoder_attn' (BartAttention) looks like attention")
+    assert "the traced forward did not use its weights" in messages[0] and "inputs=" in messages[0]
+    assert rules["model.decoder.layers.0.encoder_attn.q_proj.weight"].size == 1   # the fallback it announces
+    assert rules["model.decoder.layers.0.self_attn.q_proj.weight"].size == HEAD_DIM
+
+
+def test_a_head_count_without_a_query_key_product_warns_saying_so():
+    """A mixer with a head count and two projections that the forward uses, but with no query-key
+    product (a state-space or gated mixer): the warning says the projections reached none."""
+    class GatedMixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = HEADS
+            self.in_proj, self.out_proj = nn.Linear(HIDDEN, 2 * HIDDEN), nn.Linear(HIDDEN, HIDDEN)
+
+        def forward(self, x):
+            value, gate = self.in_proj(x).chunk(2, dim=-1)
+            return self.out_proj(value * torch.sigmoid(gate))
+
+    with pytest.warns(UserWarning, match=r"'attn' \(GatedMixer\) looks like attention .* saw none of its "
+                                         r"projections reach a query-key product .*state-space mixer"):
+        default_rules(TinyModel(GatedMixer()))
+
+
 def test_a_forward_that_needs_values_is_traced_on_the_model_itself():
     class Gated(PackedAttention):
         def forward(self, x):

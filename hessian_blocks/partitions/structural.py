@@ -145,7 +145,7 @@ def default_rules(model: nn.Module, n_heads: int | None = None, inputs: object =
     for name, projection in traced.projections.items():
         specs[id(params[name])] = _traced_spec(projection, n_heads)
     layouts = registered_layouts()
-    unplaced: dict[type, list[str]] = {}
+    unplaced: dict[tuple[type, bool], list[str]] = {}
     for path, module in model.named_modules():
         layout = layout_of(module, layouts)
         if layout is not None:
@@ -153,9 +153,9 @@ def default_rules(model: nn.Module, n_heads: int | None = None, inputs: object =
             for param, spec in attention_specs(where, module, layout, n_heads):
                 specs[id(param)] = spec
         elif _looks_like_attention(module) and not _placed_by_trace(module, path, traced):
-            unplaced.setdefault(type(module), []).append(path)
-    for module_type, paths in unplaced.items():
-        _warn_unplaced(module_type, paths, traced.failure)
+            unplaced.setdefault((type(module), _used_by_trace(module, path, traced)), []).append(path)
+    for (module_type, used), paths in unplaced.items():
+        _warn_unplaced(module_type, paths, traced.failure, used)
     _warn_problems(model, traced)
     _warn_experts(model, traced, specs)
     rules = {}
@@ -303,6 +303,11 @@ def _placed_by_trace(module: nn.Module, path: str, traced: AttentionTrace) -> bo
                for name in names)
 
 
+def _used_by_trace(module: nn.Module, path: str, traced: AttentionTrace) -> bool:
+    """Whether the traced forward used any weight inside ``module`` as a linear map."""
+    return any((f"{path}.{name}" if path else name) in traced.linear_maps for name, _ in module.named_parameters())
+
+
 def _looks_like_attention(module: nn.Module) -> bool:
     """An unregistered module that knows a head count and owns two or more projections."""
     knows_heads = any(read_count(module, attribute) for attribute in HEAD_ATTRIBUTES)
@@ -326,10 +331,17 @@ _REGISTER_HINT = ("AttentionLayout({'<query attribute>': 'q', '<key attribute>':
                   "heads='<head-count attribute>'))")
 
 
-def _warn_unplaced(module_type: type, paths: list[str], failure: str | None) -> None:
+def _warn_unplaced(module_type: type, paths: list[str], failure: str | None, used: bool) -> None:
     kind = module_type.__name__
-    reason = (f"the model's forward could not be traced: {failure}" if failure
-              else "the traced forward saw none of its projections reach a query-key product")
+    if failure:
+        reason = f"the model's forward could not be traced: {failure}"
+    elif used:
+        reason = ("the traced forward saw none of its projections reach a query-key product (a kernel the trace "
+                  "does not follow, or no attention: a state-space mixer's warning can be ignored)")
+    else:
+        reason = ("the traced forward did not use its weights (a branch the example batch did not take, such as "
+                  "a decoder's cross-attention run without encoder states; its weights get no gradient from "
+                  "such batches)")
     warnings.warn(
         f"{_where(paths)} ({kind}) looks like attention (it has a head count and projections), but {reason}, and "
         f"no AttentionLayout is registered for {kind}: its query/key weights get one block per output row, not one "
