@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hessian_blocks import Partition
+from hessian_blocks.cli import main as cli
 from hessian_blocks.partitions.measured import derive_decisions, derive_partition
 from hessian_blocks.partitions.transfer import small_overrides
 
@@ -227,6 +228,20 @@ def test_falcon_multi_query_fused_qkv_per_head(seed):
                                  **FAST, seed=seed, max_probes=8)
     assert (decision.rule.split, decision.rule.axis) == ("groups", 0) and decision.settled, decision.rule.why
     assert decision.rule.runs == ((HEAD, HEADS + 1), (1, HEAD)), decision.rule.why
+
+
+def test_falcon_multi_query_from_the_command_line(tmp_path):
+    """The issue's shape through the CLI defaults (every 4th row sampled, then every row where the
+    sample shows finer structure, up to 8 probes): Falcon at width 64, [4 query heads of 16 | one key
+    head | one value head], gets q per head, k as one block, v per row, settled (before: '3 x 16,
+    48 x 1' or '2 x 28, 40 x 1', marked settled)."""
+    out = tmp_path / "falcon.json"
+    assert cli(["partition", "--model", "hf:FalconForCausalLM", "--set", "hidden_size=64", "--set",
+                "num_attention_heads=4", "--set", "new_decoder_architecture=false", "--set", "multi_query=true",
+                "--set", "num_hidden_layers=1", "--set", "vocab_size=256", "--no-progress", "--out", str(out)]) == 0
+    rule, = (r for r in Partition.load(out).rules if r.param.endswith("query_key_value.weight"))
+    assert (rule.split, rule.axis, rule.runs) == ("groups", 0, ((16, 5), (1, 16))), rule.why
+    assert "settled" in rule.why, rule.why
 
 
 def test_auto_small_gpt_neox_repeats_the_per_head_pattern():

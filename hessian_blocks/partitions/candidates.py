@@ -58,7 +58,9 @@ class Candidate:
     """A regular grouping of an axis (its group sizes in order), the mean coupling of its links, and
     whether every group in it is distinct from its neighbours (single slices always are).
 
-    ``heads``: equal distinct groups tiling the axis, each evenly coupled inside. ``period``: the
+    ``heads``: equal distinct groups, each evenly coupled inside, tiling the axis or beside single
+    slices of more than ``max_spread`` times their median diagonal norm (the query and key heads of
+    a fused weight beside its value rows). ``period``: the
     slices of one repetition of a repeated layout (0: not repeated); ``two_scales``: its single slices
     and its groups differ in median diagonal norm by more than ``max_spread``. ``order``: the position
     among all candidates (period, group size, group count, singles first), which breaks ties.
@@ -135,7 +137,9 @@ def groups_with_singles(slices: SliceCoupling, settings: DecisionSettings) -> li
     """Two or more equal groups followed or preceded by single slices, kept only when every group is
     distinct and of one scale (:func:`_one_scale`): the value rows beside a query and key head couple
     with them above 1 too, relative to the heads' tiny diagonal, but carry a hundred to a thousand
-    times their norm."""
+    times their norm. Evenly coupled groups beside single slices of such a heavier scale are *heads*
+    (they keep their groups down to ``threshold / contrast**2``: a query head of multi-query attention
+    couples inside at 0.03-0.3 at initialisation, the key head shared by all of them at 0.05-0.1)."""
     n, found = slices.size, []
     for size in range(2, n // 2 + 1):
         for count in range(2, n // size + 1):
@@ -145,8 +149,11 @@ def groups_with_singles(slices: SliceCoupling, settings: DecisionSettings) -> li
             for singles_first, layout in enumerate([(size,) * count + (1,) * rest, (1,) * rest + (size,) * count]):
                 cross, distinct = _links(slices, layout, settings.contrast, settings)
                 if distinct and _one_scale(slices, layout, settings.max_spread):
+                    starts = np.arange(count) * size + (rest if singles_first else 0)
+                    heads = (_scale_ratio(slices, np.array(layout)) > settings.max_spread   # nan compares False
+                             and _even_inside(slices, starts, size))
                     found.append(Candidate(Family.GROUPS_WITH_SINGLES, layout, cross, True,
-                                           (0, size, count, singles_first)))
+                                           (0, size, count, singles_first), heads))
     return found
 
 
@@ -246,17 +253,24 @@ def _telling(slices: SliceCoupling, sizes: np.ndarray, starts: np.ndarray, insid
 
 
 def _one_scale(slices: SliceCoupling, layout: Sequence[int], max_spread: float) -> bool:
-    """Whether no slice of a group (all of one size) has a diagonal norm above ``max_spread`` times its
-    group's median: the group takes in no neighbouring slice of another scale, and one learning rate
-    fits it. Lighter slices are not held against it (their relative couplings are noisy and they
-    carry little mass, like slices without mass, which are left out)."""
+    """Whether no group (all of one size) takes in slices of another scale: slices with diagonal norms
+    above ``max_spread`` times the group's median at either end of it, or two such slices side by side
+    anywhere in it (the value rows of a head between two query and key heads). One learning rate then
+    fits the group. A single heavier slice inside a group is not another scale: a query head's rows
+    spread their norms 10-14 times at initialisation, while value rows come in runs of a head's rows,
+    with a hundred to ten thousand times their norm. Lighter slices are not held against a group
+    (their relative couplings are noisy and they carry little mass, like slices without mass, which are
+    left out)."""
     sizes = np.array(layout)
     starts = (np.cumsum(sizes) - sizes)[sizes > 1]
     norms = slices.norms[starts[:, None] + np.arange(sizes.max())]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)    # a group without mass has no median: no evidence
         median = np.nanmedian(norms, axis=1, keepdims=True)
-    return not np.any(norms > max_spread * median)        # nan compares False
+    heavy = norms > max_spread * median                     # nan compares False
+    at_an_end = np.logical_and.accumulate(heavy, axis=1) | np.logical_and.accumulate(heavy[:, ::-1], axis=1)
+    in_a_run = heavy[:, 1:] & heavy[:, :-1]                 # two heavy neighbours: a run of another scale
+    return not (np.any(at_an_end) or np.any(in_a_run))
 
 
 def _two_scales(slices: SliceCoupling, layout: Sequence[int], max_spread: float) -> bool:

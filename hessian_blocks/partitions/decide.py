@@ -14,7 +14,8 @@ on the axis' evidence (:mod:`~hessian_blocks.partitions.evidence`).
    *Heads* protect their groups down to ``threshold / contrast**2``: the rows of a key head that
    couple weakly but evenly (0.1-0.2 at initialisation, a thousand times more than across heads)
    stay one block, as a repeated structure, while a single evenly coupled run (the value rows after
-   fused heads) is still split.
+   fused heads) is still split. Equal groups beside single slices of a heavier scale (the query and
+   key heads of a fused weight beside its value rows) are heads too.
 3. A sampled axis is grouped on its sample and the grouping scaled back by the stride; where the
    window (slices 0..stride) shows finer structure, or the sample has groups of only 2 sampled
    slices, the grouping is marked ``finer`` (measure every slice again).
