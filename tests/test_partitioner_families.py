@@ -158,6 +158,50 @@ def test_repeated_per_head_layout(method):
     assert "axis 0: 4 x (1 x 16, 8 x 1)" in decision.rule.why
 
 
+def multi_query_heads(heads: int = 4, head: int = 8, outlier: float = 1.0) -> np.ndarray:
+    """Slice coupling C of fused rows [q_1 .. q_heads | k | v] (multi-query attention: one key and one
+    value head shared by every query head) as Falcon's at initialisation: each query head coupled
+    inside at 0.1-0.3 and with the other query heads at 0.005; the key head coupled inside at 0.2 and
+    with *every* query head at 400-1,000 (relative to their tiny diagonals); the value rows with ten
+    thousand times the query and key rows' norm, coupled with the key rows at 0.05-0.25 and with each
+    other at 0.02. ``outlier``: one row of the second query head with that many times its norm
+    (a query head's rows spread their norms 10-14 times at initialisation)."""
+    rng = np.random.default_rng(5)
+    n = (heads + 2) * head
+    q, (k, v) = np.arange(heads * head).reshape(heads, head), np.arange(heads * head, n).reshape(2, head)
+    relative = 0.005 * rng.uniform(0.5, 1.5, (n, n))
+    for h, inside in zip(q, rng.uniform(0.1, 0.3, heads)):
+        relative[np.ix_(h, h)] = inside
+        relative[np.ix_(h, k)] = relative[np.ix_(k, h)] = rng.uniform(400, 1000)
+    relative[np.ix_(k, k)] = 0.2
+    relative[np.ix_(k, v)] = relative[np.ix_(v, k)] = rng.uniform(0.05, 0.25, (head, head))
+    relative[np.ix_(v, v)] = 0.02
+    relative = (relative + relative.T) / 2
+    np.fill_diagonal(relative, 1.0)
+    norms = np.concatenate([rng.uniform(1e-4, 3e-4, heads * head), rng.uniform(4e-4, 6e-4, head),
+                            rng.uniform(3.0, 5.0, head)])
+    norms[head + 2] = outlier * np.median(norms[head:2 * head])
+    return relative * np.outer(norms, norms)
+
+
+@pytest.mark.parametrize("outlier", [1.0, 14.0])
+@pytest.mark.parametrize("method", METHODS)
+def test_groups_with_single_slices_beside_a_shared_head(method, outlier):
+    """Multi-query attention fused as [4 query heads | one key head | value rows]: per head one block
+    of query rows, one block of the key head, then the value rows single (the paper's rules). The
+    key head couples with the last query head, its neighbour, thousands of times more than inside
+    either, but as much with the three query heads that are not its neighbours, which are distinct
+    from the last one: that link says nothing of where a query head ends. The value rows beside the
+    key head have ten thousand times its norm: no group of one scale takes them in, so the key head
+    is not held to its link with them either (it couples inside at 0.2, and with them at up to 0.25).
+    A query row of 14 times its head's median norm is still of the query heads' scale, not the value
+    rows' (a thousand times more): the head keeps it."""
+    coupling = with_row_coupling(multi_query_heads(outlier=outlier), 5)   # 5 columns: no stacked parts
+    decision = decided((48, 5), coupling, method)
+    assert key(decision) == ("groups", 0, None, ((8, 5), (1, 8)))
+    assert decision.chosen.family is Family.GROUPS_WITH_SINGLES and decision.settled
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_near_diagonal_whole(method):
     """A diagonal Hessian with entries within 10 % of each other: one learning rate fits, one block."""

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hessian_blocks import Partition
+from hessian_blocks.cli import main as cli
 from hessian_blocks.partitions.measured import derive_decisions, derive_partition
 from hessian_blocks.partitions.transfer import small_overrides
 
@@ -201,6 +202,46 @@ def test_gpt_neox_interleaved_qkv_per_head(seed):
     assert (decision.rule.split, decision.rule.axis) == ("groups", 0) and decision.settled
     assert decision.rule.runs == ((2 * HEAD, 1), (1, HEAD)) * HEADS
     assert "axis 0: 4 x (1 x 16, 8 x 1)" in decision.rule.why
+
+
+def falcon_multi_query(seed: int = 0):
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS,
+        new_decoder_architecture=False, multi_query=True, max_position_embeddings=CONTEXT,
+        attn_implementation="eager", bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return transformers.FalconForCausalLM(config).double().eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_falcon_multi_query_fused_qkv_per_head(seed):
+    """Falcon's multi-query layout fuses [all 4 query heads | one key head | one value head] of 8 rows.
+    At initialisation the one key head couples with every query head a thousand times more than
+    inside itself (the query heads with each other a hundredth of their inside), so its link to the
+    last query head says nothing of where that head ends, and the value rows have ten thousand times
+    its norm: the paper's rules, q per head, k per key/value head, v per row, settled, for three draws
+    of model weights and probes. (Before: the last query head and the key head fell apart into single
+    rows, or groups straddling heads, settled.)"""
+    name = "transformer.h.0.self_attention.query_key_value.weight"
+    decision, = derive_decisions(falcon_multi_query(seed), lm_loss, token_batches(masked=False), params=[name],
+                                 **FAST, seed=seed, max_probes=8)
+    assert (decision.rule.split, decision.rule.axis) == ("groups", 0) and decision.settled, decision.rule.why
+    assert decision.rule.runs == ((HEAD, HEADS + 1), (1, HEAD)), decision.rule.why
+
+
+def test_falcon_multi_query_from_the_command_line(tmp_path):
+    """The issue's shape through the CLI defaults (every 4th row sampled, then every row where the
+    sample shows finer structure, up to 8 probes): Falcon at width 64, [4 query heads of 16 | one key
+    head | one value head], gets q per head, k as one block, v per row, settled (before: '3 x 16,
+    48 x 1' or '2 x 28, 40 x 1', marked settled)."""
+    out = tmp_path / "falcon.json"
+    assert cli(["partition", "--model", "hf:FalconForCausalLM", "--set", "hidden_size=64", "--set",
+                "num_attention_heads=4", "--set", "new_decoder_architecture=false", "--set", "multi_query=true",
+                "--set", "num_hidden_layers=1", "--set", "vocab_size=256", "--no-progress", "--out", str(out)]) == 0
+    rule, = (r for r in Partition.load(out).rules if r.param.endswith("query_key_value.weight"))
+    assert (rule.split, rule.axis, rule.runs) == ("groups", 0, ((16, 5), (1, 16))), rule.why
+    assert "settled" in rule.why, rule.why
 
 
 def test_auto_small_gpt_neox_repeats_the_per_head_pattern():

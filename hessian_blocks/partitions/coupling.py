@@ -220,7 +220,8 @@ def measure_coupling(
             module docstring); 0: every slice.
         resample: after the first round, ``resample(coupling)`` says whether a sampled tensor's
             first stride shows structure the sample cannot see; those tensors are measured again
-            on every slice.
+            on every slice. Asked again after the refining rounds: a tensor that more probes
+            showed it for is measured again on every slice and refined again.
         seed: seed of the probes; each tensor's probes depend only on the seed, its name and the
             round, so measuring a subset of the tensors gives them the same numbers.
         dtype, device, strategy: passed to :class:`BlockHessian`.
@@ -256,28 +257,41 @@ def measure_coupling(
             return DenseJob(name, shapes[name], sampling if len(shapes[name]) == 1 else {})
         return ProbeJob(name, shapes[name], probes, seed, 0, sampling)
 
-    jobs = [first_round(name, max_slices) for name in names]
-    run_jobs(hessian, jobs, progress)
-    results = {job.name: job.result() for job in jobs}
-    again = [name for name in names if results[name].strides and resample is not None and resample(results[name])]
-    if again:
+    def every_slice(again: list[str]) -> None:
+        if not again:
+            return
         jobs = [first_round(name, 0) for name in again]
         run_jobs(hessian, jobs, progress)
         for job in jobs:
             again = job.result()
             results[job.name] = replace(again, resampled=True, products=results[job.name].products + again.products)
-    for round_ in range(1, max_probes):
-        more = [name for name in names if results[name].method == "probes" and results[name].probes < max_probes
-                and refine is not None and refine(results[name])]
-        if not more:
-            break
-        jobs = [ProbeJob(name, shapes[name], min(results[name].probes, max_probes - results[name].probes),
-                          seed, round_, {axis: (results[name].measured(axis), results[name].stride(axis))
-                                         for axis in results[name].axes})
-                for name in more]
-        run_jobs(hessian, jobs, progress)
-        for job in jobs:
-            results[job.name] = job.merged(results[job.name])
+
+    def more_probes(names: list[str]) -> None:
+        for round_ in range(1, max_probes):
+            more = [name for name in names if results[name].method == "probes" and results[name].probes < max_probes
+                    and refine is not None and refine(results[name])]
+            if not more:
+                return
+            jobs = [ProbeJob(name, shapes[name], min(results[name].probes, max_probes - results[name].probes),
+                              seed, round_, {axis: (results[name].measured(axis), results[name].stride(axis))
+                                             for axis in results[name].axes})
+                    for name in more]
+            run_jobs(hessian, jobs, progress)
+            for job in jobs:
+                results[job.name] = job.merged(results[job.name])
+
+    def to_resample(names: list[str]) -> list[str]:
+        return [name for name in names if results[name].strides and not results[name].resampled
+                and resample is not None and resample(results[name])]
+
+    jobs = [first_round(name, max_slices) for name in names]
+    run_jobs(hessian, jobs, progress)
+    results = {job.name: job.result() for job in jobs}
+    every_slice(to_resample(names))
+    more_probes(names)
+    late = to_resample(names)   # finer structure that only more probes showed
+    every_slice(late)
+    more_probes(late)
     return results
 
 

@@ -14,7 +14,8 @@ on the axis' evidence (:mod:`~hessian_blocks.partitions.evidence`).
    *Heads* protect their groups down to ``threshold / contrast**2``: the rows of a key head that
    couple weakly but evenly (0.1-0.2 at initialisation, a thousand times more than across heads)
    stay one block, as a repeated structure, while a single evenly coupled run (the value rows after
-   fused heads) is still split.
+   fused heads) is still split. Equal groups beside single slices of a heavier scale (the query and
+   key heads of a fused weight beside its value rows) are heads too.
 3. A sampled axis is grouped on its sample and the grouping scaled back by the stride; where the
    window (slices 0..stride) shows finer structure, or the sample has groups of only 2 sampled
    slices, the grouping is marked ``finer`` (measure every slice again).
@@ -58,9 +59,9 @@ from ..choices import (
     DEFAULT_THRESHOLD,
 )
 from . import render
-from .candidates import Candidate, Family, candidates
+from .candidates import Candidate, Family, candidates, coupling_left
 from .coupling import TensorCoupling, axis_order
-from .evidence import AxisEvidence, SliceCoupling, cross_coupling, nests, off_block_mass, ratios
+from .evidence import AxisEvidence, SliceCoupling, nests, off_block_mass, ratios
 
 __all__ = ["AxisErrors", "AxisGrouping", "Confidence", "Decision", "DecisionSettings", "Reason", "StackedParts",
            "choose", "decide_rule", "group", "group_axis"]
@@ -367,7 +368,7 @@ def decide_rule(coupling: TensorCoupling, settings: DecisionSettings | None = No
     decided = [_decide(r, settings) for r in replicates]
     errors = []
     for grouping in decision.groupings:
-        numbers = np.array([_axis_numbers(r, grouping) for r in replicates])
+        numbers = np.array([_axis_numbers(r, grouping, settings) for r in replicates])
         cross, off = map(_jackknife_error, numbers.T)
         weakest = _jackknife_error([next(g.weakest for g in d.groupings if g.axis == grouping.axis) for d in decided])
         errors.append(AxisErrors(cross, off, weakest))
@@ -412,10 +413,10 @@ def _decide(coupling: TensorCoupling, settings: DecisionSettings) -> Decision:
     return Decision(coupling, settings, reason, groupings, chosen, off_diagonal, spread)
 
 
-def _axis_numbers(replicate: TensorCoupling, grouping: AxisGrouping) -> tuple[float, float]:
+def _axis_numbers(replicate: TensorCoupling, grouping: AxisGrouping, settings: DecisionSettings) -> tuple[float, float]:
     """(coupling between groups, off-block mass) of ``grouping`` on another estimate of its axis."""
     evidence = AxisEvidence.of(replicate, grouping.axis)
-    return (cross_coupling(evidence.matrix, grouping.sampled_sizes or grouping.sizes),
+    return (coupling_left(evidence.slices, grouping.sampled_sizes or grouping.sizes, grouping.family, settings),
             off_block_mass(evidence.rows, evidence.sample, grouping.sizes))
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from ..blocks import Axis, straddling
 from .coupling import TensorCoupling
 
-__all__ = ["AxisEvidence", "SliceCoupling", "cross_coupling", "nests", "off_block_mass", "ratios"]
+__all__ = ["AxisEvidence", "SliceCoupling", "nests", "off_block_mass", "ratios"]
 
 
 class SliceCoupling:
@@ -63,6 +63,14 @@ class SliceCoupling:
         a, b, c = start, start + size_a, start + size_a + size_b
         sums = self._sums
         return sums[:, b, c] - sums[:, a, c] - sums[:, b, b] + sums[:, a, b]
+
+    def between(self, start_a: np.ndarray, size_a: int | np.ndarray, start_b: np.ndarray,
+                size_b: int | np.ndarray) -> np.ndarray:
+        """[2, k]: (mass, weight) between slices start_a:start_a+size_a and start_b:start_b+size_b
+        (disjoint ranges, anywhere on the axis)."""
+        a, b, c, d = start_a, start_a + size_a, start_b, start_b + size_b
+        sums = self._sums
+        return sums[:, b, d] - sums[:, a, d] - sums[:, b, c] + sums[:, a, c]
 
     def inside(self, start: np.ndarray, size: int | np.ndarray) -> np.ndarray:
         """[2, k]: (mass, weight) between distinct slices of each group start:start+size."""
@@ -155,16 +163,6 @@ def off_block_mass(rows: np.ndarray, slices: np.ndarray, sizes: Sequence[int]) -
     inside = (prefix[rows_at, edges[group + 1]] - prefix[rows_at, edges[group]]).sum()
     total = rows.sum()
     return max(float((total - inside) / total), 0.0) if total > 0 else 0.0  # no negative rounding residue
-
-
-def cross_coupling(matrix: np.ndarray, sizes: Sequence[int]) -> float:
-    """Mean coupling of the links between neighbouring groups of ``sizes`` (one group: between its slices)."""
-    slices = SliceCoupling(matrix)
-    if len(sizes) == 1:
-        sizes = [1] * slices.size
-    sizes = np.asarray(sizes)
-    links = ratios(slices.links(np.cumsum(sizes)[:-1] - sizes[:-1], sizes[:-1], sizes[1:]))   # group i -> i + 1
-    return float(links.mean()) if links.size else 0.0
 
 
 def nests(sizes: Sequence[int], parts: Sequence[Sequence[int]]) -> bool:
