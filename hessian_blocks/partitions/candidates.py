@@ -242,7 +242,7 @@ def _telling(slices: SliceCoupling, sizes: np.ndarray, starts: np.ndarray, insid
     for link in np.flatnonzero(strong):
         third = grouped[(grouped != link) & (grouped != link + 1)]
         for hub, other in ((link, link + 1), (link + 1, link)):
-            if not _spread(slices, starts[hub], sizes[hub]) <= max_spread:   # nan (no mass) compares False
+            if slices.spread(starts[hub], sizes[hub]) > max_spread:
                 continue
             with_hub = ratios(slices.between(starts[hub], sizes[hub], starts[third], sizes[third]), cap=np.inf)
             with_other = ratios(slices.between(starts[other], sizes[other], starts[third], sizes[third]), cap=np.inf)
@@ -279,13 +279,6 @@ def _two_scales(slices: SliceCoupling, layout: Sequence[int], max_spread: float)
     query and key rows: a hundred to a thousand times)."""
     ratio = _scale_ratio(slices, np.array(layout))
     return bool(ratio > max_spread or ratio * max_spread < 1)
-
-
-def _spread(slices: SliceCoupling, start: int, size: int) -> float:
-    """90th / 10th percentile of the diagonal norms of the slices start:start+size (nan: no mass)."""
-    norms = slices.norms[start:start + size]
-    norms = norms[~np.isnan(norms)]
-    return float(np.divide(*np.quantile(norms, [0.9, 0.1]))) if norms.size else float("nan")
 
 
 def _median_norm(slices: SliceCoupling, start: int, size: int) -> float:

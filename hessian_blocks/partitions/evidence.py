@@ -72,6 +72,13 @@ class SliceCoupling:
         sums = self._sums
         return sums[:, b, d] - sums[:, a, d] - sums[:, b, c] + sums[:, a, c]
 
+    def spread(self, start: int, size: int) -> float:
+        """90th / 10th percentile of the diagonal norms of the slices start:start+size with mass (1: fewer
+        than two of them)."""
+        norms = self.norms[start:start + size]
+        norms = norms[~np.isnan(norms)]
+        return float(np.divide(*np.quantile(norms, [0.9, 0.1]))) if norms.size > 1 else 1.0
+
     def inside(self, start: np.ndarray, size: int | np.ndarray) -> np.ndarray:
         """[2, k]: (mass, weight) between distinct slices of each group start:start+size."""
         a, b = start, start + size
@@ -143,8 +150,7 @@ class AxisEvidence:
     @property
     def spread(self) -> float:
         """90th / 10th percentile of the sampled slices' diagonal norms ||H_ii||_F (1: one slice with mass)."""
-        norms = np.sqrt(np.diag(self.matrix)[~self.slices.massless])
-        return float(np.divide(*np.quantile(norms, [0.9, 0.1]))) if norms.size > 1 else 1.0
+        return self.slices.spread(0, self.slices.size)
 
 
 def ratios(mass_weight: np.ndarray, cap: float = 1.0) -> np.ndarray:
