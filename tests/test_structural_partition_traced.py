@@ -321,6 +321,21 @@ def test_einsum_over_packed_heads_warns_naming_the_module_and_what():
     assert rules["attn.wq"].split == "whole"  # the fallback it announces
 
 
+def test_scores_masked_with_a_tensor_value_are_followed():
+    """CPM-Ant fills its masked scores with a 0-dim tensor between q . k^T and the softmax (ATen does not
+    tag aten.masked_fill.Tensor pointwise): the trace still reaches the softmax and places the heads."""
+    config = transformers.CpmAntConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                                       dim_head=HEAD_DIM, dim_ff=FFN, num_hidden_layers=1, prompt_types=2,
+                                       prompt_length=2, segment_types=2)
+    model = transformers.CpmAntForCausalLM(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left unplaced
+        rules = default_rules(model)
+    attention = "cpmant.encoder.layers.0.self_att.self_attention."
+    assert [rules[attention + f"project_{p}.weight"].size for p in "qkv"] == [HEAD_DIM, HEAD_DIM, 1]
+    assert "traced attention" in rules[attention + "project_q.weight"].why
+
+
 def test_attention_the_forward_does_not_use_warns_so():
     """BART's decoder run alone (BartForCausalLM, no encoder states) never enters its cross-attention:
     the warning says its weights were not used and how to reach them; its self-attention is placed."""

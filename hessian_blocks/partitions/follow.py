@@ -41,6 +41,8 @@ _PRODUCTS = {"mm": (None, 0, 1), "bmm": (None, 0, 1), "addmm": (0, 1, 2), "baddb
              "_grouped_mm": (None, 0, 1)}   # tokens grouped by expert: [tokens, in] x [experts, in, out]
 _PICKS = {"index", "index_select"}  # a parameter indexed along its first axis by a tensor: the experts a product uses
 _SOFTMAX = {"_softmax", "_safe_softmax", "softmax"}
+# elementwise ops that ATen does not tag pointwise (a mask filled with a 0-dim tensor's value: CPM-Ant's scores)
+_POINTWISE_UNTAGGED = {"copy_", "masked_fill"}
 _COPIES = {"_to_copy", "clone", "contiguous", "alias", "detach", "lift_fresh", "lift_fresh_copy", "copy"}
 # views between real pairs and complex numbers (rotary embeddings): a complex feature carries the tag of
 # its real part, and the trace remembers that the imaginary part's row goes with it
@@ -160,7 +162,7 @@ class RowFollower(TorchDispatchMode):
                 self.stage[id(outs[0])] = ("probs", event)
         elif (func.is_view and name != "as_strided") or name in _COPIES or name in _MOVES:
             self._move(func, name, args, kwargs, outs)
-        elif torch.Tag.pointwise in func.tags or name == "copy_":
+        elif torch.Tag.pointwise in func.tags or name in _POINTWISE_UNTAGGED:
             self._pointwise(name, args, outs)
         elif name in _NORMS and id(args[0]) in self.tags and tuple(outs[0].shape) == tuple(args[0].shape):
             self._tag(outs[0], self.tags[id(args[0])], surely=True)
