@@ -245,14 +245,8 @@ class OneMinusSquare(torch.autograd.Function):
         return -2 * y * grad
 
 
-class OldStyleTanh2(torch.autograd.Function):
+class OldStyleTanh2(OldStyleTanh):
     """Like OldStyleTanh, with a plain double backward (what Bloom's GeLU is)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
 
     @staticmethod
     def backward(ctx, grad):

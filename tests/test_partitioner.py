@@ -30,6 +30,7 @@ from hessian_blocks.partitions.decide import DecisionSettings, decide_rule, grou
 from hessian_blocks.partitions.measured import derive_decisions, derive_partition
 from hessian_blocks.partitions.transfer import map_rules
 from tests.oracles import planted_block_diagonal, planted_loss
+from tests.test_partitioner_families import interleaved_heads
 
 FAST = dict(dtype=torch.float32, strategy="vmap", probes=2, max_probes=8, dense_max=256)
 
@@ -318,20 +319,10 @@ def test_heads_interleaved_with_their_value_rows():
     couple more inside their head than across heads: they hold two scales."""
     heads, head = 4, 8
     period = 3 * head
-    rng = np.random.default_rng(2)
-    relative = np.zeros((heads * period, heads * period))
-    norms = np.ones(heads * period)
+    coupling = interleaved_heads(heads, head)
+    norms = np.sqrt(np.diag(coupling))
+    relative = coupling / np.outer(norms, norms)          # C_ij = K_ij sqrt(C_ii C_jj), C_ii = norm_i^2
     values = np.concatenate([np.arange(h * period + 2 * head, (h + 1) * period) for h in range(heads)])
-    relative[np.ix_(values, values)] = 0.15 * rng.uniform(0.8, 1.2, (len(values), len(values)))
-    for h in range(heads):
-        q, k, v = (np.arange(h * period + i * head, h * period + (i + 1) * head) for i in range(3))
-        norms[np.r_[q, k]] = 1e-3 * rng.uniform(0.5, 2.0, 2 * head)
-        relative[np.ix_(q, q)], relative[np.ix_(k, k)] = 0.6, 0.3
-        relative[np.ix_(q, k)] = relative[np.ix_(k, q)] = 5000.0
-        relative[np.ix_(np.r_[q, k], v)] = relative[np.ix_(v, np.r_[q, k])] = 5.0
-    relative = (relative + relative.T) / 2
-    np.fill_diagonal(relative, 1.0)
-    coupling = relative * np.outer(norms, norms)          # C_ij = K_ij sqrt(C_ii C_jj), C_ii = norm_i^2
     grouping = group_axis(coupling)
     assert grouping.runs == ((2 * head, 1), (1, head)) * heads
     columns = np.full((8, 8), 0.9) + 0.1 * np.eye(8)       # input features couple evenly: no split along them
