@@ -114,17 +114,21 @@ def chunk_offsets(item, chunk, size, CHUNK: tl.constexpr, CONTIGUOUS: tl.constex
 
 
 @triton.jit
-def chunk_sums(work, slots, partials, CHUNK: tl.constexpr, CONTIGUOUS: tl.constexpr, ALIGNED: tl.constexpr,
-               G_TYPE: tl.constexpr):
-    """First launch for large blocks: each chunk's sum of g**2; chunk 0 keeps the old second moment."""
+def chunk_item(work, slots, ALIGNED: tl.constexpr):
+    """This program's chunk work item: (item, its slot row, block size, chunk index, first partial sum,
+    chunks in the block)."""
     item = work + tl.program_id(0).to(tl.int64) * 9
-    slot_row = slots + tl.load(item) * 6
     size = tl.load(item + 3)
     if ALIGNED:
         size = tl.multiple_of(size, 8)
-    chunk = tl.load(item + 6)
-    first_partial = tl.load(item + 7)
-    n_chunks = tl.load(item + 8)
+    return item, slots + tl.load(item) * 6, size, tl.load(item + 6), tl.load(item + 7), tl.load(item + 8)
+
+
+@triton.jit
+def chunk_sums(work, slots, partials, CHUNK: tl.constexpr, CONTIGUOUS: tl.constexpr, ALIGNED: tl.constexpr,
+               G_TYPE: tl.constexpr):
+    """First launch for large blocks: each chunk's sum of g**2; chunk 0 keeps the old second moment."""
+    item, slot_row, size, chunk, first_partial, n_chunks = chunk_item(work, slots, ALIGNED)
     offsets, mask = chunk_offsets(item, chunk, size, CHUNK, CONTIGUOUS)
     g = tl.load(tensor(slot_row, 1, tl.load(item + 1), G_TYPE, ALIGNED) + offsets, mask=mask, other=0.0)
     g = g.to(tl.float32)
@@ -137,15 +141,8 @@ def chunk_sums(work, slots, partials, CHUNK: tl.constexpr, CONTIGUOUS: tl.conste
 def chunk_updates(work, slots, hyper, partials, CHUNK: tl.constexpr, CONTIGUOUS: tl.constexpr,
                   ALIGNED: tl.constexpr, P_TYPE: tl.constexpr, G_TYPE: tl.constexpr, M_TYPE: tl.constexpr):
     """Second launch for large blocks: the block's mean from its partial sums (fixed order), the update."""
-    item = work + tl.program_id(0).to(tl.int64) * 9
-    slot_row = slots + tl.load(item) * 6
+    item, slot_row, size, chunk, first_partial, n_chunks = chunk_item(work, slots, ALIGNED)
     first = tl.load(item + 1)
-    size = tl.load(item + 3)
-    if ALIGNED:
-        size = tl.multiple_of(size, 8)
-    chunk = tl.load(item + 6)
-    first_partial = tl.load(item + 7)
-    n_chunks = tl.load(item + 8)
     decay, weight, beta2, one_minus_beta2, inv_bc2, step_size, eps, sign = step_scalars(slot_row, hyper)
     total = tl.zeros([1024], dtype=tl.float32)
     for start in range(0, n_chunks, 1024):
